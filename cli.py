@@ -1,0 +1,443 @@
+"""python cli.py COMMAND: the device CA from the command line (the seed's `node cli COMMAND`).
+
+Every command takes --json for machine-readable output and exits non-zero with a one-line error.
+"""
+
+import argparse
+import getpass
+import json
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.config import build_service
+from shared.errors import CaError
+from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery, CertificateRecord
+from shared.pki import CA_CURVES, PkiError
+from shared.service import DeviceCA, IssuedCertificate
+
+EXIT_ERROR = 1
+
+Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        service = build_service()
+        try:
+            document, text = args.handler(service, args)
+        finally:
+            service.close()
+    except (CaError, PkiError) as error:
+        return _fail(args, error.code, error.message)
+    except OSError as error:
+        return _fail(args, "os-error", f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+    if args.json:
+        print(json.dumps(document, indent=2, sort_keys=False))
+    else:
+        print(text)
+    return 0
+
+
+def _fail(args: argparse.Namespace, code: str, message: str) -> int:
+    one_line = " ".join(str(message).split())
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": one_line}}))
+    print(f"error: {one_line}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+
+def create_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    result = service.create_root(args.common_name, args.organization, args.curve, args.days)
+    _write_if_asked(args.out, result.record.certificate_pem)
+    record = result.record
+    lines = [f"Created the CA root {record.common_name!r} ({record.curve}, serial {record.serial}).", _valid(record)]
+    lines += _written(args.out, "root certificate") + [f"warning: {w}" for w in result.warnings]
+    return _ca_json(record, result.warnings), "\n".join(lines)
+
+
+def show_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    record = service.root()
+    _write_if_asked(args.out, record.certificate_pem)
+    if args.out:
+        return _ca_json(record), "\n".join([_describe_ca(record), *_written(args.out, "root certificate")])
+    return _ca_json(record), record.certificate_pem.rstrip()
+
+
+def proof_ca_root_possession(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    proof = service.prove_root_possession(args.verification_code)
+    out = args.out or Path(f"verification-{proof.verification_code}.pem")
+    _write_if_asked(out, proof.certificate_pem)
+    document = {
+        "verificationCode": proof.verification_code,
+        "certificate": proof.certificate_pem,
+        "file": str(out),
+        "dps": proof.dps,
+    }
+    lines = [
+        f"Signed the verification certificate (CN={proof.verification_code}) with the root key.",
+        *_written(out, "it"),
+    ]
+    if proof.dps.get("message"):
+        lines.append(proof.dps["message"])
+    if proof.dps.get("mode") == "offline":
+        lines.append("Upload this file as the verification certificate of the root in the DPS portal.")
+    return document, "\n".join(lines)
+
+
+def create_ca_intermediate(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    result = service.create_intermediate(args.id, args.common_name, args.organization, args.curve, args.days)
+    record = result.record
+    _write_if_asked(args.out, record.certificate_pem)
+    lines = [
+        f"Created intermediate {record.id} {record.common_name!r} ({record.curve}, serial {record.serial}).",
+        _valid(record),
+        *_written(args.out, "intermediate certificate"),
+        *[f"warning: {w}" for w in result.warnings],
+    ]
+    return _ca_json(record, result.warnings), "\n".join(lines)
+
+
+def list_intermediates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    records = service.intermediates()
+    default = next((r.id for r in reversed(records) if r.status == "active"), None)
+    document = [{**_ca_json(r), "default": r.id == default} for r in records]
+    if not records:
+        return document, "No intermediates yet; create one with create-ca-intermediate."
+    rows = [("ID", "STATUS", "CURVE", "NOT AFTER", "COMMON NAME")]
+    for r in records:
+        mark = " (default)" if r.id == default else ""
+        rows.append((r.id, r.status + mark, r.curve, _day(r.not_after), r.common_name))
+    return document, _table(rows)
+
+
+def enable_intermediate(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    return _set_enabled(service, args.id, True)
+
+
+def disable_intermediate(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    return _set_enabled(service, args.id, False)
+
+
+def _set_enabled(service: DeviceCA, ca_id: str, enabled: bool) -> tuple[Any, str]:
+    result = service.set_intermediate_enabled(ca_id, enabled)
+    verb = "Enabled" if enabled else "Disabled"
+    lines = [f"{verb} intermediate {ca_id}.", *[f"warning: {w}" for w in result.warnings]]
+    return _ca_json(result.record, result.warnings), "\n".join(lines)
+
+
+def create_device_cert(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    """The seed's simulator flow: key and CSR made here, signed by the CA, written as a device bundle."""
+    device_id = args.device_id or f"device-{secrets.token_hex(6)}"
+    key = ec.generate_private_key(CA_CURVES[args.curve])
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    issued = service.sign_csr(
+        csr.public_bytes(serialization.Encoding.PEM),
+        device_id,
+        intermediate_id=args.intermediate,
+        requested_by=_who(),
+        renew=args.renew,
+    )
+    out_dir = args.out_dir or Path("devices") / device_id
+    files = _write_device_bundle(out_dir, key, issued)
+    lines = [_describe_issued(issued), *(f"wrote {name}: {path}" for name, path in files.items())]
+    lines += [f"warning: {w}" for w in issued.warnings]
+    return {**issued.bundle(), "files": {k: str(v) for k, v in files.items()}}, "\n".join(lines)
+
+
+def sign_csr(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    data = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+    issued = service.sign_csr(
+        data, args.device_id, intermediate_id=args.intermediate, requested_by=_who(), renew=args.renew
+    )
+    _write_if_asked(args.out, issued.chain_pem)
+    lines = [_describe_issued(issued), *_written(args.out, "certificate chain (device, intermediate)")]
+    lines += [f"warning: {w}" for w in issued.warnings]
+    if not args.out:
+        lines.append(issued.chain_pem.rstrip())
+    return issued.bundle(), "\n".join(lines)
+
+
+def list_certificates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    expiring = service.expiring_before(args.expiring_within_days) if args.expiring_within_days is not None else None
+    page = service.certificates(
+        CertificateQuery(
+            device_id=args.device_id,
+            intermediate_id=args.intermediate,
+            status=args.status,
+            expiring_before=expiring,
+            limit=args.limit,
+            cursor=args.cursor,
+        )
+    )
+    document = {"items": [_certificate_json(c) for c in page.items], "nextCursor": page.next_cursor}
+    if not page.items:
+        return document, "No certificates match."
+    rows = [("SERIAL", "DEVICE", "INTERMEDIATE", "STATUS", "NOT AFTER")]
+    rows += [(c.serial, c.device_id, c.intermediate_id, c.status, _day(c.not_after)) for c in page.items]
+    text = _table(rows)
+    if page.next_cursor:
+        text += f"\nMore: --cursor {page.next_cursor}"
+    return document, text
+
+
+def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    record, dps_state = service.revoke(args.serial, args.reason)
+    lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
+    if dps_state.get("message"):
+        lines.append(dps_state["message"])
+    return {**_certificate_json(record), "dps": dps_state}, "\n".join(lines)
+
+
+# -- output helpers ----------------------------------------------------------------------------------
+
+
+def _write_device_bundle(out_dir: Path, key: ec.EllipticCurvePrivateKey, issued: IssuedCertificate) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "key": out_dir / "device.key.pem",
+        "certificate": out_dir / "device.cert.pem",
+        "chain": out_dir / "device.chain.pem",
+        "bundle": out_dir / "bundle.json",
+    }
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_file(files["key"], key_pem, 0o600)
+    _write_file(files["certificate"], issued.record.certificate_pem.encode(), 0o644)
+    _write_file(files["chain"], issued.chain_pem.encode(), 0o644)
+    _write_file(files["bundle"], (json.dumps(issued.bundle(), indent=2) + "\n").encode(), 0o644)
+    return files
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _write_if_asked(path: Path | None, text: str) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(path, text.encode(), 0o644)
+
+
+def _written(path: Path | None, what: str) -> list[str]:
+    return [f"wrote {what}: {path}"] if path else []
+
+
+def _who() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _describe_issued(issued: IssuedCertificate) -> str:
+    record = issued.record
+    verb = "Issued" if issued.created else "Already issued (same device, same key):"
+    return (
+        f"{verb} certificate {record.serial} for device {record.device_id} by intermediate "
+        f"{record.intermediate_id}, valid {_day(record.not_before)} to {_day(record.not_after)}."
+    )
+
+
+def _describe_ca(record: CaRecord) -> str:
+    return f"{record.kind} {record.id} {record.common_name!r} ({record.curve}, serial {record.serial}, {record.status})"
+
+
+def _valid(record: CaRecord) -> str:
+    return f"Valid {_day(record.not_before)} to {_day(record.not_after)}."
+
+
+def _day(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d")
+
+
+def _iso(moment: Any) -> str | None:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def _ca_json(record: CaRecord, warnings: tuple[str, ...] = ()) -> dict[str, Any]:
+    document = {
+        "id": record.id,
+        "kind": record.kind,
+        "commonName": record.common_name,
+        "curve": record.curve,
+        "serialNumber": record.serial,
+        "notBefore": _iso(record.not_before),
+        "notAfter": _iso(record.not_after),
+        "status": record.status,
+        "keyBackend": record.key_backend,
+        "keyName": record.key_name,
+        "certificate": record.certificate_pem,
+        "dps": record.dps,
+    }
+    if warnings:
+        document["warnings"] = list(warnings)
+    return document
+
+
+def _certificate_json(record: CertificateRecord) -> dict[str, Any]:
+    return {
+        "serialNumber": record.serial,
+        "deviceId": record.device_id,
+        "intermediateId": record.intermediate_id,
+        "status": record.status,
+        "notBefore": _iso(record.not_before),
+        "notAfter": _iso(record.not_after),
+        "requestedBy": record.requested_by,
+        "publicKeySha256": record.public_key_sha256,
+        "createdAt": _iso(record.created_at),
+        "statusChangedAt": _iso(record.status_changed_at),
+        "statusReason": record.status_reason,
+        "certificate": record.certificate_pem,
+    }
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+# -- parser ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python cli.py",
+        description=(
+            "A certificate authority for Azure IoT device fleets. Settings come from the environment or "
+            "local.settings.json; with none, CA keys and the ledger live under ./.pki and DPS is offline."
+        ),
+        epilog="Run 'python cli.py COMMAND --help' for a command's options.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+
+    def command(name: str, handler: Handler, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=description or help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def ca_options(sub: argparse.ArgumentParser, kind: str, default_days: str) -> None:
+        sub.add_argument("--common-name", help=f"subject CN of the {kind} (default: from CA_NAME)")
+        sub.add_argument("--organization", help="subject O, if any")
+        sub.add_argument(
+            "--curve", choices=sorted(CA_CURVES), type=str.upper, help="key curve (default: CA_CURVE, P-256)"
+        )
+        sub.add_argument("--days", type=_positive_float, help=f"validity in days (default: {default_days})")
+        sub.add_argument("--out", type=Path, help=f"also write the {kind} certificate (PEM) to this file")
+
+    sub = command(
+        "create-ca-root",
+        create_ca_root,
+        "create the CA root: its key in the key store, a self-signed certificate, registered with DPS",
+    )
+    ca_options(sub, "root", "ROOT_CERT_DAYS, 7300")
+
+    sub = command("show-ca-root", show_ca_root, "print the CA root certificate (PEM)")
+    sub.add_argument("--out", type=Path, help="write the root certificate to this file instead")
+
+    sub = command(
+        "proof-ca-root-possession",
+        proof_ca_root_possession,
+        "sign DPS's verification code with the root key (the verification certificate)",
+        "Sign the verification certificate DPS asks for (CN = the verification code) with the root key. "
+        "If DPS says the certificate is not within its validity period, check this machine's clock.",
+    )
+    sub.add_argument("--verification-code", required=True, help="the code DPS shows for the root certificate")
+    sub.add_argument("--out", type=Path, help="where to write it (default: ./verification-CODE.pem)")
+
+    sub = command(
+        "create-ca-intermediate",
+        create_ca_intermediate,
+        "create an intermediate signed by the root; it becomes the default for signing",
+        "Create a CA intermediate signed by the root and register it with DPS as an enrollment group. "
+        "The newest active intermediate is the default for signing device certificates.",
+    )
+    sub.add_argument("--id", help="intermediate ID: lowercase letters, digits, '-' (default: int-DATE-RANDOM)")
+    ca_options(sub, "intermediate", "INTERMEDIATE_CERT_DAYS, 3650")
+
+    command("list-intermediates", list_intermediates, "list the intermediates, newest last, and which is the default")
+
+    sub = command("disable-intermediate", disable_intermediate, "stop signing with an intermediate (and its DPS group)")
+    sub.add_argument("id", help="intermediate ID")
+    sub = command("enable-intermediate", enable_intermediate, "resume signing with a disabled intermediate")
+    sub.add_argument("id", help="intermediate ID")
+
+    sub = command(
+        "create-device-cert",
+        create_device_cert,
+        "make a device key and CSR here, sign it, and write the device bundle (the seed's simulator flow)",
+        "Make a device key (kept on this machine) and a CSR, have the CA sign it, and write a device bundle: "
+        "device.key.pem (mode 0600), device.cert.pem, device.chain.pem (device then intermediate) and "
+        "bundle.json. Real factories keep the key on the device and use sign-csr instead.",
+    )
+    sub.add_argument("--device-id", help="device ID = DPS registration ID = certificate CN (default: random)")
+    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument("--curve", choices=sorted(CA_CURVES), type=str.upper, default="P-256", help="device key curve")
+    sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
+    sub.add_argument("--out-dir", type=Path, help="directory for the bundle (default: ./devices/DEVICE_ID)")
+
+    sub = command(
+        "sign-csr",
+        sign_csr,
+        "sign a device CSR (PEM or DER); the same CSR again returns the same certificate",
+        "Sign a device's PKCS#10 CSR. The CSR must hold an ECC P-256 or P-384 key and CN = the device ID; its "
+        "own extensions are ignored. A device with an active certificate gets a new one only with --renew.",
+    )
+    sub.add_argument("file", type=Path, help="CSR file, or - for standard input")
+    sub.add_argument("--device-id", required=True, help="device ID; must equal the CSR's CN")
+    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
+    sub.add_argument("--out", type=Path, help="write the chain (device, intermediate) as PEM to this file")
+
+    sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
+    sub.add_argument("--device-id", help="only this device")
+    sub.add_argument("--intermediate", help="only certificates signed by this intermediate")
+    sub.add_argument("--status", choices=CERT_STATUSES, help="only this status")
+    sub.add_argument("--expiring-within-days", type=float, help="only certificates ending within this many days")
+    sub.add_argument("--limit", type=int, default=100, help="at most this many (1-1000, default 100)")
+    sub.add_argument("--cursor", help="continue after a previous page (its nextCursor)")
+
+    sub = command("revoke", revoke, "revoke a certificate: ledger revoked, DPS individual enrollment disabled")
+    sub.add_argument("serial", help="certificate serial (hex, as openssl prints it)")
+    sub.add_argument("--reason", default="unspecified", help="why, kept in the ledger")
+    return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The device CA: a certificate authority for Azure IoT device fleets."""

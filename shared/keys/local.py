@@ -1,0 +1,100 @@
+"""CA keys as PKCS#8 files under PKI_HOME/keys: mode 0600, encrypted when a passphrase is set."""
+
+import os
+import threading
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..errors import Conflict, Misconfigured, NotFound
+from ..pki import ca_curve
+from . import KeyStore
+
+
+class LocalKeyStore(KeyStore):
+    backend = "local"
+
+    def __init__(self, home: Path, passphrase: str | None = None) -> None:
+        self.directory = Path(home) / "keys"
+        self._passphrase = passphrase.encode() if passphrase else None
+        self._loaded: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._lock = threading.Lock()
+
+    def create_ca_key(self, name: str, curve: str, common_name: str) -> ec.EllipticCurvePrivateKey:
+        key = ec.generate_private_key(ca_curve(curve))
+        encryption = (
+            serialization.BestAvailableEncryption(self._passphrase)
+            if self._passphrase
+            else serialization.NoEncryption()
+        )
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+        self._write_new(self._key_path(name), pem, mode=0o600)
+        with self._lock:
+            self._loaded[name] = key
+        return key
+
+    def install_ca_certificate(self, name: str, certificate: x509.Certificate, chain: list[x509.Certificate]) -> None:
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [certificate, *chain])
+        self._write_new(self.directory / f"{name}.crt.pem", pem, mode=0o644)
+
+    def signing_key(self, name: str) -> ec.EllipticCurvePrivateKey:
+        with self._lock:
+            key = self._loaded.get(name)
+        if key is None:
+            key = self._load(name)
+            with self._lock:
+                self._loaded[name] = key
+        return key
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.backend,
+            "directory": str(self.directory),
+            "encrypted": "yes" if self._passphrase else "no",
+        }
+
+    def _key_path(self, name: str) -> Path:
+        return self.directory / f"{name}.key.pem"
+
+    def _load(self, name: str) -> ec.EllipticCurvePrivateKey:
+        path = self._key_path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"CA key {name!r} is not in {self.directory}", "key-not-found") from None
+        encrypted = b"ENCRYPTED PRIVATE KEY" in data
+        if encrypted and not self._passphrase:
+            raise Misconfigured(f"CA key file {path} is encrypted; set PKI_KEY_PASSPHRASE", "key-passphrase-missing")
+        try:
+            key = serialization.load_pem_private_key(data, self._passphrase if encrypted else None)
+        except (ValueError, TypeError):
+            raise Misconfigured(
+                f"CA key file {path} cannot be read with the configured PKI_KEY_PASSPHRASE", "key-passphrase-wrong"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise Misconfigured(f"CA key file {path} does not hold an ECC key", "key-invalid")
+        return key
+
+    def _write_new(self, path: Path, data: bytes, mode: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            raise Conflict(f"{path} already exists; refusing to overwrite a CA file", "key-exists") from None
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed it; make it exact
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

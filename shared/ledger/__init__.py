@@ -1,0 +1,101 @@
+"""The ledger: the CA's record of CA certificates and of every certificate it issued.
+
+A certificate is committed here before anyone is given it. The uniqueness rules (serial; one active
+certificate per device; one device per public key; a revoked key is never certified again) are enforced
+by the store itself, so two processes racing cannot both win.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from ..errors import CaError, Conflict
+from .models import CaRecord, CertificatePage, CertificateQuery, CertificateRecord, Issuance
+
+
+class Ledger(ABC):
+    backend: str = "abstract"
+
+    # CA certificates
+    @abstractmethod
+    def add_ca(self, record: CaRecord) -> None:
+        """Conflict if the ID is taken or, for a root, if a root exists."""
+
+    @abstractmethod
+    def get_ca(self, ca_id: str) -> CaRecord | None: ...
+
+    @abstractmethod
+    def get_root(self) -> CaRecord | None: ...
+
+    @abstractmethod
+    def list_cas(self, kind: str | None = None) -> list[CaRecord]:
+        """Oldest first."""
+
+    @abstractmethod
+    def set_ca_status(self, ca_id: str, status: str) -> CaRecord: ...
+
+    @abstractmethod
+    def set_ca_dps(self, ca_id: str, dps: dict[str, Any]) -> CaRecord: ...
+
+    # Device certificates
+    @abstractmethod
+    def record_issued(self, issuances: Sequence[Issuance]) -> list[CertificateRecord | CaError]:
+        """Commit signed certificates durably, each on its own terms, all in one commit.
+
+        For each issuance: the record as stored, or the Conflict that kept it out. When an identical
+        request (same device, same key) won a race, its certificate is returned instead.
+        """
+
+    @abstractmethod
+    def get_certificate(self, serial: str) -> CertificateRecord | None: ...
+
+    @abstractmethod
+    def active_certificates(self, device_ids: Sequence[str]) -> dict[str, CertificateRecord]:
+        """The active certificate of each of these devices that has one."""
+
+    @abstractmethod
+    def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:
+        """(device ID, revoked) for each of these public keys that has been certified."""
+
+    @abstractmethod
+    def list_certificates(self, query: CertificateQuery) -> CertificatePage: ...
+
+    @abstractmethod
+    def revoke_certificate(self, serial: str, reason: str, at: datetime) -> CertificateRecord: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, str]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def key_in_use(owner: str) -> Conflict:
+    return Conflict(
+        f"this public key is already certified for device {owner!r}; one key serves one device", "key-in-use"
+    )
+
+
+def key_revoked() -> Conflict:
+    return Conflict("a certificate for this public key was revoked; the key cannot be certified again", "key-revoked")
+
+
+def device_has_certificate(current: CertificateRecord) -> Conflict:
+    return Conflict(
+        f"device {current.device_id!r} already has an active certificate (serial {current.serial}) for another "
+        "key; ask for renewal to replace it",
+        "device-has-certificate",
+    )
+
+
+__all__ = [
+    "CertificatePage",
+    "CertificateQuery",
+    "CertificateRecord",
+    "Issuance",
+    "Ledger",
+    "device_has_certificate",
+    "key_in_use",
+    "key_revoked",
+]

@@ -1,0 +1,75 @@
+"""What the ledger holds: CA certificates, issued device certificates, and who may call the API."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+ROOT = "root"
+INTERMEDIATE = "intermediate"
+
+CA_ACTIVE = "active"
+CA_DISABLED = "disabled"
+
+CERT_ACTIVE = "active"
+CERT_SUPERSEDED = "superseded"
+CERT_REVOKED = "revoked"
+CERT_STATUSES = (CERT_ACTIVE, CERT_SUPERSEDED, CERT_REVOKED)
+
+
+@dataclass(frozen=True)
+class CaRecord:
+    id: str
+    kind: str  # ROOT or INTERMEDIATE
+    common_name: str
+    curve: str
+    key_name: str
+    key_backend: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    certificate_pem: str
+    issuer_id: str | None
+    created_at: datetime
+    status: str = CA_ACTIVE
+    dps: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    serial: str
+    device_id: str
+    intermediate_id: str
+    requested_by: str
+    public_key_sha256: str
+    not_before: datetime
+    not_after: datetime
+    certificate_pem: str
+    created_at: datetime
+    status: str = CERT_ACTIVE
+    status_changed_at: datetime | None = None
+    status_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """A signed device certificate to commit. With `supersede`, the device's active one is superseded."""
+
+    record: CertificateRecord
+    supersede: bool = False
+
+
+@dataclass(frozen=True)
+class CertificateQuery:
+    device_id: str | None = None
+    intermediate_id: str | None = None
+    status: str | None = None
+    expiring_before: datetime | None = None
+    requested_by: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class CertificatePage:
+    items: list[CertificateRecord]
+    next_cursor: str | None

@@ -1,0 +1,425 @@
+"""The embedded ledger: SQLite in WAL mode with durable (synchronous=FULL) commits under PKI_HOME."""
+
+# ruff: noqa: S608 - statements are assembled from constant column lists; every value is a bound parameter.
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailable, CaError, Conflict, NotFound
+from . import Ledger, device_has_certificate, key_in_use, key_revoked
+from .models import (
+    CA_ACTIVE,
+    CERT_ACTIVE,
+    CERT_REVOKED,
+    CERT_SUPERSEDED,
+    ROOT,
+    CaRecord,
+    CertificatePage,
+    CertificateQuery,
+    CertificateRecord,
+    Issuance,
+)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cas (
+  id TEXT PRIMARY KEY,
+  kind TEXT NOT NULL CHECK (kind IN ('root', 'intermediate')),
+  common_name TEXT NOT NULL,
+  curve TEXT NOT NULL,
+  key_name TEXT NOT NULL,
+  key_backend TEXT NOT NULL,
+  serial TEXT NOT NULL UNIQUE,
+  not_before TEXT NOT NULL,
+  not_after TEXT NOT NULL,
+  certificate_pem TEXT NOT NULL,
+  issuer_id TEXT REFERENCES cas(id),
+  created_at TEXT NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('active', 'disabled')),
+  dps TEXT NOT NULL DEFAULT '{}'
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_root ON cas(kind) WHERE kind = 'root';
+
+CREATE TABLE IF NOT EXISTS key_bindings (
+  public_key_sha256 TEXT PRIMARY KEY,
+  device_id TEXT NOT NULL,
+  revoked INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE IF NOT EXISTS certificates (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  serial TEXT NOT NULL UNIQUE,
+  device_id TEXT NOT NULL,
+  intermediate_id TEXT NOT NULL REFERENCES cas(id),
+  requested_by TEXT NOT NULL,
+  public_key_sha256 TEXT NOT NULL REFERENCES key_bindings(public_key_sha256),
+  not_before TEXT NOT NULL,
+  not_after TEXT NOT NULL,
+  certificate_pem TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'revoked')),
+  status_changed_at TEXT,
+  status_reason TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_active_certificate_per_device
+  ON certificates(device_id) WHERE status = 'active';
+CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates(device_id);
+CREATE INDEX IF NOT EXISTS certificates_by_intermediate ON certificates(intermediate_id);
+CREATE INDEX IF NOT EXISTS certificates_by_not_after ON certificates(not_after);
+
+-- A certificate's key must be bound to its device and not revoked: the store refuses anything else.
+CREATE TRIGGER IF NOT EXISTS certificate_key_bound_to_device BEFORE INSERT ON certificates
+WHEN NOT EXISTS (
+  SELECT 1 FROM key_bindings b
+  WHERE b.public_key_sha256 = NEW.public_key_sha256 AND b.device_id = NEW.device_id AND b.revoked = 0
+)
+BEGIN SELECT RAISE(ABORT, 'public key is not bound to this device'); END;
+"""
+
+_CERT_COLUMNS = (
+    "serial, device_id, intermediate_id, requested_by, public_key_sha256, not_before, not_after, "
+    "certificate_pem, created_at, status, status_changed_at, status_reason"
+)
+_CA_COLUMNS = (
+    "id, kind, common_name, curve, key_name, key_backend, serial, not_before, not_after, "
+    "certificate_pem, issuer_id, created_at, status, dps"
+)
+
+
+class SqliteLedger(Ledger):
+    backend = "sqlite"
+
+    def __init__(self, path: Path, busy_timeout_seconds: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._timeout = busy_timeout_seconds
+        self._local = threading.local()
+        self._connection().execute("PRAGMA journal_mode = WAL")
+        self._create_schema()
+
+    # -- connections -------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous = FULL")  # a commit survives power loss, not just a crash
+            db.execute("PRAGMA foreign_keys = ON")
+            self._local.db = db
+        return db
+
+    def _create_schema(self) -> None:
+        db = self._connection()
+        try:
+            db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._connection().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as error:
+            raise BackendUnavailable(f"the ledger is unavailable: {error}", "ledger-unavailable") from None
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.backend, "path": str(self.path)}
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- CA certificates ---------------------------------------------------------------------------
+
+    def add_ca(self, record: CaRecord) -> None:
+        try:
+            with self._write() as db:
+                db.execute(
+                    f"INSERT INTO cas ({_CA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.kind,
+                        record.common_name,
+                        record.curve,
+                        record.key_name,
+                        record.key_backend,
+                        record.serial,
+                        _ts(record.not_before),
+                        _ts(record.not_after),
+                        record.certificate_pem,
+                        record.issuer_id,
+                        _ts(record.created_at),
+                        record.status,
+                        json.dumps(record.dps, sort_keys=True),
+                    ),
+                )
+        except sqlite3.IntegrityError as error:
+            if record.kind == ROOT and "cas.kind" in str(error):
+                raise Conflict("a CA root already exists; this CA keeps one root", "root-exists") from None
+            raise Conflict(f"a CA with ID {record.id!r} already exists", "ca-exists") from None
+
+    def get_ca(self, ca_id: str) -> CaRecord | None:
+        rows = self._read(f"SELECT {_CA_COLUMNS} FROM cas WHERE id = ?", (ca_id,))
+        return _ca(rows[0]) if rows else None
+
+    def get_root(self) -> CaRecord | None:
+        rows = self._read(f"SELECT {_CA_COLUMNS} FROM cas WHERE kind = 'root'")
+        return _ca(rows[0]) if rows else None
+
+    def list_cas(self, kind: str | None = None) -> list[CaRecord]:
+        if kind:
+            rows = self._read(f"SELECT {_CA_COLUMNS} FROM cas WHERE kind = ? ORDER BY created_at, rowid", (kind,))
+        else:
+            rows = self._read(f"SELECT {_CA_COLUMNS} FROM cas ORDER BY created_at, rowid")
+        return [_ca(row) for row in rows]
+
+    def set_ca_status(self, ca_id: str, status: str) -> CaRecord:
+        return self._update_ca(ca_id, "status = ?", (status,))
+
+    def set_ca_dps(self, ca_id: str, dps: dict[str, Any]) -> CaRecord:
+        return self._update_ca(ca_id, "dps = ?", (json.dumps(dps, sort_keys=True),))
+
+    def _update_ca(self, ca_id: str, assignment: str, params: tuple[Any, ...]) -> CaRecord:
+        with self._write() as db:
+            changed = db.execute(f"UPDATE cas SET {assignment} WHERE id = ?", (*params, ca_id)).rowcount
+        if not changed:
+            raise NotFound(f"no CA with ID {ca_id!r}", "ca-not-found")
+        record = self.get_ca(ca_id)
+        assert record is not None
+        return record
+
+    # -- device certificates -----------------------------------------------------------------------
+
+    def record_issued(self, issuances: Sequence[Issuance]) -> list[CertificateRecord | CaError]:
+        if len(issuances) > 1 and not any(issuance.supersede for issuance in issuances):
+            try:
+                return self._record_all_new(issuances)
+            except sqlite3.IntegrityError:
+                pass  # a key or device already has rows: settle each issuance on its own below
+        results: list[CertificateRecord | CaError] = []
+        with self._write() as db:
+            for issuance in issuances:
+                db.execute("SAVEPOINT issuance")
+                try:
+                    outcome: CertificateRecord | CaError = self._record_one(db, issuance)
+                except CaError as error:
+                    outcome = error
+                if outcome is not issuance.record:
+                    db.execute("ROLLBACK TO issuance")
+                db.execute("RELEASE issuance")
+                results.append(outcome)
+        return results
+
+    def _record_all_new(self, issuances: Sequence[Issuance]) -> list[CertificateRecord | CaError]:
+        """The common case of a batch, new keys for devices without certificates, in two statements.
+
+        Any constraint the batch runs into aborts it whole (IntegrityError) and nothing is written.
+        """
+        records = [issuance.record for issuance in issuances]
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO key_bindings (public_key_sha256, device_id) VALUES (?, ?)",
+                [(r.public_key_sha256, r.device_id) for r in records],
+            )
+            db.executemany(
+                f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_certificate_row(r) for r in records],
+            )
+        return list(records)
+
+    def _record_one(self, db: sqlite3.Connection, issuance: Issuance) -> CertificateRecord:
+        """Write one certificate, letting the store's constraints find the conflicts (they are rare)."""
+        new = issuance.record
+        bound = db.execute(
+            "INSERT INTO key_bindings (public_key_sha256, device_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (new.public_key_sha256, new.device_id),
+        ).rowcount
+        if not bound:
+            owner, revoked = db.execute(
+                "SELECT device_id, revoked FROM key_bindings WHERE public_key_sha256 = ?", (new.public_key_sha256,)
+            ).fetchone()
+            if owner != new.device_id:
+                raise key_in_use(owner)
+            if revoked:
+                raise key_revoked()
+        if issuance.supersede:
+            db.execute(
+                "UPDATE certificates SET status = ?, status_changed_at = ?, status_reason = ? "
+                "WHERE device_id = ? AND status = 'active'",
+                (CERT_SUPERSEDED, _ts(new.created_at), f"renewed as {new.serial}", new.device_id),
+            )
+        try:
+            db.execute(
+                f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _certificate_row(new),
+            )
+        except sqlite3.IntegrityError as error:
+            if "certificates.device_id" not in str(error):
+                raise Conflict(f"the ledger refused certificate {new.serial}: {error}", "ledger-conflict") from None
+            row = db.execute(
+                f"SELECT {_CERT_COLUMNS} FROM certificates WHERE device_id = ? AND status = 'active'", (new.device_id,)
+            ).fetchone()
+            current = _certificate(row)
+            if current.public_key_sha256 == new.public_key_sha256:
+                return current  # the same request, committed first by someone else
+            raise device_has_certificate(current) from None
+        return new
+
+    def get_certificate(self, serial: str) -> CertificateRecord | None:
+        rows = self._read(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,))
+        return _certificate(rows[0]) if rows else None
+
+    def active_certificates(self, device_ids: Sequence[str]) -> dict[str, CertificateRecord]:
+        found: dict[str, CertificateRecord] = {}
+        for chunk in _chunks(sorted(set(device_ids))):
+            rows = self._read(
+                f"SELECT {_CERT_COLUMNS} FROM certificates WHERE status = 'active' "
+                f"AND device_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((row["device_id"], _certificate(row)) for row in rows)
+        return found
+
+    def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:
+        found: dict[str, tuple[str, bool]] = {}
+        for chunk in _chunks(sorted(set(public_key_sha256s))):
+            rows = self._read(
+                "SELECT public_key_sha256, device_id, revoked FROM key_bindings "
+                f"WHERE public_key_sha256 IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((row["public_key_sha256"], (row["device_id"], bool(row["revoked"]))) for row in rows)
+        return found
+
+    def list_certificates(self, query: CertificateQuery) -> CertificatePage:
+        clauses, params = [], []
+        for column, value in (
+            ("device_id", query.device_id),
+            ("intermediate_id", query.intermediate_id),
+            ("status", query.status),
+            ("requested_by", query.requested_by),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if query.expiring_before is not None:
+            clauses.append("not_after <= ?")
+            params.append(_ts(query.expiring_before))
+        if query.cursor:
+            clauses.append("seq > ?")
+            params.append(int(query.cursor))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._read(
+            f"SELECT seq, {_CERT_COLUMNS} FROM certificates {where} ORDER BY seq LIMIT ?", (*params, query.limit + 1)
+        )
+        more = len(rows) > query.limit
+        rows = rows[: query.limit]
+        next_cursor = str(rows[-1]["seq"]) if more and rows else None
+        return CertificatePage([_certificate(row) for row in rows], next_cursor)
+
+    def revoke_certificate(self, serial: str, reason: str, at: datetime) -> CertificateRecord:
+        with self._write() as db:
+            row = db.execute(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,)).fetchone()
+            if row is None:
+                raise NotFound(f"no certificate with serial {serial}", "certificate-not-found")
+            current = _certificate(row)
+            db.execute("UPDATE key_bindings SET revoked = 1 WHERE public_key_sha256 = ?", (current.public_key_sha256,))
+            if current.status != CERT_REVOKED:
+                db.execute(
+                    "UPDATE certificates SET status = ?, status_changed_at = ?, status_reason = ? WHERE serial = ?",
+                    (CERT_REVOKED, _ts(at), reason, serial),
+                )
+        record = self.get_certificate(serial)
+        assert record is not None
+        return record
+
+
+def _certificate_row(record: CertificateRecord) -> tuple[Any, ...]:
+    return (
+        record.serial,
+        record.device_id,
+        record.intermediate_id,
+        record.requested_by,
+        record.public_key_sha256,
+        _ts(record.not_before),
+        _ts(record.not_after),
+        record.certificate_pem,
+        _ts(record.created_at),
+        CERT_ACTIVE,
+        None,
+        None,
+    )
+
+
+def _chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dt(text: str | None) -> datetime | None:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
+
+
+def _ca(row: sqlite3.Row) -> CaRecord:
+    return CaRecord(
+        id=row["id"],
+        kind=row["kind"],
+        common_name=row["common_name"],
+        curve=row["curve"],
+        key_name=row["key_name"],
+        key_backend=row["key_backend"],
+        serial=row["serial"],
+        not_before=_dt(row["not_before"]),
+        not_after=_dt(row["not_after"]),
+        certificate_pem=row["certificate_pem"],
+        issuer_id=row["issuer_id"],
+        created_at=_dt(row["created_at"]),
+        status=row["status"] or CA_ACTIVE,
+        dps=json.loads(row["dps"] or "{}"),
+    )
+
+
+def _certificate(row: sqlite3.Row) -> CertificateRecord:
+    return CertificateRecord(
+        serial=row["serial"],
+        device_id=row["device_id"],
+        intermediate_id=row["intermediate_id"],
+        requested_by=row["requested_by"],
+        public_key_sha256=row["public_key_sha256"],
+        not_before=_dt(row["not_before"]),
+        not_after=_dt(row["not_after"]),
+        certificate_pem=row["certificate_pem"],
+        created_at=_dt(row["created_at"]),
+        status=row["status"],
+        status_changed_at=_dt(row["status_changed_at"]),
+        status_reason=row["status_reason"],
+    )

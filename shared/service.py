@@ -1,0 +1,533 @@
+"""The use cases of the device CA: the only place that orchestrates keys, ledger and DPS.
+
+Every entry point (CLI, HTTP, queue, timer) calls these and nothing below them.
+"""
+
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .config import Settings
+from .dps import Dps
+from .errors import CaError, Conflict, Forbidden, NotFound
+from .keys import KeyStore
+from .ledger import Ledger, device_has_certificate, key_in_use, key_revoked
+from .ledger.models import (
+    CA_ACTIVE,
+    CA_DISABLED,
+    CERT_STATUSES,
+    INTERMEDIATE,
+    ROOT,
+    CaRecord,
+    CertificatePage,
+    CertificateQuery,
+    CertificateRecord,
+    Issuance,
+)
+from .pki import (
+    DeviceRequest,
+    Issuer,
+    PkiError,
+    build_root,
+    ca_name,
+    check_ca_id,
+    check_device_csr,
+    plan_validity,
+    whole_seconds,
+)
+
+ROOT_ID = "root"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def serial_text(serial: int) -> str:
+    """Upper-case hex with an even number of digits, as `openssl x509 -serial` prints it."""
+    text = format(serial, "X")
+    return text if len(text) % 2 == 0 else "0" + text
+
+
+def normalize_serial(text: str) -> str:
+    """Accept a serial as printed by openssl, with colons, any case or a 0x prefix."""
+    cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
+    try:
+        return serial_text(int(cleaned, 16))
+    except ValueError:
+        raise CaError(f"serial {text!r} is not a hexadecimal number", "invalid-serial") from None
+
+
+def pem(certificate: x509.Certificate) -> str:
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass(frozen=True)
+class CaResult:
+    record: CaRecord
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProofOfPossession:
+    verification_code: str
+    certificate_pem: str
+    dps: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SignRequest:
+    csr: bytes | str
+    device_id: str
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A device certificate as handed out: it is in the ledger."""
+
+    record: CertificateRecord
+    intermediate_pem: str
+    created: bool
+    warnings: tuple[str, ...] = ()
+    dps: dict[str, str] | None = None
+
+    @property
+    def chain_pem(self) -> str:
+        return self.record.certificate_pem + self.intermediate_pem
+
+    def bundle(self) -> dict[str, Any]:
+        """The device bundle of the contract."""
+        record = self.record
+        bundle: dict[str, Any] = {
+            "deviceId": record.device_id,
+            "serialNumber": record.serial,
+            "notBefore": _iso(record.not_before),
+            "notAfter": _iso(record.not_after),
+            "certificate": record.certificate_pem,
+            "certificateChain": self.chain_pem,
+            "intermediateId": record.intermediate_id,
+        }
+        if self.dps:
+            bundle["dps"] = self.dps
+        if self.warnings:
+            bundle["warnings"] = list(self.warnings)
+        return bundle
+
+
+@dataclass
+class _Plan:
+    """One device request on its way through a signing run."""
+
+    index: int
+    request: DeviceRequest
+    intermediate: CaRecord
+    supersede: bool
+    warnings: list[str] = field(default_factory=list)
+    certificate: x509.Certificate | None = None
+
+
+class DeviceCA:
+    def __init__(
+        self,
+        keys: KeyStore,
+        ledger: Ledger,
+        dps: Dps,
+        settings: Settings,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.keys = keys
+        self.ledger = ledger
+        self.dps = dps
+        self.settings = settings
+        self._now = clock
+        self._issuers: dict[tuple[str, str], Issuer] = {}
+        self._issuers_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.keys.close()
+        self.ledger.close()
+
+    # -- root ----------------------------------------------------------------------------------------
+
+    def create_root(
+        self,
+        common_name: str | None = None,
+        organization: str | None = None,
+        curve: str | None = None,
+        days: float | None = None,
+    ) -> CaResult:
+        existing = self.ledger.get_root()
+        if existing:
+            raise Conflict(
+                f"a CA root already exists ({existing.common_name!r}, serial {existing.serial}); "
+                "this CA keeps one root",
+                "root-exists",
+            )
+        curve = (curve or self.settings.ca_curve).upper()
+        subject = ca_name(common_name or f"{self.settings.ca_name} Root", organization)
+        validity = plan_validity(self._now(), days or self.settings.root_days)
+        key_name = _key_name(ROOT_ID)
+        signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
+        certificate = build_root(subject, signing_key.public_key(), signing_key, validity)
+        self.keys.install_ca_certificate(key_name, certificate, [])
+        record = self._ca_record(ROOT_ID, ROOT, certificate, curve, key_name, issuer_id=None)
+        self.ledger.add_ca(record)
+        dps_state = self.dps.register_root(ROOT_ID, record.certificate_pem)
+        return CaResult(self.ledger.set_ca_dps(ROOT_ID, dps_state), _dps_warnings(dps_state))
+
+    def root(self) -> CaRecord:
+        record = self.ledger.get_root()
+        if record is None:
+            raise NotFound("there is no CA root yet; create it with create-ca-root", "root-not-found")
+        return record
+
+    def prove_root_possession(self, verification_code: str) -> ProofOfPossession:
+        """Sign the DPS verification certificate (CN = the code) with the root key and hand it to DPS."""
+        root = self.root()
+        certificate = self._issuer(root).issue_proof_of_possession(verification_code, self._now())
+        certificate_pem = pem(certificate)
+        dps_state = self.dps.verify_root(ROOT_ID, verification_code, certificate_pem)
+        self.ledger.set_ca_dps(ROOT_ID, {**root.dps, "proofOfPossession": dps_state})
+        return ProofOfPossession(verification_code, certificate_pem, dps_state)
+
+    # -- intermediates -------------------------------------------------------------------------------
+
+    def create_intermediate(
+        self,
+        ca_id: str | None = None,
+        common_name: str | None = None,
+        organization: str | None = None,
+        curve: str | None = None,
+        days: float | None = None,
+    ) -> CaResult:
+        root = self.root()
+        ca_id = check_ca_id(ca_id) if ca_id else _new_intermediate_id(self._now())
+        if ca_id == ROOT_ID or self.ledger.get_ca(ca_id):
+            raise Conflict(f"a CA with ID {ca_id!r} already exists", "ca-exists")
+        if root.status != CA_ACTIVE:
+            raise Conflict("the CA root is disabled", "root-disabled")
+        root_issuer = self._issuer(root)
+        curve = (curve or self.settings.ca_curve).upper()
+        subject = ca_name(common_name or f"{self.settings.ca_name} Intermediate {ca_id}", organization)
+        validity = root_issuer.validity(self._now(), days or self.settings.intermediate_days)
+        key_name = _key_name(ca_id)
+        signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
+        certificate = root_issuer.issue_intermediate(subject, signing_key.public_key(), validity)
+        self.keys.install_ca_certificate(key_name, certificate, [root_issuer.certificate])
+        record = self._ca_record(ca_id, INTERMEDIATE, certificate, curve, key_name, issuer_id=ROOT_ID)
+        self.ledger.add_ca(record)
+        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=True)
+        warnings = ([validity.clamped] if validity.clamped else []) + list(_dps_warnings(dps_state))
+        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), tuple(warnings))
+
+    def intermediates(self) -> list[CaRecord]:
+        return self.ledger.list_cas(INTERMEDIATE)
+
+    def intermediate(self, ca_id: str) -> CaRecord:
+        record = self.ledger.get_ca(ca_id)
+        if record is None or record.kind != INTERMEDIATE:
+            raise NotFound(f"no intermediate with ID {ca_id!r}", "intermediate-not-found")
+        return record
+
+    def default_intermediate(self, allowed: Sequence[str] | None = None) -> CaRecord:
+        """The newest active intermediate (among `allowed`, when given)."""
+        candidates = [
+            ca for ca in self.intermediates() if ca.status == CA_ACTIVE and (allowed is None or ca.id in allowed)
+        ]
+        if not candidates:
+            raise Conflict(
+                "there is no active intermediate to sign with; create one with create-ca-intermediate",
+                "no-active-intermediate",
+            )
+        return candidates[-1]
+
+    def set_intermediate_enabled(self, ca_id: str, enabled: bool) -> CaResult:
+        record = self.intermediate(ca_id)
+        record = self.ledger.set_ca_status(ca_id, CA_ACTIVE if enabled else CA_DISABLED)
+        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=enabled)
+        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), _dps_warnings(dps_state))
+
+    # -- device certificates -------------------------------------------------------------------------
+
+    def sign_csr(
+        self,
+        csr: bytes | str,
+        device_id: str,
+        *,
+        intermediate_id: str | None = None,
+        requested_by: str = "cli",
+        renew: bool = False,
+        allowed_intermediates: Sequence[str] | None = None,
+    ) -> IssuedCertificate:
+        """Sign one device CSR. The same CSR again gives back the same certificate (`created` False)."""
+        (result,) = self.sign_csrs(
+            [SignRequest(csr, device_id)],
+            intermediate_id=intermediate_id,
+            requested_by=requested_by,
+            renew=renew,
+            allowed_intermediates=allowed_intermediates,
+        )
+        if isinstance(result, CaError):
+            raise result
+        return result
+
+    def sign_csrs(
+        self,
+        requests: Sequence[SignRequest],
+        *,
+        intermediate_id: str | None = None,
+        requested_by: str = "cli",
+        renew: bool = False,
+        allowed_intermediates: Sequence[str] | None = None,
+    ) -> list[IssuedCertificate | CaError]:
+        """Sign many device CSRs with one intermediate and commit them together.
+
+        Each request gets its certificate or the error that refused it; one bad CSR does not stop the
+        rest, and nothing is returned that the ledger does not hold.
+        """
+        now = self._now()
+        intermediate = self._signing_intermediate(intermediate_id, allowed_intermediates)
+        issuer = self._issuer(intermediate)
+        results: list[IssuedCertificate | CaError | None] = [None] * len(requests)
+        devices: list[tuple[int, DeviceRequest]] = []
+        for index, request in enumerate(requests):
+            try:
+                devices.append((index, check_device_csr(request.csr, request.device_id)))
+            except PkiError as error:
+                results[index] = _as_ca_error(error)
+        bindings = self.ledger.key_bindings([device.public_key_sha256 for _, device in devices])
+        actives = self.ledger.active_certificates([device.device_id for _, device in devices])
+        plans: list[_Plan] = []
+        for index, device in devices:
+            try:
+                outcome = self._plan(
+                    index,
+                    device,
+                    intermediate,
+                    renew,
+                    now,
+                    allowed_intermediates,
+                    bindings.get(device.public_key_sha256),
+                    actives.get(device.device_id),
+                )
+            except CaError as error:
+                results[index] = error
+                continue
+            if isinstance(outcome, IssuedCertificate):
+                results[index] = outcome
+            else:
+                plans.append(outcome)
+        self._sign_all(issuer, plans, now, results)
+        signed = [plan for plan in plans if results[plan.index] is None]
+        if signed:
+            self._commit(signed, intermediate, requested_by, now, results)
+        return [result for result in results if result is not None]
+
+    def certificates(self, query: CertificateQuery) -> CertificatePage:
+        if query.status is not None and query.status not in CERT_STATUSES:
+            raise CaError(f"status must be one of {', '.join(CERT_STATUSES)}, not {query.status!r}", "invalid-status")
+        if not 1 <= query.limit <= 1000:
+            raise CaError("limit must be between 1 and 1000", "invalid-limit")
+        return self.ledger.list_certificates(query)
+
+    def certificate(self, serial: str) -> CertificateRecord:
+        record = self.ledger.get_certificate(normalize_serial(serial))
+        if record is None:
+            raise NotFound(f"no certificate with serial {serial}", "certificate-not-found")
+        return record
+
+    def expiring_before(self, days: float) -> datetime:
+        return self._now() + timedelta(days=days)
+
+    def revoke(self, serial: str, reason: str = "unspecified") -> tuple[CertificateRecord, dict[str, Any]]:
+        """Mark a certificate revoked in the ledger and disable the device in DPS."""
+        record = self.certificate(serial)
+        record = self.ledger.revoke_certificate(record.serial, reason, self._now())
+        dps_state = self.dps.disable_device(record.device_id, record.certificate_pem)
+        return record, dps_state
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "keys": self.keys.describe(),
+            "ledger": self.ledger.describe(),
+            "dps": self.dps.describe(),
+        }
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _signing_intermediate(self, intermediate_id: str | None, allowed: Sequence[str] | None) -> CaRecord:
+        if intermediate_id is None:
+            return self.default_intermediate(allowed)
+        record = self.intermediate(intermediate_id)
+        if allowed is not None and record.id not in allowed:
+            raise Forbidden(f"this caller may not sign with intermediate {record.id!r}", "intermediate-not-allowed")
+        if record.status != CA_ACTIVE:
+            raise Conflict(f"intermediate {record.id!r} is disabled; enable it or use another", "intermediate-disabled")
+        return record
+
+    def _plan(
+        self,
+        index: int,
+        device: DeviceRequest,
+        intermediate: CaRecord,
+        renew: bool,
+        now: datetime,
+        allowed: Sequence[str] | None,
+        binding: tuple[str, bool] | None,
+        active: CertificateRecord | None,
+    ) -> "_Plan | IssuedCertificate":
+        """Decide before signing (a Key Vault signature is not free); the ledger decides again on commit."""
+        if binding and binding[0] != device.device_id:
+            raise key_in_use(binding[0])
+        if binding and binding[1]:
+            raise key_revoked()
+        supersede = renew
+        if active is not None and not renew:
+            if active.not_after <= now:
+                supersede = True  # an expired certificate never blocks its device
+            elif active.public_key_sha256 != device.public_key_sha256:
+                raise device_has_certificate(active)
+            elif allowed is not None and active.intermediate_id not in allowed:
+                raise Conflict(
+                    f"device {device.device_id!r} has an active certificate from intermediate "
+                    f"{active.intermediate_id!r}, which this caller may not use",
+                    "device-has-certificate",
+                )
+            else:
+                return self._issued(active, created=False)
+        return _Plan(index, device, intermediate, supersede)
+
+    def _sign_all(
+        self, issuer: Issuer, plans: list[_Plan], now: datetime, results: list[IssuedCertificate | CaError | None]
+    ) -> None:
+        validity = issuer.validity(now, self.settings.device_days)
+
+        def sign(plan: _Plan) -> None:
+            try:
+                plan.certificate = issuer.issue_device(plan.request.device_id, plan.request.public_key, validity)
+            except (CaError, PkiError) as error:
+                results[plan.index] = _as_ca_error(error)
+            if validity.clamped:
+                plan.warnings.append(validity.clamped)
+
+        parallel = getattr(issuer.signing_key, "parallel_signatures", 1)
+        if parallel > 1 and len(plans) > 1:
+            with ThreadPoolExecutor(max_workers=min(parallel, len(plans))) as pool:
+                list(pool.map(sign, plans))
+        else:
+            for plan in plans:
+                sign(plan)
+
+    def _commit(
+        self,
+        plans: list[_Plan],
+        intermediate: CaRecord,
+        requested_by: str,
+        now: datetime,
+        results: list[IssuedCertificate | CaError | None],
+    ) -> None:
+        issuances = []
+        for plan in plans:
+            certificate = plan.certificate
+            assert certificate is not None
+            record = CertificateRecord(
+                serial=serial_text(certificate.serial_number),
+                device_id=plan.request.device_id,
+                intermediate_id=intermediate.id,
+                requested_by=requested_by,
+                public_key_sha256=plan.request.public_key_sha256,
+                not_before=certificate.not_valid_before_utc,
+                not_after=certificate.not_valid_after_utc,
+                certificate_pem=pem(certificate),
+                created_at=whole_seconds(now),
+            )
+            issuances.append(Issuance(record, plan.supersede))
+        stored = self.ledger.record_issued(issuances)
+        for plan, issuance, outcome in zip(plans, issuances, stored, strict=True):
+            if isinstance(outcome, CaError):
+                results[plan.index] = outcome
+            else:
+                created = outcome.serial == issuance.record.serial
+                warnings = tuple(plan.warnings) if created else ()
+                results[plan.index] = self._issued(outcome, created, warnings, intermediate)
+
+    def _issued(
+        self,
+        record: CertificateRecord,
+        created: bool,
+        warnings: tuple[str, ...] = (),
+        intermediate: CaRecord | None = None,
+    ) -> IssuedCertificate:
+        if intermediate is None or intermediate.id != record.intermediate_id:
+            intermediate = self.intermediate(record.intermediate_id)
+        return IssuedCertificate(
+            record=record,
+            intermediate_pem=intermediate.certificate_pem,
+            created=created,
+            warnings=warnings,
+            dps=self.dps.registration_info(record.device_id),
+        )
+
+    def _issuer(self, record: CaRecord) -> Issuer:
+        cache_key = (record.id, record.serial)
+        with self._issuers_lock:
+            issuer = self._issuers.get(cache_key)
+        if issuer is None:
+            certificate = x509.load_pem_x509_certificate(record.certificate_pem.encode())
+            issuer = Issuer(certificate, self.keys.signing_key(record.key_name))
+            with self._issuers_lock:
+                self._issuers[cache_key] = issuer
+        return issuer
+
+    def _ca_record(
+        self, ca_id: str, kind: str, certificate: x509.Certificate, curve: str, key_name: str, issuer_id: str | None
+    ) -> CaRecord:
+        return CaRecord(
+            id=ca_id,
+            kind=kind,
+            common_name=_common_name(certificate.subject),
+            curve=curve,
+            key_name=key_name,
+            key_backend=self.keys.backend,
+            serial=serial_text(certificate.serial_number),
+            not_before=certificate.not_valid_before_utc,
+            not_after=certificate.not_valid_after_utc,
+            certificate_pem=pem(certificate),
+            issuer_id=issuer_id,
+            created_at=whole_seconds(self._now()),
+        )
+
+
+def _as_ca_error(error: CaError | PkiError) -> CaError:
+    if isinstance(error, CaError):
+        return error
+    return CaError(error.message, error.code)
+
+
+def _dps_warnings(state: dict[str, Any]) -> tuple[str, ...]:
+    return (state["message"],) if state.get("mode") == "offline" and state.get("message") else ()
+
+
+def _common_name(name: x509.Name) -> str:
+    return str(name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+
+def _key_name(ca_id: str) -> str:
+    """Key Vault names cannot be reused for 90 days after deletion, so each key gets a fresh suffix."""
+    return f"device-ca-{ca_id}-{secrets.token_hex(3)}"
+
+
+def _new_intermediate_id(now: datetime) -> str:
+    return f"int-{now:%Y%m%d}-{secrets.token_hex(2)}"
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

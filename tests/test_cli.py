@@ -1,0 +1,124 @@
+"""The CLI: the seed's flow end to end, --help and --json on every command, one-line errors."""
+
+import json
+import stat
+import subprocess
+
+import pytest
+
+from .certrules import check_device, check_intermediate, check_proof_of_possession, check_root, load
+from .conftest import run_cli
+from .csrs import make_csr
+
+COMMANDS = [
+    "create-ca-root",
+    "show-ca-root",
+    "proof-ca-root-possession",
+    "create-ca-intermediate",
+    "list-intermediates",
+    "disable-intermediate",
+    "enable-intermediate",
+    "create-device-cert",
+    "sign-csr",
+    "list-certificates",
+    "revoke",
+]
+
+
+def _json(result) -> dict:
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def test_seed_flow_end_to_end(tmp_path):
+    home = tmp_path / "pki"
+    root = _json(run_cli("create-ca-root", "--out", str(tmp_path / "root.pem"), "--json", home=home))
+    assert root["kind"] == "root" and root["dps"]["mode"] == "offline"
+    root_cert = load((tmp_path / "root.pem").read_bytes())
+    check_root(root_cert)
+
+    proof = _json(run_cli("proof-ca-root-possession", "--verification-code", "ABC123", "--json", home=home))
+    check_proof_of_possession(load((tmp_path / "verification-ABC123.pem").read_bytes()), root_cert, "ABC123")
+    assert proof["file"] == "verification-ABC123.pem"
+
+    intermediate = _json(run_cli("create-ca-intermediate", "--id", "factory-a", "--json", home=home))
+    intermediate_cert = load(intermediate["certificate"])
+    check_intermediate(intermediate_cert, root_cert)
+
+    device = _json(run_cli("create-device-cert", "--device-id", "dev-1", "--json", home=home))
+    out = tmp_path / "devices" / "dev-1"
+    assert device["files"]["key"] == str(out.relative_to(tmp_path) / "device.key.pem")
+    assert stat.S_IMODE((out / "device.key.pem").stat().st_mode) == 0o600
+    check_device(load((out / "device.cert.pem").read_bytes()), intermediate_cert, "dev-1")
+    assert json.loads((out / "bundle.json").read_text())["serialNumber"] == device["serialNumber"]
+    verify = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(tmp_path / "root.pem"),
+            "-untrusted",
+            str(out / "device.chain.pem"),
+            str(out / "device.cert.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0 and verify.stdout.strip().endswith("OK"), verify.stderr
+
+    listed = _json(run_cli("list-intermediates", "--json", home=home))
+    assert [(i["id"], i["default"]) for i in listed] == [("factory-a", True)]
+    certificates = _json(run_cli("list-certificates", "--device-id", "dev-1", "--json", home=home))
+    assert [c["serialNumber"] for c in certificates["items"]] == [device["serialNumber"]]
+
+
+def test_sign_csr_from_stdin_is_idempotent(service, tmp_path):
+    home = service.settings.pki_home
+    csr = make_csr("dev-7")
+    first = _json(run_cli("sign-csr", "-", "--device-id", "dev-7", "--json", home=home, stdin=csr))
+    again = run_cli("sign-csr", "-", "--device-id", "dev-7", home=home, stdin=csr)
+    assert again.returncode == 0
+    assert b"Already issued" in again.stdout and first["serialNumber"].encode() in again.stdout
+    other = run_cli("sign-csr", "-", "--device-id", "dev-7", home=home, stdin=make_csr("dev-7"))
+    assert other.returncode == 1 and b"--renew" not in other.stderr and b"renewal" in other.stderr
+    renewed = _json(
+        run_cli("sign-csr", "-", "--device-id", "dev-7", "--renew", "--json", home=home, stdin=make_csr("dev-7"))
+    )
+    assert renewed["serialNumber"] != first["serialNumber"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself_and_takes_json(command, tmp_path):
+    result = run_cli(command, "--help", home=tmp_path / "pki")
+    assert result.returncode == 0
+    assert b"--json" in result.stdout
+
+
+def test_top_level_help_lists_commands(tmp_path):
+    result = run_cli("--help", home=tmp_path / "pki")
+    for command in COMMANDS:
+        assert command.encode() in result.stdout
+
+
+def test_errors_are_one_line(tmp_path):
+    home = tmp_path / "pki"
+    result = run_cli("create-ca-intermediate", home=home)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == ["error: there is no CA root yet; create it with create-ca-root"]
+    result = run_cli("revoke", "nothex", "--json", home=home)
+    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "invalid-serial"
+
+
+def test_bad_setting_is_one_line(tmp_path):
+    result = run_cli("list-intermediates", home=tmp_path / "pki", env={"DEVICE_CERT_DAYS": "soon"})
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        "error: setting DEVICE_CERT_DAYS='soon' must be a positive whole number"
+    ]
+
+
+def test_local_settings_file_is_read(tmp_path):
+    (tmp_path / "local.settings.json").write_text(json.dumps({"Values": {"CA_NAME": "Acme Devices"}}))
+    root = _json(run_cli("create-ca-root", "--json", home=tmp_path / "pki", cwd=tmp_path))
+    assert root["commonName"] == "Acme Devices Root"

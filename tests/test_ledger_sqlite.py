@@ -1,0 +1,176 @@
+"""The SQLite ledger enforces uniqueness itself, durably, even against another process."""
+
+import multiprocessing
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from shared.errors import CaError, Conflict
+from shared.ledger.models import CaRecord, CertificateQuery, CertificateRecord, Issuance
+from shared.ledger.sqlite import SqliteLedger
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _ca(ca_id: str = "int-1", kind: str = "intermediate") -> CaRecord:
+    return CaRecord(
+        id=ca_id,
+        kind=kind,
+        common_name=f"CA {ca_id}",
+        curve="P-256",
+        key_name=f"key-{ca_id}",
+        key_backend="local",
+        serial=f"S{ca_id}",
+        not_before=NOW,
+        not_after=NOW + timedelta(days=3650),
+        certificate_pem="PEM",
+        issuer_id=None,
+        created_at=NOW,
+    )
+
+
+def _cert(serial: str, device_id: str, key: str, days: int = 365) -> CertificateRecord:
+    return CertificateRecord(
+        serial=serial,
+        device_id=device_id,
+        intermediate_id="int-1",
+        requested_by="test",
+        public_key_sha256=key,
+        not_before=NOW,
+        not_after=NOW + timedelta(days=days),
+        certificate_pem=f"PEM {serial}",
+        created_at=NOW,
+    )
+
+
+@pytest.fixture
+def ledger(tmp_path) -> SqliteLedger:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    ledger.add_ca(_ca())
+    yield ledger
+    ledger.close()
+
+
+def test_pragmas_make_commits_durable(ledger):
+    db = sqlite3.connect(ledger.path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert ledger._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_one_root_only(ledger):
+    ledger.add_ca(_ca("root", "root"))
+    with pytest.raises(Conflict) as refused:
+        ledger.add_ca(_ca("root-2", "root"))
+    assert refused.value.code == "root-exists"
+
+
+def test_records_round_trip(ledger):
+    record = _cert("01", "dev-1", "k1")
+    assert ledger.record_issued([Issuance(record)]) == [record]
+    assert ledger.get_certificate("01") == record
+    assert ledger.active_certificates(["dev-1", "dev-2"]) == {"dev-1": record}
+    assert ledger.key_bindings(["k1", "k2"]) == {"k1": ("dev-1", False)}
+
+
+def test_each_issuance_stands_alone_in_one_commit(ledger):
+    results = ledger.record_issued(
+        [
+            Issuance(_cert("01", "dev-1", "k1")),
+            Issuance(_cert("02", "dev-2", "k1")),
+            Issuance(_cert("03", "dev-3", "k3")),
+        ]
+    )
+    assert isinstance(results[1], Conflict) and results[1].code == "key-in-use"
+    assert [c.serial for c in ledger.list_certificates(CertificateQuery()).items] == ["01", "03"]
+    assert ledger.key_bindings(["k1"]) == {"k1": ("dev-1", False)}
+
+
+def test_store_itself_refuses_a_second_active_certificate(ledger):
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    db = sqlite3.connect(ledger.path)
+    db.execute("INSERT INTO key_bindings (public_key_sha256, device_id) VALUES ('k2', 'dev-1')")
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        db.execute(
+            "INSERT INTO certificates (serial, device_id, intermediate_id, requested_by, public_key_sha256, "
+            "not_before, not_after, certificate_pem, created_at, status) "
+            "VALUES ('02', 'dev-1', 'int-1', 't', 'k2', 'a', 'b', 'p', 'c', 'active')"
+        )
+
+
+def test_store_itself_refuses_a_key_bound_to_another_device(ledger):
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    db = sqlite3.connect(ledger.path)
+    with pytest.raises(sqlite3.IntegrityError, match="not bound to this device"):
+        db.execute(
+            "INSERT INTO certificates (serial, device_id, intermediate_id, requested_by, public_key_sha256, "
+            "not_before, not_after, certificate_pem, created_at, status) "
+            "VALUES ('02', 'dev-2', 'int-1', 't', 'k1', 'a', 'b', 'p', 'c', 'active')"
+        )
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO key_bindings (public_key_sha256, device_id) VALUES ('k1', 'dev-2')")
+
+
+def test_supersede_and_revoke(ledger):
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    (renewed,) = ledger.record_issued([Issuance(_cert("02", "dev-1", "k2"), supersede=True)])
+    assert renewed.serial == "02"
+    assert ledger.get_certificate("01").status == "superseded"
+    revoked = ledger.revoke_certificate("02", "lost", NOW)
+    assert revoked.status == "revoked" and revoked.status_reason == "lost"
+    assert ledger.key_bindings(["k2"]) == {"k2": ("dev-1", True)}
+    (refused,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k2"))])
+    assert isinstance(refused, CaError) and refused.code == "key-revoked"
+
+
+def test_listing_filters_and_pages(ledger):
+    for i in range(7):
+        ledger.record_issued([Issuance(_cert(f"{i:02d}", f"dev-{i}", f"k{i}", days=10 * (i + 1)))])
+    page = ledger.list_certificates(CertificateQuery(limit=3))
+    assert [c.serial for c in page.items] == ["00", "01", "02"] and page.next_cursor
+    page = ledger.list_certificates(CertificateQuery(limit=3, cursor=page.next_cursor))
+    assert [c.serial for c in page.items] == ["03", "04", "05"]
+    expiring = ledger.list_certificates(CertificateQuery(expiring_before=NOW + timedelta(days=25)))
+    assert [c.serial for c in expiring.items] == ["00", "01"]
+    assert [c.serial for c in ledger.list_certificates(CertificateQuery(device_id="dev-4")).items] == ["04"]
+
+
+def _race(path: str, serial: str, device_id: str, key: str, barrier, results) -> None:
+    ledger = SqliteLedger(Path(path))
+    barrier.wait()
+    (outcome,) = ledger.record_issued([Issuance(_cert(serial, device_id, key))])
+    results.put((serial, "conflict" if isinstance(outcome, CaError) else outcome.serial))
+    ledger.close()
+
+
+def _run_race(ledger, contenders) -> list[tuple[str, str]]:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(contenders))
+    results = context.Queue()
+    processes = [
+        context.Process(target=_race, args=(str(ledger.path), serial, device, key, barrier, results))
+        for serial, device, key in contenders
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join()
+    return sorted(outcomes)
+
+
+def test_two_processes_racing_for_one_device_cannot_both_win(ledger):
+    for round_ in range(5):
+        device = f"dev-{round_}"
+        outcomes = _run_race(ledger, [(f"A{round_}", device, f"ka{round_}"), (f"B{round_}", device, f"kb{round_}")])
+        winners = [serial for serial, result in outcomes if result != "conflict"]
+        assert len(winners) == 1, outcomes
+        active = ledger.list_certificates(CertificateQuery(device_id=device, status="active")).items
+        assert [c.serial for c in active] == winners
+
+
+def test_two_processes_racing_with_one_key_cannot_both_win(ledger):
+    outcomes = _run_race(ledger, [("A", "dev-a", "shared-key"), ("B", "dev-b", "shared-key")])
+    assert sum(result != "conflict" for _, result in outcomes) == 1
+    assert len(ledger.list_certificates(CertificateQuery()).items) == 1

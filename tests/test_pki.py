@@ -1,0 +1,176 @@
+"""shared/pki on its own: names, validity nesting, profiles, signing with any key."""
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.pki import (
+    Issuer,
+    PkiError,
+    ValidityError,
+    build_root,
+    ca_name,
+    check_ca_id,
+    plan_validity,
+    registration_id_problem,
+)
+
+from .certrules import check_device, check_intermediate, check_root
+
+DPS_REGISTRATION_ID = re.compile(r"^[a-z0-9]([a-z0-9._:-]{0,62}[a-z0-9])?$")
+ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@given(st.text(max_size=70))
+def test_accepted_registration_ids_follow_dps_rules(value):
+    if registration_id_problem(value) is None:
+        assert DPS_REGISTRATION_ID.fullmatch(value)
+
+
+@given(
+    st.text(ALNUM, min_size=1, max_size=1),
+    st.text(ALNUM + "-._:", max_size=62),
+    st.text(ALNUM, min_size=1, max_size=1),
+)
+def test_valid_registration_ids_are_accepted(first, middle, last):
+    assert registration_id_problem(first + middle + last) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [("", "empty"), ("A", "uppercase"), ("a b", "spaces"), ("-a", "starts or ends"), ("a" * 65, "65 characters")],
+)
+def test_registration_id_problems_are_named(value, words):
+    assert words in registration_id_problem(value)
+
+
+def test_ca_ids():
+    assert check_ca_id("factory-a-2026") == "factory-a-2026"
+    for bad in ("Factory", "a_b", "-a", "a" * 49, ""):
+        with pytest.raises(PkiError):
+            check_ca_id(bad)
+
+
+class _Cert:
+    """Just the validity of an issuer."""
+
+    def __init__(self, start, end):
+        self.not_valid_before_utc, self.not_valid_after_utc = start, end
+        self.subject = ca_name("Issuer")
+
+
+@given(
+    st.floats(min_value=0.01, max_value=20000),
+    st.integers(min_value=-1000, max_value=0),
+    st.integers(min_value=1, max_value=8000),
+)
+def test_child_validity_nests_inside_the_issuer(days, start_offset, end_offset):
+    issuer = _Cert(NOW + timedelta(days=start_offset), NOW + timedelta(days=end_offset))
+    validity = plan_validity(NOW, days, issuer)
+    assert issuer.not_valid_before_utc <= validity.not_before < validity.not_after <= issuer.not_valid_after_utc
+    assert (validity.clamped is not None) == (NOW + timedelta(days=days) > issuer.not_valid_after_utc)
+
+
+def test_expired_or_future_issuer_signs_nothing():
+    with pytest.raises(ValidityError, match="expired"):
+        plan_validity(NOW, 1, _Cert(NOW - timedelta(days=10), NOW - timedelta(days=1)))
+    with pytest.raises(ValidityError, match="not valid before"):
+        plan_validity(NOW, 1, _Cert(NOW + timedelta(days=1), NOW + timedelta(days=10)))
+    with pytest.raises(ValidityError):
+        plan_validity(NOW, 0)
+
+
+def _root(curve: ec.EllipticCurve | None = None):
+    key = ec.generate_private_key(curve or ec.SECP256R1())
+    cert = build_root(ca_name("Root", "Org"), key.public_key(), key, plan_validity(NOW, 3650))
+    return cert, key
+
+
+def test_profiles_with_a_plain_key():
+    root, root_key = _root()
+    check_root(root)
+    root_issuer = Issuer(root, root_key)
+    intermediate_key = ec.generate_private_key(ec.SECP384R1())
+    intermediate = root_issuer.issue_intermediate(
+        ca_name("Intermediate"), intermediate_key.public_key(), root_issuer.validity(NOW, 1000)
+    )
+    check_intermediate(intermediate, root)
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    issuer = Issuer(intermediate, intermediate_key)
+    device = issuer.issue_device("dev-1", device_key.public_key(), issuer.validity(NOW, 365))
+    assert device.signature_hash_algorithm.name == "sha384"  # the P-384 intermediate signs with SHA-384
+    check_device(device, intermediate, "dev-1")
+
+
+class ForeignKey(ec.EllipticCurvePrivateKey):
+    """A key held elsewhere: it only signs. This is how a Key Vault key plugs in."""
+
+    def __init__(self):
+        self._inner = ec.generate_private_key(ec.SECP256R1())
+        self.calls = 0
+
+    def sign(self, data, signature_algorithm):
+        self.calls += 1
+        return self._inner.sign(data, signature_algorithm)
+
+    def public_key(self):
+        return self._inner.public_key()
+
+    @property
+    def curve(self):
+        return self._inner.curve
+
+    @property
+    def key_size(self):
+        return self._inner.key_size
+
+    def exchange(self, algorithm, peer_public_key):
+        raise NotImplementedError
+
+    def private_numbers(self):
+        raise NotImplementedError("never leaves its store")
+
+    def private_bytes(self, encoding, format, encryption_algorithm):
+        raise NotImplementedError("never leaves its store")
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def test_any_elliptic_curve_key_signs():
+    key = ForeignKey()
+    root = build_root(ca_name("Foreign Root"), key.public_key(), key, plan_validity(NOW, 100))
+    check_root(root)
+    assert key.calls == 1
+    issuer = Issuer(root, key)
+    device = issuer.issue_device(
+        "dev-1", ec.generate_private_key(ec.SECP256R1()).public_key(), issuer.validity(NOW, 10)
+    )
+    assert key.calls == 2
+    device.verify_directly_issued_by(root)
+
+
+def test_mismatched_keys_are_refused():
+    root, _ = _root()
+    with pytest.raises(PkiError, match="does not match"):
+        Issuer(root, ec.generate_private_key(ec.SECP256R1()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(PkiError, match="public half"):
+        build_root(ca_name("Root"), ec.generate_private_key(ec.SECP256R1()).public_key(), key, plan_validity(NOW, 1))
+
+
+def test_hash_follows_the_issuer_curve():
+    root, _ = _root(ec.SECP384R1())
+    assert isinstance(root.signature_hash_algorithm, hashes.SHA384)
+    check_root(root)
+    with pytest.raises(PkiError):
+        _root(ec.SECP521R1())

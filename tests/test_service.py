@@ -1,0 +1,230 @@
+"""The use cases on the embedded default: every certificate issued is checked against the rules."""
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.errors import Conflict, Forbidden, NotFound
+from shared.ledger.models import CertificateQuery
+from shared.pki import PkiError
+from shared.service import SignRequest, normalize_serial
+
+from .certrules import check_device, check_intermediate, check_proof_of_possession, check_root, load, load_chain
+from .csrs import device_key, make_csr
+
+
+def _certs(ca, **query):
+    return ca.ledger.list_certificates(CertificateQuery(**query)).items
+
+
+def test_root_and_intermediate_follow_the_rules(service):
+    root = load(service.root().certificate_pem)
+    check_root(root)
+    check_intermediate(load(service.intermediate("factory-a").certificate_pem), root)
+
+
+def test_p384_hierarchy_signs_with_sha384(make_service):
+    ca = make_service(ca_curve="P-384")
+    ca.create_root()
+    ca.create_intermediate("p384")
+    root = load(ca.root().certificate_pem)
+    intermediate = load(ca.intermediate("p384").certificate_pem)
+    assert root.signature_hash_algorithm.name == "sha384"
+    check_root(root)
+    check_intermediate(intermediate, root)
+    issued = ca.sign_csr(make_csr("dev-1"), "dev-1")
+    device = load(issued.record.certificate_pem)
+    assert device.signature_hash_algorithm.name == "sha384"
+    check_device(device, intermediate, "dev-1")
+
+
+def test_device_bundle(service):
+    issued = service.sign_csr(make_csr("dev-1"), "dev-1")
+    bundle = issued.bundle()
+    assert issued.created
+    assert set(bundle) == {
+        "deviceId",
+        "serialNumber",
+        "notBefore",
+        "notAfter",
+        "certificate",
+        "certificateChain",
+        "intermediateId",
+    }  # no "dps": DPS is offline
+    device, intermediate = load_chain(bundle["certificateChain"])
+    assert device == load(bundle["certificate"])
+    assert bundle["intermediateId"] == "factory-a"
+    assert intermediate == load(service.intermediate("factory-a").certificate_pem)
+    check_device(device, intermediate, "dev-1")
+    assert bundle["serialNumber"] == format(device.serial_number, "X").zfill(len(bundle["serialNumber"]))
+    stored = service.certificate(bundle["serialNumber"])
+    assert stored.certificate_pem == bundle["certificate"]
+
+
+def test_same_csr_again_gives_the_same_certificate(service):
+    csr = make_csr("dev-1")
+    first = service.sign_csr(csr, "dev-1")
+    again = service.sign_csr(csr, "dev-1")
+    assert first.created and not again.created
+    assert again.record == first.record
+    assert len(_certs(service)) == 1
+
+
+def test_new_csr_for_the_same_key_is_the_same_request(service):
+    key = device_key()
+    first = service.sign_csr(make_csr("dev-1", key=key), "dev-1")
+    again = service.sign_csr(make_csr("dev-1", key=key), "dev-1")  # ECDSA: different CSR bytes
+    assert again.record.serial == first.record.serial and not again.created
+
+
+def test_new_key_for_a_device_needs_renewal(service):
+    first = service.sign_csr(make_csr("dev-1"), "dev-1")
+    with pytest.raises(Conflict) as refused:
+        service.sign_csr(make_csr("dev-1"), "dev-1")
+    assert refused.value.code == "device-has-certificate"
+    assert "renewal" in refused.value.message
+    renewed = service.sign_csr(make_csr("dev-1"), "dev-1", renew=True)
+    assert renewed.created and renewed.record.serial != first.record.serial
+    old = service.certificate(first.record.serial)
+    assert old.status == "superseded" and renewed.record.serial in old.status_reason
+    assert [c.serial for c in _certs(service, status="active")] == [renewed.record.serial]
+    check_device(load(renewed.record.certificate_pem), load(service.intermediate("factory-a").certificate_pem), "dev-1")
+
+
+def test_one_key_cannot_serve_two_devices(service):
+    key = device_key()
+    service.sign_csr(make_csr("dev-1", key=key), "dev-1")
+    with pytest.raises(Conflict) as refused:
+        service.sign_csr(make_csr("dev-2", key=key), "dev-2")
+    assert refused.value.code == "key-in-use"
+    assert _certs(service, device_id="dev-2") == []
+
+
+def test_expired_certificate_does_not_block_its_device(service, clock):
+    key = device_key()
+    first = service.sign_csr(make_csr("dev-1", key=key), "dev-1")
+    clock.advance(days=service.settings.device_days + 1)
+    again = service.sign_csr(make_csr("dev-1", key=key), "dev-1")
+    assert again.created and again.record.serial != first.record.serial
+    assert service.certificate(first.record.serial).status == "superseded"
+
+
+def test_validity_is_clamped_to_the_issuer_and_said(make_service, clock):
+    ca = make_service(device_days=400)
+    ca.create_root()
+    result = ca.create_intermediate("short", days=100)
+    assert not result.warnings or all("DPS" in w for w in result.warnings)
+    issued = ca.sign_csr(make_csr("dev-1"), "dev-1")
+    intermediate = load(ca.intermediate("short").certificate_pem)
+    device = load(issued.record.certificate_pem)
+    assert device.not_valid_after_utc == intermediate.not_valid_after_utc
+    assert any("cut to end with the issuer" in w for w in issued.bundle()["warnings"])
+    check_device(device, intermediate, "dev-1")
+
+
+def test_intermediate_longer_than_root_is_clamped(make_service):
+    ca = make_service()
+    ca.create_root(days=30)
+    result = ca.create_intermediate("long", days=365)
+    assert any("cut to end with the issuer" in w for w in result.warnings)
+    root = load(ca.root().certificate_pem)
+    intermediate = load(result.record.certificate_pem)
+    assert intermediate.not_valid_after_utc == root.not_valid_after_utc
+    check_intermediate(intermediate, root)
+
+
+def test_newest_active_intermediate_is_the_default(service):
+    service.create_intermediate("factory-b")
+    assert service.sign_csr(make_csr("dev-1"), "dev-1").record.intermediate_id == "factory-b"
+    service.set_intermediate_enabled("factory-b", False)
+    assert service.sign_csr(make_csr("dev-2"), "dev-2").record.intermediate_id == "factory-a"
+    with pytest.raises(Conflict) as refused:
+        service.sign_csr(make_csr("dev-3"), "dev-3", intermediate_id="factory-b")
+    assert refused.value.code == "intermediate-disabled"
+    assert _certs(service, device_id="dev-3") == []
+    service.set_intermediate_enabled("factory-b", True)
+    assert service.sign_csr(make_csr("dev-3"), "dev-3", intermediate_id="factory-b").created
+
+
+def test_caller_bound_to_intermediates(service):
+    service.create_intermediate("factory-b")
+    with pytest.raises(Forbidden):
+        service.sign_csr(make_csr("dev-1"), "dev-1", intermediate_id="factory-b", allowed_intermediates=["factory-a"])
+    issued = service.sign_csr(make_csr("dev-1"), "dev-1", allowed_intermediates=["factory-a"])
+    assert issued.record.intermediate_id == "factory-a"
+
+
+def test_signing_needs_a_root_and_an_intermediate(make_service):
+    ca = make_service()
+    with pytest.raises(NotFound):
+        ca.create_intermediate()
+    ca.create_root()
+    with pytest.raises(Conflict) as refused:
+        ca.sign_csr(make_csr("dev-1"), "dev-1")
+    assert "create-ca-intermediate" in refused.value.message
+    with pytest.raises(Conflict):
+        ca.create_root()
+
+
+def test_proof_of_possession(service):
+    proof = service.prove_root_possession("3E5A2B0C9D8F")
+    check_proof_of_possession(load(proof.certificate_pem), load(service.root().certificate_pem), "3E5A2B0C9D8F")
+    assert proof.dps["mode"] == "offline"
+    with pytest.raises(PkiError):
+        service.prove_root_possession("not a code!")
+
+
+def test_revoked_key_is_never_certified_again(service):
+    key = device_key()
+    issued = service.sign_csr(make_csr("dev-1", key=key), "dev-1")
+    record, dps_state = service.revoke(issued.record.serial.lower(), "stolen")
+    assert record.status == "revoked" and record.status_reason == "stolen"
+    assert dps_state["mode"] == "offline"
+    with pytest.raises(Conflict) as refused:
+        service.sign_csr(make_csr("dev-1", key=key), "dev-1")
+    assert refused.value.code == "key-revoked"
+    assert service.sign_csr(make_csr("dev-1"), "dev-1").created  # a new key is fine
+
+
+def test_batch_signs_good_csrs_and_reports_bad_ones(service):
+    requests = [SignRequest(make_csr(f"dev-{i}"), f"dev-{i}") for i in range(5)]
+    requests.insert(2, SignRequest(make_csr("someone-else"), "dev-x"))
+    results = service.sign_csrs(requests)
+    assert [getattr(r, "code", "ok") for r in results] == ["ok", "ok", "cn-mismatch", "ok", "ok", "ok"]
+    assert len(_certs(service)) == 5
+
+
+def test_two_requests_for_one_device_in_a_batch(service):
+    key = device_key()
+    results = service.sign_csrs(
+        [
+            SignRequest(make_csr("dev-1", key=key), "dev-1"),
+            SignRequest(make_csr("dev-1", key=key), "dev-1"),
+            SignRequest(make_csr("dev-1"), "dev-1"),
+        ]
+    )
+    assert results[0].created and not results[1].created
+    assert results[1].record.serial == results[0].record.serial
+    assert results[2].code == "device-has-certificate"
+    assert len(_certs(service)) == 1
+
+
+def test_serials_are_accepted_as_openssl_prints_them():
+    assert normalize_serial("0a:1B:2c") == "0A1B2C"
+    assert normalize_serial("0x0A1B2C") == "0A1B2C"
+    assert normalize_serial("a1b2c") == "0A1B2C"
+
+
+def test_every_issued_certificate_has_a_unique_random_serial(service):
+    results = service.sign_csrs([SignRequest(make_csr(f"dev-{i}"), f"dev-{i}") for i in range(200)])
+    serials = {r.record.serial for r in results}
+    assert len(serials) == 200
+    intermediate = load(service.intermediate("factory-a").certificate_pem)
+    for result in results:
+        check_device(load(result.record.certificate_pem), intermediate, result.record.device_id)
+
+
+def test_curve_of_ca_keys_is_checked(make_service):
+    ca = make_service()
+    with pytest.raises(PkiError):
+        ca.create_root(curve="P-521")
+    assert ec.SECP256R1  # the accepted curves are P-256 and P-384
