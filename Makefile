@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 DEMO := .demo
+HOST ?= 127.0.0.1
+PORT ?= 8080
 
-.PHONY: run demo test lint format bench clean
+.PHONY: run demo test format bench tools clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
@@ -16,8 +18,22 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
-# The seed's flow end to end on the embedded default, in a scratch PKI home (.demo/).
-run demo: $(STAMP)
+# openssl and curl are used by the tests and the printed examples; install them where they are missing.
+tools:
+	@missing=""; for tool in openssl curl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing$$missing"; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+		else echo "please install:$$missing" >&2; exit 1; fi; \
+	fi
+
+# The HTTP API on the embedded default (keys, ledger and offline DPS under PKI_HOME, default ./.pki).
+# A first start creates a root, an intermediate, an admin key and a factory key, and prints them once.
+run: $(STAMP) tools
+	$(BIN)/python cli.py serve --bootstrap --host $(HOST) --port $(PORT)
+
+# The seed's CLI flow end to end on the embedded default, in a scratch PKI home (.demo/).
+demo: $(STAMP) tools
 	rm -rf $(DEMO)
 	PKI_HOME=$(DEMO)/pki $(BIN)/python cli.py create-ca-root --out $(DEMO)/root.pem
 	PKI_HOME=$(DEMO)/pki $(BIN)/python cli.py proof-ca-root-possession --verification-code DEMO0123 \
@@ -28,7 +44,7 @@ run demo: $(STAMP)
 	openssl verify -CAfile $(DEMO)/root.pem -untrusted $(DEMO)/intermediate.pem \
 		$(DEMO)/devices/demo-device-1/device.cert.pem
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

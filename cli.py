@@ -19,13 +19,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.config import build_service
 from shared.errors import CaError
-from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery, CertificateRecord
+from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError
+from shared.principals import NewApiKey
 from shared.service import DeviceCA, IssuedCertificate
+from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view
 
 EXIT_ERROR = 1
 
-Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str]]
+Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str | None]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, error.code, error.message)
     except OSError as error:
         return _fail(args, "os-error", f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+    if text is None:  # the command printed as it went (serve)
+        return 0
     if args.json:
         print(json.dumps(document, indent=2, sort_keys=False))
     else:
@@ -68,15 +72,15 @@ def create_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, st
     record = result.record
     lines = [f"Created the CA root {record.common_name!r} ({record.curve}, serial {record.serial}).", _valid(record)]
     lines += _written(args.out, "root certificate") + [f"warning: {w}" for w in result.warnings]
-    return _ca_json(record, result.warnings), "\n".join(lines)
+    return ca_view(record, result.warnings), "\n".join(lines)
 
 
 def show_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     record = service.root()
     _write_if_asked(args.out, record.certificate_pem)
     if args.out:
-        return _ca_json(record), "\n".join([_describe_ca(record), *_written(args.out, "root certificate")])
-    return _ca_json(record), record.certificate_pem.rstrip()
+        return ca_view(record), "\n".join([_describe_ca(record), *_written(args.out, "root certificate")])
+    return ca_view(record), record.certificate_pem.rstrip()
 
 
 def proof_ca_root_possession(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
@@ -110,13 +114,13 @@ def create_ca_intermediate(service: DeviceCA, args: argparse.Namespace) -> tuple
         *_written(args.out, "intermediate certificate"),
         *[f"warning: {w}" for w in result.warnings],
     ]
-    return _ca_json(record, result.warnings), "\n".join(lines)
+    return ca_view(record, result.warnings), "\n".join(lines)
 
 
 def list_intermediates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     records = service.intermediates()
     default = next((r.id for r in reversed(records) if r.status == "active"), None)
-    document = [{**_ca_json(r), "default": r.id == default} for r in records]
+    document = [{**ca_view(r), "default": r.id == default} for r in records]
     if not records:
         return document, "No intermediates yet; create one with create-ca-intermediate."
     rows = [("ID", "STATUS", "CURVE", "NOT AFTER", "COMMON NAME")]
@@ -138,7 +142,7 @@ def _set_enabled(service: DeviceCA, ca_id: str, enabled: bool) -> tuple[Any, str
     result = service.set_intermediate_enabled(ca_id, enabled)
     verb = "Enabled" if enabled else "Disabled"
     lines = [f"{verb} intermediate {ca_id}.", *[f"warning: {w}" for w in result.warnings]]
-    return _ca_json(result.record, result.warnings), "\n".join(lines)
+    return ca_view(result.record, result.warnings), "\n".join(lines)
 
 
 def create_device_cert(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
@@ -186,7 +190,7 @@ def list_certificates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any,
             cursor=args.cursor,
         )
     )
-    document = {"items": [_certificate_json(c) for c in page.items], "nextCursor": page.next_cursor}
+    document = {"items": [certificate_view(c) for c in page.items], "nextCursor": page.next_cursor}
     if not page.items:
         return document, "No certificates match."
     rows = [("SERIAL", "DEVICE", "INTERMEDIATE", "STATUS", "NOT AFTER")]
@@ -202,7 +206,126 @@ def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
     if dps_state.get("message"):
         lines.append(dps_state["message"])
-    return {**_certificate_json(record), "dps": dps_state}, "\n".join(lines)
+    return {**certificate_view(record), "dps": dps_state}, "\n".join(lines)
+
+
+def create_factory(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    issued = service.principals.create_factory(args.name, args.intermediate, args.app_id)
+    return _new_key(issued, f"Created factory {args.name}, bound to {', '.join(issued.principal.intermediates)}.")
+
+
+def create_admin_key(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    issued = service.principals.create_admin_key(args.name)
+    return _new_key(issued, f"Created an API key for admin {args.name}.")
+
+
+def create_api_key(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    issued = service.principals.create_api_key(args.principal)
+    return _new_key(issued, f"Created another API key for {issued.principal.role} {args.principal}.")
+
+
+def _new_key(issued: NewApiKey, headline: str) -> tuple[Any, str]:
+    lines = [
+        headline,
+        f"API key (ID {issued.key.id}), shown this once; only its hash is kept:",
+        f"  {issued.secret}",
+        "Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+    ]
+    return new_api_key_view(issued), "\n".join(lines)
+
+
+def revoke_key(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    key = service.principals.revoke_api_key(args.key_id)
+    return api_key_view(key), f"Revoked API key {key.id} of {key.principal_id}."
+
+
+def list_keys(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    keys = service.principals.api_keys()
+    if not keys:
+        return [], "No API keys yet; create them with create-admin-key and create-factory."
+    rows = [("KEY ID", "PRINCIPAL", "CREATED", "REVOKED")]
+    rows += [(k.id, k.principal_id, _day(k.created_at), _day(k.revoked_at) if k.revoked_at else "") for k in keys]
+    return [api_key_view(k) for k in keys], _table(rows)
+
+
+def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]:
+    """Run the HTTP API with uvicorn; with --bootstrap, set up an empty PKI home first."""
+    import uvicorn
+
+    from shared.api import create_app
+    from shared.bootstrap import bootstrap_local
+
+    setup = bootstrap_local(service) if args.bootstrap else None
+    root_file = service.settings.pki_home / "root.pem"
+    if service.ledger.get_root() is not None:
+        _write_if_asked(root_file, service.root().certificate_pem)
+    banner = _serve_banner(service, args, setup, root_file)
+    print(json.dumps(banner[0], indent=2) if args.json else banner[1], flush=True)
+    if args.workers > 1:
+        uvicorn.run(
+            "shared.api:app_from_environment",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
+    else:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    return None, None
+
+
+def _serve_banner(
+    service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path
+) -> tuple[dict[str, Any], str]:
+    base = f"http://{args.host}:{args.port}"
+    home = service.settings.pki_home
+    factory_key = setup.factory.secret if setup else "$FACTORY_KEY"
+    device = "my-device-1"
+    example = [
+        f"openssl ecparam -name prime256v1 -genkey -noout -out {device}.key",
+        f"openssl req -new -key {device}.key -subj /CN={device} -out {device}.csr",
+        f'curl -sS --fail-with-body -H "Authorization: Bearer {factory_key}" -H "Content-Type: application/pkcs10" '
+        f'-H "Accept: application/x-pem-file" --data-binary @{device}.csr -o {device}.pem '
+        f"{base}/api/devices/{device}/certificate",
+        f"openssl verify -CAfile {root_file} -untrusted {device}.pem {device}.pem",
+    ]
+    document: dict[str, Any] = {
+        "url": base,
+        "openapi": f"{base}/api/openapi.json",
+        "docs": f"{base}/api/docs",
+        "pkiHome": str(home),
+        "backends": {part: service.health()[part]["backend"] for part in ("keys", "ledger", "dps")},
+        "rootCertificateFile": str(root_file),
+        "example": example,
+    }
+    lines = [
+        f"Device CA: serving on {base} with keys, ledger and offline DPS under {home}",
+        f"OpenAPI document: {base}/api/openapi.json   docs page: {base}/api/docs",
+    ]
+    if setup:
+        document["created"] = {
+            "intermediateId": setup.intermediate_id,
+            "admin": new_api_key_view(setup.admin),
+            "factory": new_api_key_view(setup.factory),
+        }
+        lines += [
+            "",
+            f"First start: created the CA root, intermediate {setup.intermediate_id} and two API keys,",
+            "shown this once (only their hashes are kept):",
+            f"  admin key:   {setup.admin.secret}",
+            f"  factory key: {setup.factory.secret}  (factory {setup.factory.principal.id})",
+        ]
+    elif args.bootstrap:
+        lines += [
+            "",
+            "Using the existing CA; keys are shown only when made (python cli.py create-factory / create-admin-key).",
+        ]
+    if service.ledger.get_root() is not None:
+        lines += [f"Root certificate: {root_file}"]
+        lines += ["", "Try it: make a device key and CSR, have the CA sign it over HTTP, verify the chain:"]
+        lines += [f"  {command}" for command in example]
+    return document, "\n".join(lines)
 
 
 # -- output helpers ----------------------------------------------------------------------------------
@@ -271,47 +394,6 @@ def _valid(record: CaRecord) -> str:
 
 def _day(moment: Any) -> str:
     return moment.strftime("%Y-%m-%d")
-
-
-def _iso(moment: Any) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
-
-
-def _ca_json(record: CaRecord, warnings: tuple[str, ...] = ()) -> dict[str, Any]:
-    document = {
-        "id": record.id,
-        "kind": record.kind,
-        "commonName": record.common_name,
-        "curve": record.curve,
-        "serialNumber": record.serial,
-        "notBefore": _iso(record.not_before),
-        "notAfter": _iso(record.not_after),
-        "status": record.status,
-        "keyBackend": record.key_backend,
-        "keyName": record.key_name,
-        "certificate": record.certificate_pem,
-        "dps": record.dps,
-    }
-    if warnings:
-        document["warnings"] = list(warnings)
-    return document
-
-
-def _certificate_json(record: CertificateRecord) -> dict[str, Any]:
-    return {
-        "serialNumber": record.serial,
-        "deviceId": record.device_id,
-        "intermediateId": record.intermediate_id,
-        "status": record.status,
-        "notBefore": _iso(record.not_before),
-        "notAfter": _iso(record.not_after),
-        "requestedBy": record.requested_by,
-        "publicKeySha256": record.public_key_sha256,
-        "createdAt": _iso(record.created_at),
-        "statusChangedAt": _iso(record.status_changed_at),
-        "statusReason": record.status_reason,
-        "certificate": record.certificate_pem,
-    }
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -422,6 +504,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--expiring-within-days", type=float, help="only certificates ending within this many days")
     sub.add_argument("--limit", type=int, default=100, help="at most this many (1-1000, default 100)")
     sub.add_argument("--cursor", help="continue after a previous page (its nextCursor)")
+
+    sub = command(
+        "create-factory",
+        create_factory,
+        "create a factory bound to intermediates, with an API key (shown once)",
+        "Create a factory principal that may sign with the given intermediates and read only its own "
+        "certificates, and print its API key once.",
+    )
+    sub.add_argument("name", help="factory ID: lowercase letters, digits and '-'")
+    sub.add_argument(
+        "--intermediate", action="append", required=True, help="an intermediate it may sign with (repeatable)"
+    )
+    sub.add_argument("--app-id", help="its Entra application ID, used when PKI_AUTH=easyauth")
+
+    sub = command("create-admin-key", create_admin_key, "create an admin API key (shown once)")
+    sub.add_argument("--name", default="admin", help="admin principal to add the key to (default: admin)")
+
+    sub = command("create-api-key", create_api_key, "add another API key to an admin or factory (to rotate keys)")
+    sub.add_argument("principal", help="the admin or factory ID")
+
+    sub = command("revoke-key", revoke_key, "revoke an API key at once")
+    sub.add_argument("key_id", metavar="KEY_ID", help="the key's ID (list-keys shows them)")
+
+    command("list-keys", list_keys, "list API keys: IDs and owners, never secrets")
+
+    sub = command(
+        "serve",
+        serve,
+        "run the HTTP API with uvicorn (local use; in Azure the Functions host runs it)",
+        "Run the HTTP API with uvicorn. With --bootstrap, an empty PKI home first gets a root, an intermediate, "
+        "an admin key and a factory key, printed once with a working curl example.",
+    )
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sub.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    sub.add_argument("--bootstrap", action="store_true", help="set up an empty PKI home for local use first")
+    sub.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     sub = command("revoke", revoke, "revoke a certificate: ledger revoked, DPS individual enrollment disabled")
     sub.add_argument("serial", help="certificate serial (hex, as openssl prints it)")

@@ -1,9 +1,12 @@
-"""The Azure Functions (Python v2) entry point.
+"""The Azure Functions (Python v2) entry point: the HTTP API as one ASGI function.
 
-Each function is a few lines that call the service in `shared.service`. The HTTP API, the queue-triggered
-batch signer and the expiry timer are added here as they are built.
+The auth level is anonymous because the API checks every caller itself (API keys, or App Service
+authentication with PKI_AUTH=easyauth); a function key on top would be a second shared secret to hand
+to every factory. host.json sets the route prefix to "" since the API's routes carry /api themselves.
 """
 
 import azure.functions as func
 
-app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+from shared.api import create_app
+
+app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANONYMOUS)

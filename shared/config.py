@@ -31,6 +31,7 @@ class Settings:
     root_days: int = 7300
     intermediate_days: int = 3650
     device_days: int = 365
+    auth_mode: str = "apikey"  # or "easyauth": trust App Service authentication's X-MS-CLIENT-PRINCIPAL
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, settings_file: Path | None = None) -> "Settings":
@@ -52,6 +53,7 @@ class Settings:
             root_days=_positive_int(values, "ROOT_CERT_DAYS", cls.root_days),
             intermediate_days=_positive_int(values, "INTERMEDIATE_CERT_DAYS", cls.intermediate_days),
             device_days=_positive_int(values, "DEVICE_CERT_DAYS", cls.device_days),
+            auth_mode=_choice(values, "PKI_AUTH", ("apikey", "easyauth"), cls.auth_mode),
         )
 
 
@@ -66,6 +68,13 @@ def _positive_int(values: Mapping[str, str], name: str, default: int) -> int:
     if number <= 0:
         raise Misconfigured(f"setting {name}={raw!r} must be a positive whole number", "invalid-setting")
     return number
+
+
+def _choice(values: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = (values.get(name) or default).strip().lower()
+    if raw not in allowed:
+        raise Misconfigured(f"setting {name}={raw!r} must be one of: {', '.join(allowed)}", "invalid-setting")
+    return raw
 
 
 def _local_settings(path: Path) -> dict[str, str]:

@@ -42,6 +42,7 @@ from .pki import (
     plan_validity,
     whole_seconds,
 )
+from .principals import Principals
 
 ROOT_ID = "root"
 
@@ -149,6 +150,7 @@ class DeviceCA:
         self._now = clock
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
+        self.principals = Principals(ledger, clock)
 
     def close(self) -> None:
         self.keys.close()
@@ -354,6 +356,8 @@ class DeviceCA:
         return record, dps_state
 
     def health(self) -> dict[str, Any]:
+        """Which backends are in use; BackendUnavailable when the ledger cannot be read."""
+        self.ledger.ping()
         return {
             "status": "ok",
             "keys": self.keys.describe(),

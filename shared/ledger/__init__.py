@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import CaError, Conflict
-from .models import CaRecord, CertificatePage, CertificateQuery, CertificateRecord, Issuance
+from .models import ApiKey, CaRecord, CertificatePage, CertificateQuery, CertificateRecord, Issuance, Principal
 
 
 class Ledger(ABC):
@@ -63,6 +63,33 @@ class Ledger(ABC):
 
     @abstractmethod
     def revoke_certificate(self, serial: str, reason: str, at: datetime) -> CertificateRecord: ...
+
+    # Principals and their API keys
+    @abstractmethod
+    def add_principal(self, principal: Principal) -> None:
+        """Conflict if the ID, or the application ID, is taken."""
+
+    @abstractmethod
+    def get_principal(self, principal_id: str) -> Principal | None: ...
+
+    @abstractmethod
+    def principal_for_app(self, app_id: str) -> Principal | None: ...
+
+    @abstractmethod
+    def add_api_key(self, key: ApiKey) -> None: ...
+
+    @abstractmethod
+    def get_api_key(self, key_id: str) -> ApiKey | None: ...
+
+    @abstractmethod
+    def list_api_keys(self) -> list[ApiKey]: ...
+
+    @abstractmethod
+    def revoke_api_key(self, key_id: str, at: datetime) -> ApiKey: ...
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise BackendUnavailable when the ledger cannot be read."""
 
     @abstractmethod
     def describe(self) -> dict[str, str]: ...

@@ -73,3 +73,30 @@ class CertificateQuery:
 class CertificatePage:
     items: list[CertificateRecord]
     next_cursor: str | None
+
+
+ADMIN = "admin"
+FACTORY = "factory"
+ROLES = (ADMIN, FACTORY)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Someone who may call the API: an admin, or a factory bound to intermediates."""
+
+    id: str
+    role: str  # ADMIN or FACTORY
+    intermediates: tuple[str, ...]
+    created_at: datetime
+    app_id: str | None = None  # the Entra application ID a factory calls with under Easy Auth
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: its public ID and the SHA-256 of its secret, never the secret."""
+
+    id: str
+    principal_id: str
+    secret_sha256: str
+    created_at: datetime
+    revoked_at: datetime | None = None

@@ -19,11 +19,13 @@ from .models import (
     CERT_REVOKED,
     CERT_SUPERSEDED,
     ROOT,
+    ApiKey,
     CaRecord,
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
     Issuance,
+    Principal,
 )
 
 SCHEMA_VERSION = 1
@@ -72,6 +74,22 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_active_certificate_per_device
 CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates(device_id);
 CREATE INDEX IF NOT EXISTS certificates_by_intermediate ON certificates(intermediate_id);
 CREATE INDEX IF NOT EXISTS certificates_by_not_after ON certificates(not_after);
+
+CREATE TABLE IF NOT EXISTS principals (
+  id TEXT PRIMARY KEY,
+  role TEXT NOT NULL CHECK (role IN ('admin', 'factory')),
+  intermediates TEXT NOT NULL DEFAULT '[]',
+  app_id TEXT UNIQUE,
+  created_at TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+  id TEXT PRIMARY KEY,
+  principal_id TEXT NOT NULL REFERENCES principals(id),
+  secret_sha256 TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  revoked_at TEXT
+);
 
 -- A certificate's key must be bound to its device and not revoked: the store refuses anything else.
 CREATE TRIGGER IF NOT EXISTS certificate_key_bound_to_device BEFORE INSERT ON certificates
@@ -147,6 +165,9 @@ class SqliteLedger(Ledger):
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.backend, "path": str(self.path)}
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -342,6 +363,58 @@ class SqliteLedger(Ledger):
         next_cursor = str(rows[-1]["seq"]) if more and rows else None
         return CertificatePage([_certificate(row) for row in rows], next_cursor)
 
+    # -- principals and API keys --------------------------------------------------------------------
+
+    def add_principal(self, principal: Principal) -> None:
+        try:
+            with self._write() as db:
+                db.execute(
+                    f"INSERT INTO principals ({PRINCIPAL_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        principal.id,
+                        principal.role,
+                        json.dumps(list(principal.intermediates)),
+                        principal.app_id,
+                        _ts(principal.created_at),
+                    ),
+                )
+        except sqlite3.IntegrityError as error:
+            if "app_id" in str(error):
+                raise Conflict(
+                    f"application ID {principal.app_id} is already bound to a factory", "app-id-taken"
+                ) from None
+            raise Conflict(f"a principal called {principal.id!r} already exists", "principal-exists") from None
+
+    def get_principal(self, principal_id: str) -> Principal | None:
+        rows = self._read(f"SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = ?", (principal_id,))
+        return _principal(rows[0]) if rows else None
+
+    def principal_for_app(self, app_id: str) -> Principal | None:
+        rows = self._read(f"SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE app_id = ?", (app_id,))
+        return _principal(rows[0]) if rows else None
+
+    def add_api_key(self, key: ApiKey) -> None:
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO api_keys ({API_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (key.id, key.principal_id, key.secret_sha256, _ts(key.created_at), None),
+            )
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        rows = self._read(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+        return _api_key(rows[0]) if rows else None
+
+    def list_api_keys(self) -> list[ApiKey]:
+        return [_api_key(row) for row in self._read(f"SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")]
+
+    def revoke_api_key(self, key_id: str, at: datetime) -> ApiKey:
+        with self._write() as db:
+            db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (_ts(at), key_id))
+        key = self.get_api_key(key_id)
+        if key is None:
+            raise NotFound(f"no API key with ID {key_id!r}", "key-not-found")
+        return key
+
     def revoke_certificate(self, serial: str, reason: str, at: datetime) -> CertificateRecord:
         with self._write() as db:
             row = db.execute(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,)).fetchone()
@@ -359,6 +432,10 @@ class SqliteLedger(Ledger):
         return record
 
 
+PRINCIPAL_COLUMNS = "id, role, intermediates, app_id, created_at"
+API_KEY_COLUMNS = "id, principal_id, secret_sha256, created_at, revoked_at"
+
+
 def _certificate_row(record: CertificateRecord) -> tuple[Any, ...]:
     return (
         record.serial,
@@ -373,6 +450,26 @@ def _certificate_row(record: CertificateRecord) -> tuple[Any, ...]:
         CERT_ACTIVE,
         None,
         None,
+    )
+
+
+def _principal(row: sqlite3.Row) -> Principal:
+    return Principal(
+        id=row["id"],
+        role=row["role"],
+        intermediates=tuple(json.loads(row["intermediates"])),
+        created_at=_dt(row["created_at"]),
+        app_id=row["app_id"],
+    )
+
+
+def _api_key(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        principal_id=row["principal_id"],
+        secret_sha256=row["secret_sha256"],
+        created_at=_dt(row["created_at"]),
+        revoked_at=_dt(row["revoked_at"]),
     )
 
 

@@ -1,0 +1,377 @@
+"""The HTTP API: routes, request parsing and responses. Every route calls the service and nothing else."""
+
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from ..config import Settings, build_service
+from ..errors import CaError, NotFound
+from ..ledger.models import CertificateQuery
+from ..principals import Caller
+from ..service import DeviceCA, IssuedCertificate
+from ..views import api_key_view, ca_view, certificate_view, new_api_key_view
+from . import models
+from .auth import AdminCaller, AnyCaller, Service
+from .errors import UnsupportedMediaType, install_error_handlers
+from .limits import BodyLimit
+
+CSR_BODY_LIMIT = 8 * 1024  # a CSR is a few hundred bytes; a P-384 one in JSON stays under 2 KiB
+JSON_BODY_LIMIT = 64 * 1024
+CSR_MEDIA_TYPES = ("application/pkcs10", "application/x-pem-file", "text/plain")
+PEM_CHAIN = "application/x-pem-file"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": models.ErrorResponse, "description": description}
+    for status, description in {
+        400: "the request is not valid (the message says why)",
+        401: "no, unknown or revoked credentials",
+        403: "the caller's role or intermediates do not allow this",
+        404: "no such thing",
+        409: "conflicts with what the ledger holds",
+        413: "body too large",
+        415: "unsupported Content-Type",
+        503: "a backend is unavailable; retry after Retry-After seconds",
+    }.items()
+}
+
+
+def create_app(service: DeviceCA | None = None, settings: Settings | None = None) -> FastAPI:
+    """The API on `service`, or on one built from settings at the first request."""
+    app = FastAPI(
+        title="Device CA",
+        summary="A certificate authority for Azure IoT device fleets",
+        version="0.1.0",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        responses=_ERRORS,
+    )
+    app.state.service = _lazy(service, settings)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit_for=body_limit)
+    app.include_router(devices)
+    app.include_router(router)
+    return app
+
+
+def body_limit(path: str) -> int:
+    return CSR_BODY_LIMIT if path.startswith("/api/devices/") else JSON_BODY_LIMIT
+
+
+def app_from_environment() -> FastAPI:
+    """For `uvicorn --factory` workers: the service comes from the environment and local.settings.json."""
+    return create_app()
+
+
+def _lazy(service: DeviceCA | None, settings: Settings | None) -> Callable[[], DeviceCA]:
+    built: list[DeviceCA] = [service] if service else []
+    lock = threading.Lock()
+
+    def get() -> DeviceCA:
+        if not built:
+            with lock:
+                if not built:
+                    built.append(build_service(settings))
+        return built[0]
+
+    return get
+
+
+async def json_only(request: Request) -> None:
+    """A JSON route refuses other bodies with 415 rather than a confusing validation error."""
+    if request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
+        return
+    media = _media_type(request.headers.get("content-type"))
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"this route takes application/json, not {media or 'a body without Content-Type'}")
+
+
+router = APIRouter(dependencies=[Depends(json_only)])
+devices = APIRouter()  # the CSR route takes PEM, DER and JSON bodies
+
+
+# -- health ------------------------------------------------------------------------------------------
+
+
+@router.get("/api/health", response_model=models.Health, tags=["health"], summary="liveness and backends (anyone)")
+def health(service: Service) -> dict[str, Any]:
+    report = service.health()
+    return {
+        "status": "ok",
+        "backends": {part: report[part]["backend"] for part in ("keys", "ledger", "dps")},
+        "dpsConfigured": service.dps.configured,
+        "auth": service.settings.auth_mode,
+    }
+
+
+# -- device certificates -----------------------------------------------------------------------------
+
+_CSR_SCHEMA = {"type": "string", "description": "PKCS#10 request, PEM (or DER for application/pkcs10)"}
+
+
+@devices.post(
+    "/api/devices/{deviceId}/certificate",
+    status_code=201,
+    tags=["devices"],
+    summary="sign a device CSR (factory or admin)",
+    description=(
+        "The CSR's CN must equal the device ID. 201 with the device bundle; the same CSR (same device, same "
+        "key) again: 200 and the same certificate. Send `Accept: application/x-pem-file` to get the chain "
+        "(device, intermediate) as PEM instead of JSON. A factory signs with its own intermediates only."
+    ),
+    responses={
+        200: {"model": models.DeviceBundle, "description": "already issued for this device and key"},
+        201: {"model": models.DeviceBundle, "description": "issued and recorded"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                **{media: {"schema": _CSR_SCHEMA} for media in CSR_MEDIA_TYPES},
+                "application/json": {"schema": models.CsrRequest.model_json_schema()},
+            },
+        }
+    },
+)
+async def sign_device_certificate(
+    device_id: Annotated[str, Path(alias="deviceId", description="= the CSR's CN = the DPS registration ID")],
+    request: Request,
+    caller: AnyCaller,
+    service: Service,
+    renew: Annotated[bool, Query(description="replace the device's active certificate")] = False,
+    intermediate_id: Annotated[str | None, Query(alias="intermediateId")] = None,
+) -> Response:
+    csr, options = await _read_csr(request)
+    if options.intermediateId and intermediate_id and options.intermediateId != intermediate_id:
+        raise CaError("intermediateId differs between the query and the body", "conflicting-parameters")
+    issued = await run_in_threadpool(
+        service.sign_csr,
+        csr,
+        device_id,
+        intermediate_id=intermediate_id or options.intermediateId,
+        requested_by=caller.id,
+        renew=renew or options.renew,
+        allowed_intermediates=caller.intermediates,
+    )
+    return _bundle_response(issued, request)
+
+
+async def _read_csr(request: Request) -> tuple[bytes, models.CsrRequest]:
+    media = _media_type(request.headers.get("content-type"))
+    body = await request.body()
+    if media in CSR_MEDIA_TYPES:
+        return body, models.CsrRequest(csr="")
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            options = models.CsrRequest.model_validate_json(body)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise CaError(f"JSON body {where}: {first['msg']}", "invalid-request") from None
+        return options.csr.encode(), options
+    raise UnsupportedMediaType(
+        f"send the CSR as {', '.join(CSR_MEDIA_TYPES)} or application/json, not {media or 'without a Content-Type'}"
+    )
+
+
+def _bundle_response(issued: IssuedCertificate, request: Request) -> Response:
+    status = 201 if issued.created else 200
+    headers = {"Location": f"/api/certificates/{issued.record.serial}"}
+    if PEM_CHAIN in request.headers.get("accept", ""):
+        return Response(issued.chain_pem, status_code=status, media_type=PEM_CHAIN, headers=headers)
+    return JSONResponse(issued.bundle(), status_code=status, headers=headers)
+
+
+# -- the CA root -------------------------------------------------------------------------------------
+
+
+@router.get("/api/ca/root", response_model=models.CaCertificate, tags=["ca"], summary="show the root (admin)")
+def get_root(caller: AdminCaller, service: Service) -> dict[str, Any]:
+    return ca_view(service.root())
+
+
+@router.post(
+    "/api/ca/root", status_code=201, response_model=models.CaCertificate, tags=["ca"], summary="create the root (admin)"
+)
+def create_root(caller: AdminCaller, service: Service, body: models.CreateCa | None = None) -> dict[str, Any]:
+    body = body or models.CreateCa()
+    result = service.create_root(body.commonName, body.organization, body.curve, body.days)
+    return ca_view(result.record, result.warnings)
+
+
+@router.post(
+    "/api/ca/root/proof-of-possession",
+    response_model=models.ProofResponse,
+    tags=["ca"],
+    summary="sign DPS's verification code with the root key (admin)",
+)
+def prove_root_possession(caller: AdminCaller, service: Service, body: models.ProofRequest) -> dict[str, Any]:
+    proof = service.prove_root_possession(body.verificationCode)
+    return {"verificationCode": proof.verification_code, "certificate": proof.certificate_pem, "dps": proof.dps}
+
+
+# -- intermediates -----------------------------------------------------------------------------------
+
+
+@router.post(
+    "/api/ca/intermediates",
+    status_code=201,
+    response_model=models.CaCertificate,
+    tags=["ca"],
+    summary="create an intermediate, registered as a DPS enrollment group (admin)",
+)
+def create_intermediate(
+    caller: AdminCaller, service: Service, body: models.CreateIntermediate | None = None
+) -> dict[str, Any]:
+    body = body or models.CreateIntermediate()
+    result = service.create_intermediate(body.id, body.commonName, body.organization, body.curve, body.days)
+    return ca_view(result.record, result.warnings)
+
+
+@router.get(
+    "/api/ca/intermediates",
+    response_model=list[models.CaCertificate],
+    tags=["ca"],
+    summary="list intermediates (admin)",
+)
+def list_intermediates(caller: AdminCaller, service: Service) -> list[dict[str, Any]]:
+    return [ca_view(record) for record in service.intermediates()]
+
+
+@router.get(
+    "/api/ca/intermediates/{intermediateId}",
+    response_model=models.CaCertificate,
+    tags=["ca"],
+    summary="show an intermediate (admin)",
+)
+def get_intermediate(
+    ca_id: Annotated[str, Path(alias="intermediateId")], caller: AdminCaller, service: Service
+) -> dict[str, Any]:
+    return ca_view(service.intermediate(ca_id))
+
+
+@router.post(
+    "/api/ca/intermediates/{intermediateId}/disable",
+    response_model=models.CaCertificate,
+    tags=["ca"],
+    summary="stop signing and provisioning with an intermediate (admin)",
+)
+def disable_intermediate(
+    ca_id: Annotated[str, Path(alias="intermediateId")], caller: AdminCaller, service: Service
+) -> dict[str, Any]:
+    result = service.set_intermediate_enabled(ca_id, False)
+    return ca_view(result.record, result.warnings)
+
+
+@router.post(
+    "/api/ca/intermediates/{intermediateId}/enable",
+    response_model=models.CaCertificate,
+    tags=["ca"],
+    summary="resume signing and provisioning with an intermediate (admin)",
+)
+def enable_intermediate(
+    ca_id: Annotated[str, Path(alias="intermediateId")], caller: AdminCaller, service: Service
+) -> dict[str, Any]:
+    result = service.set_intermediate_enabled(ca_id, True)
+    return ca_view(result.record, result.warnings)
+
+
+# -- the inventory -----------------------------------------------------------------------------------
+
+
+@router.get(
+    "/api/certificates",
+    response_model=models.CertificateList,
+    tags=["certificates"],
+    summary="the inventory (admin: all; factory: the certificates it asked for)",
+)
+def list_certificates(
+    caller: AnyCaller,
+    service: Service,
+    device_id: Annotated[str | None, Query(alias="deviceId")] = None,
+    intermediate_id: Annotated[str | None, Query(alias="intermediateId")] = None,
+    status: Annotated[str | None, Query(pattern="^(active|superseded|revoked)$")] = None,
+    expiring_within_days: Annotated[float | None, Query(alias="expiringWithinDays", gt=0, le=36500)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(pattern="^[0-9]{1,18}$")] = None,
+) -> dict[str, Any]:
+    page = service.certificates(
+        CertificateQuery(
+            device_id=device_id,
+            intermediate_id=intermediate_id,
+            status=status,
+            expiring_before=service.expiring_before(expiring_within_days) if expiring_within_days else None,
+            requested_by=None if caller.is_admin else caller.id,
+            limit=limit,
+            cursor=cursor,
+        )
+    )
+    return {"items": [certificate_view(record) for record in page.items], "nextCursor": page.next_cursor}
+
+
+@router.get(
+    "/api/certificates/{serial}",
+    response_model=models.IssuedCertificateView,
+    tags=["certificates"],
+    summary="one certificate by serial (admin: any; factory: its own)",
+)
+def get_certificate(serial: str, caller: AnyCaller, service: Service) -> dict[str, Any]:
+    record = service.certificate(serial)
+    if not _may_read(caller, record.requested_by):
+        raise NotFound(f"no certificate with serial {serial}", "certificate-not-found")
+    return certificate_view(record)
+
+
+@router.post(
+    "/api/certificates/{serial}/revoke",
+    response_model=models.RevokeResponse,
+    tags=["certificates"],
+    summary="revoke: ledger revoked, DPS individual enrollment disabled (admin)",
+)
+def revoke_certificate(
+    serial: str, caller: AdminCaller, service: Service, body: models.RevokeRequest | None = None
+) -> dict[str, Any]:
+    record, dps_state = service.revoke(serial, (body or models.RevokeRequest()).reason)
+    return {**certificate_view(record), "dps": dps_state}
+
+
+def _may_read(caller: Caller, requested_by: str) -> bool:
+    return caller.is_admin or caller.id == requested_by
+
+
+# -- principals and keys -----------------------------------------------------------------------------
+
+
+@router.post(
+    "/api/factories",
+    status_code=201,
+    response_model=models.NewKey,
+    tags=["access"],
+    summary="create a factory bound to intermediates; its API key is shown once (admin)",
+)
+def create_factory(caller: AdminCaller, service: Service, body: models.CreateFactory) -> dict[str, Any]:
+    return new_api_key_view(service.principals.create_factory(body.name, body.intermediates, body.appId))
+
+
+@router.get("/api/keys", response_model=list[models.ApiKeyView], tags=["access"], summary="list API keys (admin)")
+def list_keys(caller: AdminCaller, service: Service) -> list[dict[str, Any]]:
+    return [api_key_view(key) for key in service.principals.api_keys()]
+
+
+@router.post(
+    "/api/keys/{keyId}/revoke", response_model=models.ApiKeyView, tags=["access"], summary="revoke an API key (admin)"
+)
+def revoke_key(key_id: Annotated[str, Path(alias="keyId")], caller: AdminCaller, service: Service) -> dict[str, Any]:
+    return api_key_view(service.principals.revoke_api_key(key_id))
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+__all__ = ["app_from_environment", "create_app"]

@@ -1,0 +1,145 @@
+"""Who may call the API: admins and factories, their API keys, and the caller of a request.
+
+An API key is `dca_<key id>_<secret>`: 32 random bytes of secret, shown once, stored only as its
+SHA-256 (the secret is random and long, so a fast hash is enough; no guessing is feasible), compared in
+constant time.
+"""
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from .errors import CaError, Forbidden, NotFound, Unauthorized
+from .ledger import Ledger
+from .ledger.models import ADMIN, FACTORY, INTERMEDIATE, ApiKey, Principal
+from .pki import check_ca_id
+
+KEY_PREFIX = "dca"
+_KEY = re.compile(r"dca_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_NEVER_MATCHES = hashlib.sha256(b"no such key").hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of one request."""
+
+    id: str  # recorded as `requested_by`
+    role: str
+    intermediates: tuple[str, ...] | None  # the intermediates a factory may use; None: any (admin)
+    via: str  # "api-key", "easyauth" or "cli"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    """A freshly made key: the only time its secret exists outside the caller's hands."""
+
+    principal: Principal
+    key: ApiKey
+    secret: str  # the whole key to present, dca_<id>_<secret>
+
+
+def new_api_key(principal_id: str, now: datetime) -> tuple[ApiKey, str]:
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    record = ApiKey(id=key_id, principal_id=principal_id, secret_sha256=_sha256(secret), created_at=now)
+    return record, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def split_api_key(presented: str) -> tuple[str, str] | None:
+    match = _KEY.fullmatch(presented.strip())
+    return (match.group(1), match.group(2)) if match else None
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Principals:
+    """The use cases around principals and keys; part of the service layer."""
+
+    def __init__(self, ledger: Ledger, clock: Callable[[], datetime]) -> None:
+        self.ledger = ledger
+        self._now = clock
+
+    def create_factory(self, name: str, intermediates: Sequence[str], app_id: str | None = None) -> NewApiKey:
+        check_ca_id(name)
+        if not intermediates:
+            raise CaError("a factory must be bound to at least one intermediate", "no-intermediates")
+        for ca_id in intermediates:
+            record = self.ledger.get_ca(ca_id)
+            if record is None or record.kind != INTERMEDIATE:
+                raise NotFound(f"no intermediate with ID {ca_id!r}", "intermediate-not-found")
+        principal = Principal(
+            id=name,
+            role=FACTORY,
+            intermediates=tuple(dict.fromkeys(intermediates)),
+            created_at=self._now(),
+            app_id=app_id.strip().lower() if app_id else None,
+        )
+        self.ledger.add_principal(principal)
+        return self._issue_key(principal)
+
+    def create_admin_key(self, name: str = "admin") -> NewApiKey:
+        check_ca_id(name)
+        principal = self.ledger.get_principal(name)
+        if principal is None:
+            principal = Principal(id=name, role=ADMIN, intermediates=(), created_at=self._now())
+            self.ledger.add_principal(principal)
+        elif principal.role != ADMIN:
+            raise CaError(f"{name!r} is a {principal.role}, not an admin", "not-an-admin")
+        return self._issue_key(principal)
+
+    def create_api_key(self, principal_id: str) -> NewApiKey:
+        """Another key for an existing principal (to rotate keys without downtime)."""
+        principal = self.ledger.get_principal(principal_id)
+        if principal is None:
+            raise NotFound(f"no principal called {principal_id!r}", "principal-not-found")
+        return self._issue_key(principal)
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        return self.ledger.revoke_api_key(key_id, self._now())
+
+    def api_keys(self) -> list[ApiKey]:
+        return self.ledger.list_api_keys()
+
+    def principal(self, principal_id: str) -> Principal:
+        principal = self.ledger.get_principal(principal_id)
+        if principal is None:
+            raise NotFound(f"no principal called {principal_id!r}", "principal-not-found")
+        return principal
+
+    def authenticate(self, presented: str) -> Caller:
+        """The caller an API key belongs to; Unauthorized for a malformed, unknown or revoked key."""
+        parts = split_api_key(presented)
+        key = self.ledger.get_api_key(parts[0]) if parts else None
+        stored = key.secret_sha256 if key else _NEVER_MATCHES
+        matches = hmac.compare_digest(stored, _sha256(parts[1] if parts else ""))
+        if not (key and matches):
+            raise Unauthorized("the API key is not valid", "invalid-api-key")
+        if key.revoked_at is not None:
+            raise Unauthorized("the API key has been revoked", "revoked-api-key")
+        return self._caller(self.principal(key.principal_id), via="api-key")
+
+    def factory_for_app(self, app_id: str) -> Caller:
+        principal = self.ledger.principal_for_app(app_id.strip().lower())
+        if principal is None or principal.role != FACTORY:
+            raise Forbidden(f"no factory is bound to application ID {app_id}", "unknown-application")
+        return self._caller(principal, via="easyauth")
+
+    def _issue_key(self, principal: Principal) -> NewApiKey:
+        key, secret = new_api_key(principal.id, self._now())
+        self.ledger.add_api_key(key)
+        return NewApiKey(principal, key, secret)
+
+    @staticmethod
+    def _caller(principal: Principal, via: str) -> Caller:
+        intermediates = None if principal.role == ADMIN else principal.intermediates
+        return Caller(principal.id, principal.role, intermediates, via)

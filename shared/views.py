@@ -1,0 +1,72 @@
+"""The JSON documents of the contract, built from ledger records: one shape for the CLI and the API."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from .ledger.models import ApiKey, CaRecord, CertificateRecord, Principal
+from .principals import NewApiKey
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def ca_view(record: CaRecord, warnings: tuple[str, ...] = ()) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "id": record.id,
+        "kind": record.kind,
+        "commonName": record.common_name,
+        "curve": record.curve,
+        "serialNumber": record.serial,
+        "notBefore": iso(record.not_before),
+        "notAfter": iso(record.not_after),
+        "status": record.status,
+        "keyBackend": record.key_backend,
+        "keyName": record.key_name,
+        "certificate": record.certificate_pem,
+        "dps": record.dps,
+    }
+    if warnings:
+        document["warnings"] = list(warnings)
+    return document
+
+
+def certificate_view(record: CertificateRecord) -> dict[str, Any]:
+    return {
+        "serialNumber": record.serial,
+        "deviceId": record.device_id,
+        "intermediateId": record.intermediate_id,
+        "status": record.status,
+        "notBefore": iso(record.not_before),
+        "notAfter": iso(record.not_after),
+        "requestedBy": record.requested_by,
+        "publicKeySha256": record.public_key_sha256,
+        "createdAt": iso(record.created_at),
+        "statusChangedAt": iso(record.status_changed_at),
+        "statusReason": record.status_reason,
+        "certificate": record.certificate_pem,
+    }
+
+
+def principal_view(principal: Principal) -> dict[str, Any]:
+    return {
+        "id": principal.id,
+        "role": principal.role,
+        "intermediates": list(principal.intermediates),
+        "appId": principal.app_id,
+        "createdAt": iso(principal.created_at),
+    }
+
+
+def api_key_view(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "principalId": key.principal_id,
+        "createdAt": iso(key.created_at),
+        "revokedAt": iso(key.revoked_at),
+    }
+
+
+def new_api_key_view(issued: NewApiKey) -> dict[str, Any]:
+    """The one document that carries a key's secret; shown once."""
+    return {"principal": principal_view(issued.principal), "keyId": issued.key.id, "apiKey": issued.secret}

@@ -1,0 +1,327 @@
+"""The HTTP API through FastAPI's TestClient: every route, the error shape, limits and content types."""
+
+import json
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from shared.keys.local import LocalKeyStore
+from shared.ledger.sqlite import SqliteLedger
+from shared.service import DeviceCA
+
+from .apiclient import bearer, make_api
+from .certrules import check_device, check_intermediate, check_proof_of_possession, check_root, load, load_chain
+from .csrs import csr_asking_for_ca, device_key, make_csr
+from .test_csr_policy import REFUSED
+
+
+@pytest.fixture
+def api(service):
+    return make_api(service)
+
+
+def _error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert "\n" not in body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+@pytest.mark.parametrize("media", ["application/pkcs10", "application/x-pem-file", "text/plain"])
+def test_pem_body_gives_a_device_bundle(api, media):
+    response = api.post_csr("dev-1", make_csr("dev-1"), api.factory_a, media)
+    assert response.status_code == 201, response.text
+    bundle = response.json()
+    assert response.headers["location"] == f"/api/certificates/{bundle['serialNumber']}"
+    assert set(bundle) == {
+        "deviceId",
+        "serialNumber",
+        "notBefore",
+        "notAfter",
+        "certificate",
+        "certificateChain",
+        "intermediateId",
+    }
+    device, intermediate = load_chain(bundle["certificateChain"])
+    check_device(device, intermediate, "dev-1")
+    check_intermediate(intermediate, load(api.service.root().certificate_pem))
+    assert api.service.certificate(bundle["serialNumber"]).requested_by == "factory-one"
+
+
+def test_der_and_json_bodies(api):
+    der = make_csr("dev-der", encoding=serialization.Encoding.DER)
+    assert api.post_csr("dev-der", der, api.factory_a).status_code == 201
+    response = api.client.post(
+        "/api/devices/dev-json/certificate", json={"csr": make_csr("dev-json").decode()}, headers=bearer(api.factory_a)
+    )
+    assert response.status_code == 201 and response.json()["deviceId"] == "dev-json"
+
+
+def test_same_csr_again_is_200_with_the_same_certificate(api):
+    csr = make_csr("dev-1")
+    first = api.post_csr("dev-1", csr, api.factory_a)
+    again = api.post_csr("dev-1", csr, api.factory_a)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+    assert api.certificate_count() == 1
+
+
+def test_new_key_needs_renewal_and_one_key_serves_one_device(api):
+    key = device_key()
+    api.post_csr("dev-1", make_csr("dev-1", key=key), api.factory_a)
+    _error(api.post_csr("dev-1", make_csr("dev-1"), api.factory_a), 409, "device-has-certificate")
+    renewed = api.post_csr("dev-1", make_csr("dev-1"), api.factory_a, renew="true")
+    assert renewed.status_code == 201
+    renewed_json = api.client.post(
+        "/api/devices/dev-1/certificate",
+        json={"csr": make_csr("dev-1").decode(), "renew": True},
+        headers=bearer(api.factory_a),
+    )
+    assert renewed_json.status_code == 201
+    _error(api.post_csr("dev-2", make_csr("dev-2", key=key), api.factory_a), 409, "key-in-use")
+
+
+def test_pem_chain_on_request(api):
+    response = api.client.post(
+        "/api/devices/dev-1/certificate",
+        content=make_csr("dev-1"),
+        headers={**bearer(api.factory_a), "Content-Type": "application/pkcs10", "Accept": "application/x-pem-file"},
+    )
+    assert response.status_code == 201
+    assert response.headers["content-type"].startswith("application/x-pem-file")
+    device, intermediate = load_chain(response.text)
+    check_device(device, intermediate, "dev-1")
+
+
+@pytest.mark.parametrize(("case", "make", "device_id", "code", "words"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_refused_csrs_over_http(api, case, make, device_id, code, words):
+    before = api.state()
+    error = _error(api.post_csr(device_id, make(), api.factory_a), 400, code)
+    assert words in error["message"]
+    assert api.state() == before
+
+
+def test_requested_extensions_are_ignored_over_http(api):
+    response = api.post_csr("dev-ca", csr_asking_for_ca("dev-ca"), api.factory_a)
+    device, intermediate = load_chain(response.json()["certificateChain"])
+    check_device(device, intermediate, "dev-ca")
+
+
+def test_body_over_the_cap_is_413(api):
+    before = api.state()
+    _error(api.post_csr("dev-1", b"A" * (8 * 1024 + 1), api.factory_a, "text/plain"), 413, "body-too-large")
+    big_json = {"name": "x" * (64 * 1024), "intermediates": ["factory-a"]}
+    _error(api.client.post("/api/factories", json=big_json, headers=bearer(api.admin)), 413)
+
+    def chunks(total: int):  # no Content-Length: the cap is counted as the body streams in
+        for _ in range(total // 1024):
+            yield b"A" * 1024
+
+    headers = {**bearer(api.factory_a), "Content-Type": "text/plain"}
+    streamed = api.client.post("/api/devices/dev-1/certificate", content=chunks(9 * 1024), headers=headers)
+    assert "content-length" not in streamed.request.headers
+    _error(streamed, 413, "body-too-large")
+    headers = {**bearer(api.admin), "Content-Type": "application/json"}
+    _error(api.client.post("/api/factories", content=chunks(65 * 1024), headers=headers), 413, "body-too-large")
+    assert api.state() == before
+
+
+def test_unknown_content_types_are_415(api):
+    _error(api.post_csr("dev-1", make_csr("dev-1"), api.factory_a, "application/xml"), 415, "unsupported-media-type")
+    response = api.client.post(
+        "/api/devices/dev-1/certificate", content=make_csr("dev-1"), headers=bearer(api.factory_a)
+    )
+    _error(response, 415)
+    response = api.client.post(
+        "/api/factories",
+        content=json.dumps({"name": "f", "intermediates": ["factory-a"]}),
+        headers={**bearer(api.admin), "Content-Type": "text/plain"},
+    )
+    _error(response, 415)
+    assert api.certificate_count() == 0
+
+
+def test_bad_json_and_bad_parameters_are_400(api):
+    headers = {**bearer(api.factory_a), "Content-Type": "application/json"}
+    _error(api.client.post("/api/devices/dev-1/certificate", content=b"{not json", headers=headers), 400)
+    _error(api.client.post("/api/devices/dev-1/certificate", json={"csr": 5}, headers=headers), 400)
+    _error(api.client.post("/api/devices/dev-1/certificate", json={"csr": "x", "evil": 1}, headers=headers), 400)
+    _error(api.client.get("/api/certificates?limit=0", headers=bearer(api.admin)), 400, "invalid-request")
+    _error(api.client.get("/api/certificates?status=lost", headers=bearer(api.admin)), 400)
+    _error(api.client.post("/api/ca/intermediates", json={"days": -1}, headers=bearer(api.admin)), 400)
+    _error(api.client.post("/api/ca/intermediates", json={"id": "Bad ID"}, headers=bearer(api.admin)), 400)
+    _error(api.client.get("/api/certificates/zz-not-hex", headers=bearer(api.admin)), 400, "invalid-serial")
+    _error(api.post_csr("Dev 1", make_csr("dev-1"), api.factory_a), 400, "invalid-device-id")
+
+
+def test_unknown_routes_and_methods(api):
+    _error(api.client.get("/api/nothing-here"), 404)
+    _error(api.client.delete("/api/health"), 405)
+
+
+def test_credentials(api):
+    csr = make_csr("dev-1")
+    missing = api.post_csr("dev-1", csr, None)
+    _error(missing, 401, "missing-credentials")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    _error(api.post_csr("dev-1", csr, "dca_0000000000000000_" + "A" * 43), 401, "invalid-api-key")
+    _error(api.post_csr("dev-1", csr, "not-even-a-key"), 401, "invalid-api-key")
+    _error(api.post_csr("dev-1", csr, api.revoked), 401, "revoked-api-key")
+    response = api.client.post(
+        "/api/devices/dev-1/certificate",
+        content=csr,
+        headers={"x-api-key": api.factory_a, "Content-Type": "application/pkcs10"},
+    )
+    assert response.status_code == 201
+    _error(api.client.get("/api/ca/root", headers=bearer(api.factory_a)), 403, "admin-only")
+    _error(api.post_csr("dev-2", make_csr("dev-2"), api.factory_a, intermediateId="factory-b"), 403)
+
+
+def test_factory_signs_with_its_own_intermediate_by_default(api):
+    a = api.post_csr("dev-a", make_csr("dev-a"), api.factory_a).json()
+    b = api.post_csr("dev-b", make_csr("dev-b"), api.factory_b).json()
+    assert (a["intermediateId"], b["intermediateId"]) == ("factory-a", "factory-b")
+    admin = api.post_csr("dev-c", make_csr("dev-c"), api.admin).json()
+    assert admin["intermediateId"] == "factory-b"  # the newest active
+
+
+def test_factory_reads_only_its_own_certificates(api):
+    a = api.post_csr("dev-a", make_csr("dev-a"), api.factory_a).json()["serialNumber"]
+    b = api.post_csr("dev-b", make_csr("dev-b"), api.factory_b).json()["serialNumber"]
+    listed = api.client.get("/api/certificates", headers=bearer(api.factory_a)).json()["items"]
+    assert [c["serialNumber"] for c in listed] == [a]
+    assert api.client.get(f"/api/certificates/{a}", headers=bearer(api.factory_a)).status_code == 200
+    _error(api.client.get(f"/api/certificates/{b}", headers=bearer(api.factory_a)), 404)
+    everything = api.client.get("/api/certificates", headers=bearer(api.admin)).json()["items"]
+    assert {c["serialNumber"] for c in everything} == {a, b}
+
+
+def test_a_factory_cannot_take_over_another_factorys_device(api):
+    csr = make_csr("dev-1")
+    api.post_csr("dev-1", csr, api.factory_a)
+    _error(api.post_csr("dev-1", csr, api.factory_b), 409, "device-has-certificate")
+
+
+def test_admin_routes(api):
+    admin = bearer(api.admin)
+    root = api.client.get("/api/ca/root", headers=admin).json()
+    check_root(load(root["certificate"]))
+    _error(api.client.post("/api/ca/root", headers=admin), 409, "root-exists")
+    proof = api.client.post("/api/ca/root/proof-of-possession", json={"verificationCode": "ABCDEF12"}, headers=admin)
+    assert proof.status_code == 200
+    check_proof_of_possession(load(proof.json()["certificate"]), load(root["certificate"]), "ABCDEF12")
+    created = api.client.post("/api/ca/intermediates", json={"id": "line-3", "curve": "P-384"}, headers=admin)
+    assert created.status_code == 201 and created.json()["curve"] == "P-384"
+    check_intermediate(load(created.json()["certificate"]), load(root["certificate"]))
+    assert created.json()["dps"]["mode"] == "offline" and created.json()["warnings"]
+    assert [i["id"] for i in api.client.get("/api/ca/intermediates", headers=admin).json()] == [
+        "factory-a",
+        "factory-b",
+        "line-3",
+    ]
+    assert api.client.get("/api/ca/intermediates/line-3", headers=admin).json()["serialNumber"]
+    _error(api.client.get("/api/ca/intermediates/nope", headers=admin), 404, "intermediate-not-found")
+    assert api.client.post("/api/ca/intermediates/line-3/disable", headers=admin).json()["status"] == "disabled"
+    _error(api.post_csr("dev-1", make_csr("dev-1"), api.admin, intermediateId="line-3"), 409, "intermediate-disabled")
+    assert api.client.post("/api/ca/intermediates/line-3/enable", headers=admin).json()["status"] == "active"
+    assert api.post_csr("dev-1", make_csr("dev-1"), api.admin, intermediateId="line-3").status_code == 201
+
+
+def test_revoke(api):
+    serial = api.post_csr("dev-1", make_csr("dev-1"), api.factory_a).json()["serialNumber"]
+    response = api.client.post(
+        f"/api/certificates/{serial}/revoke", json={"reason": "stolen"}, headers=bearer(api.admin)
+    )
+    assert response.status_code == 200
+    assert response.json()["status"] == "revoked" and response.json()["dps"]["mode"] == "offline"
+    listed = api.client.get("/api/certificates?status=revoked", headers=bearer(api.admin)).json()["items"]
+    assert [c["serialNumber"] for c in listed] == [serial]
+
+
+def test_factories_and_keys(api):
+    admin = bearer(api.admin)
+    created = api.client.post("/api/factories", json={"name": "acme", "intermediates": ["factory-b"]}, headers=admin)
+    assert created.status_code == 201
+    key = created.json()["apiKey"]
+    assert api.post_csr("dev-acme", make_csr("dev-acme"), key).json()["intermediateId"] == "factory-b"
+    _error(api.client.post("/api/factories", json={"name": "acme", "intermediates": ["factory-b"]}, headers=admin), 409)
+    _error(
+        api.client.post("/api/factories", json={"name": "ghost", "intermediates": ["nope"]}, headers=admin),
+        404,
+        "intermediate-not-found",
+    )
+    keys = api.client.get("/api/keys", headers=admin).json()
+    assert created.json()["keyId"] in {k["id"] for k in keys}
+    assert all("apiKey" not in k and "secretSha256" not in k for k in keys)
+    revoked = api.client.post(f"/api/keys/{created.json()['keyId']}/revoke", headers=admin)
+    assert revoked.status_code == 200 and revoked.json()["revokedAt"]
+    _error(api.post_csr("dev-acme-2", make_csr("dev-acme-2"), key), 401, "revoked-api-key")
+
+
+def test_api_keys_are_stored_only_as_hashes(api):
+    stored = api.service.ledger.path.read_bytes()
+    for key in (api.admin, api.factory_a, api.factory_b):
+        assert key.encode() not in stored
+        assert key.split("_", 2)[2].encode() not in stored
+
+
+def test_health_and_openapi(api):
+    health = api.client.get("/api/health")
+    assert health.status_code == 200
+    assert health.json() == {
+        "status": "ok",
+        "backends": {"keys": "local", "ledger": "sqlite", "dps": "offline"},
+        "dpsConfigured": False,
+        "auth": "apikey",
+    }
+    document = api.client.get("/api/openapi.json").json()
+    paths = document["paths"]
+    for path in (
+        "/api/devices/{deviceId}/certificate",
+        "/api/ca/root",
+        "/api/ca/root/proof-of-possession",
+        "/api/ca/intermediates",
+        "/api/ca/intermediates/{intermediateId}",
+        "/api/ca/intermediates/{intermediateId}/disable",
+        "/api/ca/intermediates/{intermediateId}/enable",
+        "/api/certificates",
+        "/api/certificates/{serial}",
+        "/api/certificates/{serial}/revoke",
+        "/api/factories",
+        "/api/health",
+    ):
+        assert path in paths, path
+    body = paths["/api/devices/{deviceId}/certificate"]["post"]["requestBody"]["content"]
+    assert {"application/pkcs10", "application/x-pem-file", "text/plain", "application/json"} <= set(body)
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(document["components"]["securitySchemes"])
+    docs = api.client.get("/api/docs")
+    assert docs.status_code == 200 and "/api/openapi.json" in docs.text
+
+
+def test_busy_ledger_is_503_with_retry_after_and_nothing_returned(service, tmp_path):
+    """A ledger that cannot commit (another process holds the write lock): 503, and no certificate."""
+    home = service.settings.pki_home
+    busy = DeviceCA(
+        keys=LocalKeyStore(home),
+        ledger=SqliteLedger(home / "ledger.sqlite3", busy_timeout_seconds=0.05),
+        dps=service.dps,
+        settings=service.settings,
+    )
+    api = make_api(busy)
+    import sqlite3
+
+    blocker = sqlite3.connect(home / "ledger.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        response = api.post_csr("dev-1", make_csr("dev-1"), api.factory_a)
+    finally:
+        blocker.execute("ROLLBACK")
+    error = _error(response, 503, "ledger-busy")
+    assert response.headers["retry-after"].isdigit()
+    assert "certificate" not in error["message"].lower() or "BEGIN" not in response.text
+    assert api.certificate_count() == 0
+    assert api.post_csr("dev-1", make_csr("dev-1"), api.factory_a).status_code == 201

@@ -1,0 +1,128 @@
+"""Every route, for every kind of caller → the expected status; nothing changes unless the answer is 2xx."""
+
+import itertools
+
+import pytest
+
+from .apiclient import bearer, make_api
+from .csrs import make_csr
+
+CALLERS = ("none", "bad", "revoked", "factory", "other-factory", "admin")
+ADMIN_ONLY = (401, 401, 401, 403, 403)
+_counter = itertools.count()
+
+
+def _fresh(prefix: str) -> str:
+    return f"{prefix}-{next(_counter)}"
+
+
+def _issued_by_factory_a(api) -> str:
+    device = _fresh("dev-owned")
+    return api.service.sign_csr(make_csr(device), device, requested_by="factory-one").record.serial
+
+
+def _throwaway_key(api) -> str:
+    return api.service.principals.create_api_key("factory-two").key.id
+
+
+def _device_request(api):
+    device = _fresh("dev")
+    return (
+        "POST",
+        f"/api/devices/{device}/certificate?intermediateId=factory-a",
+        {"content": make_csr(device), "headers": {"Content-Type": "application/pkcs10"}},
+    )
+
+
+# (route, prepare(api) -> (method, path, request kwargs), expected status per caller in CALLERS order)
+ROUTES = [
+    ("health", lambda api: ("GET", "/api/health", {}), (200,) * 6),
+    ("sign device CSR", _device_request, (401, 401, 401, 201, 403, 201)),
+    ("show root", lambda api: ("GET", "/api/ca/root", {}), (*ADMIN_ONLY, 200)),
+    ("create root", lambda api: ("POST", "/api/ca/root", {}), (*ADMIN_ONLY, 409)),
+    (
+        "proof of possession",
+        lambda api: ("POST", "/api/ca/root/proof-of-possession", {"json": {"verificationCode": "0A1B2C"}}),
+        (*ADMIN_ONLY, 200),
+    ),
+    (
+        "create intermediate",
+        lambda api: ("POST", "/api/ca/intermediates", {"json": {"id": _fresh("int")}}),
+        (*ADMIN_ONLY, 201),
+    ),
+    ("list intermediates", lambda api: ("GET", "/api/ca/intermediates", {}), (*ADMIN_ONLY, 200)),
+    ("show intermediate", lambda api: ("GET", "/api/ca/intermediates/factory-a", {}), (*ADMIN_ONLY, 200)),
+    ("disable intermediate", lambda api: ("POST", "/api/ca/intermediates/spare/disable", {}), (*ADMIN_ONLY, 200)),
+    ("enable intermediate", lambda api: ("POST", "/api/ca/intermediates/spare/enable", {}), (*ADMIN_ONLY, 200)),
+    ("list certificates", lambda api: ("GET", "/api/certificates", {}), (401, 401, 401, 200, 200, 200)),
+    (
+        "show certificate",
+        lambda api: ("GET", f"/api/certificates/{_issued_by_factory_a(api)}", {}),
+        (401, 401, 401, 200, 404, 200),
+    ),
+    (
+        "revoke certificate",
+        lambda api: ("POST", f"/api/certificates/{_issued_by_factory_a(api)}/revoke", {"json": {"reason": "test"}}),
+        (*ADMIN_ONLY, 200),
+    ),
+    (
+        "create factory",
+        lambda api: ("POST", "/api/factories", {"json": {"name": _fresh("fac"), "intermediates": ["factory-a"]}}),
+        (*ADMIN_ONLY, 201),
+    ),
+    ("list keys", lambda api: ("GET", "/api/keys", {}), (*ADMIN_ONLY, 200)),
+    ("revoke key", lambda api: ("POST", f"/api/keys/{_throwaway_key(api)}/revoke", {}), (*ADMIN_ONLY, 200)),
+]
+
+
+@pytest.fixture
+def api(service):
+    api = make_api(service)
+    service.create_intermediate("spare")
+    return api
+
+
+def _key(api, caller: str) -> str | None:
+    return {
+        "none": None,
+        "bad": "dca_0123456789abcdef_" + "x" * 43,
+        "revoked": api.revoked,
+        "factory": api.factory_a,
+        "other-factory": api.factory_b,
+        "admin": api.admin,
+    }[caller]
+
+
+@pytest.mark.parametrize(("route", "prepare", "expected"), ROUTES, ids=[r[0] for r in ROUTES])
+def test_authorization_matrix(api, route, prepare, expected):
+    assert api.client.get("/api/openapi.json").status_code == 200
+    for caller, status in zip(CALLERS, expected, strict=True):
+        method, path, request = prepare(api)
+        headers = {**request.pop("headers", {}), **bearer(_key(api, caller))}
+        before = api.state()
+        response = api.client.request(method, path, headers=headers, **request)
+        assert response.status_code == status, (route, caller, response.text)
+        if not 200 <= status < 300:
+            assert set(response.json()) == {"error"}
+            assert api.state() == before, (route, caller)
+
+
+def test_every_route_is_in_the_matrix(api):
+    paths = api.client.get("/api/openapi.json").json()["paths"]
+    routes = {(method.upper(), path) for path, operations in paths.items() for method in operations}
+    covered = set()
+    for _, prepare, _ in ROUTES:
+        method, path, _ = prepare(api)
+        covered.add((method, path.split("?")[0]))
+    templates = {
+        (method, template)
+        for method, template in routes
+        for covered_method, covered_path in covered
+        if method == covered_method and _matches(template, covered_path)
+    }
+    assert templates == routes
+
+
+def _matches(template: str, path: str) -> bool:
+    parts, actual = template.split("/"), path.split("/")
+    return len(parts) == len(actual) and all(p.startswith("{") or p == a for p, a in zip(parts, actual, strict=True))
