@@ -3,6 +3,7 @@
 Every entry point (CLI, HTTP, queue, timer) calls these and nothing below them.
 """
 
+import asyncio
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from .coalesce import Coalescer
 from .config import Settings
 from .dps import Dps
 from .errors import CaError, Conflict, Forbidden, NotFound
@@ -122,6 +124,14 @@ class IssuedCertificate:
         return bundle
 
 
+@dataclass(frozen=True)
+class _SignOptions:
+    intermediate_id: str | None
+    requested_by: str
+    renew: bool
+    allowed_intermediates: Sequence[str] | None
+
+
 @dataclass
 class _Plan:
     """One device request on its way through a signing run."""
@@ -132,6 +142,25 @@ class _Plan:
     supersede: bool
     warnings: list[str] = field(default_factory=list)
     certificate: x509.Certificate | None = None
+
+
+@dataclass
+class _Run:
+    """One signing run: its results so far, and the certificates signed but not yet committed."""
+
+    now: datetime
+    intermediate: CaRecord
+    requested_by: str
+    results: list["IssuedCertificate | CaError | None"]
+    signed: list[_Plan] = field(default_factory=list)
+    issuances: list[Issuance] = field(default_factory=list)
+
+
+def _single(results: list["IssuedCertificate | CaError"]) -> "IssuedCertificate":
+    (result,) = results
+    if isinstance(result, CaError):
+        raise result
+    return result
 
 
 class DeviceCA:
@@ -151,6 +180,9 @@ class DeviceCA:
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
         self.principals = Principals(ledger, clock)
+        self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
+            self._sign_batch_async
+        )
 
     def close(self) -> None:
         self.keys.close()
@@ -269,16 +301,37 @@ class DeviceCA:
         allowed_intermediates: Sequence[str] | None = None,
     ) -> IssuedCertificate:
         """Sign one device CSR. The same CSR again gives back the same certificate (`created` False)."""
-        (result,) = self.sign_csrs(
-            [SignRequest(csr, device_id)],
-            intermediate_id=intermediate_id,
-            requested_by=requested_by,
-            renew=renew,
-            allowed_intermediates=allowed_intermediates,
-        )
+        options = _SignOptions(intermediate_id, requested_by, renew, allowed_intermediates)
+        return _single(self._sign_and_commit([SignRequest(csr, device_id)], options))
+
+    async def sign_csr_async(
+        self,
+        csr: bytes | str,
+        device_id: str,
+        *,
+        intermediate_id: str | None = None,
+        requested_by: str = "cli",
+        renew: bool = False,
+        allowed_intermediates: Sequence[str] | None = None,
+    ) -> IssuedCertificate:
+        """`sign_csr` for an event loop. Concurrent requests with the same options are signed together in
+        one run and committed together (see `Coalescer`). With local keys and ledger the signing (CPU only)
+        runs on the loop and only the commit is waited for; with a remote key store or ledger, in a thread."""
+        allowed = tuple(allowed_intermediates) if allowed_intermediates is not None else None
+        options = _SignOptions(intermediate_id, requested_by, renew, allowed)
+        result = await self._coalescer.submit(options, SignRequest(csr, device_id))
         if isinstance(result, CaError):
             raise result
         return result
+
+    async def _sign_batch_async(
+        self, options: "_SignOptions", requests: Sequence[SignRequest]
+    ) -> list[IssuedCertificate | CaError]:
+        if self.keys.remote or self.ledger.remote:
+            return await asyncio.to_thread(self._sign_and_commit, requests, options)
+        run = self._sign_run(requests, options)
+        stored = await self.ledger.record_issued_async(run.issuances) if run.issuances else []
+        return self._finish(run, stored)
 
     def sign_csrs(
         self,
@@ -294,16 +347,26 @@ class DeviceCA:
         Each request gets its certificate or the error that refused it; one bad CSR does not stop the
         rest, and nothing is returned that the ledger does not hold.
         """
+        options = _SignOptions(intermediate_id, requested_by, renew, allowed_intermediates)
+        return self._sign_and_commit(requests, options)
+
+    def _sign_and_commit(self, requests: Sequence[SignRequest], options: "_SignOptions") -> list:
+        run = self._sign_run(requests, options)
+        stored = self.ledger.record_issued(run.issuances) if run.issuances else []
+        return self._finish(run, stored)
+
+    def _sign_run(self, requests: Sequence[SignRequest], options: "_SignOptions") -> "_Run":
+        """Check every request, decide against the ledger, and sign what may be signed."""
         now = self._now()
-        intermediate = self._signing_intermediate(intermediate_id, allowed_intermediates)
+        intermediate = self._signing_intermediate(options.intermediate_id, options.allowed_intermediates)
         issuer = self._issuer(intermediate)
-        results: list[IssuedCertificate | CaError | None] = [None] * len(requests)
+        run = _Run(now, intermediate, options.requested_by, [None] * len(requests))
         devices: list[tuple[int, DeviceRequest]] = []
         for index, request in enumerate(requests):
             try:
                 devices.append((index, check_device_csr(request.csr, request.device_id)))
             except PkiError as error:
-                results[index] = _as_ca_error(error)
+                run.results[index] = _as_ca_error(error)
         bindings = self.ledger.key_bindings([device.public_key_sha256 for _, device in devices])
         actives = self.ledger.active_certificates([device.device_id for _, device in devices])
         plans: list[_Plan] = []
@@ -313,24 +376,33 @@ class DeviceCA:
                     index,
                     device,
                     intermediate,
-                    renew,
+                    options.renew,
                     now,
-                    allowed_intermediates,
+                    options.allowed_intermediates,
                     bindings.get(device.public_key_sha256),
                     actives.get(device.device_id),
                 )
             except CaError as error:
-                results[index] = error
+                run.results[index] = error
                 continue
             if isinstance(outcome, IssuedCertificate):
-                results[index] = outcome
+                run.results[index] = outcome
             else:
                 plans.append(outcome)
-        self._sign_all(issuer, plans, now, results)
-        signed = [plan for plan in plans if results[plan.index] is None]
-        if signed:
-            self._commit(signed, intermediate, requested_by, now, results)
-        return [result for result in results if result is not None]
+        self._sign_all(issuer, plans, now, run.results)
+        run.signed = [plan for plan in plans if run.results[plan.index] is None]
+        run.issuances = [self._issuance(plan, run) for plan in run.signed]
+        return run
+
+    def _finish(self, run: "_Run", stored: list[CertificateRecord | CaError]) -> list[IssuedCertificate | CaError]:
+        for plan, issuance, outcome in zip(run.signed, run.issuances, stored, strict=True):
+            if isinstance(outcome, CaError):
+                run.results[plan.index] = outcome
+            else:
+                created = outcome.serial == issuance.record.serial
+                warnings = tuple(plan.warnings) if created else ()
+                run.results[plan.index] = self._issued(outcome, created, warnings, run.intermediate)
+        return [result for result in run.results if result is not None]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
         if query.status is not None and query.status not in CERT_STATUSES:
@@ -430,38 +502,21 @@ class DeviceCA:
             for plan in plans:
                 sign(plan)
 
-    def _commit(
-        self,
-        plans: list[_Plan],
-        intermediate: CaRecord,
-        requested_by: str,
-        now: datetime,
-        results: list[IssuedCertificate | CaError | None],
-    ) -> None:
-        issuances = []
-        for plan in plans:
-            certificate = plan.certificate
-            assert certificate is not None
-            record = CertificateRecord(
-                serial=serial_text(certificate.serial_number),
-                device_id=plan.request.device_id,
-                intermediate_id=intermediate.id,
-                requested_by=requested_by,
-                public_key_sha256=plan.request.public_key_sha256,
-                not_before=certificate.not_valid_before_utc,
-                not_after=certificate.not_valid_after_utc,
-                certificate_pem=pem(certificate),
-                created_at=whole_seconds(now),
-            )
-            issuances.append(Issuance(record, plan.supersede))
-        stored = self.ledger.record_issued(issuances)
-        for plan, issuance, outcome in zip(plans, issuances, stored, strict=True):
-            if isinstance(outcome, CaError):
-                results[plan.index] = outcome
-            else:
-                created = outcome.serial == issuance.record.serial
-                warnings = tuple(plan.warnings) if created else ()
-                results[plan.index] = self._issued(outcome, created, warnings, intermediate)
+    def _issuance(self, plan: _Plan, run: "_Run") -> Issuance:
+        certificate = plan.certificate
+        assert certificate is not None
+        record = CertificateRecord(
+            serial=serial_text(certificate.serial_number),
+            device_id=plan.request.device_id,
+            intermediate_id=run.intermediate.id,
+            requested_by=run.requested_by,
+            public_key_sha256=plan.request.public_key_sha256,
+            not_before=certificate.not_valid_before_utc,
+            not_after=certificate.not_valid_after_utc,
+            certificate_pem=pem(certificate),
+            created_at=whole_seconds(run.now),
+        )
+        return Issuance(record, plan.supersede)
 
     def _issued(
         self,

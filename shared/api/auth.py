@@ -4,13 +4,13 @@ The X-MS-CLIENT-PRINCIPAL header is honoured only in easyauth mode: anywhere Eas
 of the app, anyone can forge it. Every route states the roles it takes; nothing is role-free but health.
 """
 
+import asyncio
 import base64
 import binascii
 import json
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, FastAPI, Request
 
 from ..errors import Forbidden, Unauthorized
 from ..ledger.models import ADMIN
@@ -26,29 +26,34 @@ _ROLE_CLAIMS = ("roles", "http://schemas.microsoft.com/ws/2008/06/identity/claim
 _APP_ID_CLAIMS = ("appid", "azp")
 _NAME_CLAIMS = ("name", "preferred_username", "oid", "http://schemas.microsoft.com/identity/claims/objectidentifier")
 
-bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dca_...`")
-api_key_scheme = APIKeyHeader(name="x-api-key", auto_error=False, description="An API key in `x-api-key`")
+# Documented in the OpenAPI document by `document_security`; read here from the headers directly, since
+# each FastAPI sub-dependency costs more per request than the whole lookup.
+SECURITY_SCHEMES = {
+    "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer dca_...`"},
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "An API key in x-api-key"},
+}
+PUBLIC_PATHS = ("/api/health",)
 
 
-async def get_service(request: Request) -> DeviceCA:
+def service_of(request: Request) -> DeviceCA:
     return request.app.state.service()
 
 
-async def authenticate(
-    request: Request,
-    service: Annotated[DeviceCA, Depends(get_service)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
-    api_key: Annotated[str | None, Security(api_key_scheme)],
-) -> Caller:
+async def get_service(request: Request) -> DeviceCA:
+    return service_of(request)
+
+
+async def authenticate(request: Request) -> Caller:
+    service = service_of(request)
     if service.settings.auth_mode == "easyauth":
-        return _easyauth_caller(request.headers.get("x-ms-client-principal"), service)
-    presented = bearer.credentials if bearer else api_key
+        return await asyncio.to_thread(_easyauth_caller, request.headers.get("x-ms-client-principal"), service)
+    presented = _presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if not presented:
         raise Unauthorized(
             "no credentials: send an API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
             "missing-credentials",
         )
-    return service.principals.authenticate(presented)
+    return await service.principals.authenticate_async(presented)
 
 
 async def require_admin(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
@@ -60,6 +65,31 @@ async def require_admin(caller: Annotated[Caller, Depends(authenticate)]) -> Cal
 AnyCaller = Annotated[Caller, Depends(authenticate)]
 AdminCaller = Annotated[Caller, Depends(require_admin)]
 Service = Annotated[DeviceCA, Depends(get_service)]
+
+
+def document_security(app: FastAPI) -> None:
+    """Put the API-key schemes into the OpenAPI document, on every route but the public ones."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            for path, operations in schema["paths"].items():
+                if path not in PUBLIC_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _presented_key(authorization: str | None, api_key: str | None) -> str | None:
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    return api_key.strip() if api_key and api_key.strip() else None
 
 
 def _easyauth_caller(header: str | None, service: DeviceCA) -> Caller:

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 class KeyStore(ABC):
     backend: str = "abstract"
+    remote: bool = False  # True when signing is a network call (keep it off the event loop)
 
     @abstractmethod
     def create_ca_key(self, name: str, curve: str, common_name: str) -> ec.EllipticCurvePrivateKey:

@@ -5,6 +5,7 @@ certificate per device; one device per public key; a revoked key is never certif
 by the store itself, so two processes racing cannot both win.
 """
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
@@ -16,6 +17,7 @@ from .models import ApiKey, CaRecord, CertificatePage, CertificateQuery, Certifi
 
 class Ledger(ABC):
     backend: str = "abstract"
+    remote: bool = False  # True when reads are network calls (keep them off the event loop)
 
     # CA certificates
     @abstractmethod
@@ -46,6 +48,10 @@ class Ledger(ABC):
         For each issuance: the record as stored, or the Conflict that kept it out. When an identical
         request (same device, same key) won a race, its certificate is returned instead.
         """
+
+    async def record_issued_async(self, issuances: Sequence[Issuance]) -> list[CertificateRecord | CaError]:
+        """`record_issued` for a coroutine: waits without holding the event loop."""
+        return await asyncio.to_thread(self.record_issued, issuances)
 
     @abstractmethod
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
@@ -80,6 +86,12 @@ class Ledger(ABC):
 
     @abstractmethod
     def get_api_key(self, key_id: str) -> ApiKey | None: ...
+
+    def api_key_with_principal(self, key_id: str) -> tuple[ApiKey, Principal] | None:
+        """A key and its principal, as authentication needs them (stores may do it in one read)."""
+        key = self.get_api_key(key_id)
+        principal = self.get_principal(key.principal_id) if key else None
+        return (key, principal) if key and principal else None
 
     @abstractmethod
     def list_api_keys(self) -> list[ApiKey]: ...

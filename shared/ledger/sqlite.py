@@ -2,17 +2,21 @@
 
 # ruff: noqa: S608 - statements are assembled from constant column lists; every value is a bound parameter.
 
+import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, CaError, Conflict, NotFound
 from . import Ledger, device_has_certificate, key_in_use, key_revoked
+from .groupcommit import GroupCommit
 from .models import (
     CA_ACTIVE,
     CERT_ACTIVE,
@@ -118,6 +122,11 @@ class SqliteLedger(Ledger):
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._timeout = busy_timeout_seconds
         self._local = threading.local()
+        self._writer = threading.Lock()
+        self._lock_file = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._issuances: GroupCommit[Issuance, CertificateRecord | CaError] = GroupCommit(
+            self._record_group, self._record_group_async
+        )
         self._connection().execute("PRAGMA journal_mode = WAL")
         self._create_schema()
 
@@ -144,18 +153,54 @@ class SqliteLedger(Ledger):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
+        """One write transaction. Writers queue on a lock (threads) and a file lock (processes) rather
+        than on SQLite's busy handler, which sleeps a millisecond and more before it tries again."""
+        with self._writer:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                db = self._connection()
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as error:
+                    raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    @asynccontextmanager
+    async def _write_async(self) -> AsyncIterator[sqlite3.Connection]:
+        """`_write` on the event loop: the locks are waited for, and the COMMIT (the fsync) runs, off the
+        loop. Sync writes must not run on the loop's thread meanwhile (none do: sync routes run in threads)."""
+        if not self._writer.acquire(blocking=False):
+            await asyncio.to_thread(self._writer.acquire)
         try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as error:
-            raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                await asyncio.to_thread(fcntl.flock, self._lock_file, fcntl.LOCK_EX)
+            try:
+                db = self._connection()
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as error:
+                    raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
+                try:
+                    yield db
+                    await asyncio.to_thread(db.execute, "COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        finally:
+            self._writer.release()
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -170,10 +215,14 @@ class SqliteLedger(Ledger):
         self._read("SELECT 1")
 
     def close(self) -> None:
+        self._issuances.close()
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
+        if self._lock_file >= 0:
+            os.close(self._lock_file)
+            self._lock_file = -1
 
     # -- CA certificates ---------------------------------------------------------------------------
 
@@ -237,41 +286,58 @@ class SqliteLedger(Ledger):
     # -- device certificates -----------------------------------------------------------------------
 
     def record_issued(self, issuances: Sequence[Issuance]) -> list[CertificateRecord | CaError]:
-        if len(issuances) > 1 and not any(issuance.supersede for issuance in issuances):
+        return self._issuances.submit(issuances)
+
+    async def record_issued_async(self, issuances: Sequence[Issuance]) -> list[CertificateRecord | CaError]:
+        return await self._issuances.submit_async(issuances)
+
+    def _record_group(self, issuances: list[Issuance]) -> list[CertificateRecord | CaError]:
+        if _all_new_candidates(issuances):
             try:
-                return self._record_all_new(issuances)
+                with self._write() as db:
+                    return self._insert_all_new(db, issuances)
             except sqlite3.IntegrityError:
                 pass  # a key or device already has rows: settle each issuance on its own below
-        results: list[CertificateRecord | CaError] = []
         with self._write() as db:
-            for issuance in issuances:
-                db.execute("SAVEPOINT issuance")
-                try:
-                    outcome: CertificateRecord | CaError = self._record_one(db, issuance)
-                except CaError as error:
-                    outcome = error
-                if outcome is not issuance.record:
-                    db.execute("ROLLBACK TO issuance")
-                db.execute("RELEASE issuance")
-                results.append(outcome)
-        return results
+            return self._record_each(db, issuances)
 
-    def _record_all_new(self, issuances: Sequence[Issuance]) -> list[CertificateRecord | CaError]:
-        """The common case of a batch, new keys for devices without certificates, in two statements.
+    async def _record_group_async(self, issuances: list[Issuance]) -> list[CertificateRecord | CaError]:
+        if _all_new_candidates(issuances):
+            try:
+                async with self._write_async() as db:
+                    return self._insert_all_new(db, issuances)
+            except sqlite3.IntegrityError:
+                pass
+        async with self._write_async() as db:
+            return self._record_each(db, issuances)
 
-        Any constraint the batch runs into aborts it whole (IntegrityError) and nothing is written.
-        """
+    def _insert_all_new(self, db: sqlite3.Connection, issuances: list[Issuance]) -> list[CertificateRecord | CaError]:
+        """The common case, new keys for devices without certificates, in two statements. Any constraint
+        the group runs into aborts it whole (IntegrityError), and nothing is written."""
         records = [issuance.record for issuance in issuances]
-        with self._write() as db:
-            db.executemany(
-                "INSERT INTO key_bindings (public_key_sha256, device_id) VALUES (?, ?)",
-                [(r.public_key_sha256, r.device_id) for r in records],
-            )
-            db.executemany(
-                f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_certificate_row(r) for r in records],
-            )
+        db.executemany(
+            "INSERT INTO key_bindings (public_key_sha256, device_id) VALUES (?, ?)",
+            [(r.public_key_sha256, r.device_id) for r in records],
+        )
+        db.executemany(
+            f"INSERT INTO certificates ({_CERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [_certificate_row(r) for r in records],
+        )
         return list(records)
+
+    def _record_each(self, db: sqlite3.Connection, issuances: list[Issuance]) -> list[CertificateRecord | CaError]:
+        results: list[CertificateRecord | CaError] = []
+        for issuance in issuances:
+            db.execute("SAVEPOINT issuance")
+            try:
+                outcome: CertificateRecord | CaError = self._record_one(db, issuance)
+            except CaError as error:
+                outcome = error
+            if outcome is not issuance.record:
+                db.execute("ROLLBACK TO issuance")
+            db.execute("RELEASE issuance")
+            results.append(outcome)
+        return results
 
     def _record_one(self, db: sqlite3.Connection, issuance: Issuance) -> CertificateRecord:
         """Write one certificate, letting the store's constraints find the conflicts (they are rare)."""
@@ -400,6 +466,24 @@ class SqliteLedger(Ledger):
                 (key.id, key.principal_id, key.secret_sha256, _ts(key.created_at), None),
             )
 
+    def api_key_with_principal(self, key_id: str) -> tuple[ApiKey, Principal] | None:
+        rows = self._read(
+            f"SELECT {_prefixed('k', API_KEY_COLUMNS)}, {_prefixed('p', PRINCIPAL_COLUMNS, 'p_')} "
+            "FROM api_keys k JOIN principals p ON p.id = k.principal_id WHERE k.id = ?",
+            (key_id,),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        principal = Principal(
+            id=row["p_id"],
+            role=row["p_role"],
+            intermediates=tuple(json.loads(row["p_intermediates"])),
+            created_at=_dt(row["p_created_at"]),
+            app_id=row["p_app_id"],
+        )
+        return _api_key(row), principal
+
     def get_api_key(self, key_id: str) -> ApiKey | None:
         rows = self._read(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
         return _api_key(rows[0]) if rows else None
@@ -434,6 +518,10 @@ class SqliteLedger(Ledger):
 
 PRINCIPAL_COLUMNS = "id, role, intermediates, app_id, created_at"
 API_KEY_COLUMNS = "id, principal_id, secret_sha256, created_at, revoked_at"
+
+
+def _all_new_candidates(issuances: list[Issuance]) -> bool:
+    return len(issuances) > 1 and not any(issuance.supersede for issuance in issuances)
 
 
 def _certificate_row(record: CertificateRecord) -> tuple[Any, ...]:
@@ -473,6 +561,10 @@ def _api_key(row: sqlite3.Row) -> ApiKey:
     )
 
 
+def _prefixed(table: str, columns: str, alias_prefix: str = "") -> str:
+    return ", ".join(f"{table}.{c} AS {alias_prefix}{c}" for c in (c.strip() for c in columns.split(",")))
+
+
 def _chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
@@ -483,7 +575,7 @@ def _ts(moment: datetime) -> str:
 
 
 def _dt(text: str | None) -> datetime | None:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
+    return datetime.fromisoformat(text) if text else None  # "...Z" is UTC
 
 
 def _ca(row: sqlite3.Row) -> CaRecord:

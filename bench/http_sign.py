@@ -1,0 +1,297 @@
+"""HTTP signing rate: our server (embedded default) against `cfssl serve`, in the same run.
+
+N pre-made P-256 CSRs are posted one per request by C concurrent keep-alive clients, first to
+`python cli.py serve` (API key auth, CSR policy, durable ledger commit per certificate), then to
+`cfssl serve` with a P-256 CA (`/api/v1/cfssl/sign`, nothing recorded). Every request must succeed.
+Prints both rates and the ratio; --profile also prints where our server spends its time.
+
+    python bench/http_sign.py [--count 2000] [--concurrency 16] [--workers 2] [--rounds 3] [--profile]
+
+cfssl comes from the Debian package golang-cfssl (installed here when missing and running as root).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+REPO = Path(__file__).resolve().parent.parent
+
+CFSSL_CONFIG = {"signing": {"default": {"usages": ["digital signature", "client auth"], "expiry": "8760h"}}}
+
+
+def make_csrs(count: int) -> list[tuple[str, bytes]]:
+    csrs = []
+    for index in range(count):
+        device_id = f"http-device-{index:05d}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        csrs.append((device_id, csr.public_bytes(serialization.Encoding.PEM)))
+    return csrs
+
+
+# -- a light HTTP/1.1 keep-alive client ---------------------------------------------------------------
+
+
+async def _client(port: int, requests: list[bytes], next_index: Callable[[], int | None], statuses: list) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while (index := next_index()) is not None:
+            writer.write(requests[index])
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = await reader.readexactly(length)
+            statuses[index] = (int(status_line.split()[1]), body)
+    finally:
+        writer.close()
+
+
+async def _post_all(port: int, requests: list[bytes], concurrency: int) -> tuple[float, list]:
+    statuses: list = [None] * len(requests)
+    counter = iter(range(len(requests)))
+
+    def next_index() -> int | None:
+        return next(counter, None)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(_client(port, requests, next_index, statuses) for _ in range(concurrency)))
+    return time.perf_counter() - started, statuses
+
+
+def post_all(port: int, requests: list[bytes], concurrency: int) -> tuple[float, list]:
+    try:
+        import uvloop
+
+        return uvloop.run(_post_all(port, requests, concurrency))
+    except ImportError:
+        return asyncio.run(_post_all(port, requests, concurrency))
+
+
+def _request(path: str, headers: dict[str, str], body: bytes) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# -- servers -----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(url: str, process: subprocess.Popen) -> None:
+    for _ in range(600):
+        if process.poll() is not None:
+            raise SystemExit(f"bench: server exited:\n{process.stderr.read() if process.stderr else ''}")
+        try:
+            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: {url} never answered")
+
+
+def run_ours(
+    csrs: list[tuple[str, bytes]], work: Path, args: argparse.Namespace, profile: Path | None = None
+) -> tuple[float, list]:
+    """Our server on a fresh PKI home; with `profile`, one worker under cProfile during the load only."""
+    home, port = work / "pki", _free_port()
+    serve = ["serve", "--bootstrap", "--json", "--port", str(port), "--log-level", "warning"]
+    if profile:
+        command = [sys.executable, str(REPO / "bench" / "profiled_serve.py"), str(profile), *serve]
+    else:
+        command = [sys.executable, str(REPO / "cli.py"), *serve, "--workers", str(args.workers)]
+    environment = {**os.environ, "PKI_HOME": str(home)}
+    server = subprocess.Popen(
+        command, cwd=work, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        banner = _read_json(server)
+        key = banner["created"]["factory"]["apiKey"]
+        _wait_for(f"http://127.0.0.1:{port}/api/health", server)
+        requests = [
+            _request(
+                f"/api/devices/{device_id}/certificate",
+                {"Authorization": f"Bearer {key}", "Content-Type": "application/pkcs10"},
+                csr,
+            )
+            for device_id, csr in csrs
+        ]
+        if profile:
+            server.send_signal(signal.SIGUSR1)
+        elapsed, statuses = post_all(port, requests, args.concurrency)
+        if profile:
+            server.send_signal(signal.SIGUSR2)
+            time.sleep(1)  # the profile is written by the signal handler
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait()
+        server.stdout.close()
+        server.stderr.close()
+    failed = [s for s in statuses if s is None or s[0] != 201]
+    if failed:
+        raise SystemExit(f"bench: {len(failed)} of our requests failed, e.g. {failed[0]}")
+    return len(csrs) / elapsed, statuses
+
+
+def _read_json(process: subprocess.Popen) -> dict:
+    text = ""
+    for line in process.stdout:
+        text += line
+        if line.startswith("}"):
+            return json.loads(text)
+    raise SystemExit(f"bench: no banner from the server:\n{process.stderr.read()}")
+
+
+def ensure_cfssl() -> str:
+    path = shutil.which("cfssl")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "golang-cfssl"], check=True, capture_output=True)
+        return shutil.which("cfssl") or "cfssl"
+    raise SystemExit("bench: cfssl is missing; install the Debian package golang-cfssl")
+
+
+def run_cfssl(csrs: list[tuple[str, bytes]], work: Path, args: argparse.Namespace) -> float:
+    cfssl = ensure_cfssl()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "cfssl bench P-256 CA")])
+    now = datetime.now(UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (work / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (work / "ca-key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (work / "cfssl.json").write_text(json.dumps(CFSSL_CONFIG))
+    port = _free_port()
+    command = [cfssl, "serve", "-ca", "ca.pem", "-ca-key", "ca-key.pem", "-config", "cfssl.json"]
+    command += ["-address", "127.0.0.1", "-port", str(port), "-loglevel", "2"]
+    server = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/api/v1/cfssl/info", server)
+        requests = [
+            _request(
+                "/api/v1/cfssl/sign",
+                {"Content-Type": "application/json"},
+                json.dumps({"certificate_request": csr.decode()}).encode(),
+            )
+            for _, csr in csrs
+        ]
+        elapsed, statuses = post_all(port, requests, args.concurrency)
+    finally:
+        server.terminate()
+        server.wait()
+    failed = [s for s in statuses if s is None or s[0] != 200 or not json.loads(s[1])["success"]]
+    if failed:
+        raise SystemExit(f"bench: {len(failed)} cfssl requests failed, e.g. {failed[0]}")
+    return len(csrs) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent keep-alive connections")
+    parser.add_argument("--workers", type=int, default=2, help="our server's worker processes")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each counts")
+    parser.add_argument("--profile", action="store_true", help="profile our server and print the top functions")
+    args = parser.parse_args()
+
+    csrs = make_csrs(args.count)
+    print(
+        f"http_sign: {args.count} P-256 CSRs, one per request, {args.concurrency} concurrent clients, "
+        f"{os.cpu_count()} CPUs; ours with {args.workers} worker(s)"
+    )
+    ours_rates, cfssl_rates = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        for round_ in range(args.rounds):
+            work = Path(tmp) / f"round-{round_}"
+            (work / "ours").mkdir(parents=True)
+            (work / "cfssl").mkdir()
+            ours_rates.append(run_ours(csrs, work / "ours", args)[0])
+            cfssl_rates.append(run_cfssl(csrs, work / "cfssl", args))
+        if args.profile:
+            (Path(tmp) / "profiled").mkdir()
+            profile = Path(tmp) / "server.prof"
+            run_ours(csrs, Path(tmp) / "profiled", args, profile)
+            print_profile(profile)
+    ours, cfssl = max(ours_rates), max(cfssl_rates)
+    print(f"  ours  (POST /api/devices/ID/certificate): {ours:7.0f} certificates/s  (rounds: {_list(ours_rates)})")
+    print(f"  cfssl (POST /api/v1/cfssl/sign):          {cfssl:7.0f} certificates/s  (rounds: {_list(cfssl_rates)})")
+    print(f"  ratio ours / cfssl: {ours / cfssl:.2f}  (target >= 1.0: {'met' if ours >= cfssl else 'NOT met'})")
+
+
+def _list(values: list[float]) -> str:
+    return ", ".join(f"{v:.0f}" for v in values)
+
+
+def print_profile(profile: Path) -> None:
+    """Where one worker's time goes during the load: the main subtrees, then the top functions."""
+    import pstats
+
+    stats = pstats.Stats(str(profile))
+    total = stats.total_tt
+    parts = {
+        "authentication (API key lookup)": ("shared/api/auth.py", "authenticate"),
+        "signing runs (CSR checks, ledger reads, signing)": ("shared/service.py", "_sign_run"),
+        "ledger commits (statements; the fsync waits in a thread)": ("shared/ledger/sqlite.py", "_record_group_async"),
+        "response (bundle to JSON)": ("shared/api/app.py", "_bundle_response"),
+    }
+    details = {
+        "  of which CSR policy and signature check": ("shared/pki/csr.py", "check_device_csr"),
+        "  of which building and signing certificates": ("shared/pki/profiles.py", "issue_device"),
+    }
+
+    def seconds(path: str, function: str) -> float:
+        return sum(v[3] for (file, _, name), v in stats.stats.items() if file.endswith(path) and name == function)
+
+    print(f"\n  one worker under cProfile (slower than unprofiled), {total:.2f} s of calls during the load:")
+    ours = 0.0
+    for label, (path, function) in {**parts, **details}.items():
+        spent = seconds(path, function)
+        ours += spent if label in parts else 0.0
+        print(f"    {label:58s} {spent:6.2f} s  {spent / total:5.1%}")
+    rest = total - ours
+    print(f"    {'the rest: uvicorn, Starlette/FastAPI, asyncio, body reading':58s} {rest:6.2f} s  {rest / total:5.1%}")
+    print("\n  top functions by own time:")
+    stats.sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
