@@ -1,0 +1,161 @@
+"""Group commit, request coalescing, and concurrent signing through the async path."""
+
+import asyncio
+import threading
+
+import pytest
+
+from shared.coalesce import Coalescer
+from shared.errors import CaError, Conflict
+from shared.ledger.groupcommit import GroupCommit
+from shared.ledger.models import CertificateQuery
+
+from .csrs import device_key, make_csr
+
+
+class RecordingStore:
+    """A store that records each group it writes; fails groups holding 'boom'."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    def write(self, items: list[str]) -> list[str]:
+        with self.lock:
+            self.groups.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("disk full")
+        return [item.upper() for item in items]
+
+    async def write_async(self, items: list[str]) -> list[str]:
+        await asyncio.sleep(0)  # as a real write awaits its fsync
+        return self.write(items)
+
+
+def test_group_commit_from_threads():
+    store = RecordingStore()
+    commit = GroupCommit(store.write, store.write_async)
+    results: dict[int, list[str]] = {}
+    start = threading.Barrier(20)
+
+    def submit(n: int) -> None:
+        start.wait()
+        results[n] = commit.submit([f"a{n}", f"b{n}"])
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    commit.close()
+    assert results == {n: [f"A{n}", f"B{n}"] for n in range(20)}
+    assert sum(len(group) for group in store.groups) == 40
+
+
+def test_group_commit_error_reaches_every_member_of_its_group():
+    store = RecordingStore()
+    commit = GroupCommit(store.write, store.write_async)
+
+    async def main():
+        return await asyncio.gather(
+            commit.submit_async(["x"]),
+            commit.submit_async(["boom"]),
+            commit.submit_async(["y"]),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(main())
+    assert store.groups == [["x", "boom", "y"]]  # one group: the three were queued in one loop turn
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+    with pytest.raises(RuntimeError):
+        commit.submit(["boom"])
+    assert commit.submit(["z"]) == ["Z"]
+    commit.close()
+
+
+def test_group_commit_gathers_the_next_group_while_one_is_written():
+    store = RecordingStore()
+    commit = GroupCommit(store.write, store.write_async)
+
+    async def main():
+        first = asyncio.ensure_future(commit.submit_async(["a"]))
+        await asyncio.sleep(0)  # the first group starts writing
+        await asyncio.sleep(0)
+        later = [commit.submit_async([f"b{n}"]) for n in range(5)]
+        return await first, await asyncio.gather(*later)
+
+    first, later = asyncio.run(main())
+    assert first == ["A"] and later == [[f"B{n}"] for n in range(5)]
+    assert store.groups == [["a"], ["b0", "b1", "b2", "b3", "b4"]]
+
+
+def test_coalescer_batches_by_kind_and_shares_errors():
+    calls: list[tuple[str, list[int]]] = []
+
+    async def handle(kind: str, items):
+        calls.append((kind, list(items)))
+        if kind == "bad":
+            raise ValueError("refused")
+        return [item * 10 for item in items]
+
+    coalescer = Coalescer(handle)
+
+    async def main():
+        return await asyncio.gather(
+            coalescer.submit("a", 1),
+            coalescer.submit("b", 2),
+            coalescer.submit("a", 3),
+            coalescer.submit("bad", 4),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(main())
+    assert outcomes[:3] == [10, 20, 30] and isinstance(outcomes[3], ValueError)
+    assert sorted(calls) == [("a", [1, 3]), ("b", [2]), ("bad", [4])]
+
+
+def test_concurrent_async_signing(service):
+    async def main():
+        return await asyncio.gather(
+            *(service.sign_csr_async(make_csr(f"dev-{n}"), f"dev-{n}", requested_by="t") for n in range(40))
+        )
+
+    issued = asyncio.run(main())
+    assert all(result.created for result in issued)
+    assert len({result.record.serial for result in issued}) == 40
+    assert len(service.ledger.list_certificates(CertificateQuery(limit=100)).items) == 40
+
+
+def test_concurrent_requests_for_one_device(service):
+    """Different keys at once: exactly one wins. The same key at once: both get the same certificate."""
+    key = device_key()
+    same = make_csr("dev-same", key=key)
+
+    async def main():
+        return await asyncio.gather(
+            *(service.sign_csr_async(make_csr("dev-race"), "dev-race") for _ in range(5)),
+            service.sign_csr_async(same, "dev-same"),
+            service.sign_csr_async(make_csr("dev-same", key=key), "dev-same"),
+            return_exceptions=True,
+        )
+
+    *race, first, second = asyncio.run(main())
+    assert sum(not isinstance(r, CaError) for r in race) == 1
+    assert all(isinstance(r, Conflict) and r.code == "device-has-certificate" for r in race if isinstance(r, CaError))
+    assert first.record.serial == second.record.serial and {first.created, second.created} == {True, False}
+    assert len(service.ledger.list_certificates(CertificateQuery(limit=100)).items) == 2
+
+
+def test_async_signing_errors_are_per_request(service):
+    async def main():
+        return await asyncio.gather(
+            service.sign_csr_async(make_csr("dev-ok"), "dev-ok"),
+            service.sign_csr_async(make_csr("someone-else"), "dev-bad"),
+            service.sign_csr_async(make_csr("dev-x"), "dev-x", intermediate_id="nope"),
+            return_exceptions=True,
+        )
+
+    ok, bad, unknown = asyncio.run(main())
+    assert ok.created
+    assert isinstance(bad, CaError) and bad.code == "cn-mismatch"
+    assert isinstance(unknown, CaError) and unknown.code == "intermediate-not-found"
