@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from datetime import datetime
 
+    from .keys import KeyStore
+    from .keys.keyvault import KeyVaultOptions
     from .service import DeviceCA
 
 LOCAL_SETTINGS_FILE = "local.settings.json"
@@ -32,6 +34,11 @@ class Settings:
     intermediate_days: int = 3650
     device_days: int = 365
     auth_mode: str = "apikey"  # or "easyauth": trust App Service authentication's X-MS-CLIENT-PRINCIPAL
+    key_vault_url: str | None = None
+    key_vault_key_type: str = "EC-HSM"  # EC on a Standard vault
+    key_vault_sign_rate: float | None = None  # default: the vault's limit for the key type
+    key_vault_parallel_signs: int = 32
+    key_vault_retry_seconds: int = 30
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, settings_file: Path | None = None) -> "Settings":
@@ -54,6 +61,24 @@ class Settings:
             intermediate_days=_positive_int(values, "INTERMEDIATE_CERT_DAYS", cls.intermediate_days),
             device_days=_positive_int(values, "DEVICE_CERT_DAYS", cls.device_days),
             auth_mode=_choice(values, "PKI_AUTH", ("apikey", "easyauth"), cls.auth_mode),
+            key_vault_url=text("KEY_VAULT_URL"),
+            key_vault_key_type=_choice(values, "KEY_VAULT_KEY_TYPE", ("ec-hsm", "ec"), "ec-hsm").upper(),
+            key_vault_sign_rate=_sign_rate(values),
+            key_vault_parallel_signs=_positive_int(values, "KEY_VAULT_PARALLEL_SIGNS", cls.key_vault_parallel_signs),
+            key_vault_retry_seconds=_positive_int(values, "KEY_VAULT_RETRY_SECONDS", cls.key_vault_retry_seconds),
+        )
+
+    def key_vault_options(self) -> "KeyVaultOptions":
+        from .keys.keyvault import KeyVaultOptions
+
+        hardware = self.key_vault_key_type == "EC-HSM"
+        # Key Vault's limits per vault and 10 s for ECC P-256/P-384 signs: 2,000 (HSM), 4,000 (software).
+        rate = self.key_vault_sign_rate if self.key_vault_sign_rate is not None else (200.0 if hardware else 400.0)
+        return KeyVaultOptions(
+            hardware_protected=hardware,
+            sign_rate=rate or None,
+            parallel_signatures=self.key_vault_parallel_signs,
+            retry_seconds=self.key_vault_retry_seconds,
         )
 
 
@@ -68,6 +93,21 @@ def _positive_int(values: Mapping[str, str], name: str, default: int) -> int:
     if number <= 0:
         raise Misconfigured(f"setting {name}={raw!r} must be a positive whole number", "invalid-setting")
     return number
+
+
+def _sign_rate(values: Mapping[str, str]) -> float | None:
+    raw = values.get("KEY_VAULT_SIGN_RATE")
+    if raw in (None, ""):
+        return None
+    try:
+        rate = float(raw)
+    except ValueError:
+        rate = -1.0
+    if rate < 0:
+        raise Misconfigured(
+            f"setting KEY_VAULT_SIGN_RATE={raw!r} must be signs per second (0: no pacing)", "invalid-setting"
+        )
+    return rate
 
 
 def _choice(values: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
@@ -91,13 +131,25 @@ def _local_settings(path: Path) -> dict[str, str]:
 def build_service(settings: Settings | None = None, clock: "Callable[[], datetime] | None" = None) -> "DeviceCA":
     """The service wired to the adapters the settings ask for."""
     from .dps.offline import OfflineDps
-    from .keys.local import LocalKeyStore
     from .ledger.sqlite import SqliteLedger
     from .service import DeviceCA, utcnow
 
     settings = settings or Settings.load()
     home = settings.pki_home
-    keys = LocalKeyStore(home, settings.key_passphrase)
+    keys = _key_store(settings)
     ledger = SqliteLedger(home / "ledger.sqlite3")
     dps = OfflineDps(home)
     return DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
+
+
+def _key_store(settings: Settings) -> "KeyStore":
+    if settings.key_vault_url:
+        from azure.identity import DefaultAzureCredential
+
+        from .keys.keyvault import KeyVaultKeyStore
+
+        # Managed identity in Azure, a developer's login (az, azd, VS Code) on a workstation.
+        return KeyVaultKeyStore(settings.key_vault_url, DefaultAzureCredential(), settings.key_vault_options())
+    from .keys.local import LocalKeyStore
+
+    return LocalKeyStore(settings.pki_home, settings.key_passphrase)
