@@ -53,8 +53,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+# Each prints ratios against a reference measured in the same run (http_sign installs cfssl if missing).
+bench: $(STAMP) tools
 	$(BIN)/python bench/sign_throughput.py
+	$(BIN)/python bench/http_sign.py
+	$(BIN)/python bench/keyvault_sign.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
