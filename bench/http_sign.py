@@ -26,6 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from common import device_csrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,17 +34,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 REPO = Path(__file__).resolve().parent.parent
 
 CFSSL_CONFIG = {"signing": {"default": {"usages": ["digital signature", "client auth"], "expiry": "8760h"}}}
-
-
-def make_csrs(count: int) -> list[tuple[str, bytes]]:
-    csrs = []
-    for index in range(count):
-        device_id = f"http-device-{index:05d}"
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        csrs.append((device_id, csr.public_bytes(serialization.Encoding.PEM)))
-    return csrs
 
 
 # -- a light HTTP/1.1 keep-alive client ---------------------------------------------------------------
@@ -233,7 +223,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile our server and print the top functions")
     args = parser.parse_args()
 
-    csrs = make_csrs(args.count)
+    csrs = device_csrs(args.count, "http-device")
     print(
         f"http_sign: {args.count} P-256 CSRs, one per request, {args.concurrency} concurrent clients, "
         f"{os.cpu_count()} CPUs; ours with {args.workers} worker(s)"

@@ -20,9 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from common import device_csrs  # noqa: E402
 
 from shared.config import Settings  # noqa: E402
 from shared.dps.offline import OfflineDps  # noqa: E402
@@ -31,17 +29,6 @@ from shared.ledger.models import CertificateQuery  # noqa: E402
 from shared.ledger.sqlite import SqliteLedger  # noqa: E402
 from shared.service import DeviceCA, IssuedCertificate, SignRequest  # noqa: E402
 from tests.fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault  # noqa: E402
-
-
-def make_csrs(count: int) -> list[SignRequest]:
-    requests = []
-    for index in range(count):
-        device_id = f"kv-device-{index:05d}"
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        requests.append(SignRequest(csr.public_bytes(serialization.Encoding.PEM), device_id))
-    return requests
 
 
 def run(requests: list[SignRequest], options: KeyVaultOptions, args: argparse.Namespace, home: Path) -> dict:
@@ -79,7 +66,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.03, help="seconds per sign call (default 0.03)")
     parser.add_argument("--throttle", type=float, default=200.0, help="signs a second the vault allows (default 200)")
     args = parser.parse_args()
-    requests = make_csrs(args.count)
+    requests = [SignRequest(csr, device_id) for device_id, csr in device_csrs(args.count, "kv-device")]
     default = Settings.from_values({"KEY_VAULT_URL": VAULT_URL}).key_vault_options()
     print(
         f"keyvault_sign: {args.count} P-256 CSRs through the Key Vault backend; fake vault with "

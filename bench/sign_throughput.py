@@ -21,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+
+from common import device_csrs
 
 from shared.config import Settings, build_service
 from shared.ledger.models import CertificateQuery
@@ -36,17 +35,6 @@ extendedKeyUsage = clientAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 """
-
-
-def make_csrs(count: int) -> list[SignRequest]:
-    requests = []
-    for index in range(count):
-        device_id = f"bench-device-{index:05d}"
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        requests.append(SignRequest(csr.public_bytes(serialization.Encoding.PEM), device_id))
-    return requests
 
 
 def fresh_ca(home: Path) -> DeviceCA:
@@ -126,7 +114,7 @@ def main() -> None:
     os.sched_setaffinity(0, {args.cpu})
 
     print(f"sign_throughput: {args.count} P-256 CSRs, local P-256 intermediate, one core (CPU {args.cpu})")
-    requests = make_csrs(args.count)
+    requests = [SignRequest(csr, device_id) for device_id, csr in device_csrs(args.count, "bench-device")]
     with tempfile.TemporaryDirectory(prefix="bench-sign-") as tmp:
         work = Path(tmp)
         batch_rates, single_rates = [], []

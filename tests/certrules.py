@@ -7,6 +7,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+# The device bundle of the contract (DESIGN.md), without the optional "dps" and "warnings".
+DEVICE_BUNDLE_FIELDS = {
+    "deviceId",
+    "serialNumber",
+    "notBefore",
+    "notAfter",
+    "certificate",
+    "certificateChain",
+    "intermediateId",
+}
 CURVE_HASH = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384}
 CA_KEY_USAGE = {"key_cert_sign", "crl_sign"}
 DEVICE_KEY_USAGE = {"digital_signature"}

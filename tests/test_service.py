@@ -8,7 +8,15 @@ from shared.ledger.models import CertificateQuery
 from shared.pki import PkiError
 from shared.service import SignRequest, normalize_serial
 
-from .certrules import check_device, check_intermediate, check_proof_of_possession, check_root, load, load_chain
+from .certrules import (
+    DEVICE_BUNDLE_FIELDS,
+    check_device,
+    check_intermediate,
+    check_proof_of_possession,
+    check_root,
+    load,
+    load_chain,
+)
 from .csrs import device_key, make_csr
 
 
@@ -41,15 +49,7 @@ def test_device_bundle(service):
     issued = service.sign_csr(make_csr("dev-1"), "dev-1")
     bundle = issued.bundle()
     assert issued.created
-    assert set(bundle) == {
-        "deviceId",
-        "serialNumber",
-        "notBefore",
-        "notAfter",
-        "certificate",
-        "certificateChain",
-        "intermediateId",
-    }  # no "dps": DPS is offline
+    assert set(bundle) == DEVICE_BUNDLE_FIELDS  # no "dps": DPS is offline
     device, intermediate = load_chain(bundle["certificateChain"])
     assert device == load(bundle["certificate"])
     assert bundle["intermediateId"] == "factory-a"

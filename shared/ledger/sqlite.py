@@ -147,8 +147,7 @@ class SqliteLedger(Ledger):
         try:
             db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
         except sqlite3.Error:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            _roll_back(db)
             raise
 
     @contextmanager
@@ -158,17 +157,12 @@ class SqliteLedger(Ledger):
         with self._writer:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX)
             try:
-                db = self._connection()
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as error:
-                    raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
+                db = self._begin()
                 try:
                     yield db
                     db.execute("COMMIT")
                 except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
+                    _roll_back(db)
                     raise
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -185,22 +179,25 @@ class SqliteLedger(Ledger):
             except BlockingIOError:
                 await asyncio.to_thread(fcntl.flock, self._lock_file, fcntl.LOCK_EX)
             try:
-                db = self._connection()
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as error:
-                    raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
+                db = self._begin()
                 try:
                     yield db
                     await asyncio.to_thread(db.execute, "COMMIT")
                 except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
+                    _roll_back(db)
                     raise
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         finally:
             self._writer.release()
+
+    def _begin(self) -> sqlite3.Connection:
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
+        return db
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -518,6 +515,11 @@ class SqliteLedger(Ledger):
 
 PRINCIPAL_COLUMNS = "id, role, intermediates, app_id, created_at"
 API_KEY_COLUMNS = "id, principal_id, secret_sha256, created_at, revoked_at"
+
+
+def _roll_back(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        db.execute("ROLLBACK")
 
 
 def _all_new_candidates(issuances: list[Issuance]) -> bool:
