@@ -45,6 +45,7 @@ from .pki import (
     whole_seconds,
 )
 from .principals import Principals
+from .views import iso
 
 ROOT_ID = "root"
 
@@ -111,8 +112,8 @@ class IssuedCertificate:
         bundle: dict[str, Any] = {
             "deviceId": record.device_id,
             "serialNumber": record.serial,
-            "notBefore": _iso(record.not_before),
-            "notAfter": _iso(record.not_after),
+            "notBefore": iso(record.not_before),
+            "notAfter": iso(record.not_after),
             "certificate": record.certificate_pem,
             "certificateChain": self.chain_pem,
             "intermediateId": record.intermediate_id,
@@ -138,7 +139,6 @@ class _Plan:
 
     index: int
     request: DeviceRequest
-    intermediate: CaRecord
     supersede: bool
     warnings: list[str] = field(default_factory=list)
     certificate: x509.Certificate | None = None
@@ -272,9 +272,11 @@ class DeviceCA:
 
     def default_intermediate(self, allowed: Sequence[str] | None = None) -> CaRecord:
         """The newest active intermediate (among `allowed`, when given)."""
-        candidates = [
-            ca for ca in self.intermediates() if ca.status == CA_ACTIVE and (allowed is None or ca.id in allowed)
-        ]
+        if allowed is None:
+            records = self.intermediates()
+        else:  # a factory is bound to a few intermediates: read just those
+            records = sorted(filter(None, map(self.ledger.get_ca, allowed)), key=lambda ca: (ca.created_at, ca.id))
+        candidates = [ca for ca in records if ca.kind == INTERMEDIATE and ca.status == CA_ACTIVE]
         if not candidates:
             raise Conflict(
                 "there is no active intermediate to sign with; create one with create-ca-intermediate",
@@ -283,7 +285,7 @@ class DeviceCA:
         return candidates[-1]
 
     def set_intermediate_enabled(self, ca_id: str, enabled: bool) -> CaResult:
-        record = self.intermediate(ca_id)
+        self.intermediate(ca_id)  # NotFound for the root or an unknown ID
         record = self.ledger.set_ca_status(ca_id, CA_ACTIVE if enabled else CA_DISABLED)
         dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=enabled)
         return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), _dps_warnings(dps_state))
@@ -375,7 +377,6 @@ class DeviceCA:
                 outcome = self._plan(
                     index,
                     device,
-                    intermediate,
                     options.renew,
                     now,
                     options.allowed_intermediates,
@@ -453,7 +454,6 @@ class DeviceCA:
         self,
         index: int,
         device: DeviceRequest,
-        intermediate: CaRecord,
         renew: bool,
         now: datetime,
         allowed: Sequence[str] | None,
@@ -479,7 +479,7 @@ class DeviceCA:
                 )
             else:
                 return self._issued(active, created=False)
-        return _Plan(index, device, intermediate, supersede)
+        return _Plan(index, device, supersede)
 
     def _sign_all(
         self, issuer: Issuer, plans: list[_Plan], now: datetime, results: list[IssuedCertificate | CaError | None]
@@ -586,7 +586,3 @@ def _key_name(ca_id: str) -> str:
 
 def _new_intermediate_id(now: datetime) -> str:
     return f"int-{now:%Y%m%d}-{secrets.token_hex(2)}"
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -228,3 +228,20 @@ def test_curve_of_ca_keys_is_checked(make_service):
     with pytest.raises(PkiError):
         ca.create_root(curve="P-521")
     assert ec.SECP256R1  # the accepted curves are P-256 and P-384
+
+
+def test_a_factory_bound_to_several_intermediates_uses_its_newest_active_one(service):
+    service.create_intermediate("factory-b")
+    service.create_intermediate("elsewhere")
+    bound = ["factory-b", "factory-a"]
+    assert (
+        service.sign_csr(make_csr("dev-1"), "dev-1", allowed_intermediates=bound).record.intermediate_id == "factory-b"
+    )
+    service.set_intermediate_enabled("factory-b", False)
+    assert (
+        service.sign_csr(make_csr("dev-2"), "dev-2", allowed_intermediates=bound).record.intermediate_id == "factory-a"
+    )
+    service.set_intermediate_enabled("factory-a", False)
+    with pytest.raises(Conflict) as refused:
+        service.sign_csr(make_csr("dev-3"), "dev-3", allowed_intermediates=bound)
+    assert refused.value.code == "no-active-intermediate"
