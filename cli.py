@@ -256,7 +256,7 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
     from shared.bootstrap import bootstrap_local
 
     setup = bootstrap_local(service) if args.bootstrap else None
-    root_file = service.settings.pki_home / "root.pem"
+    root_file = (service.settings.pki_home / "root.pem").resolve()
     if service.ledger.get_root() is not None:
         _write_if_asked(root_file, service.root().certificate_pem)
     banner = _serve_banner(service, args, setup, root_file)
