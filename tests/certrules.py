@@ -135,3 +135,25 @@ def load(pem: str | bytes) -> x509.Certificate:
 
 def load_chain(pem: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(pem.encode())
+
+
+def check_ledger(ledger) -> int:
+    """Check every certificate a ledger holds against the rules; how many there were."""
+    from shared.ledger.models import INTERMEDIATE, ROOT, CertificateQuery
+
+    cas = ledger.list_cas()
+    roots = [load(ca.certificate_pem) for ca in cas if ca.kind == ROOT]
+    for root in roots:
+        check_root(root)
+    intermediates = {ca.id: load(ca.certificate_pem) for ca in cas if ca.kind == INTERMEDIATE}
+    for intermediate in intermediates.values():
+        check_intermediate(intermediate, roots[0])
+    checked, cursor = len(cas), None
+    while True:
+        page = ledger.list_certificates(CertificateQuery(limit=1000, cursor=cursor))
+        for record in page.items:
+            check_device(load(record.certificate_pem), intermediates[record.intermediate_id], record.device_id)
+        checked += len(page.items)
+        if not page.next_cursor:
+            return checked
+        cursor = page.next_cursor

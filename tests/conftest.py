@@ -10,6 +10,8 @@ import pytest
 from shared.config import Settings, build_service
 from shared.service import DeviceCA
 
+from .certrules import check_ledger
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,7 +46,10 @@ def make_service(tmp_path, clock):
 
     yield make
     for service in made:
-        service.close()
+        try:
+            check_ledger(service.ledger)  # every certificate a test issued, field by field
+        finally:
+            service.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import itertools
 import pytest
 
 from .apiclient import bearer, make_api
+from .certrules import check_proof_of_possession, load
 from .csrs import make_csr
 
 CALLERS = ("none", "bad", "revoked", "factory", "other-factory", "admin")
@@ -102,6 +103,9 @@ def test_authorization_matrix(api, route, prepare, expected):
         before = api.state()
         response = api.client.request(method, path, headers=headers, **request)
         assert response.status_code == status, (route, caller, response.text)
+        if route == "proof of possession" and status == 200:
+            root = load(api.service.root().certificate_pem)
+            check_proof_of_possession(load(response.json()["certificate"]), root, "0A1B2C")
         if not 200 <= status < 300:
             assert set(response.json()) == {"error"}
             assert api.state() == before, (route, caller)

@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from .certrules import check_device, check_intermediate, check_proof_of_possession, check_root, load
+from shared.ledger.sqlite import SqliteLedger
+
+from .certrules import check_device, check_intermediate, check_ledger, check_proof_of_possession, check_root, load
 from .conftest import run_cli
 from .csrs import make_csr
 
@@ -71,6 +73,9 @@ def test_seed_flow_end_to_end(tmp_path):
     assert [(i["id"], i["default"]) for i in listed] == [("factory-a", True)]
     certificates = _json(run_cli("list-certificates", "--device-id", "dev-1", "--json", home=home))
     assert [c["serialNumber"] for c in certificates["items"]] == [device["serialNumber"]]
+    ledger = SqliteLedger(home / "ledger.sqlite3")
+    assert check_ledger(ledger) == 3
+    ledger.close()
 
 
 def test_sign_csr_from_stdin_is_idempotent(service, tmp_path):

@@ -3,12 +3,16 @@
 import asyncio
 import importlib
 import json
+import os
+from pathlib import Path
 
 import azure.functions as func
 import pytest
 
 from shared.config import Settings, build_service
+from shared.ledger.sqlite import SqliteLedger
 
+from .certrules import check_ledger
 from .csrs import make_csr
 
 
@@ -52,6 +56,9 @@ def test_a_request_through_the_http_function(function_app):
     assert response.status_code == 201, response.get_body()
     bundle = json.loads(response.get_body())
     assert bundle["deviceId"] == "dev-fn" and bundle["intermediateId"] == "factory-a"
+    ledger = SqliteLedger(Path(os.environ["PKI_HOME"]) / "ledger.sqlite3")
+    assert check_ledger(ledger) == 3
+    ledger.close()
 
     refused = func.HttpRequest(method="GET", url="http://localhost/api/certificates", headers={}, body=b"")
     response = asyncio.run(handler(refused, None))

@@ -19,7 +19,7 @@ from shared.ledger.models import CertificateQuery
 from shared.ledger.sqlite import SqliteLedger
 from shared.service import DeviceCA, SignRequest
 
-from .certrules import check_device, check_intermediate, check_root, load
+from .certrules import check_device, check_intermediate, check_ledger, check_root, load
 from .csrs import device_key, make_csr
 from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
 from .tls import device_context, handshake, make_server_identity, server_context
@@ -45,7 +45,10 @@ def vault_ca(tmp_path):
 
     yield make
     for service in made:
-        service.close()
+        try:
+            check_ledger(service.ledger)  # every certificate a test issued, field by field
+        finally:
+            service.close()
 
 
 def _hierarchy(service: DeviceCA, curve: str = "P-256"):

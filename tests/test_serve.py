@@ -12,6 +12,9 @@ from contextlib import contextmanager
 
 import pytest
 
+from shared.ledger.sqlite import SqliteLedger
+
+from .certrules import check_ledger
 from .conftest import REPO
 
 
@@ -82,3 +85,6 @@ def test_first_start_prints_keys_and_a_curl_example_that_works(tmp_path):
     with _serving(home, tmp_path, port) as again:
         banner = _banner(again)
     assert "Using the existing CA" in banner and "dca_" not in banner
+    ledger = SqliteLedger(home / "ledger.sqlite3")
+    assert check_ledger(ledger) == 3  # root, intermediate, my-device-1
+    ledger.close()
