@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.config import build_service
+from shared.dps import device_registration
 from shared.errors import CaError
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError
@@ -338,6 +339,7 @@ def _write_device_bundle(out_dir: Path, key: ec.EllipticCurvePrivateKey, issued:
         "certificate": out_dir / "device.cert.pem",
         "chain": out_dir / "device.chain.pem",
         "bundle": out_dir / "bundle.json",
+        "registration": out_dir / "registration.json",
     }
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -346,6 +348,8 @@ def _write_device_bundle(out_dir: Path, key: ec.EllipticCurvePrivateKey, issued:
     _write_file(files["certificate"], issued.record.certificate_pem.encode(), 0o644)
     _write_file(files["chain"], issued.chain_pem.encode(), 0o644)
     _write_file(files["bundle"], (json.dumps(issued.bundle(), indent=2) + "\n").encode(), 0o644)
+    registration = device_registration(issued.record.device_id, issued.dps)
+    _write_file(files["registration"], (json.dumps(registration, indent=2) + "\n").encode(), 0o644)
     return files
 
 
@@ -475,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
         create_device_cert,
         "make a device key and CSR here, sign it, and write the device bundle (the seed's simulator flow)",
         "Make a device key (kept on this machine) and a CSR, have the CA sign it, and write a device bundle: "
-        "device.key.pem (mode 0600), device.cert.pem, device.chain.pem (device then intermediate) and "
-        "bundle.json. Real factories keep the key on the device and use sign-csr instead.",
+        "device.key.pem (mode 0600), device.cert.pem, device.chain.pem (device then intermediate), bundle.json "
+        "and registration.json (registration ID, DPS endpoint and ID scope). Real factories keep the key on the "
+        "device and use sign-csr instead.",
     )
     sub.add_argument("--device-id", help="device ID = DPS registration ID = certificate CN (default: random)")
     sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")

@@ -53,6 +53,9 @@ def test_seed_flow_end_to_end(tmp_path):
     assert stat.S_IMODE((out / "device.key.pem").stat().st_mode) == 0o600
     check_device(load((out / "device.cert.pem").read_bytes()), intermediate_cert, "dev-1")
     assert json.loads((out / "bundle.json").read_text())["serialNumber"] == device["serialNumber"]
+    registration = json.loads((out / "registration.json").read_text())
+    assert registration["registrationId"] == "dev-1"
+    assert registration["globalEndpoint"] == "global.azure-devices-provisioning.net"
     verify = subprocess.run(
         [
             "openssl",

@@ -88,6 +88,16 @@ def test_hierarchy_in_the_vault_follows_the_rules_and_works_in_tls(vault_ca, tmp
     assert vault.sign_algorithms == ["ES256", "ES256", "ES256"]  # root, intermediate, device
 
 
+def test_the_vault_lists_its_ca_certificates_with_their_expiry(vault_ca):
+    service, _, _ = vault_ca()
+    root, intermediate = _hierarchy(service)
+    expiries = service.keys.certificate_expiries()
+    assert expiries == {
+        service.root().key_name: root.not_valid_after_utc,
+        service.intermediate("vault-int").key_name: intermediate.not_valid_after_utc,
+    }
+
+
 def test_the_private_keys_stay_in_the_vault(vault_ca):
     service, vault, _ = vault_ca()
     _hierarchy(service)

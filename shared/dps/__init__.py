@@ -7,6 +7,20 @@ DPS is not configured.
 from abc import ABC, abstractmethod
 from typing import Any
 
+GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"  # where every device first connects
+
+
+def device_registration(device_id: str, known: dict[str, str] | None) -> dict[str, Any]:
+    """What a device needs to provision itself: DPS's answer when configured, else what is known here."""
+    if known:
+        return dict(known)
+    return {
+        "registrationId": device_id,
+        "globalEndpoint": GLOBAL_ENDPOINT,
+        "idScope": None,
+        "note": "DPS is not configured here: take the ID scope from your DPS instance's overview",
+    }
+
 
 class Dps(ABC):
     configured: bool = False

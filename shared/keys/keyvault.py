@@ -261,6 +261,13 @@ class KeyVaultKeyStore(KeyStore):
             signer = self._signers.get(name)
         return signer or self._signer(name)
 
+    def certificate_expiries(self) -> dict[str, datetime | None]:
+        """When each certificate in the vault expires, as Key Vault lists them (for the expiry scan)."""
+        return _vault_call(
+            "list certificates",
+            lambda: {p.name or "": p.expires_on for p in self._certificates.list_properties_of_certificates()},
+        )
+
     def describe(self) -> dict[str, str]:
         return {
             "backend": self.backend,
