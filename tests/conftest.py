@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from shared.config import Settings, build_service
 from shared.service import DeviceCA
@@ -13,6 +14,11 @@ from shared.service import DeviceCA
 from .certrules import check_ledger
 
 REPO = Path(__file__).resolve().parent.parent
+
+# CI runs the same examples every time (a clean clone has no example database); local runs explore.
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 class Clock:

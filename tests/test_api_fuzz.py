@@ -49,7 +49,11 @@ def test_anything_sent_to_the_device_route_is_answered_without_a_5xx(api, device
 @given(
     route=st.sampled_from(["/api/ca/intermediates", "/api/factories", "/api/ca/root/proof-of-possession"]),
     document=st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=20),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=4),
         max_leaves=10,
     ),
