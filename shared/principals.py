@@ -100,10 +100,7 @@ class Principals:
 
     def create_api_key(self, principal_id: str) -> NewApiKey:
         """Another key for an existing principal (to rotate keys without downtime)."""
-        principal = self.ledger.get_principal(principal_id)
-        if principal is None:
-            raise NotFound(f"no principal called {principal_id!r}", "principal-not-found")
-        return self._issue_key(principal)
+        return self._issue_key(self.principal(principal_id))
 
     def revoke_api_key(self, key_id: str) -> ApiKey:
         return self.ledger.revoke_api_key(key_id, self._now())
