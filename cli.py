@@ -254,8 +254,10 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
     import uvicorn
 
     from shared.api import create_app
+    from shared.api.workers import listening_port, serve_workers
     from shared.bootstrap import bootstrap_local
 
+    args.port = listening_port(args.host, args.port)  # before anything is set up or printed
     setup = bootstrap_local(service) if args.bootstrap else None
     root_file = (service.settings.pki_home / "root.pem").resolve()
     if service.ledger.get_root() is not None:
@@ -263,16 +265,11 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
     banner = _serve_banner(service, args, setup, root_file)
     print(json.dumps(banner[0], indent=2) if args.json else banner[1], flush=True)
     if args.workers > 1:
-        uvicorn.run(
-            "shared.api:app_from_environment",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            log_level=args.log_level,
-        )
+        serve_workers(args.host, args.port, args.workers, args.log_level, args.access_log)
     else:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            create_app(service), host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+        )
     return None, None
 
 
@@ -543,14 +540,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    sub.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    sub.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker processes, each with its own socket on the port so that connections spread evenly (default 1)",
+    )
     sub.add_argument("--bootstrap", action="store_true", help="set up an empty PKI home for local use first")
     sub.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sub.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log a line per request (default on; --no-access-log for load)",
+    )
 
     sub = command("revoke", revoke, "revoke a certificate: ledger revoked, DPS individual enrollment disabled")
     sub.add_argument("serial", help="certificate serial (hex, as openssl prints it)")
     sub.add_argument("--reason", default="unspecified", help="why, kept in the ledger")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _positive_float(text: str) -> float:

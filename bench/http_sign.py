@@ -4,7 +4,10 @@ N pre-made P-256 CSRs are posted one per request by C concurrent keep-alive clie
 `python cli.py serve` (API key auth, CSR policy, durable ledger commit per certificate), then to
 `cfssl serve` with a P-256 CA (`/api/v1/cfssl/sign`, nothing recorded). Every request must succeed.
 A third run gives cfssl its SQLite certificate database, so that it records every certificate as we do.
-Prints the rates and the ratios; --profile also prints where our server spends its time.
+A fourth measures the floor of our stack: bench/floor_app.py on uvicorn with as many workers, doing
+only the CSR parse, its signature check and the certificate signature with `cryptography` (no auth,
+no policy, no ledger). Prints the rates and the ratios; --profile also prints where our server spends
+its time.
 
     python bench/http_sign.py [--count 2000] [--concurrency 16] [--workers 2] [--rounds 3] [--profile]
 
@@ -22,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -108,12 +112,42 @@ def _wait_for(url: str, process: subprocess.Popen) -> None:
     raise SystemExit(f"bench: {url} never answered")
 
 
+class ServerLog(threading.Thread):
+    """Drains a server's stderr and waits for uvicorn's "Application startup complete." of every worker:
+    the first worker to answer is not enough, since clients that connect earlier all land on it."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        super().__init__(daemon=True)
+        self.process, self.lines, self.changed = process, [], threading.Condition()
+        self.start()
+
+    def run(self) -> None:
+        for line in self.process.stderr:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+
+    def wait_for_workers(self, workers: int) -> None:
+        def started() -> bool:
+            return sum("Application startup complete" in line for line in self.lines) >= workers
+
+        with self.changed:
+            if not self.changed.wait_for(lambda: started() or self.process.poll() is not None, timeout=120):
+                raise SystemExit(f"bench: the server did not start {workers} worker(s):\n{self.text()}")
+        if not started():
+            raise SystemExit(f"bench: the server exited:\n{self.text()}")
+
+    def text(self) -> str:
+        with self.changed:
+            return "".join(self.lines[-30:])
+
+
 def run_ours(
     csrs: list[tuple[str, bytes]], work: Path, args: argparse.Namespace, profile: Path | None = None
 ) -> tuple[float, list]:
     """Our server on a fresh PKI home; with `profile`, one worker under cProfile during the load only."""
     home, port = work / "pki", _free_port()
-    serve = ["serve", "--bootstrap", "--json", "--port", str(port), "--log-level", "warning"]
+    serve = ["serve", "--bootstrap", "--json", "--port", str(port), "--log-level", "info", "--no-access-log"]
     if profile:
         command = [sys.executable, str(REPO / "bench" / "profiled_serve.py"), str(profile), *serve]
     else:
@@ -122,10 +156,11 @@ def run_ours(
     server = subprocess.Popen(
         command, cwd=work, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    log = ServerLog(server)
     try:
-        banner = _read_json(server)
+        banner = _read_json(server, log)
         key = banner["created"]["factory"]["apiKey"]
-        _wait_for(f"http://127.0.0.1:{port}/api/health", server)
+        log.wait_for_workers(1 if profile else args.workers)
         requests = [
             _request(
                 f"/api/devices/{device_id}/certificate",
@@ -144,20 +179,20 @@ def run_ours(
         server.send_signal(signal.SIGINT)
         server.wait()
         server.stdout.close()
-        server.stderr.close()
     failed = [s for s in statuses if s is None or s[0] != 201]
     if failed:
         raise SystemExit(f"bench: {len(failed)} of our requests failed, e.g. {failed[0]}")
     return len(csrs) / elapsed, statuses
 
 
-def _read_json(process: subprocess.Popen) -> dict:
+def _read_json(process: subprocess.Popen, log: ServerLog) -> dict:
     text = ""
     for line in process.stdout:
         text += line
         if line.startswith("}"):
             return json.loads(text)
-    raise SystemExit(f"bench: no banner from the server:\n{process.stderr.read()}")
+    process.wait()
+    raise SystemExit(f"bench: no banner from the server:\n{log.text()}")
 
 
 def ensure_cfssl() -> str:
@@ -250,6 +285,27 @@ def run_cfssl(csrs: list[tuple[str, bytes]], work: Path, args: argparse.Namespac
     return len(csrs) / elapsed
 
 
+def run_floor(csrs: list[tuple[str, bytes]], args: argparse.Namespace) -> float:
+    """bench/floor_app.py on uvicorn, with as many workers as ours started the same way (one socket each)."""
+    port = _free_port()
+    serve = f"serve_workers('127.0.0.1', {port}, {args.workers}, 'info', False, 'floor_app:app', factory=False)"
+    command = [sys.executable, "-c", f"from shared.api.workers import serve_workers; {serve}"]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
+    server = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = ServerLog(server)
+    try:
+        log.wait_for_workers(args.workers)
+        requests = [_request("/sign", {"Content-Type": "application/pkcs10"}, csr) for _, csr in csrs]
+        elapsed, statuses = post_all(port, requests, args.concurrency)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait()
+    failed = [s for s in statuses if s is None or s[0] != 201]
+    if failed:
+        raise SystemExit(f"bench: {len(failed)} requests to the floor app failed, e.g. {failed[0]}")
+    return len(csrs) / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=2000)
@@ -264,7 +320,7 @@ def main() -> None:
         f"http_sign: {args.count} P-256 CSRs, one per request, {args.concurrency} concurrent clients, "
         f"{os.cpu_count()} CPUs; ours with {args.workers} worker(s)"
     )
-    ours_rates, cfssl_rates, recording_rates = [], [], []
+    ours_rates, cfssl_rates, recording_rates, floor_rates = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         for round_ in range(args.rounds):
             work = Path(tmp) / f"round-{round_}"
@@ -274,21 +330,25 @@ def main() -> None:
             cfssl_rates.append(run_cfssl(csrs, work / "cfssl", args))
             (work / "cfssl-certdb").mkdir()
             recording_rates.append(run_cfssl(csrs, work / "cfssl-certdb", args, record=True))
+            floor_rates.append(run_floor(csrs, args))
         if args.profile:
             (Path(tmp) / "profiled").mkdir()
             profile = Path(tmp) / "server.prof"
             run_ours(csrs, Path(tmp) / "profiled", args, profile)
             print_profile(profile)
-    ours, cfssl, recording = max(ours_rates), max(cfssl_rates), max(recording_rates)
+    ours, cfssl, recording, floor = max(ours_rates), max(cfssl_rates), max(recording_rates), max(floor_rates)
     print(f"  ours  (POST /api/devices/ID/certificate):    {ours:7.0f} certificates/s  (rounds: {_list(ours_rates)})")
     print(f"  cfssl (/api/v1/cfssl/sign, records nothing): {cfssl:7.0f} certificates/s  (rounds: {_list(cfssl_rates)})")
     print(
         f"  cfssl with its SQLite certdb (records each): {recording:7.0f} certificates/s  "
         f"(rounds: {_list(recording_rates)})"
     )
+    print(f"  floor (uvicorn + cryptography, no CA logic): {floor:7.0f} certificates/s  (rounds: {_list(floor_rates)})")
     verdict = "met" if ours >= cfssl else "NOT met"
     print(f"  ratio ours / cfssl:              {ours / cfssl:5.2f}  (target >= 1.0: {verdict})")
     print(f"  ratio ours / cfssl with certdb:  {ours / recording:5.2f}  (like for like: every certificate recorded)")
+    print(f"  ratio ours / floor:              {ours / floor:5.2f}  (what our CA logic costs on this stack)")
+    print(f"  ratio floor / cfssl:             {floor / cfssl:5.2f}  (the best any server on this stack could reach)")
 
 
 def _list(values: list[float]) -> str:

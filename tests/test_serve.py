@@ -1,14 +1,19 @@
 """`make run`'s server: a first start prints keys and a curl example that really works."""
 
+import contextlib
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +21,7 @@ from shared.ledger.sqlite import SqliteLedger
 
 from .certrules import check_ledger
 from .conftest import REPO
+from .csrs import make_csr
 
 
 def _free_port() -> int:
@@ -88,3 +94,163 @@ def test_first_start_prints_keys_and_a_curl_example_that_works(tmp_path):
     ledger = SqliteLedger(home / "ledger.sqlite3")
     assert check_ledger(ledger) == 3  # root, intermediate, my-device-1
     ledger.close()
+
+
+# -- serve --workers: one SO_REUSEPORT socket per worker -------------------------------------------------
+
+
+class _StderrLines:
+    """Collects a server's stderr lines in a thread, so that a test can wait for some without blocking."""
+
+    def __init__(self, server: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._drain, args=(server,), daemon=True).start()
+
+    def _drain(self, server: subprocess.Popen) -> None:
+        for line in server.stderr:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append("<EOF>")
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1) -> None:
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: sum(text in line for line in self.lines) >= count or "<EOF>" in self.lines, timeout=60
+            )
+            assert found and "<EOF>" not in self.lines, "".join(self.lines)
+
+
+def _workers(pid: int) -> set[int]:
+    """The server's worker processes (multiprocessing also starts a resource tracker, not a worker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child) for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()}
+
+
+def _tcp_sockets(port: int) -> dict[int, str]:
+    """socket inode -> state ('listen' or 'established') of the IPv4 TCP sockets on a local port."""
+    states = {"0A": "listen", "01": "established"}
+    sockets = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] in states:
+            sockets[int(fields[9])] = states[fields[3]]
+    return sockets
+
+
+def _sockets_of(pid: int, port: int) -> dict[int, str]:
+    """inode -> state of the process's TCP sockets on the port."""
+    sockets = _tcp_sockets(port)
+    held = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:[") and int(target[8:-1]) in sockets:
+                held[int(target[8:-1])] = sockets[int(target[8:-1])]
+    return held
+
+
+def test_workers_each_listen_on_their_own_socket_and_share_the_connections(tmp_path):
+    home, port = tmp_path / "pki", _free_port()
+    command = [sys.executable, str(REPO / "cli.py"), "serve", "--bootstrap", "--json", "--port", str(port)]
+    command += ["--workers", "2", "--log-level", "info", "--no-access-log"]
+    with subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "PKI_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as server:
+        try:
+            log = _StderrLines(server)
+            banner = _json_banner(server)
+            log.wait_for("Application startup complete", count=2)
+            workers = _workers(server.pid)
+            assert len(workers) == 2
+            listening = [[inode for inode, state in _sockets_of(w, port).items() if state == "listen"] for w in workers]
+            assert sorted(map(len, listening)) == [1, 1] and listening[0] != listening[1]  # a socket each
+
+            # A burst of keep-alive clients, all connected before any is served: shared by the workers, not
+            # all accepted by the first to wake (as with one socket shared by all workers).
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(24)]
+            for client in clients:
+                client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert all(client.recv(4096).startswith(b"HTTP/1.1 200") for client in clients)
+            held = {worker: list(_sockets_of(worker, port).values()).count("established") for worker in workers}
+            assert sum(held.values()) == 24 and all(held.values()), held
+            for client in clients:
+                client.close()
+
+            # The workers build the service from PKI_HOME: the factory key printed by the parent signs.
+            status, chain = _sign(port, banner["created"]["factory"]["apiKey"], "worker-device-1")
+            assert status == 201 and chain.count("BEGIN CERTIFICATE") == 2
+            assert not any('"POST /api/devices' in line for line in log.lines)  # --no-access-log
+
+            # A worker that dies is replaced.
+            killed = next(iter(workers))
+            os.kill(killed, signal.SIGKILL)
+            log.wait_for("Application startup complete", count=3)
+            replaced = _workers(server.pid)
+            assert len(replaced) == 2 and killed not in replaced
+            assert _sign(port, banner["created"]["factory"]["apiKey"], "worker-device-2")[0] == 201
+        finally:
+            server.send_signal(signal.SIGINT)
+            assert server.wait() == 0
+    assert not any(Path(f"/proc/{worker}").exists() for worker in replaced)  # stopped and reaped
+    ledger = SqliteLedger(home / "ledger.sqlite3")
+    assert check_ledger(ledger) == 4  # root, intermediate and the two devices
+    ledger.close()
+
+
+def test_serve_refuses_a_port_in_use_before_setting_anything_up(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "cli.py"),
+                    "serve",
+                    "--bootstrap",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    workers,
+                ],
+                cwd=tmp_path,
+                env={**os.environ, "PKI_HOME": str(tmp_path / "pki")},
+                capture_output=True,
+                text=True,
+            )
+            assert result.returncode == 1
+            assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+            assert result.stdout == "" and not list((tmp_path / "pki").rglob("*.pem"))  # no CA was set up
+
+
+def _json_banner(server: subprocess.Popen) -> dict:
+    text = ""
+    for line in server.stdout:
+        text += line
+        if line.startswith("}"):
+            break
+    return json.loads(text)
+
+
+def _sign(port: int, key: str, device_id: str) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/devices/{device_id}/certificate",
+        data=make_csr(device_id),
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/pkcs10",
+            "Accept": "application/x-pem-file",
+        },
+    )
+    with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback
+        return response.status, response.read().decode()

@@ -1,0 +1,108 @@
+"""`serve --workers N`: N uvicorn servers, each listening on its own SO_REUSEPORT socket on the same port.
+
+uvicorn's own workers share one listening socket, and an event loop that wakes for it accepts every
+connection waiting there: a burst of keep-alive clients lands on one worker and stays there while the
+others idle. With a socket each, the kernel spreads new connections over the workers evenly. A worker
+that dies after it started is replaced; one that cannot start (exit code 3, as uvicorn's) stops the server.
+"""
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import socket
+import sys
+from types import FrameType
+
+import uvicorn
+
+from ..errors import CaError
+
+APP = "shared.api:app_from_environment"
+STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start
+log = logging.getLogger("device_ca.serve")
+
+
+def serve_workers(
+    host: str, port: int, workers: int, log_level: str, access_log: bool, app: str = APP, factory: bool = True
+) -> None:
+    """Run `app` (an import string; with `factory`, of a function that makes the app) until SIGINT or
+    SIGTERM. CaError when the port is taken or a worker cannot start."""
+    if not hasattr(socket, "SO_REUSEPORT"):  # not on Windows: uvicorn's shared socket, then
+        uvicorn.run(app, factory=factory, host=host, port=port, workers=workers, log_level=log_level)
+        return
+    context = multiprocessing.get_context("spawn")
+    options = (host, listening_port(host, port), log_level, access_log, app, factory)
+    stop = _stop_flag()
+    running = [_start(context, options) for _ in range(workers)]
+    while not stop:
+        multiprocessing.connection.wait([process.sentinel for process in running], timeout=0.5)
+        for index, process in enumerate(running):
+            if process.is_alive() or stop:
+                continue
+            if process.exitcode == STARTUP_FAILURE:
+                _stop_all(running)
+                raise CaError("a worker could not start; its error is above", "worker-failed")
+            log.warning("worker %s exited with code %s; starting another", process.pid, process.exitcode)
+            running[index] = _start(context, options)
+    _stop_all(running)
+
+
+def listening_port(host: str, port: int) -> int:
+    """Check that nothing listens on the port, not even another server's SO_REUSEPORT workers, which
+    workers' own sockets would silently join; port 0 becomes a free port. CaError when it is taken."""
+    probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        return probe.getsockname()[1]
+    except OSError as error:
+        raise CaError(f"cannot listen on {host}:{port}: {error.strerror}", "port-in-use") from None
+    finally:
+        probe.close()
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _start(context: multiprocessing.context.SpawnContext, options: tuple) -> multiprocessing.Process:
+    process = context.Process(target=_worker, args=options, name="device-ca-worker")
+    process.start()
+    return process
+
+
+def _stop_flag() -> list[bool]:
+    """A list that becomes true on SIGINT or SIGTERM (Ctrl-C reaches the workers too: they stop themselves)."""
+    flag: list[bool] = []
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        flag.append(True)
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return flag
+
+
+def _stop_all(running: list[multiprocessing.Process]) -> None:
+    for process in running:
+        if process.is_alive():
+            process.terminate()  # SIGTERM: uvicorn finishes the requests in flight, then exits
+    for process in running:
+        process.join()
+
+
+def _worker(host: str, port: int, log_level: str, access_log: bool, app: str, factory: bool) -> None:
+    listener = socket.socket(_family(host), socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        print(f"serve: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
+    config = uvicorn.Config(app, factory=factory, host=host, port=port, log_level=log_level, access_log=access_log)
+    server = uvicorn.Server(config)
+    server.run(sockets=[listener])
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
