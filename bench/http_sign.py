@@ -113,8 +113,8 @@ def _wait_for(url: str, process: subprocess.Popen) -> None:
 
 
 class ServerLog(threading.Thread):
-    """Drains a server's stderr and waits for uvicorn's "Application startup complete." of every worker:
-    the first worker to answer is not enough, since clients that connect earlier all land on it."""
+    """Drains a server's stderr and waits for uvicorn's "Uvicorn running on" of every worker: the first
+    worker to answer is not enough, since the clients that connect earlier all land on it."""
 
     def __init__(self, process: subprocess.Popen) -> None:
         super().__init__(daemon=True)
@@ -129,7 +129,7 @@ class ServerLog(threading.Thread):
 
     def wait_for_workers(self, workers: int) -> None:
         def started() -> bool:
-            return sum("Application startup complete" in line for line in self.lines) >= workers
+            return sum("Uvicorn running on" in line for line in self.lines) >= workers
 
         with self.changed:
             if not self.changed.wait_for(lambda: started() or self.process.poll() is not None, timeout=120):

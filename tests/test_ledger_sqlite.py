@@ -1,7 +1,9 @@
 """The SQLite ledger enforces uniqueness itself, durably, even against another process."""
 
+import asyncio
 import multiprocessing
 import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -85,6 +87,28 @@ def test_each_issuance_stands_alone_in_one_commit(ledger):
     assert isinstance(results[1], Conflict) and results[1].code == "key-in-use"
     assert [c.serial for c in ledger.list_certificates(CertificateQuery()).items] == ["01", "03"]
     assert ledger.key_bindings(["k1"]) == {"k1": ("dev-1", False)}
+
+
+def test_event_loop_commits_go_to_a_thread_while_commits_are_slow_and_come_back_when_quick(tmp_path):
+    # Commits count as quick here under a second, whatever this machine's disk; they start out slow.
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", inline_commit_seconds=1.0)
+    ledger.add_ca(_ca())
+    ledger._commit_seconds = 10.0
+    committed_on: list[str] = []
+    ledger._connection().set_trace_callback(
+        lambda statement: committed_on.append(threading.current_thread().name) if statement == "COMMIT" else None
+    )
+
+    async def record(serials: range) -> str:
+        for serial in serials:
+            assert await ledger.record_issued_async([Issuance(_cert(f"{serial:02X}", f"dev-{serial}", f"k{serial}"))])
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(record(range(1, 60)))
+    assert committed_on[0] != loop_thread  # in a thread while the average is slow
+    assert committed_on[-1] == loop_thread  # these commits are quick: back on the loop
+    assert len(ledger.list_certificates(CertificateQuery(limit=100)).items) == 59
+    ledger.close()
 
 
 def test_store_itself_refuses_a_second_active_certificate(ledger):

@@ -168,7 +168,7 @@ def test_workers_each_listen_on_their_own_socket_and_share_the_connections(tmp_p
         try:
             log = _StderrLines(server)
             banner = _json_banner(server)
-            log.wait_for("Application startup complete", count=2)
+            log.wait_for("Uvicorn running on", count=2)
             workers = _workers(server.pid)
             assert len(workers) == 2
             listening = [[inode for inode, state in _sockets_of(w, port).items() if state == "listen"] for w in workers]
@@ -193,7 +193,7 @@ def test_workers_each_listen_on_their_own_socket_and_share_the_connections(tmp_p
             # A worker that dies is replaced.
             killed = next(iter(workers))
             os.kill(killed, signal.SIGKILL)
-            log.wait_for("Application startup complete", count=3)
+            log.wait_for("Uvicorn running on", count=3)
             replaced = _workers(server.pid)
             assert len(replaced) == 2 and killed not in replaced
             assert _sign(port, banner["created"]["factory"]["apiKey"], "worker-device-2")[0] == 201

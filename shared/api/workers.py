@@ -9,6 +9,7 @@ that dies after it started is replaced; one that cannot start (exit code 3, as u
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ from ..errors import CaError
 APP = "shared.api:app_from_environment"
 STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start
 log = logging.getLogger("device_ca.serve")
+uvicorn_log = logging.getLogger("uvicorn.error")
 
 
 def serve_workers(
@@ -92,6 +94,15 @@ def _stop_all(running: list[multiprocessing.Process]) -> None:
         process.join()
 
 
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn says where it listens only when it opened the socket itself; say it once listening."""
+        await super().startup(sockets)
+        if self.started and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            uvicorn_log.info("Uvicorn running on http://%s:%d in worker %d", host, port, os.getpid())
+
+
 def _worker(host: str, port: int, log_level: str, access_log: bool, app: str, factory: bool) -> None:
     listener = socket.socket(_family(host), socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -102,7 +113,7 @@ def _worker(host: str, port: int, log_level: str, access_log: bool, app: str, fa
         print(f"serve: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
         sys.exit(STARTUP_FAILURE)
     config = uvicorn.Config(app, factory=factory, host=host, port=port, log_level=log_level, access_log=access_log)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run(sockets=[listener])
     if not server.started:
         sys.exit(STARTUP_FAILURE)

@@ -3,10 +3,9 @@
 Threads: one writer thread takes everything queued, writes it in one transaction and hands each caller
 its own results (or the group's error). Coroutines: the first to queue schedules a flush on its event
 loop (`call_soon`), which runs once the requests already in hand have queued theirs too; while a group
-is being written the next one gathers. The coroutine writer does the statements on the loop and only
-waits off the loop for the fsync (a writer thread doing all of it would need the GIL back a dozen times
-per transaction from a busy loop). Either way one fsync carries many certificates under load, and no
-caller waits for a timer.
+is being written the next one gathers. The coroutine writer does the statements on the loop (a writer
+thread would need the GIL back a dozen times per transaction from a busy loop). Either way one fsync
+carries many certificates under load, and no caller waits for a timer.
 """
 
 import asyncio
