@@ -364,7 +364,7 @@ def print_profile(profile: Path) -> None:
     parts = {
         "authentication (API key lookup)": ("shared/api/auth.py", "authenticate"),
         "signing runs (CSR checks, ledger reads, signing)": ("shared/service.py", "_sign_run"),
-        "ledger commits (statements; the fsync waits in a thread)": ("shared/ledger/sqlite.py", "_record_group_async"),
+        "ledger commits (statements and fsync)": ("shared/ledger/sqlite.py", "_record_group_async"),
         "response (bundle to JSON)": ("shared/api/app.py", "_bundle_response"),
     }
     details = {
