@@ -24,7 +24,7 @@ from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError
 from shared.principals import NewApiKey
 from shared.service import DeviceCA, IssuedCertificate
-from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view
+from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view
 
 EXIT_ERROR = 1
 
@@ -213,6 +213,22 @@ def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
 def create_factory(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     issued = service.principals.create_factory(args.name, args.intermediate, args.app_id)
     return _new_key(issued, f"Created factory {args.name}, bound to {', '.join(issued.principal.intermediates)}.")
+
+
+def bind_factory(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    before = service.principals.principal(args.name).intermediates
+    factory = service.principals.bind_factory(args.name, args.intermediate)
+    text = f"Factory {args.name} now signs with {', '.join(factory.intermediates)} (before: {', '.join(before)})."
+    return principal_view(factory), text + " Its API keys are unchanged."
+
+
+def list_factories(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    factories = service.principals.factories()
+    if not factories:
+        return [], "No factories yet; create one with create-factory."
+    rows = [("FACTORY", "INTERMEDIATES", "APP ID", "CREATED")]
+    rows += [(f.id, ",".join(f.intermediates), f.app_id or "", _day(f.created_at)) for f in factories]
+    return [principal_view(f) for f in factories], _table(rows)
 
 
 def create_admin_key(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
@@ -530,6 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("key_id", metavar="KEY_ID", help="the key's ID (list-keys shows them)")
 
     command("list-keys", list_keys, "list API keys: IDs and owners, never secrets")
+
+    sub = command(
+        "bind-factory",
+        bind_factory,
+        "replace the intermediates a factory may sign with; its API keys stay valid",
+        "Replace the intermediates a factory may sign with, for instance when a new intermediate takes over "
+        "from one that is disabled. Its API keys, application ID and issued certificates stay as they are.",
+    )
+    sub.add_argument("name", help="the factory's ID (list-factories shows them)")
+    sub.add_argument(
+        "--intermediate", action="append", required=True, help="an intermediate it may sign with (repeatable)"
+    )
+
+    command("list-factories", list_factories, "list factories and the intermediates each may sign with")
 
     sub = command(
         "serve",

@@ -72,21 +72,34 @@ class Principals:
 
     def create_factory(self, name: str, intermediates: Sequence[str], app_id: str | None = None) -> NewApiKey:
         check_ca_id(name)
+        principal = Principal(
+            id=name,
+            role=FACTORY,
+            intermediates=self._known_intermediates(intermediates),
+            created_at=self._now(),
+            app_id=app_id.strip().lower() if app_id else None,
+        )
+        self.ledger.add_principal(principal)
+        return self._issue_key(principal)
+
+    def bind_factory(self, name: str, intermediates: Sequence[str]) -> Principal:
+        """Replace the intermediates a factory may sign with (say, when one is rotated out); its API keys,
+        its application ID and the certificates it was issued stay as they are."""
+        if self.principal(name).role != FACTORY:
+            raise CaError(f"{name!r} is an admin, not a factory; admins may use every intermediate", "not-a-factory")
+        return self.ledger.set_principal_intermediates(name, self._known_intermediates(intermediates))
+
+    def factories(self) -> list[Principal]:
+        return [principal for principal in self.ledger.list_principals() if principal.role == FACTORY]
+
+    def _known_intermediates(self, intermediates: Sequence[str]) -> tuple[str, ...]:
         if not intermediates:
             raise CaError("a factory must be bound to at least one intermediate", "no-intermediates")
         for ca_id in intermediates:
             record = self.ledger.get_ca(ca_id)
             if record is None or record.kind != INTERMEDIATE:
                 raise NotFound(f"no intermediate with ID {ca_id!r}", "intermediate-not-found")
-        principal = Principal(
-            id=name,
-            role=FACTORY,
-            intermediates=tuple(dict.fromkeys(intermediates)),
-            created_at=self._now(),
-            app_id=app_id.strip().lower() if app_id else None,
-        )
-        self.ledger.add_principal(principal)
-        return self._issue_key(principal)
+        return tuple(dict.fromkeys(intermediates))
 
     def create_admin_key(self, name: str = "admin") -> NewApiKey:
         check_ca_id(name)

@@ -34,6 +34,7 @@ class Api:
             [(c.serial, c.status) for c in ledger.list_certificates(CertificateQuery(limit=1000)).items],
             [(ca.id, ca.status) for ca in ledger.list_cas()],
             [(k.id, k.revoked_at) for k in ledger.list_api_keys()],
+            ledger.list_principals(),
         )
 
 

@@ -262,6 +262,36 @@ def test_factories_and_keys(api):
     _error(api.post_csr("dev-acme-2", make_csr("dev-acme-2"), key), 401, "revoked-api-key")
 
 
+def test_a_factory_rebound_to_a_new_intermediate_keeps_its_key(api):
+    admin = bearer(api.admin)
+    api.client.post("/api/ca/intermediates", json={"id": "line-2"}, headers=admin)
+    listed = api.client.get("/api/factories", headers=admin).json()
+    assert [(f["id"], f["intermediates"]) for f in listed] == [
+        ("factory-one", ["factory-a"]),
+        ("factory-two", ["factory-b"]),
+    ]
+    bound = api.client.put(
+        "/api/factories/factory-one/intermediates", json={"intermediates": ["line-2"]}, headers=admin
+    )
+    assert bound.status_code == 200 and bound.json()["intermediates"] == ["line-2"]
+    signed = api.post_csr("dev-rebound", make_csr("dev-rebound"), api.factory_a)
+    assert signed.status_code == 201 and signed.json()["intermediateId"] == "line-2"
+    refused = api.post_csr("dev-old-line", make_csr("dev-old-line"), api.factory_a, intermediateId="factory-a")
+    _error(refused, 403, "intermediate-not-allowed")
+
+    def bind(name: str, intermediates: list[str]):
+        return api.client.put(
+            f"/api/factories/{name}/intermediates", json={"intermediates": intermediates}, headers=admin
+        )
+
+    before = api.state()
+    _error(bind("nobody", ["line-2"]), 404, "principal-not-found")
+    _error(bind("factory-one", ["nope"]), 404, "intermediate-not-found")
+    _error(bind("admin", ["line-2"]), 400, "not-a-factory")
+    _error(bind("factory-one", []), 400, "invalid-request")
+    assert api.state() == before
+
+
 def test_api_keys_are_stored_only_as_hashes(api):
     stored = api.service.ledger.path.read_bytes()
     for key in (api.admin, api.factory_a, api.factory_b):

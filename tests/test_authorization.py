@@ -22,6 +22,12 @@ def _issued_by_factory_a(api) -> str:
     return api.service.sign_csr(make_csr(device), device, requested_by="factory-one").record.serial
 
 
+def _throwaway_factory(api) -> str:
+    name = _fresh("fac")
+    api.service.principals.create_factory(name, ["factory-a"])
+    return name
+
+
 def _throwaway_key(api) -> str:
     return api.service.principals.create_api_key("factory-two").key.id
 
@@ -70,6 +76,16 @@ ROUTES = [
         "create factory",
         lambda api: ("POST", "/api/factories", {"json": {"name": _fresh("fac"), "intermediates": ["factory-a"]}}),
         (*ADMIN_ONLY, 201),
+    ),
+    ("list factories", lambda api: ("GET", "/api/factories", {}), (*ADMIN_ONLY, 200)),
+    (
+        "bind factory",
+        lambda api: (
+            "PUT",
+            f"/api/factories/{_throwaway_factory(api)}/intermediates",
+            {"json": {"intermediates": ["spare"]}},
+        ),
+        (*ADMIN_ONLY, 200),
     ),
     ("list keys", lambda api: ("GET", "/api/keys", {}), (*ADMIN_ONLY, 200)),
     ("revoke key", lambda api: ("POST", f"/api/keys/{_throwaway_key(api)}/revoke", {}), (*ADMIN_ONLY, 200)),

@@ -24,6 +24,14 @@ COMMANDS = [
     "sign-csr",
     "list-certificates",
     "revoke",
+    "create-factory",
+    "bind-factory",
+    "list-factories",
+    "create-admin-key",
+    "create-api-key",
+    "revoke-key",
+    "list-keys",
+    "serve",
 ]
 
 
@@ -116,6 +124,29 @@ def test_errors_are_one_line(tmp_path):
     assert result.stderr.decode().splitlines() == ["error: there is no CA root yet; create it with create-ca-root"]
     result = run_cli("revoke", "nothex", "--json", home=home)
     assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "invalid-serial"
+
+
+def test_a_factory_is_rebound_to_new_intermediates_and_keeps_its_key(tmp_path):
+    home = tmp_path / "pki"
+    for command in (["create-ca-root"], ["create-ca-intermediate", "--id", "line-1"]):
+        assert run_cli(*command, home=home).returncode == 0
+    assert run_cli("create-ca-intermediate", "--id", "line-2", home=home).returncode == 0
+    key = _json(run_cli("create-factory", "plant-7", "--intermediate", "line-1", "--json", home=home))["apiKey"]
+    result = run_cli("bind-factory", "plant-7", "--intermediate", "line-2", "--intermediate", "line-1", home=home)
+    assert result.stdout.decode().strip() == (
+        "Factory plant-7 now signs with line-2, line-1 (before: line-1). Its API keys are unchanged."
+    )
+    listed = _json(run_cli("list-factories", "--json", home=home))
+    assert [(f["id"], f["intermediates"]) for f in listed] == [("plant-7", ["line-2", "line-1"])]
+    assert run_cli("list-factories", home=home).stdout.decode().splitlines()[1].split()[:2] == [
+        "plant-7",
+        "line-2,line-1",
+    ]
+    keys = _json(run_cli("list-keys", "--json", home=home))
+    assert [k["principalId"] for k in keys] == ["plant-7"] and key.split("_")[1] == keys[0]["id"]
+    result = run_cli("bind-factory", "plant-7", "--intermediate", "line-9", home=home)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == ["error: no intermediate with ID 'line-9'"]
 
 
 def test_bad_setting_is_one_line(tmp_path):

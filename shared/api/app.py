@@ -13,7 +13,7 @@ from ..errors import CaError, NotFound
 from ..ledger.models import CertificateQuery
 from ..principals import Caller
 from ..service import DeviceCA, IssuedCertificate
-from ..views import api_key_view, ca_view, certificate_view, new_api_key_view
+from ..views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view
 from . import models
 from .auth import AdminCaller, AnyCaller, Service, authenticate, document_security, service_of
 from .errors import UnsupportedMediaType, install_error_handlers
@@ -397,6 +397,23 @@ def _may_read(caller: Caller, requested_by: str) -> bool:
 )
 def create_factory(caller: AdminCaller, service: Service, body: models.CreateFactory) -> dict[str, Any]:
     return new_api_key_view(service.principals.create_factory(body.name, body.intermediates, body.appId))
+
+
+@router.get(
+    "/api/factories", response_model=list[models.PrincipalView], tags=["access"], summary="list factories (admin)"
+)
+def list_factories(caller: AdminCaller, service: Service) -> list[dict[str, Any]]:
+    return [principal_view(factory) for factory in service.principals.factories()]
+
+
+@router.put(
+    "/api/factories/{name}/intermediates",
+    response_model=models.PrincipalView,
+    tags=["access"],
+    summary="replace the intermediates a factory may sign with; its keys stay valid (admin)",
+)
+def bind_factory(name: str, caller: AdminCaller, service: Service, body: models.FactoryIntermediates) -> dict[str, Any]:
+    return principal_view(service.principals.bind_factory(name, body.intermediates))
 
 
 @router.get("/api/keys", response_model=list[models.ApiKeyView], tags=["access"], summary="list API keys (admin)")

@@ -113,6 +113,10 @@ class CreateFactory(Strict):
     appId: str | None = Field(None, description="its Entra application ID, for PKI_AUTH=easyauth")
 
 
+class FactoryIntermediates(Strict):
+    intermediates: list[str] = Field(min_length=1, description="the intermediates it may sign with, from now on")
+
+
 class PrincipalView(BaseModel):
     id: str
     role: Literal["admin", "factory"]

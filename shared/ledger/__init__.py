@@ -82,6 +82,14 @@ class Ledger(ABC):
     def principal_for_app(self, app_id: str) -> Principal | None: ...
 
     @abstractmethod
+    def list_principals(self) -> list[Principal]:
+        """Every principal, oldest first."""
+
+    @abstractmethod
+    def set_principal_intermediates(self, principal_id: str, intermediates: Sequence[str]) -> Principal:
+        """Replace the intermediates a principal may use; NotFound if there is no such principal."""
+
+    @abstractmethod
     def add_api_key(self, key: ApiKey) -> None: ...
 
     @abstractmethod

@@ -475,6 +475,19 @@ class SqliteLedger(Ledger):
         rows = self._read(f"SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE app_id = ?", (app_id,))
         return _principal(rows[0]) if rows else None
 
+    def list_principals(self) -> list[Principal]:
+        return [_principal(row) for row in self._read(f"SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY rowid")]
+
+    def set_principal_intermediates(self, principal_id: str, intermediates: Sequence[str]) -> Principal:
+        with self._write() as db:
+            db.execute(
+                "UPDATE principals SET intermediates = ? WHERE id = ?", (json.dumps(list(intermediates)), principal_id)
+            )
+        principal = self.get_principal(principal_id)
+        if principal is None:
+            raise NotFound(f"no principal called {principal_id!r}", "principal-not-found")
+        return principal
+
     def add_api_key(self, key: ApiKey) -> None:
         with self._write() as db:
             db.execute(
