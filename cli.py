@@ -450,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--days", type=_positive_float, help=f"validity in days (default: {default_days})")
         sub.add_argument("--out", type=Path, help=f"also write the {kind} certificate (PEM) to this file")
 
+    def factory_options(sub: argparse.ArgumentParser, name_help: str) -> None:
+        sub.add_argument("name", help=name_help)
+        sub.add_argument(
+            "--intermediate", action="append", required=True, help="an intermediate it may sign with (repeatable)"
+        )
+
     sub = command(
         "create-ca-root",
         create_ca_root,
@@ -530,11 +536,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Create a factory principal that may sign with the given intermediates and read only its own "
         "certificates, and print its API key once.",
     )
-    sub.add_argument("name", help="factory ID: lowercase letters, digits and '-'")
-    sub.add_argument(
-        "--intermediate", action="append", required=True, help="an intermediate it may sign with (repeatable)"
-    )
+    factory_options(sub, "factory ID: lowercase letters, digits and '-'")
     sub.add_argument("--app-id", help="its Entra application ID, used when PKI_AUTH=easyauth")
+
+    sub = command(
+        "bind-factory",
+        bind_factory,
+        "replace the intermediates a factory may sign with; its API keys stay valid",
+        "Replace the intermediates a factory may sign with, for instance when a new intermediate takes over "
+        "from one that is disabled. Its API keys, application ID and issued certificates stay as they are.",
+    )
+    factory_options(sub, "the factory's ID (list-factories shows them)")
+
+    command("list-factories", list_factories, "list factories and the intermediates each may sign with")
 
     sub = command("create-admin-key", create_admin_key, "create an admin API key (shown once)")
     sub.add_argument("--name", default="admin", help="admin principal to add the key to (default: admin)")
@@ -546,20 +560,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("key_id", metavar="KEY_ID", help="the key's ID (list-keys shows them)")
 
     command("list-keys", list_keys, "list API keys: IDs and owners, never secrets")
-
-    sub = command(
-        "bind-factory",
-        bind_factory,
-        "replace the intermediates a factory may sign with; its API keys stay valid",
-        "Replace the intermediates a factory may sign with, for instance when a new intermediate takes over "
-        "from one that is disabled. Its API keys, application ID and issued certificates stay as they are.",
-    )
-    sub.add_argument("name", help="the factory's ID (list-factories shows them)")
-    sub.add_argument(
-        "--intermediate", action="append", required=True, help="an intermediate it may sign with (repeatable)"
-    )
-
-    command("list-factories", list_factories, "list factories and the intermediates each may sign with")
 
     sub = command(
         "serve",
