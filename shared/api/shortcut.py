@@ -42,7 +42,8 @@ class RouteShortcut:
         try:
             response = await self.endpoint(request)
         except Exception as error:
-            handler = next((self.handlers()[kind] for kind in type(error).__mro__ if kind in self.handlers()), None)
+            handlers = self.handlers()
+            handler = next((handlers[kind] for kind in type(error).__mro__ if kind in handlers), None)
             if handler is None:
                 raise
             response = await handler(request, error)

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 
 import uvicorn
@@ -35,12 +36,12 @@ def serve_workers(
         return
     context = multiprocessing.get_context("spawn")
     options = (host, listening_port(host, port), log_level, access_log, app, factory)
-    stop = _stop_flag()
+    stop = _stop_on_signals()
     running = [_start(context, options) for _ in range(workers)]
-    while not stop:
+    while not stop.is_set():
         multiprocessing.connection.wait([process.sentinel for process in running], timeout=0.5)
         for index, process in enumerate(running):
-            if process.is_alive() or stop:
+            if process.is_alive() or stop.is_set():
                 continue
             if process.exitcode == STARTUP_FAILURE:
                 _stop_all(running)
@@ -74,16 +75,16 @@ def _start(context: multiprocessing.context.SpawnContext, options: tuple) -> mul
     return process
 
 
-def _stop_flag() -> list[bool]:
-    """A list that becomes true on SIGINT or SIGTERM (Ctrl-C reaches the workers too: they stop themselves)."""
-    flag: list[bool] = []
+def _stop_on_signals() -> threading.Event:
+    """Set on SIGINT or SIGTERM (Ctrl-C reaches the workers too: they stop themselves)."""
+    stop = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        flag.append(True)
+        stop.set()
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    return flag
+    return stop
 
 
 def _stop_all(running: list[multiprocessing.Process]) -> None:
