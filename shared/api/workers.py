@@ -32,7 +32,9 @@ def serve_workers(
     """Run `app` (an import string; with `factory`, of a function that makes the app) until SIGINT or
     SIGTERM. CaError when the port is taken or a worker cannot start."""
     if not hasattr(socket, "SO_REUSEPORT"):  # not on Windows: uvicorn's shared socket, then
-        uvicorn.run(app, factory=factory, host=host, port=port, workers=workers, log_level=log_level)
+        uvicorn.run(
+            app, factory=factory, host=host, port=port, workers=workers, log_level=log_level, access_log=access_log
+        )
         return
     context = multiprocessing.get_context("spawn")
     options = (host, listening_port(host, port), log_level, access_log, app, factory)
