@@ -3,7 +3,8 @@
 N pre-made P-256 CSRs are posted one per request by C concurrent keep-alive clients, first to
 `python cli.py serve` (API key auth, CSR policy, durable ledger commit per certificate), then to
 `cfssl serve` with a P-256 CA (`/api/v1/cfssl/sign`, nothing recorded). Every request must succeed.
-A third run gives cfssl its SQLite certificate database, so that it records every certificate as we do.
+A third run gives cfssl its SQLite certificate database, so that it records every certificate as we do
+(under many clients it refuses some with "database is locked"; those are reported, not counted).
 A fourth measures the floor of our stack: bench/floor_app.py on uvicorn with as many workers, doing
 only the CSR parse, its signature check and the certificate signature with `cryptography` (no auth,
 no policy, no ledger). Prints the rates and the ratios; --profile also prints where our server spends
@@ -274,15 +275,21 @@ def run_cfssl(csrs: list[tuple[str, bytes]], work: Path, args: argparse.Namespac
         server.terminate()
         server.wait()
     failed = [s for s in statuses if s is None or s[0] != 200 or not json.loads(s[1])["success"]]
-    if failed:
+    if failed and not record:
         raise SystemExit(f"bench: {len(failed)} cfssl requests failed, e.g. {failed[0]}")
+    signed = len(csrs) - len(failed)
     if record:
+        # Under many clients cfssl's certdb refuses some requests ("database is locked"): its rate counts
+        # what it signed and recorded, and the refusals are reported.
+        if failed:
+            example = failed[0][1][:120] if failed[0] else "no answer"
+            print(f"  (cfssl with its certdb refused {len(failed)} of {len(csrs)} requests, e.g. {example!r})")
         database = sqlite3.connect(work / "certdb.sqlite3")
         (recorded,) = database.execute("SELECT count(*) FROM certificates").fetchone()
         database.close()
-        if recorded != len(csrs):
-            raise SystemExit(f"bench: cfssl recorded {recorded} of {len(csrs)} certificates")
-    return len(csrs) / elapsed
+        if recorded != signed:
+            raise SystemExit(f"bench: cfssl signed {signed} certificates and recorded {recorded}")
+    return signed / elapsed
 
 
 def run_floor(csrs: list[tuple[str, bytes]], args: argparse.Namespace) -> float:
