@@ -577,7 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes, each with its own socket on the port so that connections spread evenly (default 1)",
     )
     sub.add_argument("--bootstrap", action="store_true", help="set up an empty PKI home for local use first")
-    sub.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sub.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="how much the server logs (default info)",
+    )
     sub.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
