@@ -201,7 +201,7 @@ class SqliteLedger(Ledger):
 
     async def _commit_async(self, db: sqlite3.Connection) -> None:
         """COMMIT, with its fsync, on the loop while fsyncs are quick: a thread costs more than a fast
-        disk's fsync, mostly in waiting for the GIL back from a busy loop (bench/http_sign.py: 10-16%
+        disk's fsync, mostly in waiting for the GIL back from a busy loop (bench/http_sign.py: 10-20%
         more certificates a second on the loop). A slow disk would stall the loop, so while commits
         average over `inline_commit_seconds` they run in a thread, timed there, until they are quick again."""
         if self._commit_seconds < self._inline_commit_seconds:
