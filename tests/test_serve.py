@@ -148,8 +148,9 @@ def _sockets_of(pid: int, port: int) -> dict[int, str]:
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
             target = os.readlink(fd)
-            if target.startswith("socket:[") and int(target[8:-1]) in sockets:
-                held[int(target[8:-1])] = sockets[int(target[8:-1])]
+            inode = int(target[8:-1]) if target.startswith("socket:[") else None
+            if inode in sockets:
+                held[inode] = sockets[inode]
     return held
 
 
@@ -212,17 +213,9 @@ def test_serve_refuses_a_port_in_use_before_setting_anything_up(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         for workers in ("1", "2"):
+            command = [sys.executable, str(REPO / "cli.py"), "serve", "--bootstrap", "--port", str(port)]
             result = subprocess.run(
-                [
-                    sys.executable,
-                    str(REPO / "cli.py"),
-                    "serve",
-                    "--bootstrap",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    workers,
-                ],
+                [*command, "--workers", workers],
                 cwd=tmp_path,
                 env={**os.environ, "PKI_HOME": str(tmp_path / "pki")},
                 capture_output=True,
