@@ -6,6 +6,7 @@ Every command takes --json for machine-readable output and exits non-zero with a
 import argparse
 import getpass
 import json
+import logging
 import os
 import secrets
 import sys
@@ -19,12 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.config import build_service
 from shared.dps import device_registration
-from shared.errors import CaError
+from shared.errors import CaError, unexpected
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError
+from shared.pki.revocation import REVOCATION_REASONS
 from shared.principals import NewApiKey
 from shared.service import DeviceCA, IssuedCertificate
-from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view
+from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
 
 EXIT_ERROR = 1
 
@@ -34,6 +36,7 @@ Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str | None]]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _log_to_stderr(tracebacks=getattr(args, "handler", None) is serve or bool(os.environ.get("PKI_DEBUG")))
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, error.code, error.message)
     except OSError as error:
         return _fail(args, "os-error", f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+    except Exception as error:  # the operator gets one line; the error ID finds the details in the log
+        return _fail(args, "internal-error", unexpected(error, f"running {args.handler.__name__}").message)
     if text is None:  # the command printed as it went (serve)
         return 0
     if args.json:
@@ -54,6 +59,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(text)
     return 0
+
+
+class _OneLine(logging.Formatter):
+    """A log record as one line, without its traceback (the line carries the error ID)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_info = record.exc_text = None
+        return super().format(record)
+
+
+def _log_to_stderr(tracebacks: bool) -> None:
+    """The service's log on stderr: one line a record for commands; `serve` and PKI_DEBUG=1 keep tracebacks."""
+    handler = logging.StreamHandler()
+    formatter_class = logging.Formatter if tracebacks else _OneLine
+    handler.setFormatter(formatter_class("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("device_ca")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _fail(args: argparse.Namespace, code: str, message: str) -> int:
@@ -203,11 +227,13 @@ def list_certificates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any,
 
 
 def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
-    record, dps_state = service.revoke(args.serial, args.reason)
+    revocation, dps_state = service.revoke(args.serial, args.reason)
+    record = revocation.record
     lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
+    lines += [f"Also revoked {other.serial}: it holds the same key." for other in revocation.also_revoked]
     if dps_state.get("message"):
         lines.append(dps_state["message"])
-    return {**certificate_view(record), "dps": dps_state}, "\n".join(lines)
+    return revocation_view(revocation, dps_state), "\n".join(lines)
 
 
 def create_factory(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
@@ -590,9 +616,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="log a line per request (default on; --no-access-log for load)",
     )
 
-    sub = command("revoke", revoke, "revoke a certificate: ledger revoked, DPS individual enrollment disabled")
+    sub = command(
+        "revoke",
+        revoke,
+        "revoke a certificate and its key (every active certificate of that key too)",
+        "Revoke a certificate and its key: the key is never certified again, and every active certificate "
+        "that holds it is revoked in the same commit. DPS is kept in step for the device: blocked while none "
+        "of its certificates is active, else admitting only the active one.",
+    )
     sub.add_argument("serial", help="certificate serial (hex, as openssl prints it)")
-    sub.add_argument("--reason", default="unspecified", help="why, kept in the ledger")
+    sub.add_argument(
+        "--reason",
+        default="unspecified",
+        help=f"an RFC 5280 reason, kept in the ledger: {', '.join(REVOCATION_REASONS)} (default: unspecified)",
+    )
     return parser
 
 

@@ -1,5 +1,10 @@
 """Errors of the service and its adapters. Each has a stable code and the HTTP status it maps to."""
 
+import logging
+import uuid
+
+log = logging.getLogger("device_ca")
+
 
 class CaError(Exception):
     """Base of every error the service reports to a caller."""
@@ -50,3 +55,18 @@ class Misconfigured(CaError):
 
     status = 500
     code = "misconfigured"
+
+
+class InternalError(CaError):
+    """Something failed that the caller did not cause. The message carries an error ID and nothing else;
+    the details are logged under that ID."""
+
+    status = 500
+    code = "internal-error"
+
+
+def unexpected(error: BaseException, context: str) -> InternalError:
+    """Log an unexpected exception under a new error ID and return the error a caller may see."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unexpected error %s while %s", error_id, context, exc_info=error)
+    return InternalError(f"the service failed unexpectedly while {context}; error ID {error_id}")

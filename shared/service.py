@@ -6,8 +6,9 @@ Every entry point (CLI, HTTP, queue, timer) calls these and nothing below them.
 import asyncio
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,9 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from .coalesce import Coalescer
 from .config import Settings
 from .dps import Dps
-from .errors import CaError, Conflict, Forbidden, NotFound
+from .errors import CaError, Conflict, Forbidden, NotFound, unexpected
 from .keys import KeyStore
-from .ledger import Ledger, device_has_certificate, key_in_use, key_revoked
+from .ledger import Ledger, device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
 from .ledger.models import (
     CA_ACTIVE,
     CA_DISABLED,
@@ -32,6 +33,7 @@ from .ledger.models import (
     CertificateQuery,
     CertificateRecord,
     Issuance,
+    Revocation,
 )
 from .pki import (
     DeviceRequest,
@@ -44,6 +46,8 @@ from .pki import (
     plan_validity,
     whole_seconds,
 )
+from .pki.revocation import revocation_reason
+from .pki.validity import check_ca_validity
 from .principals import Principals
 from .views import iso
 
@@ -127,10 +131,18 @@ class IssuedCertificate:
 
 @dataclass(frozen=True)
 class _SignOptions:
+    """Who asks and how. `allowed_intermediates` None is an admin (or the CA host's CLI): any
+    intermediate, any device. A tuple is a factory: those intermediates, and only the devices it owns."""
+
     intermediate_id: str | None
     requested_by: str
     renew: bool
     allowed_intermediates: Sequence[str] | None
+
+    @property
+    def claimed_owner(self) -> str | None:
+        """The owner a device must have for this caller: the factory itself; None for an admin."""
+        return None if self.allowed_intermediates is None else self.requested_by
 
 
 @dataclass
@@ -151,6 +163,7 @@ class _Run:
     now: datetime
     intermediate: CaRecord
     requested_by: str
+    owner: str | None  # the owner the ledger must find (or make) for each device: see _SignOptions
     results: list["IssuedCertificate | CaError | None"]
     signed: list[_Plan] = field(default_factory=list)
     issuances: list[Issuance] = field(default_factory=list)
@@ -180,6 +193,7 @@ class DeviceCA:
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
         self.principals = Principals(ledger, clock)
+        self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
         self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
             self._sign_batch_async
         )
@@ -197,22 +211,25 @@ class DeviceCA:
         curve: str | None = None,
         days: float | None = None,
     ) -> CaResult:
-        existing = self.ledger.get_root()
-        if existing:
-            raise Conflict(
-                f"a CA root already exists ({existing.common_name!r}, serial {existing.serial}); "
-                "this CA keeps one root",
-                "root-exists",
-            )
-        curve = (curve or self.settings.ca_curve).upper()
-        subject = ca_name(common_name or f"{self.settings.ca_name} Root", organization)
-        validity = plan_validity(self._now(), days or self.settings.root_days)
-        key_name = _key_name(ROOT_ID)
-        signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
-        certificate = build_root(subject, signing_key.public_key(), signing_key, validity)
-        self.keys.install_ca_certificate(key_name, certificate, [])
-        record = self._ca_record(ROOT_ID, ROOT, certificate, curve, key_name, issuer_id=None)
-        self.ledger.add_ca(record)
+        """Create the one root. Conflict "root-exists" if there is one (a lost race leaves no key here)."""
+        with self._ca_creation:
+            existing = self.ledger.get_root()
+            if existing:
+                raise Conflict(
+                    f"a CA root already exists ({existing.common_name!r}, serial {existing.serial}); "
+                    "this CA keeps one root",
+                    "root-exists",
+                )
+            curve = (curve or self.settings.ca_curve).upper()
+            subject = ca_name(common_name or f"{self.settings.ca_name} Root", organization)
+            validity = check_ca_validity(plan_validity(self._now(), _days(days, self.settings.root_days)))
+            key_name = _key_name(ROOT_ID)
+            signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
+            with self._removing_key_on_failure(key_name):
+                certificate = build_root(subject, signing_key.public_key(), signing_key, validity)
+                self.keys.install_ca_certificate(key_name, certificate, [])
+                record = self._ca_record(ROOT_ID, ROOT, certificate, curve, key_name, issuer_id=None)
+                self.ledger.add_ca(record)
         dps_state = self.dps.register_root(ROOT_ID, record.certificate_pem)
         return CaResult(self.ledger.set_ca_dps(ROOT_ID, dps_state), _dps_warnings(dps_state))
 
@@ -241,22 +258,28 @@ class DeviceCA:
         curve: str | None = None,
         days: float | None = None,
     ) -> CaResult:
+        """Create an intermediate signed by the root. Conflict "ca-exists" for a taken ID; a creation that
+        loses a race to another process removes the key it made (or, in Key Vault, says what was left)."""
         root = self.root()
         ca_id = check_ca_id(ca_id) if ca_id else _new_intermediate_id(self._now())
-        if ca_id == ROOT_ID or self.ledger.get_ca(ca_id):
-            raise Conflict(f"a CA with ID {ca_id!r} already exists", "ca-exists")
-        if root.status != CA_ACTIVE:
-            raise Conflict("the CA root is disabled", "root-disabled")
-        root_issuer = self._issuer(root)
-        curve = (curve or self.settings.ca_curve).upper()
-        subject = ca_name(common_name or f"{self.settings.ca_name} Intermediate {ca_id}", organization)
-        validity = root_issuer.validity(self._now(), days or self.settings.intermediate_days)
-        key_name = _key_name(ca_id)
-        signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
-        certificate = root_issuer.issue_intermediate(subject, signing_key.public_key(), validity)
-        self.keys.install_ca_certificate(key_name, certificate, [root_issuer.certificate])
-        record = self._ca_record(ca_id, INTERMEDIATE, certificate, curve, key_name, issuer_id=ROOT_ID)
-        self.ledger.add_ca(record)
+        with self._ca_creation:
+            if ca_id == ROOT_ID or self.ledger.get_ca(ca_id):
+                raise Conflict(f"a CA with ID {ca_id!r} already exists", "ca-exists")
+            if root.status != CA_ACTIVE:
+                raise Conflict("the CA root is disabled", "root-disabled")
+            root_issuer = self._issuer(root)
+            curve = (curve or self.settings.ca_curve).upper()
+            subject = ca_name(common_name or f"{self.settings.ca_name} Intermediate {ca_id}", organization)
+            validity = check_ca_validity(
+                root_issuer.validity(self._now(), _days(days, self.settings.intermediate_days))
+            )
+            key_name = _key_name(ca_id)
+            signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
+            with self._removing_key_on_failure(key_name):
+                certificate = root_issuer.issue_intermediate(subject, signing_key.public_key(), validity)
+                self.keys.install_ca_certificate(key_name, certificate, [root_issuer.certificate])
+                record = self._ca_record(ca_id, INTERMEDIATE, certificate, curve, key_name, issuer_id=ROOT_ID)
+                self.ledger.add_ca(record)
         dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=True)
         warnings = ([validity.clamped] if validity.clamped else []) + list(_dps_warnings(dps_state))
         return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), tuple(warnings))
@@ -362,29 +385,36 @@ class DeviceCA:
         now = self._now()
         intermediate = self._signing_intermediate(options.intermediate_id, options.allowed_intermediates)
         issuer = self._issuer(intermediate)
-        run = _Run(now, intermediate, options.requested_by, [None] * len(requests))
+        run = _Run(now, intermediate, options.requested_by, options.claimed_owner, [None] * len(requests))
         devices: list[tuple[int, DeviceRequest]] = []
         for index, request in enumerate(requests):
             try:
                 devices.append((index, check_device_csr(request.csr, request.device_id)))
-            except PkiError as error:
+            except (CaError, PkiError) as error:
                 run.results[index] = _as_ca_error(error)
+            except Exception as error:  # one request's surprise is its own failure, never its neighbours'
+                run.results[index] = unexpected(error, "reading a CSR")
+        device_ids = [device.device_id for _, device in devices]
+        owners = self.ledger.device_owners(device_ids)
         bindings = self.ledger.key_bindings([device.public_key_sha256 for _, device in devices])
-        actives = self.ledger.active_certificates([device.device_id for _, device in devices])
+        actives = self.ledger.active_certificates(device_ids)
         plans: list[_Plan] = []
         for index, device in devices:
             try:
                 outcome = self._plan(
                     index,
                     device,
-                    options.renew,
+                    options,
                     now,
-                    options.allowed_intermediates,
+                    owners.get(device.device_id),
                     bindings.get(device.public_key_sha256),
                     actives.get(device.device_id),
                 )
             except CaError as error:
                 run.results[index] = error
+                continue
+            except Exception as error:
+                run.results[index] = unexpected(error, "checking a device request against the ledger")
                 continue
             if isinstance(outcome, IssuedCertificate):
                 run.results[index] = outcome
@@ -403,7 +433,10 @@ class DeviceCA:
                 created = outcome.serial == issuance.record.serial
                 warnings = tuple(plan.warnings) if created else ()
                 run.results[plan.index] = self._issued(outcome, created, warnings, run.intermediate)
-        return [result for result in run.results if result is not None]
+        missing = [index for index, result in enumerate(run.results) if result is None]
+        if missing:  # every request has been given its answer above; this guards the promise of one each
+            raise AssertionError(f"signing run left requests {missing} without an answer")
+        return list(run.results)  # type: ignore[arg-type]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
         if query.status is not None and query.status not in CERT_STATUSES:
@@ -421,12 +454,22 @@ class DeviceCA:
     def expiring_before(self, days: float) -> datetime:
         return self._now() + timedelta(days=days)
 
-    def revoke(self, serial: str, reason: str = "unspecified") -> tuple[CertificateRecord, dict[str, Any]]:
-        """Mark a certificate revoked in the ledger and disable the device in DPS."""
+    def revoke(self, serial: str, reason: str | None = None) -> tuple[Revocation, dict[str, Any]]:
+        """Revoke a certificate and its key: in one ledger commit, every active certificate holding the key
+        is revoked too, and the key is never certified again. `reason` is an RFC 5280 §5.3.1 name
+        (PkiError "invalid-reason" otherwise; default "unspecified"). DPS is then kept in step for the
+        device (DESIGN "Revocation and DPS"): blocked while none of its certificates is active, else
+        admitting only the active one. NotFound for an unknown serial."""
+        reason = revocation_reason(reason)
         record = self.certificate(serial)
-        record = self.ledger.revoke_certificate(record.serial, reason, self._now())
-        dps_state = self.dps.disable_device(record.device_id, record.certificate_pem)
-        return record, dps_state
+        revocation = self.ledger.revoke_certificate(record.serial, reason, self._now())
+        device_id = revocation.record.device_id
+        active = self.ledger.active_certificates([device_id]).get(device_id)
+        if active is None:
+            dps_state = self.dps.disable_device(device_id, revocation.record.certificate_pem)
+        else:
+            dps_state = self.dps.admit_only(device_id, active.certificate_pem)
+        return revocation, dps_state
 
     def health(self) -> dict[str, Any]:
         """Which backends are in use; BackendUnavailable when the ledger cannot be read."""
@@ -454,32 +497,33 @@ class DeviceCA:
         self,
         index: int,
         device: DeviceRequest,
-        renew: bool,
+        options: _SignOptions,
         now: datetime,
-        allowed: Sequence[str] | None,
+        owner: str | None,
         binding: tuple[str, bool] | None,
         active: CertificateRecord | None,
     ) -> "_Plan | IssuedCertificate":
-        """Decide before signing (a Key Vault signature is not free); the ledger decides again on commit."""
+        """Decide before signing (a Key Vault signature is not free); the ledger decides again on commit.
+
+        In this order: the device's owner (a factory certifies only devices it owns or new ones; DESIGN
+        "Who owns a device"), then the key (one device per key, never a revoked key), then the device's
+        active certificate (the same key again gets it back; another key needs `renew`)."""
+        claimed = options.claimed_owner
+        if claimed is not None and owner is not None and owner != claimed:
+            raise device_owned_elsewhere(device.device_id)
         if binding and binding[0] != device.device_id:
-            raise key_in_use(binding[0])
+            raise key_in_use(binding[0] if claimed is None else None)
         if binding and binding[1]:
             raise key_revoked()
-        supersede = renew
-        if active is not None and not renew:
+        supersede = options.renew
+        if active is not None and not options.renew:
             if active.not_after <= now:
                 supersede = True  # an expired certificate never blocks its device
             elif active.public_key_sha256 != device.public_key_sha256:
                 raise device_has_certificate(active)
-            elif allowed is not None and active.intermediate_id not in allowed:
-                raise Conflict(
-                    f"device {device.device_id!r} has an active certificate from intermediate "
-                    f"{active.intermediate_id!r}, which this caller may not use",
-                    "device-has-certificate",
-                )
             else:
                 return self._issued(active, created=False)
-        return _Plan(index, device, supersede)
+        return _Plan(index, device, supersede, warnings=list(getattr(device, "notes", ())))
 
     def _sign_all(
         self, issuer: Issuer, plans: list[_Plan], now: datetime, results: list[IssuedCertificate | CaError | None]
@@ -491,6 +535,8 @@ class DeviceCA:
                 plan.certificate = issuer.issue_device(plan.request.device_id, plan.request.public_key, validity)
             except (CaError, PkiError) as error:
                 results[plan.index] = _as_ca_error(error)
+            except Exception as error:
+                results[plan.index] = unexpected(error, "signing a device certificate")
             if validity.clamped:
                 plan.warnings.append(validity.clamped)
 
@@ -516,7 +562,7 @@ class DeviceCA:
             certificate_pem=pem(certificate),
             created_at=whole_seconds(run.now),
         )
-        return Issuance(record, plan.supersede)
+        return Issuance(record, plan.supersede, owner=run.owner)
 
     def _issued(
         self,
@@ -534,6 +580,22 @@ class DeviceCA:
             warnings=warnings,
             dps=self.dps.registration_info(record.device_id),
         )
+
+    @contextmanager
+    def _removing_key_on_failure(self, key_name: str) -> Iterator[None]:
+        """A CA key made for a creation that then fails (a lost race, say) is removed, or what is left of
+        it is named in the error, so no unrecorded CA key stays behind unnoticed."""
+        try:
+            yield
+        except CaError as error:
+            left = self.keys.delete_ca_key(key_name)
+            if left:
+                error.message = f"{error.message}; {left}"
+                error.args = (error.message,)
+            raise
+        except BaseException:
+            self.keys.delete_ca_key(key_name)
+            raise
 
     def _issuer(self, record: CaRecord) -> Issuer:
         cache_key = (record.id, record.serial)
@@ -569,6 +631,10 @@ def _as_ca_error(error: CaError | PkiError) -> CaError:
     if isinstance(error, CaError):
         return error
     return CaError(error.message, error.code)
+
+
+def _days(days: float | None, default: float) -> float:
+    return default if days is None else days
 
 
 def _dps_warnings(state: dict[str, Any]) -> tuple[str, ...]:

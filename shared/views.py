@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
-from .ledger.models import ApiKey, CaRecord, CertificateRecord, Principal
+from .ledger.models import ApiKey, CaRecord, CertificateRecord, Principal, Revocation
 from .principals import NewApiKey
 
 
@@ -45,6 +45,15 @@ def certificate_view(record: CertificateRecord) -> dict[str, Any]:
         "statusChangedAt": iso(record.status_changed_at),
         "statusReason": record.status_reason,
         "certificate": record.certificate_pem,
+    }
+
+
+def revocation_view(revocation: Revocation, dps: dict[str, Any]) -> dict[str, Any]:
+    """A revoked certificate, the others revoked with its key, and what DPS was told."""
+    return {
+        **certificate_view(revocation.record),
+        "alsoRevoked": [certificate_view(record) for record in revocation.also_revoked],
+        "dps": dps,
     }
 
 

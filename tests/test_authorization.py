@@ -69,7 +69,7 @@ ROUTES = [
     ),
     (
         "revoke certificate",
-        lambda api: ("POST", f"/api/certificates/{_issued_by_factory_a(api)}/revoke", {"json": {"reason": "test"}}),
+        lambda api: ("POST", f"/api/certificates/{_issued_by_factory_a(api)}/revoke", {"json": {"reason": "cessationOfOperation"}}),
         (*ADMIN_ONLY, 200),
     ),
     (

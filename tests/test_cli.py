@@ -97,7 +97,7 @@ def test_sign_csr_from_stdin_is_idempotent(service, tmp_path):
     assert again.returncode == 0
     assert b"Already issued" in again.stdout and first["serialNumber"].encode() in again.stdout
     other = run_cli("sign-csr", "-", "--device-id", "dev-7", home=home, stdin=make_csr("dev-7"))
-    assert other.returncode == 1 and b"--renew" not in other.stderr and b"renewal" in other.stderr
+    assert other.returncode == 1 and b"--renew" in other.stderr and b"renewal" in other.stderr
     renewed = _json(
         run_cli("sign-csr", "-", "--device-id", "dev-7", "--renew", "--json", home=home, stdin=make_csr("dev-7"))
     )

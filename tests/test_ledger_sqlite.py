@@ -126,6 +126,7 @@ def test_store_itself_refuses_a_second_active_certificate(ledger):
 def test_store_itself_refuses_a_key_bound_to_another_device(ledger):
     ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
     db = sqlite3.connect(ledger.path)
+    db.execute("INSERT INTO devices (device_id, owner, created_at) VALUES ('dev-2', 't', 'c')")
     with pytest.raises(sqlite3.IntegrityError, match="not bound to this device"):
         db.execute(
             "INSERT INTO certificates (serial, device_id, intermediate_id, requested_by, public_key_sha256, "
@@ -141,8 +142,10 @@ def test_supersede_and_revoke(ledger):
     (renewed,) = ledger.record_issued([Issuance(_cert("02", "dev-1", "k2"), supersede=True)])
     assert renewed.serial == "02"
     assert ledger.get_certificate("01").status == "superseded"
-    revoked = ledger.revoke_certificate("02", "lost", NOW)
-    assert revoked.status == "revoked" and revoked.status_reason == "lost"
+    revocation = ledger.revoke_certificate("02", "keyCompromise", NOW)
+    revoked = revocation.record
+    assert revoked.status == "revoked" and revoked.status_reason == "keyCompromise"
+    assert revocation.also_revoked == ()
     assert ledger.key_bindings(["k2"]) == {"k2": ("dev-1", True)}
     (refused,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k2"))])
     assert isinstance(refused, CaError) and refused.code == "key-revoked"

@@ -176,8 +176,9 @@ def test_proof_of_possession(service):
 def test_revoked_key_is_never_certified_again(service):
     key = device_key()
     issued = service.sign_csr(make_csr("dev-1", key=key), "dev-1")
-    record, dps_state = service.revoke(issued.record.serial.lower(), "stolen")
-    assert record.status == "revoked" and record.status_reason == "stolen"
+    revocation, dps_state = service.revoke(issued.record.serial.lower(), "KeyCompromise")
+    record = revocation.record
+    assert record.status == "revoked" and record.status_reason == "keyCompromise"
     assert dps_state["mode"] == "offline"
     with pytest.raises(Conflict) as refused:
         service.sign_csr(make_csr("dev-1", key=key), "dev-1")

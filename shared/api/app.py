@@ -13,7 +13,7 @@ from ..errors import CaError, NotFound
 from ..ledger.models import CertificateQuery
 from ..principals import Caller
 from ..service import DeviceCA, IssuedCertificate
-from ..views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view
+from ..views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
 from . import models
 from .auth import AdminCaller, AnyCaller, Service, authenticate, document_security, service_of
 from .errors import UnsupportedMediaType, install_error_handlers
@@ -21,7 +21,7 @@ from .limits import BodyLimit
 
 CSR_BODY_LIMIT = 8 * 1024  # a CSR is a few hundred bytes; a P-384 one in JSON stays under 2 KiB
 JSON_BODY_LIMIT = 64 * 1024
-CSR_MEDIA_TYPES = ("application/pkcs10", "application/x-pem-file", "text/plain")
+CSR_MEDIA_TYPES = ("application/pkcs10", "application/x-pem-file", "text/plain", "application/octet-stream")
 PEM_CHAIN = "application/x-pem-file"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -363,13 +363,13 @@ def get_certificate(serial: str, caller: AnyCaller, service: Service) -> dict[st
     "/api/certificates/{serial}/revoke",
     response_model=models.RevokeResponse,
     tags=["certificates"],
-    summary="revoke: ledger revoked, DPS individual enrollment disabled (admin)",
+    summary="revoke a certificate and its key, with every active certificate of that key (admin)",
 )
 def revoke_certificate(
     serial: str, caller: AdminCaller, service: Service, body: models.RevokeRequest | None = None
 ) -> dict[str, Any]:
-    record, dps_state = service.revoke(serial, (body or models.RevokeRequest()).reason)
-    return {**certificate_view(record), "dps": dps_state}
+    revocation, dps_state = service.revoke(serial, (body or models.RevokeRequest()).reason)
+    return revocation_view(revocation, dps_state)
 
 
 def _may_read(caller: Caller, requested_by: str) -> bool:

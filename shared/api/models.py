@@ -2,11 +2,37 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..pki.revocation import REVOCATION_REASONS
 
 
 class Strict(BaseModel):
+    """A request body: no unknown fields, and every string valid Unicode. JSON may escape a lone UTF-16
+    surrogate ("\\ud800"), which no store or certificate can hold: it is a 400 here, not a 500 later."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> "Strict":
+        for name, value in self:
+            if not _encodable(value):
+                raise ValueError(f"{name} is not valid Unicode (it holds a lone surrogate)")
+        return self
+
+
+def _encodable(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list | tuple):
+        return all(map(_encodable, value))
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    return True
 
 
 class ErrorDetail(BaseModel):
@@ -100,10 +126,18 @@ class CertificateList(BaseModel):
 
 
 class RevokeRequest(Strict):
-    reason: str = Field("unspecified", max_length=200)
+    reason: str = Field(
+        "unspecified",
+        max_length=40,
+        description=f"an RFC 5280 §5.3.1 reason, any case: {', '.join(REVOCATION_REASONS)}",
+        examples=["keyCompromise"],
+    )
 
 
 class RevokeResponse(IssuedCertificateView):
+    alsoRevoked: list[IssuedCertificateView] = Field(
+        description="the other certificates that held the same key, revoked in the same commit"
+    )
     dps: dict[str, Any]
 
 

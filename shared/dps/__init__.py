@@ -47,3 +47,8 @@ class Dps(ABC):
     @abstractmethod
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
         """Stop one device of a group: a disabled individual enrollment holding its certificate."""
+
+    @abstractmethod
+    def admit_only(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
+        """Admit one device with this certificate only: an enabled individual enrollment holding it, which
+        DPS matches before the group (DESIGN "Revocation and DPS")."""

@@ -43,13 +43,19 @@ class OfflineDps(Dps):
         return self._record("enrollment-groups", group_id, document)
 
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
+        return self._individual_enrollment(device_id, certificate_pem, enabled=False)
+
+    def admit_only(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
+        return self._individual_enrollment(device_id, certificate_pem, enabled=True)
+
+    def _individual_enrollment(self, device_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
         document = {
             "registrationId": device_id,
             "attestation": {
                 "type": "x509",
                 "x509": {"clientCertificates": {"primary": {"certificate": certificate_pem}}},
             },
-            "provisioningStatus": "disabled",
+            "provisioningStatus": "enabled" if enabled else "disabled",
         }
         return self._record("individual-enrollments", device_id, document)
 

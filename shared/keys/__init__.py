@@ -26,6 +26,12 @@ class KeyStore(ABC):
         """Store the signed CA certificate (and its issuers) beside the key `name`."""
 
     @abstractmethod
+    def delete_ca_key(self, name: str) -> str | None:
+        """Remove the key `name` (and any certificate beside it) after a CA creation that failed.
+
+        Returns None when nothing is left, else one sentence saying what was left and how to remove it."""
+
+    @abstractmethod
     def signing_key(self, name: str) -> ec.EllipticCurvePrivateKey:
         """A signer for the existing key `name`."""
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import requests
 from azure.core.credentials import TokenCredential
@@ -255,6 +256,18 @@ class KeyVaultKeyStore(KeyStore):
     def install_ca_certificate(self, name: str, certificate: x509.Certificate, chain: list[x509.Certificate]) -> None:
         ders = [c.public_bytes(serialization.Encoding.DER) for c in [certificate, *chain]]
         _vault_call(f"merge certificate {name}", lambda: self._certificates.merge_certificate(name, ders))
+
+    def delete_ca_key(self, name: str) -> str | None:
+        """Key Vault's deletion is soft and may lack permission here: the certificate (with its key) is
+        left in place, and the sentence says how an admin removes it."""
+        with self._lock:
+            self._signers.pop(name, None)
+        vault = urlparse(self.vault_url).hostname or self.vault_url
+        vault_name = vault.split(".", 1)[0]
+        return (
+            f"Key Vault certificate {name!r} (with its key) was made for this attempt and left in the vault; "
+            f"remove it with: az keyvault certificate delete --vault-name {vault_name} --name {name}"
+        )
 
     def signing_key(self, name: str) -> ec.EllipticCurvePrivateKey:
         with self._lock:

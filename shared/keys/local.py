@@ -39,6 +39,14 @@ class LocalKeyStore(KeyStore):
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [certificate, *chain])
         self._write_new(self.directory / f"{name}.crt.pem", pem, mode=0o644)
 
+    def delete_ca_key(self, name: str) -> str | None:
+        with self._lock:
+            self._loaded.pop(name, None)
+        for path in (self._key_path(name), self.directory / f"{name}.crt.pem"):
+            path.unlink(missing_ok=True)
+        _fsync_directory(self.directory)
+        return None
+
     def signing_key(self, name: str) -> ec.EllipticCurvePrivateKey:
         with self._lock:
             key = self._loaded.get(name)

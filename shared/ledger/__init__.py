@@ -11,8 +11,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from ..errors import CaError, Conflict
-from .models import ApiKey, CaRecord, CertificatePage, CertificateQuery, CertificateRecord, Issuance, Principal
+from ..errors import CaError, Conflict, Forbidden
+from .models import (
+    ApiKey,
+    CaRecord,
+    CertificatePage,
+    CertificateQuery,
+    CertificateRecord,
+    Issuance,
+    Principal,
+    Revocation,
+)
 
 
 class Ledger(ABC):
@@ -61,6 +70,10 @@ class Ledger(ABC):
         """The active certificate of each of these devices that has one."""
 
     @abstractmethod
+    def device_owners(self, device_ids: Sequence[str]) -> dict[str, str]:
+        """The owner (a principal ID) of each of these devices that has ever been certified."""
+
+    @abstractmethod
     def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:
         """(device ID, revoked) for each of these public keys that has been certified."""
 
@@ -68,7 +81,10 @@ class Ledger(ABC):
     def list_certificates(self, query: CertificateQuery) -> CertificatePage: ...
 
     @abstractmethod
-    def revoke_certificate(self, serial: str, reason: str, at: datetime) -> CertificateRecord: ...
+    def revoke_certificate(self, serial: str, reason: str, at: datetime) -> Revocation:
+        """Revoke a certificate and its key in one commit: the key is never certified again, and every
+        active certificate that holds it is revoked with it (DESIGN "Revocation and DPS").
+        NotFound for an unknown serial; a certificate already revoked keeps its first reason."""
 
     # Principals and their API keys
     @abstractmethod
@@ -118,9 +134,17 @@ class Ledger(ABC):
         """Release connections."""
 
 
-def key_in_use(owner: str) -> Conflict:
-    return Conflict(
-        f"this public key is already certified for device {owner!r}; one key serves one device", "key-in-use"
+def key_in_use(device_id: str | None) -> Conflict:
+    """The key is bound to another device; `device_id` is named only to callers who may see that device."""
+    which = f"device {device_id!r}" if device_id else "another device"
+    return Conflict(f"this public key is already certified for {which}; one key serves one device", "key-in-use")
+
+
+def device_owned_elsewhere(device_id: str) -> Forbidden:
+    """A factory asked for a device another principal owns. Names nothing of the owner's (DESIGN)."""
+    return Forbidden(
+        f"device {device_id!r} belongs to another factory; only its owner or an admin may certify it",
+        "device-owned-by-another-factory",
     )
 
 
@@ -131,7 +155,7 @@ def key_revoked() -> Conflict:
 def device_has_certificate(current: CertificateRecord) -> Conflict:
     return Conflict(
         f"device {current.device_id!r} already has an active certificate (serial {current.serial}) for another "
-        "key; ask for renewal to replace it",
+        "key; ask for renewal to replace it (renew=true over HTTP, --renew on the CLI)",
         "device-has-certificate",
     )
 
@@ -142,7 +166,9 @@ __all__ = [
     "CertificateRecord",
     "Issuance",
     "Ledger",
+    "Revocation",
     "device_has_certificate",
+    "device_owned_elsewhere",
     "key_in_use",
     "key_revoked",
 ]

@@ -52,10 +52,24 @@ class CertificateRecord:
 
 @dataclass(frozen=True)
 class Issuance:
-    """A signed device certificate to commit. With `supersede`, the device's active one is superseded."""
+    """A signed device certificate to commit. With `supersede`, the device's active one is superseded.
+
+    `owner` is the factory that must own the device (DESIGN "Who owns a device"): a device not yet known
+    becomes its own, one owned by someone else is refused. None, for an admin, keeps the device's owner
+    (or makes the record's requester the owner of a new device).
+    """
 
     record: CertificateRecord
     supersede: bool = False
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A revoked certificate and the other certificates that held its key (RFC 5280 §5.3.1 reason)."""
+
+    record: CertificateRecord
+    also_revoked: tuple[CertificateRecord, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, CaError, Conflict, NotFound
-from . import Ledger, device_has_certificate, key_in_use, key_revoked
+from . import Ledger, device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
 from .groupcommit import GroupCommit
 from .models import (
     CA_ACTIVE,
@@ -31,9 +31,10 @@ from .models import (
     CertificateRecord,
     Issuance,
     Principal,
+    Revocation,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cas (
   id TEXT PRIMARY KEY,
@@ -52,6 +53,13 @@ CREATE TABLE IF NOT EXISTS cas (
   dps TEXT NOT NULL DEFAULT '{}'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_root ON cas(kind) WHERE kind = 'root';
+
+-- A device belongs to the principal whose request first certified it (DESIGN "Who owns a device").
+CREATE TABLE IF NOT EXISTS devices (
+  device_id TEXT PRIMARY KEY,
+  owner TEXT NOT NULL,
+  created_at TEXT NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS key_bindings (
   public_key_sha256 TEXT PRIMARY KEY,
@@ -103,6 +111,18 @@ WHEN NOT EXISTS (
   WHERE b.public_key_sha256 = NEW.public_key_sha256 AND b.device_id = NEW.device_id AND b.revoked = 0
 )
 BEGIN SELECT RAISE(ABORT, 'public key is not bound to this device'); END;
+
+-- Every certificate's device has an owner.
+CREATE TRIGGER IF NOT EXISTS certificate_device_owned BEFORE INSERT ON certificates
+WHEN NOT EXISTS (SELECT 1 FROM devices d WHERE d.device_id = NEW.device_id)
+BEGIN SELECT RAISE(ABORT, 'device has no owner'); END;
+"""
+
+# Schema 1 had no owners: each device is owned by whoever asked for its first certificate.
+OWNERS_FROM_FIRST_CERTIFICATES = """
+INSERT OR IGNORE INTO devices (device_id, owner, created_at)
+SELECT c.device_id, c.requested_by, c.created_at FROM certificates c
+WHERE c.seq = (SELECT MIN(seq) FROM certificates f WHERE f.device_id = c.device_id);
 """
 
 _CERT_COLUMNS = (
@@ -152,8 +172,12 @@ class SqliteLedger(Ledger):
 
     def _create_schema(self) -> None:
         db = self._connection()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        migration = OWNERS_FROM_FIRST_CERTIFICATES if version < 2 else ""
         try:
-            db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+            db.executescript(
+                f"BEGIN IMMEDIATE;\n{SCHEMA}\n{migration}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+            )
         except sqlite3.Error:
             _roll_back(db)
             raise
@@ -332,6 +356,10 @@ class SqliteLedger(Ledger):
         the group runs into aborts it whole (IntegrityError), and nothing is written."""
         records = [issuance.record for issuance in issuances]
         db.executemany(
+            "INSERT INTO devices (device_id, owner, created_at) VALUES (?, ?, ?)",
+            [(i.record.device_id, i.owner or i.record.requested_by, _ts(i.record.created_at)) for i in issuances],
+        )
+        db.executemany(
             "INSERT INTO key_bindings (public_key_sha256, device_id) VALUES (?, ?)",
             [(r.public_key_sha256, r.device_id) for r in records],
         )
@@ -358,6 +386,7 @@ class SqliteLedger(Ledger):
     def _record_one(self, db: sqlite3.Connection, issuance: Issuance) -> CertificateRecord:
         """Write one certificate, letting the store's constraints find the conflicts (they are rare)."""
         new = issuance.record
+        self._claim_device(db, issuance)
         bound = db.execute(
             "INSERT INTO key_bindings (public_key_sha256, device_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
             (new.public_key_sha256, new.device_id),
@@ -367,7 +396,7 @@ class SqliteLedger(Ledger):
                 "SELECT device_id, revoked FROM key_bindings WHERE public_key_sha256 = ?", (new.public_key_sha256,)
             ).fetchone()
             if owner != new.device_id:
-                raise key_in_use(owner)
+                raise key_in_use(owner if issuance.owner is None else None)
             if revoked:
                 raise key_revoked()
         if issuance.supersede:
@@ -393,6 +422,19 @@ class SqliteLedger(Ledger):
             raise device_has_certificate(current) from None
         return new
 
+    @staticmethod
+    def _claim_device(db: sqlite3.Connection, issuance: Issuance) -> None:
+        """The device's owner row: made for a new device, checked against a factory's claim otherwise."""
+        new = issuance.record
+        db.execute(
+            "INSERT INTO devices (device_id, owner, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (new.device_id, issuance.owner or new.requested_by, _ts(new.created_at)),
+        )
+        if issuance.owner is not None:
+            (owner,) = db.execute("SELECT owner FROM devices WHERE device_id = ?", (new.device_id,)).fetchone()
+            if owner != issuance.owner:
+                raise device_owned_elsewhere(new.device_id)
+
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         rows = self._read(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,))
         return _certificate(rows[0]) if rows else None
@@ -406,6 +448,15 @@ class SqliteLedger(Ledger):
                 chunk,
             )
             found.update((row["device_id"], _certificate(row)) for row in rows)
+        return found
+
+    def device_owners(self, device_ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for chunk in _chunks(sorted(set(device_ids))):
+            rows = self._read(
+                f"SELECT device_id, owner FROM devices WHERE device_id IN ({', '.join('?' * len(chunk))})", chunk
+            )
+            found.update((row["device_id"], row["owner"]) for row in rows)
         return found
 
     def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:
@@ -528,21 +579,28 @@ class SqliteLedger(Ledger):
             raise NotFound(f"no API key with ID {key_id!r}", "key-not-found")
         return key
 
-    def revoke_certificate(self, serial: str, reason: str, at: datetime) -> CertificateRecord:
+    def revoke_certificate(self, serial: str, reason: str, at: datetime) -> Revocation:
         with self._write() as db:
             row = db.execute(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,)).fetchone()
             if row is None:
                 raise NotFound(f"no certificate with serial {serial}", "certificate-not-found")
-            current = _certificate(row)
-            db.execute("UPDATE key_bindings SET revoked = 1 WHERE public_key_sha256 = ?", (current.public_key_sha256,))
-            if current.status != CERT_REVOKED:
-                db.execute(
-                    "UPDATE certificates SET status = ?, status_changed_at = ?, status_reason = ? WHERE serial = ?",
-                    (CERT_REVOKED, _ts(at), reason, serial),
+            key = _certificate(row).public_key_sha256
+            db.execute("UPDATE key_bindings SET revoked = 1 WHERE public_key_sha256 = ?", (key,))
+            also = [
+                r["serial"]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE public_key_sha256 = ? AND status = 'active' AND serial != ?",
+                    (key, serial),
                 )
+            ]
+            db.execute(
+                "UPDATE certificates SET status = ?, status_changed_at = ?, status_reason = ? "
+                "WHERE (serial = ? OR public_key_sha256 = ? AND status = 'active') AND status != ?",
+                (CERT_REVOKED, _ts(at), reason, serial, key, CERT_REVOKED),
+            )
         record = self.get_certificate(serial)
         assert record is not None
-        return record
+        return Revocation(record, tuple(filter(None, map(self.get_certificate, also))))
 
 
 PRINCIPAL_COLUMNS = "id, role, intermediates, app_id, created_at"

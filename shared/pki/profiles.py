@@ -54,12 +54,23 @@ def new_serial() -> int:
 
 
 def ca_name(common_name: str, organization: str | None = None) -> x509.Name:
-    if not common_name or len(common_name) > 64:
-        raise PkiError("invalid-common-name", f"CA common name must be 1-64 characters, got {common_name!r}")
+    """A CA's subject: CN and optional O, each 1-64 printable characters (RFC 5280 ub-common-name and
+    ub-organization-name are 64). PkiError "invalid-common-name" / "invalid-organization" otherwise."""
+    _check_name_part(common_name, "common name", "invalid-common-name")
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    if organization:
+    if organization is not None:
+        _check_name_part(organization, "organization", "invalid-organization")
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     return x509.Name(attributes)
+
+
+def _check_name_part(value: str, what: str, code: str) -> None:
+    if not value or len(value) > 64:
+        raise PkiError(code, f"the CA {what} must be 1-64 characters, got {len(value or '')}")
+    if not value.isprintable() or value != value.strip():
+        # control characters (NUL among them), lone surrogates and edge spaces make names that
+        # compare or display differently from what an admin typed
+        raise PkiError(code, f"the CA {what} must be printable characters without leading or trailing spaces")
 
 
 def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
