@@ -69,7 +69,11 @@ ROUTES = [
     ),
     (
         "revoke certificate",
-        lambda api: ("POST", f"/api/certificates/{_issued_by_factory_a(api)}/revoke", {"json": {"reason": "cessationOfOperation"}}),
+        lambda api: (
+            "POST",
+            f"/api/certificates/{_issued_by_factory_a(api)}/revoke",
+            {"json": {"reason": "cessationOfOperation"}},
+        ),
         (*ADMIN_ONLY, 200),
     ),
     (

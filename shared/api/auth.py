@@ -97,12 +97,7 @@ def _easyauth_caller(header: str | None, service: DeviceCA) -> Caller:
         raise Unauthorized(
             "no X-MS-CLIENT-PRINCIPAL: App Service authentication did not sign the caller in", "no-principal"
         )
-    try:
-        document: Any = json.loads(base64.b64decode(header, validate=True))
-        claims = [(str(c["typ"]), str(c["val"])) for c in document.get("claims") or []]
-        role_claim = document.get("role_typ") or "roles"
-    except (binascii.Error, ValueError, TypeError, KeyError, AttributeError):
-        raise Unauthorized("X-MS-CLIENT-PRINCIPAL is not base64 JSON with claims", "invalid-principal") from None
+    claims, role_claim = _read_principal(header)
     roles = {value for kind, value in claims if kind == role_claim or kind in _ROLE_CLAIMS}
     if ADMIN_ROLE in roles:
         name = _first(claims, _NAME_CLAIMS) or "unnamed"
@@ -115,6 +110,39 @@ def _easyauth_caller(header: str | None, service: DeviceCA) -> Caller:
             )
         return service.principals.factory_for_app(app_id)
     raise Forbidden(f"the caller has neither the {ADMIN_ROLE} nor the {FACTORY_ROLE} app role", "no-role")
+
+
+MAX_PRINCIPAL_BYTES = 64 * 1024
+MAX_CLAIM_CHARACTERS = 512
+
+
+def _read_principal(header: str) -> tuple[list[tuple[str, str]], str]:
+    """The claims of an X-MS-CLIENT-PRINCIPAL header (base64 of `{"claims": [{"typ", "val"}], "role_typ"}`)
+    and the claim type that carries roles. Unauthorized for anything else: a header that cannot be read
+    is no credential (too large, not base64 or JSON, nested past reason, claims that are not short strings
+    of valid Unicode)."""
+    invalid = Unauthorized("X-MS-CLIENT-PRINCIPAL is not base64 JSON with claims", "invalid-principal")
+    if len(header) > MAX_PRINCIPAL_BYTES:
+        raise invalid
+    try:
+        document: Any = json.loads(base64.b64decode(header, validate=True))
+        claims = [(c["typ"], c["val"]) for c in document.get("claims") or []]
+        role_claim = document.get("role_typ") or "roles"
+    except (binascii.Error, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise invalid from None
+    if not all(_claim_text(part) for claim in claims for part in claim) or not _claim_text(role_claim):
+        raise invalid
+    return claims, role_claim
+
+
+def _claim_text(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > MAX_CLAIM_CHARACTERS or not value.isprintable():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _first(claims: list[tuple[str, str]], kinds: tuple[str, ...]) -> str | None:

@@ -1,0 +1,253 @@
+"""Who may certify a device (DESIGN "Who owns a device"): its owner and admins, on every signing path.
+
+Two factories and an admin go through a device's lifecycle (first certificate, same-CSR retry, a new key,
+renewal, after expiry, after revocation, after the owner is re-bound) on every path that signs: the HTTP
+route and each of the service's signing entry points. Only the owner and the admin succeed; the other
+factory is refused with a message that names nothing of the owner's, and nothing changes.
+"""
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from shared.errors import CaError
+from shared.ledger.models import CertificateQuery, Issuance
+from shared.service import DeviceCA, SignRequest
+
+from .apiclient import Api, make_api
+from .csrs import device_key, make_csr
+
+OWNER, OTHER, ADMIN = "owner", "other-factory", "admin"
+OWNED = "device-owned-by-another-factory"
+
+
+@dataclass
+class Attempt:
+    """What one caller sends for the device, after the scenario has set it up."""
+
+    csr: bytes
+    renew: bool = False
+
+
+@dataclass
+class Outcome:
+    status: int
+    code: str | None
+    message: str | None
+    serial: str | None
+
+
+def _first(api: Api, device: str, by: str = "factory-one", key=None) -> str:
+    """The device's first certificate, asked for by `by` (a factory's principal ID, or an admin)."""
+    allowed = None if by == "admin" else api.service.principals.principal(by).intermediates
+    csr = make_csr(device, key=key)
+    return api.service.sign_csr(csr, device, requested_by=by, allowed_intermediates=allowed).record.serial
+
+
+def new_device(api, clock, device):
+    return Attempt(make_csr(device))
+
+
+def same_csr_retry(api, clock, device):
+    key = device_key()
+    _first(api, device, key=key)
+    return Attempt(make_csr(device, key=key))
+
+
+def new_key_without_renew(api, clock, device):
+    _first(api, device)
+    return Attempt(make_csr(device))
+
+
+def renewal(api, clock, device):
+    _first(api, device)
+    return Attempt(make_csr(device), renew=True)
+
+
+def same_key_renewal(api, clock, device):
+    key = device_key()
+    _first(api, device, key=key)
+    return Attempt(make_csr(device, key=key), renew=True)
+
+
+def after_expiry(api, clock, device):
+    _first(api, device)
+    clock.advance(days=api.service.settings.device_days + 1)
+    return Attempt(make_csr(device))
+
+
+def after_revocation(api, clock, device):
+    api.service.revoke(_first(api, device), "keyCompromise")
+    return Attempt(make_csr(device))
+
+
+def revoked_key_again(api, clock, device):
+    key = device_key()
+    api.service.revoke(_first(api, device, key=key), "keyCompromise")
+    return Attempt(make_csr(device, key=key))
+
+
+def owner_rebound(api, clock, device):
+    """The owner is moved to another intermediate: it keeps its devices."""
+    key = device_key()
+    _first(api, device, key=key)
+    api.service.principals.bind_factory("factory-one", ["factory-c"])
+    return Attempt(make_csr(device, key=key), renew=False)
+
+
+def admin_certified_first(api, clock, device):
+    """An admin certified the device first: no factory owns it, so only admins may certify it."""
+    _first(api, device, by="admin")
+    return Attempt(make_csr(device), renew=True)
+
+
+# scenario -> expected status per caller; for a new device the "owner" is simply the first factory to ask
+SCENARIOS: dict[str, tuple[Callable, dict[str, int | str]]] = {
+    "first certificate": (new_device, {OWNER: 201, OTHER: 201, ADMIN: 201}),
+    "same-CSR retry": (same_csr_retry, {OWNER: 200, OTHER: OWNED, ADMIN: 200}),
+    "new key without renew": (
+        new_key_without_renew,
+        {OWNER: "device-has-certificate", OTHER: OWNED, ADMIN: "device-has-certificate"},
+    ),
+    "renewal with a new key": (renewal, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
+    "renewal with the same key": (same_key_renewal, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
+    "new key after expiry": (after_expiry, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
+    "new key after revocation": (after_revocation, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
+    "revoked key again": (revoked_key_again, {OWNER: "key-revoked", OTHER: OWNED, ADMIN: "key-revoked"}),
+    "owner re-bound to another intermediate": (owner_rebound, {OWNER: 200, OTHER: OWNED, ADMIN: 200}),
+    "an admin certified it first": (admin_certified_first, {OWNER: OWNED, OTHER: OWNED, ADMIN: 201}),
+}
+
+
+def _via_http(api: Api, caller: str, device: str, attempt: Attempt) -> Outcome:
+    key = {OWNER: api.factory_a, OTHER: api.factory_b, ADMIN: api.admin}[caller]
+    params = {"renew": "true"} if attempt.renew else {}
+    response = api.post_csr(device, attempt.csr, key, **params)
+    body = response.json()
+    if response.status_code >= 400:
+        return Outcome(response.status_code, body["error"]["code"], body["error"]["message"], None)
+    return Outcome(response.status_code, None, None, body["serialNumber"])
+
+
+def _options(api: Api, caller: str) -> dict:
+    key = {OWNER: api.factory_a, OTHER: api.factory_b, ADMIN: api.admin}[caller]
+    who = api.service.principals.authenticate(key)  # the same Caller the HTTP route gets
+    return {"requested_by": who.id, "allowed_intermediates": who.intermediates}
+
+
+def _as_outcome(result) -> Outcome:
+    if isinstance(result, CaError):
+        return Outcome(result.status, result.code, result.message, None)
+    return Outcome(201 if result.created else 200, None, None, result.record.serial)
+
+
+def _via_sign_csr(api, caller, device, attempt):
+    try:
+        issued = api.service.sign_csr(attempt.csr, device, renew=attempt.renew, **_options(api, caller))
+    except CaError as error:
+        return _as_outcome(error)
+    return _as_outcome(issued)
+
+
+def _via_sign_csrs(api, caller, device, attempt):
+    (result,) = api.service.sign_csrs([SignRequest(attempt.csr, device)], renew=attempt.renew, **_options(api, caller))
+    return _as_outcome(result)
+
+
+def _via_sign_csr_async(api, caller, device, attempt):
+    async def sign():
+        return await api.service.sign_csr_async(attempt.csr, device, renew=attempt.renew, **_options(api, caller))
+
+    try:
+        return _as_outcome(asyncio.run(sign()))
+    except CaError as error:
+        return _as_outcome(error)
+
+
+# Every way into signing. A new signing entry point of the service must be added here (see the last test).
+PATHS = {
+    "http": _via_http,
+    "sign_csr": _via_sign_csr,
+    "sign_csrs": _via_sign_csrs,
+    "sign_csr_async": _via_sign_csr_async,
+}
+
+
+@pytest.fixture
+def api(service):
+    api = make_api(service)
+    service.create_intermediate("factory-c")
+    return api
+
+
+def _device_state(api: Api, device: str) -> tuple:
+    ledger = api.service.ledger
+    certificates = ledger.list_certificates(CertificateQuery(device_id=device, limit=1000)).items
+    return [(c.serial, c.status) for c in certificates], ledger.device_owners([device])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("caller", [OWNER, OTHER, ADMIN])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_only_the_owner_and_admins_certify_a_device(api, clock, scenario, caller, path):
+    prepare, expected = SCENARIOS[scenario]
+    device = "dev-lifecycle"
+    attempt = prepare(api, clock, device)
+    before = _device_state(api, device)
+    serials_before = {serial for serial, _ in before[0]}
+    outcome = PATHS[path](api, caller, device, attempt)
+    want = expected[caller]
+    if isinstance(want, int):
+        assert outcome.status == want, outcome
+        if want == 201:
+            assert outcome.serial not in serials_before
+            assert api.service.certificate(outcome.serial).status == "active"
+        return
+    assert outcome.code == want, outcome
+    assert _device_state(api, device) == before, "a refused request changed the ledger"
+    if want == OWNED:
+        assert outcome.status == 403
+        for secret in (*serials_before, "factory-one", "factory-a"):
+            assert secret.lower() not in outcome.message.lower(), outcome.message
+
+
+def test_first_certificate_makes_the_owner(api):
+    """The factory whose request first certified a device owns it, whatever happens to its certificates."""
+    device = "dev-first"
+    _first(api, device, by="factory-two")
+    assert api.service.ledger.device_owners([device]) == {device: "factory-two"}
+    api.service.sign_csr(make_csr(device), device, requested_by="admin", renew=True)  # an admin keeps the owner
+    assert api.service.ledger.device_owners([device]) == {device: "factory-two"}
+    refused = api.post_csr(device, make_csr(device), api.factory_a, renew="true")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == OWNED
+    allowed = api.post_csr(device, make_csr(device), api.factory_b, renew="true")
+    assert allowed.status_code == 201
+
+
+def test_another_factory_cannot_learn_which_device_holds_a_key(api):
+    """A factory that sends a key already bound to a device it does not own learns no device ID."""
+    key = device_key()
+    _first(api, "dev-secret-name", key=key)
+    response = api.post_csr("dev-mine", make_csr("dev-mine", key=key), api.factory_b)
+    assert response.status_code == 409 and response.json()["error"]["code"] == "key-in-use"
+    assert "dev-secret-name" not in response.text
+    as_admin = api.post_csr("dev-mine", make_csr("dev-mine", key=key), api.admin)
+    assert "dev-secret-name" in as_admin.json()["error"]["message"]
+
+
+def test_the_ledger_itself_refuses_another_factorys_claim(api):
+    """Two factories racing for a new device: the plan saw no owner, the store still lets only one win."""
+    issued = api.service.sign_csr(make_csr("dev-race"), "dev-race", requested_by="factory-one")
+    record = issued.record
+    rival = dataclasses.replace(record, serial="0ABC", public_key_sha256="f" * 64, requested_by="factory-two")
+    (outcome,) = api.service.ledger.record_issued([Issuance(rival, supersede=True, owner="factory-two")])
+    assert isinstance(outcome, CaError) and outcome.code == OWNED
+    assert api.service.certificate(record.serial).status == "active"
+
+
+def test_every_signing_path_is_in_the_lifecycle_matrix():
+    entry_points = {name for name in dir(DeviceCA) if name.startswith("sign") and not name.startswith("_")}
+    assert entry_points <= set(PATHS), f"add {sorted(entry_points - set(PATHS))} to PATHS"

@@ -1,0 +1,101 @@
+"""Revoking a certificate revokes its key: every active certificate holding it goes with it, in one commit."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shared.errors import Conflict
+from shared.pki import PkiError
+from shared.pki.revocation import REVOCATION_REASONS, revocation_reason
+
+from .apiclient import bearer, make_api
+from .conftest import run_cli
+from .csrs import device_key, make_csr
+
+
+def _renewed_with_the_same_key(service, device: str = "dev-1"):
+    """S1 superseded and S2 active, one key: the case where revoking S1 used to leave S2 active."""
+    key = device_key()
+    first = service.sign_csr(make_csr(device, key=key), device).record.serial
+    second = service.sign_csr(make_csr(device, key=key), device, renew=True).record.serial
+    assert service.certificate(first).status == "superseded"
+    return key, first, second
+
+
+def test_revoking_an_old_certificate_revokes_the_active_one_with_its_key(service):
+    key, first, second = _renewed_with_the_same_key(service)
+    revocation, dps = service.revoke(first, "keyCompromise")
+    assert revocation.record.serial == first and revocation.record.status == "revoked"
+    assert [c.serial for c in revocation.also_revoked] == [second]
+    assert all(c.status == "revoked" and c.status_reason == "keyCompromise" for c in revocation.also_revoked)
+    assert service.certificate(second).status == "revoked"
+    assert service.ledger.active_certificates(["dev-1"]) == {}
+    with pytest.raises(Conflict) as refused:
+        service.sign_csr(make_csr("dev-1", key=key), "dev-1", renew=True)
+    assert refused.value.code == "key-revoked"
+    assert dps["mode"] == "offline"
+    document = json.loads(Path(dps["recorded"]).read_text())
+    assert document["provisioningStatus"] == "disabled"  # no certificate of the device is active: blocked
+
+
+def test_revoking_an_old_key_admits_only_the_active_certificate_in_dps(service):
+    first = service.sign_csr(make_csr("dev-2"), "dev-2").record.serial
+    second = service.sign_csr(make_csr("dev-2"), "dev-2", renew=True).record
+    revocation, dps = service.revoke(first, "superseded")
+    assert revocation.also_revoked == ()
+    assert service.certificate(second.serial).status == "active"
+    document = json.loads(Path(dps["recorded"]).read_text())
+    assert document["provisioningStatus"] == "enabled"
+    assert document["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"] == second.certificate_pem
+
+
+def test_revoking_twice_keeps_the_first_reason(service):
+    serial = service.sign_csr(make_csr("dev-3"), "dev-3").record.serial
+    service.revoke(serial, "cessationOfOperation")
+    again, _ = service.revoke(serial, "keyCompromise")
+    assert again.record.status_reason == "cessationOfOperation" and again.also_revoked == ()
+
+
+@pytest.mark.parametrize("name", REVOCATION_REASONS)
+def test_rfc_5280_reason_names_are_accepted_in_any_case(name):
+    assert revocation_reason(name.upper()) == name
+    assert revocation_reason(f" {name} ") == name
+
+
+@pytest.mark.parametrize("text", ["stolen", "certificateHold", "removeFromCRL", "key-compromise", "\ud800", "1"])
+def test_other_reasons_are_refused(service, text):
+    serial = service.sign_csr(make_csr("dev-4"), "dev-4").record.serial
+    with pytest.raises(PkiError) as refused:
+        service.revoke(serial, text)
+    assert refused.value.code == "invalid-reason"
+    assert service.certificate(serial).status == "active"
+
+
+def test_revoke_over_http_lists_what_went_with_the_key(service):
+    api = make_api(service)
+    _, first, second = _renewed_with_the_same_key(service)
+    response = api.client.post(
+        f"/api/certificates/{first}/revoke", json={"reason": "keycompromise"}, headers=bearer(api.admin)
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["statusReason"] == "keyCompromise"
+    assert [c["serialNumber"] for c in body["alsoRevoked"]] == [second]
+    assert body["alsoRevoked"][0]["status"] == "revoked"
+    refused = api.client.post(
+        f"/api/certificates/{second}/revoke", json={"reason": "certificateHold"}, headers=bearer(api.admin)
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid-reason"
+
+
+def test_revoke_on_the_cli_lists_what_went_with_the_key(service):
+    home = service.settings.pki_home
+    _, first, second = _renewed_with_the_same_key(service)
+    done = run_cli("revoke", first, "--reason", "keyCompromise", home=home)
+    assert done.returncode == 0, done.stderr
+    assert f"Also revoked {second}".encode() in done.stdout
+    as_json = json.loads(run_cli("revoke", second, "--json", home=home).stdout)
+    assert as_json["status"] == "revoked" and as_json["alsoRevoked"] == []
+    bad = run_cli("revoke", first, "--reason", "stolen", home=home)
+    assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1 and b"RFC 5280" in bad.stderr
