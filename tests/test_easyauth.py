@@ -22,6 +22,19 @@ def principal(roles: list[str], app_id: str | None = None, role_typ: str = "role
     return {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(json.dumps(document).encode()).decode()}
 
 
+def _with_claim(kind: str, value) -> dict[str, str]:
+    """A factory principal with one more claim, as raw JSON (lone surrogates survive json.dumps escaped)."""
+    document = {
+        "auth_typ": "aad",
+        "claims": [
+            {"typ": "roles", "val": "PKI.Factory"},
+            {"typ": "appid", "val": FACTORY_APP},
+            {"typ": kind, "val": value},
+        ],
+    }
+    return {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(json.dumps(document).encode()).decode()}
+
+
 @pytest.fixture
 def easy(make_service):
     ca = make_service(auth_mode="easyauth")
@@ -64,7 +77,13 @@ def test_factory_role_is_the_factory_bound_to_the_application(easy):
         (principal(["PKI.Reader"]), 403, "no-role"),
         (principal(["PKI.Factory"]), 403, "no-app-id"),
         (principal(["PKI.Factory"], "00000000-0000-0000-0000-000000000000"), 403, "unknown-application"),
+        ({"X-MS-CLIENT-PRINCIPAL": base64.b64encode(b"[" * 20000 + b"]" * 20000).decode()}, 401, "invalid-principal"),
+        (_with_claim("name", "Mallory \ud800"), 401, "invalid-principal"),
+        (_with_claim("appid", "\u0000" + FACTORY_APP), 401, "invalid-principal"),
+        (_with_claim("name", 5), 401, "invalid-principal"),
+        (_with_claim("name", "x" * 100000), 401, "invalid-principal"),
     ],
+    ids=lambda value: None if isinstance(value, dict) else str(value),
 )
 def test_refused_principals(easy, headers, status, code):
     ca, client = easy
