@@ -110,7 +110,7 @@ def check_device(cert: x509.Certificate, intermediate: x509.Certificate, device_
     usage = _ext(cert, x509.KeyUsage)
     assert usage.critical and key_usage_flags(usage.value) == DEVICE_KEY_USAGE
     eku = _ext(cert, x509.ExtendedKeyUsage)
-    assert list(eku.value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not eku.critical and list(eku.value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     _check_aki(cert, intermediate)
     assert _extension_oids(cert) == {
         ExtensionOID.BASIC_CONSTRAINTS,
@@ -124,9 +124,18 @@ def check_device(cert: x509.Certificate, intermediate: x509.Certificate, device_
 def check_proof_of_possession(cert: x509.Certificate, root: x509.Certificate, code: str) -> None:
     check_common(cert, root)
     assert cert.subject == x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, code)])
-    assert _ext(cert, x509.BasicConstraints).value.ca is False
+    basic = _ext(cert, x509.BasicConstraints)
+    assert basic.critical and basic.value.ca is False and basic.value.path_length is None
+    usage = _ext(cert, x509.KeyUsage)
+    assert usage.critical and key_usage_flags(usage.value) == DEVICE_KEY_USAGE
     assert cert.not_valid_after_utc - cert.not_valid_before_utc <= timedelta(days=2), "must be short-lived"
     _check_aki(cert, root)
+    assert _extension_oids(cert) == {
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    }
 
 
 def load(pem: str | bytes) -> x509.Certificate:

@@ -89,6 +89,45 @@ def test_group_commit_gathers_the_next_group_while_one_is_written():
     assert store.groups == [["a"], ["b0", "b1", "b2", "b3", "b4"]]
 
 
+class GatedStore(RecordingStore):
+    """A store whose asynchronous write waits for the test to open a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.writing = asyncio.Event()
+
+    async def write_async(self, items: list[str]) -> list[str]:
+        self.writing.set()
+        await self.gate.wait()
+        return self.write(items)
+
+
+def test_group_commit_writes_what_is_submitted_while_a_group_is_written():
+    """Submissions made during a write form the next group as soon as the write ends: none is left waiting."""
+    store = GatedStore()
+    commit = GroupCommit(store.write, store.write_async)
+
+    async def main():
+        first = asyncio.ensure_future(commit.submit_async(["a"]))
+        await store.writing.wait()  # the first group is being written
+        during = [asyncio.ensure_future(commit.submit_async([f"b{n}"])) for n in range(3)]
+        await asyncio.sleep(0)
+        store.gate.set()
+        await first
+        for _ in range(20):  # enough turns of the loop for the next group to start and finish
+            await asyncio.sleep(0)
+        stranded = [future for future in during if not future.done()]
+        for future in stranded:
+            future.cancel()
+        return await first, stranded, [future.result() for future in during if future.done()]
+
+    first, stranded, during = asyncio.run(main())
+    assert first == ["A"] and not stranded, "submissions made during a write were never written"
+    assert during == [["B0"], ["B1"], ["B2"]]
+    assert store.groups == [["a"], ["b0", "b1", "b2"]]
+
+
 def test_coalescer_batches_by_kind_and_shares_errors():
     calls: list[tuple[str, list[int]]] = []
 

@@ -22,16 +22,11 @@ def principal(roles: list[str], app_id: str | None = None, role_typ: str = "role
     return {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(json.dumps(document).encode()).decode()}
 
 
-def _with_claim(kind: str, value) -> dict[str, str]:
-    """A factory principal with one more claim, as raw JSON (lone surrogates survive json.dumps escaped)."""
-    document = {
-        "auth_typ": "aad",
-        "claims": [
-            {"typ": "roles", "val": "PKI.Factory"},
-            {"typ": "appid", "val": FACTORY_APP},
-            {"typ": kind, "val": value},
-        ],
-    }
+def _with_claim(kind: str, value, roles=("PKI.Factory",)) -> dict[str, str]:
+    """A principal (a factory's by default) with one more claim, as raw JSON (lone surrogates survive
+    json.dumps escaped). Only role claims carry roles: `{"typ": "name", "val": "PKI.Admin"}` is a name."""
+    claims = [{"typ": "roles", "val": role} for role in roles] + [{"typ": "appid", "val": FACTORY_APP}]
+    document = {"auth_typ": "aad", "claims": [*claims, {"typ": kind, "val": value}]}
     return {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(json.dumps(document).encode()).decode()}
 
 
@@ -77,6 +72,8 @@ def test_factory_role_is_the_factory_bound_to_the_application(easy):
         (principal(["PKI.Reader"]), 403, "no-role"),
         (principal(["PKI.Factory"]), 403, "no-app-id"),
         (principal(["PKI.Factory"], "00000000-0000-0000-0000-000000000000"), 403, "unknown-application"),
+        (_with_claim("name", "PKI.Admin", roles=[]), 403, "no-role"),
+        (_with_claim("groups", "PKI.Admin", roles=[]), 403, "no-role"),
         ({"X-MS-CLIENT-PRINCIPAL": base64.b64encode(b"[" * 20000 + b"]" * 20000).decode()}, 401, "invalid-principal"),
         (_with_claim("name", "Mallory \ud800"), 401, "invalid-principal"),
         (_with_claim("appid", "\u0000" + FACTORY_APP), 401, "invalid-principal"),

@@ -33,12 +33,12 @@ def _ca(ca_id: str = "int-1", kind: str = "intermediate") -> CaRecord:
     )
 
 
-def _cert(serial: str, device_id: str, key: str, days: int = 365) -> CertificateRecord:
+def _cert(serial: str, device_id: str, key: str, days: int = 365, requested_by: str = "test") -> CertificateRecord:
     return CertificateRecord(
         serial=serial,
         device_id=device_id,
         intermediate_id="int-1",
-        requested_by="test",
+        requested_by=requested_by,
         public_key_sha256=key,
         not_before=NOW,
         not_after=NOW + timedelta(days=days),
@@ -135,6 +135,46 @@ def test_store_itself_refuses_a_key_bound_to_another_device(ledger):
         )
     with pytest.raises(sqlite3.IntegrityError):
         db.execute("INSERT INTO key_bindings (public_key_sha256, device_id) VALUES ('k1', 'dev-2')")
+
+
+def test_store_itself_refuses_a_revoked_key(ledger):
+    """Even written around the ledger's checks, a certificate for a revoked key is refused by the store."""
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    ledger.revoke_certificate("01", "keyCompromise", NOW)
+    db = sqlite3.connect(ledger.path)
+    with pytest.raises(sqlite3.IntegrityError, match="not bound to this device"):
+        db.execute(
+            "INSERT INTO certificates (serial, device_id, intermediate_id, requested_by, public_key_sha256, "
+            "not_before, not_after, certificate_pem, created_at, status) "
+            "VALUES ('02', 'dev-1', 'int-1', 't', 'k1', 'a', 'b', 'p', 'c', 'active')"
+        )
+
+
+def test_store_itself_refuses_a_certificate_for_a_device_without_owner(ledger):
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    db = sqlite3.connect(ledger.path)
+    db.execute("INSERT INTO key_bindings (public_key_sha256, device_id) VALUES ('k9', 'dev-9')")
+    with pytest.raises(sqlite3.IntegrityError, match="device has no owner"):
+        db.execute(
+            "INSERT INTO certificates (serial, device_id, intermediate_id, requested_by, public_key_sha256, "
+            "not_before, not_after, certificate_pem, created_at, status) "
+            "VALUES ('02', 'dev-9', 'int-1', 't', 'k9', 'a', 'b', 'p', 'c', 'active')"
+        )
+
+
+def test_schema_1_ledgers_get_owners_from_their_first_certificates(ledger, tmp_path):
+    """A ledger from before device ownership: each device is owned by whoever asked for its first one."""
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1", requested_by="factory-x"))])
+    ledger.record_issued([Issuance(_cert("02", "dev-1", "k2", requested_by="admin"), supersede=True)])
+    db = sqlite3.connect(ledger.path, isolation_level=None)
+    db.executescript("DELETE FROM devices; PRAGMA user_version = 1;")
+    db.close()
+    ledger.close()
+    reopened = SqliteLedger(ledger.path)
+    try:
+        assert reopened.device_owners(["dev-1"]) == {"dev-1": "factory-x"}
+    finally:
+        reopened.close()
 
 
 def test_supersede_and_revoke(ledger):
