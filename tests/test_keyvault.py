@@ -267,3 +267,37 @@ def test_the_pacer_slows_down_on_429_and_recovers():
     for _ in range(200):
         pacer.succeeded()
     assert pacer.rate == 200
+
+
+def _sign_calls(vault: FakeKeyVault) -> int:
+    return sum(1 for method, path, _ in vault.statuses if method == "POST" and path.endswith("/sign"))
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    ["key-revoked", "key-in-use", "device-owned-by-another-factory", "device-has-certificate", "cn-mismatch"],
+)
+def test_a_refused_request_costs_no_key_vault_signature(vault_ca, refusal):
+    """Every refusal is decided before signing: a refused request never spends a Key Vault sign call."""
+    service, vault, _ = vault_ca()
+    _hierarchy(service)
+    service.principals.create_factory("line-1", ["vault-int"])
+    service.principals.create_factory("line-2", ["vault-int"])
+    key = device_key()
+    first = service.sign_csr(
+        make_csr("dev-1", key=key), "dev-1", requested_by="line-1", allowed_intermediates=["vault-int"]
+    )
+    as_line_2 = {"requested_by": "line-2", "allowed_intermediates": ["vault-int"]}
+    attempt = {
+        "key-revoked": lambda: (service.revoke(first.record.serial), (make_csr("dev-1", key=key), "dev-1", {}))[1],
+        "key-in-use": lambda: (make_csr("dev-2", key=key), "dev-2", {}),
+        "device-owned-by-another-factory": lambda: (make_csr("dev-1"), "dev-1", as_line_2),
+        "device-has-certificate": lambda: (make_csr("dev-1"), "dev-1", {}),
+        "cn-mismatch": lambda: (make_csr("dev-9"), "dev-8", {}),
+    }[refusal]
+    csr, device_id, options = attempt()
+    signed_before = _sign_calls(vault)
+    with pytest.raises(CaError) as refused:
+        service.sign_csr(csr, device_id, **options)
+    assert refused.value.code == refusal
+    assert _sign_calls(vault) == signed_before
