@@ -1,8 +1,10 @@
 """The Key Vault backend: the real azure-keyvault clients against a fake vault at the HTTP level."""
 
+import email.utils
 import json
 import subprocess
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -148,6 +150,41 @@ def test_retry_after_is_honoured_on_transient_errors(vault_ca):
     vault.sign_failures = lambda n: 503 if n <= calls_before + 2 else None
     assert service.sign_csr(make_csr("dev-1"), "dev-1").created
     assert [s for _, p, s in vault.statuses if p.endswith("/sign")][-3:] == [503, 503, 200]
+
+
+def _in_seconds(seconds: int) -> str:
+    return email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=seconds), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("header", "told"),
+    [("7", {7}), (None, {1}), ("soon", {1}), ("-3", {1}), ("", {1})],
+    ids=["seconds", "absent", "unparseable", "negative", "empty"],
+)
+def test_retry_after_decides_the_wait_in_each_form(vault_ca, header, told):
+    """A vault that keeps answering 503: a Retry-After longer than the retry budget is passed on to the
+    caller at once, after one call; absent or unreadable, the gate backs off by itself within the budget."""
+    options = replace(QUICK, retry_seconds=0.3)
+    headers = {"Retry-After": header} if header is not None else {}
+    service, vault, _ = vault_ca(FakeKeyVault(failure_headers=headers), options=options)
+    _hierarchy(service)
+    vault.sign_failures = lambda n: 503
+    before = vault.sign_calls
+    with pytest.raises(BackendUnavailable) as raised:
+        service.sign_csr(make_csr("dev-1"), "dev-1")
+    assert raised.value.retry_after in told
+    assert (vault.sign_calls - before == 1) == (header == "7")
+
+
+def test_retry_after_as_an_http_date(vault_ca):
+    options = replace(QUICK, retry_seconds=0.3)
+    service, vault, _ = vault_ca(FakeKeyVault(failure_headers={"Retry-After": _in_seconds(30)}), options=options)
+    _hierarchy(service)
+    vault.sign_failures = lambda n: 503
+    before = vault.sign_calls
+    with pytest.raises(BackendUnavailable) as raised:
+        service.sign_csr(make_csr("dev-1"), "dev-1")
+    assert 25 <= raised.value.retry_after <= 30 and vault.sign_calls - before == 1
 
 
 def test_a_vault_that_keeps_failing_gives_a_clear_error_and_no_ledger_row(vault_ca):
