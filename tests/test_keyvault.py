@@ -3,6 +3,7 @@
 import email.utils
 import json
 import subprocess
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -338,3 +339,81 @@ def test_a_refused_request_costs_no_key_vault_signature(vault_ca, refusal):
         service.sign_csr(csr, device_id, **options)
     assert refused.value.code == refusal
     assert _sign_calls(vault) == signed_before
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda key: setattr(key, "enabled", False), "disabled"),
+        (lambda key: setattr(key, "expires", int(datetime.now(UTC).timestamp()) - 60), "not valid"),
+        (lambda key: setattr(key, "not_before", int(datetime.now(UTC).timestamp()) + 3600), "not valid"),
+        (lambda key: setattr(key, "key_ops", ("verify",)), "not permitted"),
+    ],
+    ids=["disabled", "expired", "not-yet-valid", "no-sign-operation"],
+)
+def test_a_key_the_vault_will_not_sign_with_is_a_clear_500_and_no_row(vault_ca, change, words):
+    service, vault, _ = vault_ca()
+    _hierarchy(service)
+    change(vault.key(service.intermediate("vault-int").key_name))
+    with pytest.raises(Misconfigured) as refused:
+        service.sign_csr(make_csr("dev-1"), "dev-1")
+    assert refused.value.code == "key-vault-forbidden" and words in refused.value.message
+    assert _count(service) == 0
+
+
+@pytest.mark.parametrize(
+    ("operation", "status"), [("create", 503), ("create", 400), ("merge", 400), ("get-key", 400), ("merge", 409)]
+)
+def test_a_failure_anywhere_in_creating_a_ca_leaves_no_record(vault_ca, operation, status):
+    """A 503 is retried by azure-core before it counts (so only one such case: it takes seconds)."""
+    service, vault, _ = vault_ca()
+    service.create_root()
+    vault.failures[operation] = lambda n: status
+    with pytest.raises(CaError) as failed:
+        service.create_intermediate("broken")
+    assert failed.value.status == 503 or failed.value.code.startswith("key-vault")
+    assert service.ledger.get_ca("broken") is None
+    vault.failures.clear()
+    assert service.create_intermediate("broken").record.id == "broken"
+
+
+def test_a_lost_creation_in_key_vault_says_what_was_left_and_how_to_remove_it(vault_ca):
+    service, vault, _ = vault_ca()
+    service.create_root()
+    vault.failures["merge"] = lambda n: 409
+    with pytest.raises(CaError) as failed:
+        service.create_intermediate("line-1")
+    assert "left in the vault" in failed.value.message
+    assert "az keyvault certificate delete --vault-name device-ca-test --name device-ca-line-1-" in failed.value.message
+
+
+def test_creating_a_certificate_that_is_pending_is_a_conflict(vault_ca):
+    service, _, _ = vault_ca()
+    service.keys.create_ca_key("pending-one", "P-256", "Pending One")
+    with pytest.raises(CaError) as refused:
+        service.keys.create_ca_key("pending-one", "P-256", "Pending One")
+    assert refused.value.code == "key-vault-conflict"
+
+
+def test_the_fake_refuses_an_api_version_key_vault_does_not_know():
+    vault = FakeKeyVault()
+    answer = vault.session().get(f"{VAULT_URL}/keys/x?api-version=1.0", headers={"Authorization": "Bearer x"})
+    assert answer.status_code == 400 and "not recognized" in answer.text
+
+
+def test_expiries_are_read_across_listing_pages(vault_ca):
+    service, vault, _ = vault_ca(FakeKeyVault(page_size=1))
+    _hierarchy(service)
+    service.create_intermediate("second")
+    expiries = service.keys.certificate_expiries()
+    assert set(expiries) == {ca.key_name for ca in service.ledger.list_cas()}
+    assert vault.calls["list"] == 3
+
+
+def test_the_pacer_spaces_sign_calls():
+    """At 50 signs a second, 11 calls in a row span at least 10 gaps of 20 ms (a lower bound only)."""
+    pacer = SignPacer(50)
+    started = time.monotonic()
+    for _ in range(11):
+        pacer.wait()
+    assert time.monotonic() - started >= 10 / 50

@@ -4,7 +4,12 @@ It is a `requests` transport adapter: mount it on the session of the real azure-
 every request they make (the bearer-challenge handshake, certificate create / pending / merge / get /
 list, key get, sign) arrives here as an HTTP request and leaves as an HTTP response. Keys are real ECDSA
 keys that never leave the fake: only public JWKs and signatures go out, and a sign answers with raw
-`r||s` as Key Vault does. Latency, a sign throttle and failures can be switched on.
+`r||s` as Key Vault does. Latency, a sign throttle and failures can be switched on, for sign or for any
+other operation.
+
+It refuses what Key Vault refuses: an api-version it does not know, a create while the certificate's
+creation is pending (409), a sign with a key that is disabled, outside its nbf/exp, or without the `sign`
+operation (403); and it pages listings with `nextLink`.
 """
 
 import base64
@@ -18,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import requests
 import urllib3
@@ -35,6 +40,8 @@ TOKEN = "fake-key-vault-token"
 TENANT = "72f988bf-0000-0000-0000-000000000000"
 CHALLENGE = f'Bearer authorization="https://login.microsoftonline.com/{TENANT}", resource="https://vault.azure.net"'
 _CURVES = {"P-256": (ec.SECP256R1(), "ES256", 32), "P-384": (ec.SECP384R1(), "ES384", 48)}
+API_VERSIONS = {"7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01", "2026-04-01"}
+OPERATIONS = ("create", "pending", "merge", "list", "get-certificate", "get-key", "sign")
 
 
 class FakeCredential:
@@ -55,6 +62,21 @@ class KeyVersion:
     curve: str
     kty: str
     private_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    key_ops: tuple[str, ...] = ("sign", "verify")
+    enabled: bool = True
+    not_before: int | None = None  # Unix seconds, as Key Vault's attributes.nbf / exp
+    expires: int | None = None
+
+    def refuses(self, operation: str) -> str | None:
+        """Why Key Vault would refuse `operation` with this key now (it answers 403), or None."""
+        now = time.time()
+        if not self.enabled:
+            return f"Operation {operation} is not allowed on a disabled key"
+        if (self.not_before and now < self.not_before) or (self.expires and now >= self.expires):
+            return f"Operation {operation} is not allowed: the key is not valid at this time"
+        if operation not in self.key_ops:
+            return f"Operation {operation} is not permitted on this key"
+        return None
 
     @property
     def kid(self) -> str:
@@ -67,7 +89,7 @@ class KeyVersion:
             "kid": self.kid,
             "kty": self.kty,
             "crv": self.curve,
-            "key_ops": ["sign", "verify"],
+            "key_ops": list(self.key_ops),
             "x": _b64url(numbers.x.to_bytes(size, "big")),
             "y": _b64url(numbers.y.to_bytes(size, "big")),
         }
@@ -107,16 +129,22 @@ class FakeKeyVault(BaseAdapter):
         sign_rate: float | None = None,
         sign_failures: Callable[[int], int | None] | None = None,
         failure_headers: dict[str, str] | None = None,
+        page_size: int = 25,
     ) -> None:
         """`sign_rate` throttles signs (429 without Retry-After above it); `sign_failures(n)` may
         return a status to answer the n-th sign call with (1-based) instead of signing, with
-        `failure_headers` (none by default: Key Vault's 429s have come without Retry-After)."""
+        `failure_headers` (none by default: Key Vault's 429s have come without Retry-After).
+        `failures[operation]` does the same for any operation of OPERATIONS (sign included);
+        listings come `page_size` items a page."""
         super().__init__()
         self.premium = premium
         self.sign_latency = sign_latency
         self.throttle = TokenBucket(sign_rate, sign_rate) if sign_rate else None
         self.sign_failures = sign_failures
         self.failure_headers = failure_headers or {}
+        self.failures: dict[str, Callable[[int], int | None]] = {}
+        self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
+        self.page_size = page_size
         self.csrs: dict[str, bytes] = {}  # every CSR made, by certificate name
         self.in_flight = self.most_in_flight = 0
         self.keys: dict[str, list[KeyVersion]] = {}
@@ -137,18 +165,29 @@ class FakeKeyVault(BaseAdapter):
 
     def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
         url = urlparse(request.url)
-        if "api-version=" not in (url.query or ""):
+        versions = parse_qs(url.query or "").get("api-version", [])
+        if not versions:
             return self._answer(request, 400, _error("BadParameter", "api-version is required"))
+        if versions[0] not in API_VERSIONS:
+            return self._answer(
+                request, 400, _error("BadParameter", f"The specified version ({versions[0]}) is not recognized")
+            )
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             self.unauthenticated += 1
             return self._answer(
                 request, 401, _error("Unauthorized", "no bearer token"), {"WWW-Authenticate": CHALLENGE}
             )
         body = json.loads(request.body) if request.body else {}
-        for method, pattern, handler in self._routes():
+        for method, pattern, operation, handler in self._routes():
             match = re.fullmatch(pattern, url.path)
             if match and request.method == method:
-                status, document, headers = handler(body, *match.groups())
+                injected = self._injected_failure(operation)
+                if injected:
+                    return self._answer(request, *injected)
+                if operation == "list":
+                    status, document, headers = handler(body, parse_qs(url.query or ""))
+                else:
+                    status, document, headers = handler(body, *match.groups())
                 return self._answer(request, status, document, headers)
         return self._answer(request, 404, _error("NotFound", f"no route {request.method} {url.path}"))
 
@@ -158,15 +197,30 @@ class FakeKeyVault(BaseAdapter):
     def _routes(self) -> list:
         name, version = r"([0-9a-zA-Z-]+)", r"([0-9a-f]{32})"
         return [
-            ("POST", rf"/certificates/{name}/create", self._create_certificate),
-            ("GET", rf"/certificates/{name}/pending", self._pending),
-            ("POST", rf"/certificates/{name}/pending/merge", self._merge),
-            ("GET", r"/certificates/?", self._list_certificates),
-            ("GET", rf"/certificates/{name}/?", self._get_certificate),
-            ("GET", rf"/keys/{name}/?", self._get_key),
-            ("GET", rf"/keys/{name}/{version}", self._get_key),
-            ("POST", rf"/keys/{name}/{version}/sign", self._sign),
+            ("POST", rf"/certificates/{name}/create", "create", self._create_certificate),
+            ("GET", rf"/certificates/{name}/pending", "pending", self._pending),
+            ("POST", rf"/certificates/{name}/pending/merge", "merge", self._merge),
+            ("GET", r"/certificates/?", "list", self._list_certificates),
+            ("GET", rf"/certificates/{name}/?", "get-certificate", self._get_certificate),
+            ("GET", rf"/keys/{name}/?", "get-key", self._get_key),
+            ("GET", rf"/keys/{name}/{version}", "get-key", self._get_key),
+            ("POST", rf"/keys/{name}/{version}/sign", "sign", self._sign),
         ]
+
+    def _injected_failure(self, operation: str) -> tuple | None:
+        """(status, error, headers) when `failures[operation]` says this call fails (sign counts its own)."""
+        with self.lock:
+            self.calls[operation] += 1
+            call = self.calls[operation]
+        failing = self.failures.get(operation)
+        status = failing(call) if failing else None
+        if not status:
+            return None
+        return status, _error("Throttled" if status == 429 else "Failed", f"answering {status}"), self.failure_headers
+
+    def key(self, name: str) -> KeyVersion:
+        """The newest version of key `name`, to change its attributes in a test."""
+        return self.keys[name][-1]
 
     def _answer(
         self, request: requests.PreparedRequest, status: int, document: dict | None, headers: dict | None = None
@@ -204,6 +258,9 @@ class FakeKeyVault(BaseAdapter):
             return 400, _error("BadParameter", "exportable keys need a release policy"), None
         if issuer.get("name") != "Unknown" or not subject:
             return 400, _error("BadParameter", "this fake makes CSRs for issuer Unknown with a subject"), None
+        existing = self.certificates.get(name)
+        if existing is not None and existing.pending_key is not None:
+            return 409, _error("Conflict", f"Certificate {name} is currently being created"), None
         key = self._new_key_version(name, curve, kty)
         csr = _key_vault_csr(key, subject)
         with self.lock:
@@ -243,7 +300,9 @@ class FakeKeyVault(BaseAdapter):
             return 404, _error("CertificateNotFound", f"no certificate {name}"), None
         return 200, self._bundle(state, -1), None
 
-    def _list_certificates(self, body: dict) -> tuple:
+    def _list_certificates(self, body: dict, query: dict) -> tuple:
+        """One page of certificates; `nextLink` carries the offset as Key Vault's $skiptoken does."""
+        start = int(query.get("$skiptoken", ["0"])[0])
         items = [
             {
                 "id": f"{VAULT_URL}/certificates/{s.name}",
@@ -253,7 +312,9 @@ class FakeKeyVault(BaseAdapter):
             for s in self.certificates.values()
             if s.versions
         ]
-        return 200, {"value": items, "nextLink": None}, None
+        end = start + self.page_size
+        next_link = f"{VAULT_URL}/certificates?api-version=7.6&$skiptoken={end}" if end < len(items) else None
+        return 200, {"value": items[start:end], "nextLink": next_link}, None
 
     def _operation(self, state: CertificateState) -> dict:
         return {
@@ -297,11 +358,9 @@ class FakeKeyVault(BaseAdapter):
         if key is None:
             return 404, _error("KeyNotFound", f"no key {name}"), None
         now = int(time.time())
-        return (
-            200,
-            {"key": key.jwk(), "attributes": {"enabled": True, "created": now, "updated": now}, "managed": True},
-            None,
-        )
+        attributes = {"enabled": key.enabled, "created": now, "updated": now, "nbf": key.not_before, "exp": key.expires}
+        attributes = {name: value for name, value in attributes.items() if value is not None}
+        return 200, {"key": key.jwk(), "attributes": attributes, "managed": True}, None
 
     def _sign(self, body: dict, name: str, version: str) -> tuple:
         with self.lock:
@@ -326,6 +385,9 @@ class FakeKeyVault(BaseAdapter):
         key = self._find_key(name, version)
         if key is None:
             return 404, _error("KeyNotFound", f"no key {name}/{version}"), None
+        refusal = key.refuses("sign")
+        if refusal:
+            return 403, _error("Forbidden", refusal), None
         _, algorithm, size = _CURVES[key.curve]
         digest = _b64url_decode(body.get("value", ""))
         if body.get("alg") != algorithm or len(digest) != size:
