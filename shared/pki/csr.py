@@ -2,17 +2,25 @@
 
 What a CSR contributes to a device certificate is its public key, after the checks below. Its subject
 beyond the CN, its attributes and its requested extensions are never read.
+
+A clean PEM or DER CSR is read by `cryptography` alone, as fast as it can be. Anything else (text around it,
+base64, an nRF91 modem's answer, BER, the encoding slips openssl tolerates) goes through `csr_encoding`, which
+normalises what cannot change what was signed and refuses the rest. Either way the signature is checked over the
+CertificationRequestInfo exactly as sent, with the CSR's own key.
 """
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
+from .csr_encoding import normalise_csr, unwrap_csr
 from .curves import DEVICE_CURVES, curve_name
 from .errors import CsrRejected
 from .names import check_device_id, registration_id_problem
@@ -20,65 +28,160 @@ from .profiles import public_key_sha256
 
 _ACCEPTED_CURVES = {curve.name for curve in DEVICE_CURVES.values()}
 _ACCEPTED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+_ECDSA_SIGNATURES = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA1,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA224,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512,
+}
 _KEY_KINDS = (
     (rsa.RSAPublicKey, "RSA"),
     (dsa.DSAPublicKey, "DSA"),
     (ed25519.Ed25519PublicKey, "Ed25519"),
     (ed448.Ed448PublicKey, "Ed448"),
 )
+# what cryptography raises on a CSR it cannot read (InvalidVersion is not a ValueError)
+_UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion)
 
 
 @dataclass(frozen=True)
 class DeviceRequest:
-    """A CSR that passed the device policy: who it is for and the key to certify."""
+    """A CSR that passed the device policy: who it is for and the key to certify.
+
+    `notes` has one sentence per normalisation applied to read it (an nRF91 modem's NULL parameters, BER, ...),
+    for the caller to show as warnings; empty for a clean CSR.
+    """
 
     device_id: str
     public_key: ec.EllipticCurvePublicKey
     public_key_sha256: str
     curve: str
+    notes: tuple[str, ...] = ()
+
+
+class _ReadCsr(NamedTuple):
+    """What the policy needs of a CSR, however it was read: `signature` is checked over `signed_bytes`."""
+
+    csr: x509.CertificateSigningRequest
+    public_key: CertificatePublicKeyTypes
+    common_names: list[str]
+    signed_bytes: bytes
+    signature: bytes
+    notes: tuple[str, ...] = ()
 
 
 def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
-    """Parse a PKCS#10 request in PEM or DER; CsrRejected with a reason when it is not one."""
-    raw = data.encode() if isinstance(data, str) else bytes(data)
-    text = raw.strip()  # only PEM may be trimmed: a DER signature can end in a whitespace byte
-    if not text:
-        raise CsrRejected("empty-csr", "the CSR is empty")
-    try:
-        if text.startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_csr(text)
-        return x509.load_der_x509_csr(raw)
-    except (ValueError, UnsupportedAlgorithm):
-        pass
-    if text.startswith(b"-----BEGIN"):
-        label = text.split(b"\n", 1)[0].decode("ascii", "replace").strip("- ")
-        if "REQUEST" not in label:
-            raise CsrRejected("not-a-csr", f"expected a PEM CERTIFICATE REQUEST, got {label}") from None
-    raise CsrRejected("not-a-csr", "the body is not a PKCS#10 certificate signing request (PEM or DER)") from None
+    """Parse a PKCS#10 request in any form `check_device_csr` takes; CsrRejected with a reason when it is not one.
+
+    A request that needed normalising comes back re-encoded in clean DER (see `csr_encoding.NormalisedCsr`): its
+    own signature need not verify then, and `check_device_csr` checks the one that was sent.
+    """
+    return _read(_as_bytes(data)).csr
 
 
 def check_device_csr(data: bytes | str, device_id: str) -> DeviceRequest:
-    """Apply the device policy to a CSR for `device_id`; CsrRejected names the first problem."""
+    """Apply the device policy to a CSR for `device_id`; CsrRejected names the first problem.
+
+    Whatever the bytes, nothing but CsrRejected is raised for a bad CSR.
+    """
     check_device_id(device_id)
-    csr = load_csr(data)
-    public_key = _public_key(csr)
-    _verify_signature(csr, public_key)
-    common_name = _single_common_name(csr)
+    read = _read(_as_bytes(data))
+    public_key = _device_key(read.public_key)
+    _verify_signature(read, public_key)
+    common_name = _single_common_name(read.common_names)
     problem = None if common_name == device_id else registration_id_problem(common_name)
     if problem:
         raise CsrRejected("invalid-cn", f"the CSR's CN {common_name!r} is not a valid DPS registration ID: {problem}")
     if common_name != device_id:
         raise CsrRejected("cn-mismatch", f"the CSR's CN {common_name!r} does not match the device ID {device_id!r}")
-    return DeviceRequest(device_id, public_key, public_key_sha256(public_key), curve_name(public_key))
+    return DeviceRequest(device_id, public_key, public_key_sha256(public_key), curve_name(public_key), read.notes)
 
 
-def _public_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
+def _as_bytes(data: bytes | str) -> bytes:
+    return data.encode("utf-8", "replace") if isinstance(data, str) else bytes(data)
+
+
+def _read(raw: bytes) -> _ReadCsr:
+    clean = _read_clean(raw)
+    if clean:
+        return clean
+    if not raw.strip():
+        raise CsrRejected("empty-csr", "the CSR is empty")
+    der, notes = unwrap_csr(raw)
+    clean = _read_clean(der) if der != raw else None
+    if clean:
+        return clean._replace(notes=notes)
+    return _read_normalised(der, notes)
+
+
+def _read_clean(raw: bytes) -> _ReadCsr | None:
+    """A plain PEM or DER CSR read by cryptography alone; None when it needs a closer look."""
+    text = raw.strip()  # only PEM may be trimmed: a DER signature can end in a whitespace byte
     try:
-        key = csr.public_key()
-    except (ValueError, UnsupportedAlgorithm):
+        if text.startswith(b"-----BEGIN"):
+            if text.count(b"-----BEGIN") != 1:
+                return None
+            csr = x509.load_pem_x509_csr(text)
+        else:
+            csr = x509.load_der_x509_csr(raw)
+        public_key = csr.public_key()
+        signed = csr.tbs_certrequest_bytes
+        if not _plainly_encoded(public_key, signed):
+            return None
+        return _ReadCsr(csr, public_key, _common_names(csr), signed, csr.signature)
+    except _UNREADABLE:
+        return None
+
+
+def _read_normalised(der: bytes, notes: tuple[str, ...]) -> _ReadCsr:
+    normalised = normalise_csr(der)
+    try:
+        csr = x509.load_der_x509_csr(normalised.der)
+    except _UNREADABLE:
+        raise CsrRejected("malformed-csr", "the CSR cannot be read, even re-encoded in DER") from None
+    try:
+        common_names = _common_names(csr)
+    except _UNREADABLE:  # csr_encoding re-encoded every name as a UTF8String: not expected
+        raise CsrRejected("invalid-subject", "the CSR's subject cannot be read") from None
+    notes = (*notes, *normalised.notes)
+    return _ReadCsr(csr, _public_key(csr), common_names, normalised.signed_bytes, normalised.signature, notes)
+
+
+def _public_key(csr: x509.CertificateSigningRequest) -> CertificatePublicKeyTypes:
+    try:
+        return csr.public_key()
+    except UnsupportedAlgorithm:
         raise CsrRejected(
             "unsupported-key", "the CSR's key type is not supported; devices need an ECC P-256 or P-384 key"
         ) from None
+    except _UNREADABLE:
+        raise CsrRejected("invalid-public-key", "the CSR's public key is not a valid key of its type") from None
+
+
+def _plainly_encoded(public_key: CertificatePublicKeyTypes, signed: bytes) -> bool:
+    """False when cryptography read a device curve's key from a compressed or hybrid point or from explicit curve
+    parameters: csr_encoding decides on those. A substring test, to keep the fast path fast."""
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return True
+    prefix = _PLAIN_SPKI_PREFIXES.get(public_key.curve.name)
+    return prefix is None or prefix in signed
+
+
+def _plain_spki_prefix(curve: ec.EllipticCurve) -> bytes:
+    """A named-curve SubjectPublicKeyInfo in DER up to its uncompressed point's first octet, 0x04."""
+    spki = (
+        ec.derive_private_key(1, curve)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return spki[: len(spki) - 2 * ((curve.key_size + 7) // 8)]
+
+
+_PLAIN_SPKI_PREFIXES = {curve.name: _plain_spki_prefix(curve) for curve in DEVICE_CURVES.values()}
+
+
+def _device_key(key: CertificatePublicKeyTypes) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         kind = next((name for cls, name in _KEY_KINDS if isinstance(key, cls)), type(key).__name__)
         raise CsrRejected("unsupported-key", f"the CSR's key is {kind}; devices need an ECC P-256 or P-384 key")
@@ -90,32 +193,35 @@ def _public_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKe
     return key
 
 
-def _verify_signature(csr: x509.CertificateSigningRequest, public_key: ec.EllipticCurvePublicKey) -> None:
-    """The CSR's self-signature, with SHA-256 or stronger (the same check as `is_signature_valid`,
-    without parsing the key a second time)."""
-    try:
-        algorithm = csr.signature_hash_algorithm
-    except UnsupportedAlgorithm:
-        algorithm = None
+def _verify_signature(read: _ReadCsr, public_key: ec.EllipticCurvePublicKey) -> None:
+    """The CSR's self-signature: ECDSA with SHA-256 or stronger, over the CertificationRequestInfo as sent."""
+    oid = read.csr.signature_algorithm_oid
+    if oid not in _ECDSA_SIGNATURES:
+        raise CsrRejected(
+            "bad-signature", f"the CSR's signature algorithm ({oid.dotted_string}) is not ECDSA, which its EC key makes"
+        )
+    algorithm = read.csr.signature_hash_algorithm  # every ECDSA algorithm names its hash
     if not isinstance(algorithm, _ACCEPTED_HASHES):
-        name = algorithm.name if algorithm else "an unsupported hash"
-        raise CsrRejected("weak-signature", f"the CSR is signed with {name}; use SHA-256 or stronger")
+        raise CsrRejected("weak-signature", f"the CSR is signed with {algorithm.name}; use SHA-256 or stronger")
     try:
-        public_key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(algorithm))
+        public_key.verify(read.signature, read.signed_bytes, ec.ECDSA(algorithm))
     except InvalidSignature:
         raise CsrRejected("bad-signature", "the CSR's signature does not verify with its own public key") from None
 
 
-def _single_common_name(csr: x509.CertificateSigningRequest) -> str:
+def _common_names(csr: x509.CertificateSigningRequest) -> list[str]:
     with warnings.catch_warnings():
         # cryptography warns about over-long CNs while parsing; we refuse them with our own message
         warnings.simplefilter("ignore", UserWarning)
         names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return [name.value if isinstance(name.value, str) else name.value.decode("utf-8", "replace") for name in names]
+
+
+def _single_common_name(names: list[str]) -> str:
     if not names:
         raise CsrRejected("missing-cn", "the CSR's subject has no CN; the CN must be the device ID")
     if len(names) > 1:
         raise CsrRejected(
             "multiple-cn", f"the CSR's subject has {len(names)} CNs; exactly one, the device ID, is allowed"
         )
-    value = names[0].value
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return names[0]
