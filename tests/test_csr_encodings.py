@@ -202,8 +202,8 @@ ACCEPTED = [
         "signed part was BER",
     ),
     ("CN long-form length", lambda k: plain(k, subject=name(encoded=tlv(UTF8, b"dev-1", 1))), "signed part was BER"),
-    ("zero bytes after the DER", lambda k: plain(k) + b"\x00" * 16, "16 bytes after the end"),
-    ("newline after the DER", lambda k: plain(k) + b"\n", "1 byte after the end"),
+    ("zero bytes after the DER", lambda k: plain(k) + b"\x00" * 16, "16 bytes of padding after the end"),
+    ("newline after the DER", lambda k: plain(k) + b"\n", "1 byte of padding after the end"),
     ("compressed EC point", lambda k: plain(k, public_key=spki(k, compressed_point(k))), "compressed point"),
     ("CN PrintableString with '_'", lambda k: plain(k, subject=name(b"dev_1", PRINTABLE)), "PrintableString"),
     ("signature BIT STRING with unused zero bits", unused_bits_signature, None),
@@ -322,7 +322,27 @@ REFUSED = [
         "malformed-csr",
         "subject",
     ),
+    ("a second CSR after the DER", lambda k: plain(k) + plain(k), "trailing-data", "not padding"),
+    ("garbage after the DER", lambda k: plain(k) + b"\x05\x00junk", "trailing-data", "not padding"),
+    (
+        "a PEM CSR and a %KEYGEN answer",
+        lambda k: pem(plain(k)) + b'%KEYGEN: "' + base64.urlsafe_b64encode(plain(k)) + b'"\nOK\n',
+        "multiple-csrs",
+        "%KEYGEN",
+    ),
+    (
+        "hybrid point, with the plain key hidden in an attribute",
+        lambda k: plain(k, public_key=spki(k, hybrid_point(k)), attributes=_attribute_holding(spki(k))),
+        "invalid-public-key",
+        "RFC 5480 §2.2 allows only",
+    ),
 ]
+
+
+def _attribute_holding(octets: bytes) -> bytes:
+    """An attributes field whose one attribute's value is `octets` in an OCTET STRING."""
+    attribute = tlv(SEQUENCE, oid("1.2.840.113549.1.9.7") + tlv(0x31, tlv(0x04, octets)))
+    return tlv(0xA0, attribute)
 
 
 def _pem_around(body: bytes) -> bytes:

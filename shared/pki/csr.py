@@ -120,14 +120,14 @@ def _read_clean(raw: bytes) -> _ReadCsr | None:
     text = raw.strip()  # only PEM may be trimmed: a DER signature can end in a whitespace byte
     try:
         if text.startswith(b"-----BEGIN"):
-            if text.count(b"-----BEGIN") != 1:
-                return None
+            if text.count(b"-----BEGIN") != 1 or not text.endswith(b"-----"):
+                return None  # more than one PEM block, or text after it: csr_encoding looks at all of it
             csr = x509.load_pem_x509_csr(text)
         else:
             csr = x509.load_der_x509_csr(raw)
         public_key = csr.public_key()
         signed = csr.tbs_certrequest_bytes
-        if not _plainly_encoded(public_key, signed):
+        if not _plainly_encoded(csr, public_key, signed):
             return None
         return _ReadCsr(csr, public_key, _common_names(csr), signed, csr.signature)
     except _UNREADABLE:
@@ -159,26 +159,25 @@ def _public_key(csr: x509.CertificateSigningRequest) -> CertificatePublicKeyType
         raise CsrRejected("invalid-public-key", "the CSR's public key is not a valid key of its type") from None
 
 
-def _plainly_encoded(public_key: CertificatePublicKeyTypes, signed: bytes) -> bool:
-    """False when cryptography read a device curve's key from a compressed or hybrid point or from explicit curve
-    parameters: csr_encoding decides on those. A substring test, to keep the fast path fast."""
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        return True
-    prefix = _PLAIN_SPKI_PREFIXES.get(public_key.curve.name)
-    return prefix is None or prefix in signed
+def _plainly_encoded(
+    csr: x509.CertificateSigningRequest, public_key: CertificatePublicKeyTypes, signed: bytes
+) -> bool:
+    """Whether the CertificationRequestInfo, as signed, opens with version 0, the subject and the key's plain
+    SubjectPublicKeyInfo (a named curve, an uncompressed point) right after its SEQUENCE header (2 to 4 octets
+    for any CSR a body may hold). False sends the CSR to csr_encoding, which decides on compressed or hybrid
+    points and explicit curve parameters: cryptography reads those too. The position matters: the same octets
+    inside an attribute prove nothing about the key field."""
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name not in _ACCEPTED_CURVES:
+        return True  # the key policy refuses these with its own message
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with warnings.catch_warnings():  # an over-long CN warns; the name policy refuses it with its own message
+        warnings.simplefilter("ignore", UserWarning)
+        subject = csr.subject.public_bytes()
+    opening = _VERSION_0 + subject + spki
+    return signed.find(opening, 2, 4 + len(opening)) in (2, 3, 4)
 
 
-def _plain_spki_prefix(curve: ec.EllipticCurve) -> bytes:
-    """A named-curve SubjectPublicKeyInfo in DER up to its uncompressed point's first octet, 0x04."""
-    spki = (
-        ec.derive_private_key(1, curve)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return spki[: len(spki) - 2 * ((curve.key_size + 7) // 8)]
-
-
-_PLAIN_SPKI_PREFIXES = {curve.name: _plain_spki_prefix(curve) for curve in DEVICE_CURVES.values()}
+_VERSION_0 = b"\x02\x01\x00"
 
 
 def _device_key(key: CertificatePublicKeyTypes) -> ec.EllipticCurvePublicKey:

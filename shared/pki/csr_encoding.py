@@ -35,6 +35,7 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _SEQUENCE_TAG = b"\x30"
 _END_OF_CONTENTS = b"\x00\x00"
+_PADDING = b" \t\r\n\x00"  # what editors and fixed-size buffers leave after a DER CSR
 _PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
 _CSR_LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")  # RFC 7468 §7: the second is legacy
 _KEYGEN_ANSWER = re.compile(rb'%KEYGEN:\s*"([^"]*)"')
@@ -108,6 +109,10 @@ def unwrap_csr(data: bytes) -> tuple[bytes, tuple[str, ...]]:
     if data.startswith(_SEQUENCE_TAG):
         return data, ()
     if b"-----BEGIN" in data:
+        if b"%KEYGEN:" in data:
+            raise CsrRejected(
+                "multiple-csrs", "the body holds a PEM CSR and a %KEYGEN answer; send one CSR per request"
+            )
         return _from_pem(data)
     if b"%KEYGEN:" in data:
         return _from_keygen_answer(data)
@@ -144,7 +149,10 @@ def normalise_csr(der: bytes) -> NormalisedCsr:
         notes.append("the CSR's outer SEQUENCE was BER, not DER (X.690 §10): re-encoded")
     if trailing:
         count = f"{len(trailing)} bytes" if len(trailing) > 1 else "1 byte"
-        notes.append(f"{count} after the end of the CSR: ignored")
+        if trailing.strip(_PADDING):
+            # only padding may follow: anything else could be a second request, and nothing legitimate writes it
+            raise CsrRejected("trailing-data", f"{count} after the end of the CSR that are not padding: send one CSR")
+        notes.append(f"{count} of padding after the end of the CSR: ignored")
     request = rfc2986.CertificationRequest()
     request["certificationRequestInfo"] = request_info
     request["signatureAlgorithm"] = algorithm
