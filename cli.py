@@ -415,7 +415,7 @@ def _who() -> str:
     try:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
-        return "cli"
+        return "cli:unknown"  # a colon: no principal can be called this (principal names are [a-z0-9-])
 
 
 def _describe_issued(issued: IssuedCertificate) -> str:

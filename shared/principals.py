@@ -59,6 +59,21 @@ def split_api_key(presented: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _application_id(app_id: str) -> str:
+    """An Entra application (client) ID is a GUID; kept in lowercase, as `factory_for_app` looks it up."""
+    normalised = app_id.strip().lower()
+    if not _GUID.fullmatch(normalised):
+        raise CaError(
+            "the application ID must be an Entra application (client) ID: a GUID such as "
+            "6f2a3c1e-0000-4000-8000-00000000a11c",
+            "invalid-app-id",
+        )
+    return normalised
+
+
 def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -77,7 +92,7 @@ class Principals:
             role=FACTORY,
             intermediates=self._known_intermediates(intermediates),
             created_at=self._now(),
-            app_id=app_id.strip().lower() if app_id else None,
+            app_id=_application_id(app_id) if app_id is not None else None,
         )
         self.ledger.add_principal(principal)
         return self._issue_key(principal)

@@ -25,6 +25,7 @@ from .ledger import Ledger, device_has_certificate, device_owned_elsewhere, key_
 from .ledger.models import (
     CA_ACTIVE,
     CA_DISABLED,
+    CERT_REVOKED,
     CERT_STATUSES,
     INTERMEDIATE,
     ROOT,
@@ -394,10 +395,9 @@ class DeviceCA:
                 run.results[index] = _as_ca_error(error)
             except Exception as error:  # one request's surprise is its own failure, never its neighbours'
                 run.results[index] = unexpected(error, "reading a CSR")
-        device_ids = [device.device_id for _, device in devices]
-        owners = self.ledger.device_owners(device_ids)
-        bindings = self.ledger.key_bindings([device.public_key_sha256 for _, device in devices])
-        actives = self.ledger.active_certificates(device_ids)
+        states = self.ledger.device_states(
+            [device.device_id for _, device in devices], [device.public_key_sha256 for _, device in devices]
+        )
         plans: list[_Plan] = []
         for index, device in devices:
             try:
@@ -406,9 +406,9 @@ class DeviceCA:
                     device,
                     options,
                     now,
-                    owners.get(device.device_id),
-                    bindings.get(device.public_key_sha256),
-                    actives.get(device.device_id),
+                    states.owners.get(device.device_id),
+                    states.bindings.get(device.public_key_sha256),
+                    states.actives.get(device.device_id),
                 )
             except CaError as error:
                 run.results[index] = error
@@ -436,6 +436,9 @@ class DeviceCA:
         missing = [index for index, result in enumerate(run.results) if result is None]
         if missing:  # every request has been given its answer above; this guards the promise of one each
             raise AssertionError(f"signing run left requests {missing} without an answer")
+        created = [r.record.device_id for r in run.results if isinstance(r, IssuedCertificate) and r.created]
+        if created:
+            self._keep_dps_in_step(self.ledger.devices_with_revocations(created))
         return list(run.results)  # type: ignore[arg-type]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
@@ -464,12 +467,25 @@ class DeviceCA:
         record = self.certificate(serial)
         revocation = self.ledger.revoke_certificate(record.serial, reason, self._now())
         device_id = revocation.record.device_id
-        active = self.ledger.active_certificates([device_id]).get(device_id)
-        if active is None:
-            dps_state = self.dps.disable_device(device_id, revocation.record.certificate_pem)
-        else:
-            dps_state = self.dps.admit_only(device_id, active.certificate_pem)
-        return revocation, dps_state
+        return revocation, self._keep_dps_in_step({device_id})[device_id]
+
+    def _keep_dps_in_step(self, device_ids: set[str]) -> dict[str, dict[str, Any]]:
+        """Put each device's individual DPS enrollment in step with the ledger as it is now (DESIGN "Revocation
+        and DPS"): disabled while none of its certificates is active, else enabled holding only the active one.
+        Called after every commit that revokes, or issues for a device with a revoked certificate. The device's
+        DPS lock makes each read-then-write whole, so the last writer wrote what the ledger last held."""
+        states = {}
+        for device_id in sorted(device_ids):
+            with self.dps.device_lock(device_id):
+                active = self.ledger.active_certificates([device_id]).get(device_id)
+                if active is not None:
+                    states[device_id] = self.dps.admit_only(device_id, active.certificate_pem)
+                    continue
+                revoked = self.ledger.list_certificates(
+                    CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1)
+                ).items
+                states[device_id] = self.dps.disable_device(device_id, revoked[0].certificate_pem)
+        return states
 
     def health(self) -> dict[str, Any]:
         """Which backends are in use; BackendUnavailable when the ledger cannot be read."""

@@ -117,3 +117,13 @@ def test_concurrent_creations_of_one_id_leave_one_ca_and_one_key(service):
     assert key_files == [f"{record.key_name}.key.pem"]
     cert_files = sorted(p.name for p in service.keys.directory.glob("*-line-x-*.crt.pem"))
     assert cert_files == [f"{record.key_name}.crt.pem"]
+
+
+@pytest.mark.parametrize("app_id", ["  ", "a\u0000b", "not-a-guid", "6f2a3c1e-0000-4000-8000-00000000a11"])
+def test_application_ids_must_be_guids(service, app_id):
+    with pytest.raises(CaError) as refused:
+        service.principals.create_factory("acme", ["factory-a"], app_id=app_id)
+    assert refused.value.code == "invalid-app-id"
+    assert service.ledger.get_principal("acme") is None
+    stored = service.principals.create_factory("acme", ["factory-a"], app_id=" 6F2A3C1E-0000-4000-8000-00000000A11C ")
+    assert stored.principal.app_id == "6f2a3c1e-0000-4000-8000-00000000a11c"

@@ -8,8 +8,10 @@ factory is refused with a message that names nothing of the owner's, and nothing
 
 import asyncio
 import dataclasses
+import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +253,57 @@ def test_the_ledger_itself_refuses_another_factorys_claim(api):
 def test_every_signing_path_is_in_the_lifecycle_matrix():
     entry_points = {name for name in dir(DeviceCA) if name.startswith("sign") and not name.startswith("_")}
     assert entry_points <= set(PATHS), f"add {sorted(entry_points - set(PATHS))} to PATHS"
+
+
+def _claim_devices(home: str, factory: str, devices: list[str], barrier, results) -> None:
+    """One process of the race: a factory asks for each device in turn, in small coalesced runs."""
+    from shared.config import Settings, build_service
+
+    service = build_service(Settings(pki_home=Path(home)))
+    try:
+        barrier.wait()
+        outcomes = []
+        for start in range(0, len(devices), 4):
+            batch = devices[start : start + 4]
+            answers = service.sign_csrs(
+                [SignRequest(make_csr(device), device) for device in batch],
+                requested_by=factory,
+                allowed_intermediates=["factory-a"],
+            )
+            outcomes += [
+                (device, answer.status, answer.code, answer.message) if isinstance(answer, CaError) else (device, 201)
+                for device, answer in zip(batch, answers, strict=True)
+            ]
+        results.put((factory, outcomes))
+    finally:
+        service.close()
+
+
+def test_two_factory_processes_racing_for_new_devices(service):
+    """Two processes claim the same new devices at once (one in the opposite order): each device has one
+    owner, and the loser only ever hears that it belongs to another factory, never a serial."""
+    service.principals.create_factory("factory-one", ["factory-a"])
+    service.principals.create_factory("factory-two", ["factory-a"])
+    devices = [f"dev-race-{n}" for n in range(120)]
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    home = str(service.settings.pki_home)
+    processes = [
+        context.Process(target=_claim_devices, args=(home, "factory-one", devices, barrier, results)),
+        context.Process(target=_claim_devices, args=(home, "factory-two", devices[::-1], barrier, results)),
+    ]
+    for process in processes:
+        process.start()
+    outcomes = dict(results.get() for _ in processes)
+    for process in processes:
+        process.join()
+    owners = service.ledger.device_owners(devices)
+    for factory, answers in outcomes.items():
+        for device, status, *refusal in answers:
+            if status == 201:
+                assert owners[device] == factory
+            else:
+                assert (status, refusal[0]) == (403, OWNED), (factory, device, refusal)
+    assert len(owners) == len(devices)
+    actives = service.ledger.active_certificates(devices)
+    assert {device: record.requested_by for device, record in actives.items()} == owners

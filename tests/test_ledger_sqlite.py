@@ -241,3 +241,27 @@ def test_two_processes_racing_with_one_key_cannot_both_win(ledger):
     outcomes = _run_race(ledger, [("A", "dev-a", "shared-key"), ("B", "dev-b", "shared-key")])
     assert sum(result != "conflict" for _, result in outcomes) == 1
     assert len(ledger.list_certificates(CertificateQuery()).items) == 1
+
+
+def test_device_states_are_read_at_one_moment(ledger):
+    """Another process commits between the owners' read and the active certificates' read: the answer
+    must not mix the two moments (no owner, yet the new owner's certificate)."""
+    rival = SqliteLedger(ledger.path)
+    reads: list[str] = []
+
+    def between_reads(statement: str) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            reads.append(statement)
+            if len(reads) == 2:  # after the owners were read, before the active certificates are
+                rival.record_issued([Issuance(_cert("01", "dev-1", "k1", requested_by="factory-x"), owner="factory-x")])
+
+    probe = ledger._snapshot_connection()
+    probe.set_trace_callback(between_reads)
+    try:
+        states = ledger.device_states(["dev-1"], ["k1"])
+    finally:
+        probe.set_trace_callback(None)
+        rival.close()
+    assert len(reads) >= 2
+    assert (states.owners, states.actives, states.bindings) == ({}, {}, {})
+    assert ledger.device_owners(["dev-1"]) == {"dev-1": "factory-x"}  # committed: seen by the next read

@@ -99,3 +99,38 @@ def test_revoke_on_the_cli_lists_what_went_with_the_key(service):
     assert as_json["status"] == "revoked" and as_json["alsoRevoked"] == []
     bad = run_cli("revoke", first, "--reason", "stolen", home=home)
     assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1 and b"RFC 5280" in bad.stderr
+
+
+def _enrollment(dps: dict) -> dict:
+    return json.loads(Path(dps["recorded"]).read_text())
+
+
+def _recorded(service, device: str) -> dict:
+    return json.loads((service.dps.directory / "individual-enrollments" / f"{device}.json").read_text())
+
+
+def test_a_new_certificate_after_a_revocation_is_admitted_in_dps(service):
+    """DESIGN's table after each step: revoked → blocked; a new key → only the new certificate admitted."""
+    serial = service.sign_csr(make_csr("dev-5"), "dev-5").record.serial
+    _, dps = service.revoke(serial, "keyCompromise")
+    assert _enrollment(dps)["provisioningStatus"] == "disabled"
+    renewed = service.sign_csr(make_csr("dev-5"), "dev-5").record
+    enrollment = _recorded(service, "dev-5")
+    assert enrollment["provisioningStatus"] == "enabled"
+    assert enrollment["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"] == renewed.certificate_pem
+
+
+def test_a_renewal_moves_the_admitted_certificate_along(service):
+    first = service.sign_csr(make_csr("dev-6"), "dev-6").record.serial
+    service.sign_csr(make_csr("dev-6"), "dev-6", renew=True)
+    service.revoke(first, "superseded")
+    third = service.sign_csr(make_csr("dev-6"), "dev-6", renew=True).record
+    enrollment = _recorded(service, "dev-6")
+    assert enrollment["provisioningStatus"] == "enabled"
+    assert enrollment["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"] == third.certificate_pem
+
+
+def test_devices_never_revoked_get_no_individual_enrollment(service):
+    service.sign_csr(make_csr("dev-7"), "dev-7")
+    service.sign_csr(make_csr("dev-7"), "dev-7", renew=True)
+    assert not (service.dps.directory / "individual-enrollments" / "dev-7.json").exists()

@@ -4,7 +4,10 @@ The embedded default is `OfflineDps`, which records the documents it would send 
 DPS is not configured.
 """
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"  # where every device first connects
@@ -22,8 +25,18 @@ def device_registration(device_id: str, known: dict[str, str] | None) -> dict[st
     }
 
 
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+
+
 class Dps(ABC):
     configured: bool = False
+
+    @contextmanager
+    def device_lock(self, device_id: str) -> Iterator[None]:
+        """Held while a device's individual enrollment is read from the ledger and written here, so that two
+        updates for one device never cross. This one holds in this process; adapters widen it as they can."""
+        with _DEVICE_LOCKS.setdefault(device_id, threading.Lock()):  # setdefault is atomic under the GIL
+            yield
 
     @abstractmethod
     def describe(self) -> dict[str, str]: ...

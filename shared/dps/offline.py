@@ -1,7 +1,10 @@
 """DPS offline: nothing is sent; the documents that would be are written under PKI_HOME/dps-offline."""
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,18 @@ class OfflineDps(Dps):
         }
         return self._record("enrollment-groups", group_id, document)
 
+    @contextmanager
+    def device_lock(self, device_id: str) -> Iterator[None]:
+        """A file lock beside the device's recorded enrollment: it holds across processes (serve --workers)."""
+        path = self.directory / "individual-enrollments" / f"{device_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
         return self._individual_enrollment(device_id, certificate_pem, enabled=False)
 
@@ -62,7 +77,7 @@ class OfflineDps(Dps):
     def _record(self, kind: str, name: str, document: dict[str, Any]) -> dict[str, Any]:
         path = self.directory / kind / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".json.tmp")
+        temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(document, indent=2) + "\n")
         os.replace(temporary, path)
         return {"mode": "offline", "recorded": str(path), "message": NOT_CONFIGURED.format(path=path)}

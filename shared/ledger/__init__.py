@@ -18,6 +18,7 @@ from .models import (
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
+    DeviceStates,
     Issuance,
     Principal,
     Revocation,
@@ -72,6 +73,19 @@ class Ledger(ABC):
     @abstractmethod
     def device_owners(self, device_ids: Sequence[str]) -> dict[str, str]:
         """The owner (a principal ID) of each of these devices that has ever been certified."""
+
+    def device_states(self, device_ids: Sequence[str], public_key_sha256s: Sequence[str]) -> DeviceStates:
+        """Owners, active certificates and key bindings as of ONE moment, so that a decision never mixes a
+        state before another process's commit with one after it (a device seen without an owner but with
+        the new owner's certificate, say). This default reads them one after another: a store must override
+        it with a consistent read (a snapshot, or one entity holding a device's owner and active certificate)."""
+        return DeviceStates(
+            self.device_owners(device_ids), self.active_certificates(device_ids), self.key_bindings(public_key_sha256s)
+        )
+
+    @abstractmethod
+    def devices_with_revocations(self, device_ids: Sequence[str]) -> set[str]:
+        """Those of these devices that have a revoked certificate (and so an individual DPS enrollment)."""
 
     @abstractmethod
     def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:

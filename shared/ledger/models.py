@@ -65,6 +65,16 @@ class Issuance:
 
 
 @dataclass(frozen=True)
+class DeviceStates:
+    """What the ledger holds for some devices and keys, read at one moment: each device's owner and active
+    certificate, and each key's (device ID, revoked) binding. Keyed by device ID and by public key hash."""
+
+    owners: dict[str, str]
+    actives: dict[str, "CertificateRecord"]
+    bindings: dict[str, tuple[str, bool]]
+
+
+@dataclass(frozen=True)
 class Revocation:
     """A revoked certificate and the other certificates that held its key (RFC 5280 §5.3.1 reason)."""
 

@@ -29,6 +29,7 @@ from .models import (
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
+    DeviceStates,
     Issuance,
     Principal,
     Revocation,
@@ -242,9 +243,9 @@ class SqliteLedger(Ledger):
             raise BackendUnavailable(f"the ledger is busy: {error}", "ledger-busy") from None
         return db
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _read(self, sql: str, params: Sequence[Any] = (), db: sqlite3.Connection | None = None) -> list[sqlite3.Row]:
         try:
-            return self._connection().execute(sql, params).fetchall()
+            return (db or self._connection()).execute(sql, params).fetchall()
         except sqlite3.OperationalError as error:
             raise BackendUnavailable(f"the ledger is unavailable: {error}", "ledger-unavailable") from None
 
@@ -256,10 +257,11 @@ class SqliteLedger(Ledger):
 
     def close(self) -> None:
         self._issuances.close()
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        for name in ("db", "snapshot_db"):
+            db = getattr(self._local, name, None)
+            if db is not None:
+                db.close()
+                setattr(self._local, name, None)
         if self._lock_file >= 0:
             os.close(self._lock_file)
             self._lock_file = -1
@@ -439,33 +441,75 @@ class SqliteLedger(Ledger):
         rows = self._read(f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,))
         return _certificate(rows[0]) if rows else None
 
-    def active_certificates(self, device_ids: Sequence[str]) -> dict[str, CertificateRecord]:
+    def active_certificates(
+        self, device_ids: Sequence[str], db: sqlite3.Connection | None = None
+    ) -> dict[str, CertificateRecord]:
         found: dict[str, CertificateRecord] = {}
         for chunk in _chunks(sorted(set(device_ids))):
             rows = self._read(
                 f"SELECT {_CERT_COLUMNS} FROM certificates WHERE status = 'active' "
                 f"AND device_id IN ({', '.join('?' * len(chunk))})",
                 chunk,
+                db,
             )
             found.update((row["device_id"], _certificate(row)) for row in rows)
         return found
 
-    def device_owners(self, device_ids: Sequence[str]) -> dict[str, str]:
+    def device_states(self, device_ids: Sequence[str], public_key_sha256s: Sequence[str]) -> DeviceStates:
+        """One read transaction on a connection of its own: in WAL mode every SELECT in it sees the same
+        snapshot, whatever other processes commit meanwhile."""
+        db = self._snapshot_connection()
+        try:
+            db.execute("BEGIN")
+        except sqlite3.OperationalError as error:
+            raise BackendUnavailable(f"the ledger is unavailable: {error}", "ledger-unavailable") from None
+        try:
+            return DeviceStates(
+                self.device_owners(device_ids, db),
+                self.active_certificates(device_ids, db),
+                self.key_bindings(public_key_sha256s, db),
+            )
+        finally:
+            db.execute("COMMIT")
+
+    def _snapshot_connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "snapshot_db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            self._local.snapshot_db = db
+        return db
+
+    def devices_with_revocations(self, device_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(device_ids))):
+            rows = self._read(
+                "SELECT DISTINCT device_id FROM certificates WHERE status = 'revoked' "
+                f"AND device_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update(row["device_id"] for row in rows)
+        return found
+
+    def device_owners(self, device_ids: Sequence[str], db: sqlite3.Connection | None = None) -> dict[str, str]:
         found: dict[str, str] = {}
         for chunk in _chunks(sorted(set(device_ids))):
             rows = self._read(
-                f"SELECT device_id, owner FROM devices WHERE device_id IN ({', '.join('?' * len(chunk))})", chunk
+                f"SELECT device_id, owner FROM devices WHERE device_id IN ({', '.join('?' * len(chunk))})", chunk, db
             )
             found.update((row["device_id"], row["owner"]) for row in rows)
         return found
 
-    def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:
+    def key_bindings(
+        self, public_key_sha256s: Sequence[str], db: sqlite3.Connection | None = None
+    ) -> dict[str, tuple[str, bool]]:
         found: dict[str, tuple[str, bool]] = {}
         for chunk in _chunks(sorted(set(public_key_sha256s))):
             rows = self._read(
                 "SELECT public_key_sha256, device_id, revoked FROM key_bindings "
                 f"WHERE public_key_sha256 IN ({', '.join('?' * len(chunk))})",
                 chunk,
+                db,
             )
             found.update((row["public_key_sha256"], (row["device_id"], bool(row["revoked"]))) for row in rows)
         return found

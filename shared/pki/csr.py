@@ -159,9 +159,7 @@ def _public_key(csr: x509.CertificateSigningRequest) -> CertificatePublicKeyType
         raise CsrRejected("invalid-public-key", "the CSR's public key is not a valid key of its type") from None
 
 
-def _plainly_encoded(
-    csr: x509.CertificateSigningRequest, public_key: CertificatePublicKeyTypes, signed: bytes
-) -> bool:
+def _plainly_encoded(csr: x509.CertificateSigningRequest, public_key: CertificatePublicKeyTypes, signed: bytes) -> bool:
     """Whether the CertificationRequestInfo, as signed, opens with version 0, the subject and the key's plain
     SubjectPublicKeyInfo (a named curve, an uncompressed point) right after its SEQUENCE header (2 to 4 octets
     for any CSR a body may hold). False sends the CSR to csr_encoding, which decides on compressed or hybrid
