@@ -8,6 +8,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.keyvault.certificates._shared import http_challenge_cache as certificate_challenges
+from azure.keyvault.keys._shared import http_challenge_cache as keys_challenges
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
@@ -37,6 +39,10 @@ def vault_ca(tmp_path):
     made = []
 
     def make(vault: FakeKeyVault | None = None, options: KeyVaultOptions = QUICK, **settings):
+        # the SDKs cache a vault's bearer challenge process-wide: each fake vault starts with none, as a new
+        # process meets a real vault
+        keys_challenges.clear()
+        certificate_challenges.clear()
         vault = vault or FakeKeyVault()
         credential = FakeCredential()
         home = tmp_path / f"pki-{len(made)}"
