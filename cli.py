@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.config import build_service
+from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, unexpected
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery

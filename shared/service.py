@@ -394,10 +394,9 @@ class DeviceCA:
                 run.results[index] = _as_ca_error(error)
             except Exception as error:  # one request's surprise is its own failure, never its neighbours'
                 run.results[index] = unexpected(error, "reading a CSR")
-        device_ids = [device.device_id for _, device in devices]
-        owners = self.ledger.device_owners(device_ids)
-        bindings = self.ledger.key_bindings([device.public_key_sha256 for _, device in devices])
-        actives = self.ledger.active_certificates(device_ids)
+        known = self.ledger.precheck(
+            [device.device_id for _, device in devices], [device.public_key_sha256 for _, device in devices]
+        )
         plans: list[_Plan] = []
         for index, device in devices:
             try:
@@ -406,9 +405,10 @@ class DeviceCA:
                     device,
                     options,
                     now,
-                    owners.get(device.device_id),
-                    bindings.get(device.public_key_sha256),
-                    actives.get(device.device_id),
+                    known.owners.get(device.device_id),
+                    known.bindings.get(device.public_key_sha256),
+                    known.actives.get(device.device_id),
+                    intermediate,
                 )
             except CaError as error:
                 run.results[index] = error
@@ -502,6 +502,7 @@ class DeviceCA:
         owner: str | None,
         binding: tuple[str, bool] | None,
         active: CertificateRecord | None,
+        intermediate: CaRecord | None = None,
     ) -> "_Plan | IssuedCertificate":
         """Decide before signing (a Key Vault signature is not free); the ledger decides again on commit.
 
@@ -522,7 +523,7 @@ class DeviceCA:
             elif active.public_key_sha256 != device.public_key_sha256:
                 raise device_has_certificate(active)
             else:
-                return self._issued(active, created=False)
+                return self._issued(active, created=False, intermediate=intermediate)
         return _Plan(index, device, supersede, warnings=list(getattr(device, "notes", ())))
 
     def _sign_all(

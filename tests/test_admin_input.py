@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared.config import build_service
+from shared.composition import build_service
 from shared.errors import CaError, Conflict
 from shared.pki import PkiError
 

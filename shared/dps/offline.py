@@ -1,23 +1,53 @@
-"""DPS offline: nothing is sent; the documents that would be are written under PKI_HOME/dps-offline."""
+"""DPS offline: nothing is sent; the documents that would be are recorded, under PKI_HOME/dps-offline on
+the embedded default, or in a table when the ledger is in Table Storage (so nothing needs local disk)."""
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import Dps
 
 NOT_CONFIGURED = "DPS is not configured: nothing was sent; the document is recorded in {path}"
 
 
+class Documents(Protocol):
+    """Where offline DPS documents are kept: `put` stores one and says where (for the message)."""
+
+    location: str
+
+    def put(self, kind: str, name: str, document: dict[str, Any]) -> str: ...
+
+
+class FolderDocuments:
+    """Documents as JSON files: `<directory>/<kind>/<name>.json`, each replaced atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.location = str(self.directory)
+
+    def put(self, kind: str, name: str, document: dict[str, Any]) -> str:
+        path = self.directory / kind / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(temporary, path)
+        return str(path)
+
+
 class OfflineDps(Dps):
     configured = False
 
-    def __init__(self, home: Path) -> None:
-        self.directory = Path(home) / "dps-offline"
+    def __init__(self, home: Path | None = None, documents: Documents | None = None) -> None:
+        """Records under `home`/dps-offline, or in `documents` when given."""
+        if documents is None:
+            if home is None:
+                raise ValueError("OfflineDps needs a PKI home or a document store")
+            documents = FolderDocuments(Path(home) / "dps-offline")
+        self.documents = documents
 
     def describe(self) -> dict[str, str]:
-        return {"backend": "offline", "directory": str(self.directory)}
+        return {"backend": "offline", "recordedIn": self.documents.location}
 
     def registration_info(self, device_id: str) -> dict[str, str] | None:
         return None
@@ -60,9 +90,5 @@ class OfflineDps(Dps):
         return self._record("individual-enrollments", device_id, document)
 
     def _record(self, kind: str, name: str, document: dict[str, Any]) -> dict[str, Any]:
-        path = self.directory / kind / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(temporary, path)
-        return {"mode": "offline", "recorded": str(path), "message": NOT_CONFIGURED.format(path=path)}
+        where = self.documents.put(kind, name, document)
+        return {"mode": "offline", "recorded": where, "message": NOT_CONFIGURED.format(path=where)}

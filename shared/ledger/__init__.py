@@ -19,6 +19,7 @@ from .models import (
     CertificateQuery,
     CertificateRecord,
     Issuance,
+    Precheck,
     Principal,
     Revocation,
 )
@@ -77,8 +78,20 @@ class Ledger(ABC):
     def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:
         """(device ID, revoked) for each of these public keys that has been certified."""
 
+    def precheck(self, device_ids: Sequence[str], public_key_sha256s: Sequence[str]) -> Precheck:
+        """Owners, key bindings and active certificates of these devices and keys, read before signing.
+        A store where each read is a billed call may leave out key bindings (see `Precheck`)."""
+        return Precheck(
+            owners=self.device_owners(device_ids),
+            bindings=self.key_bindings(public_key_sha256s),
+            actives=self.active_certificates(device_ids),
+        )
+
     @abstractmethod
-    def list_certificates(self, query: CertificateQuery) -> CertificatePage: ...
+    def list_certificates(self, query: CertificateQuery) -> CertificatePage:
+        """One page of certificates matching every filter given; `next_cursor` continues it (CaError
+        "invalid-cursor" for a cursor that another query made). The order is the store's: issue order
+        on SQLite, the index's key order on Table Storage."""
 
     @abstractmethod
     def revoke_certificate(self, serial: str, reason: str, at: datetime) -> Revocation:
@@ -148,6 +161,12 @@ def device_owned_elsewhere(device_id: str) -> Forbidden:
     )
 
 
+def invalid_cursor() -> CaError:
+    return CaError(
+        "the cursor is not one this listing gave: pass nextCursor back with the same filters", "invalid-cursor"
+    )
+
+
 def key_revoked() -> Conflict:
     return Conflict("a certificate for this public key was revoked; the key cannot be certified again", "key-revoked")
 
@@ -166,9 +185,11 @@ __all__ = [
     "CertificateRecord",
     "Issuance",
     "Ledger",
+    "Precheck",
     "Revocation",
     "device_has_certificate",
     "device_owned_elsewhere",
+    "invalid_cursor",
     "key_in_use",
     "key_revoked",
 ]

@@ -73,6 +73,17 @@ class Revocation:
 
 
 @dataclass(frozen=True)
+class Precheck:
+    """What the service decides on before it signs: each known device's owner and active certificate,
+    and the binding (device ID, revoked) of the public keys the store knows of at no extra cost. The
+    ledger checks every rule again when it commits, so a binding left out is only found later."""
+
+    owners: dict[str, str]
+    bindings: dict[str, tuple[str, bool]]
+    actives: dict[str, "CertificateRecord"]
+
+
+@dataclass(frozen=True)
 class CertificateQuery:
     device_id: str | None = None
     intermediate_id: str | None = None

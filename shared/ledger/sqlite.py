@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, CaError, Conflict, NotFound
-from . import Ledger, device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
+from . import Ledger, device_has_certificate, device_owned_elsewhere, invalid_cursor, key_in_use, key_revoked
 from .groupcommit import GroupCommit
 from .models import (
     CA_ACTIVE,
@@ -485,6 +485,8 @@ class SqliteLedger(Ledger):
             clauses.append("not_after <= ?")
             params.append(_ts(query.expiring_before))
         if query.cursor:
+            if not query.cursor.isdigit() or len(query.cursor) > 18:
+                raise invalid_cursor()
             clauses.append("seq > ?")
             params.append(int(query.cursor))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
