@@ -10,10 +10,12 @@ from hypothesis import settings as hypothesis_settings
 
 from shared.composition import build_service
 from shared.config import Settings
+from shared.ledger.tables import TableLedger
 from shared.service import DeviceCA
 
 from .azurite import Azurite, table_prefix
 from .certrules import check_ledger
+from .ledgers import check_table_rules
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,10 +93,13 @@ def make_service(tmp_path, clock, ledger_settings):
 
 
 def close_checked(services: list[DeviceCA]) -> None:
-    """Close test CAs after checking every certificate they issued, field by field."""
+    """Close test CAs after checking every certificate they issued, field by field (and, on Table
+    Storage, the ledger's rules on the raw tables)."""
     for service in services:
         try:
             check_ledger(service.ledger)
+            if isinstance(service.ledger, TableLedger):
+                check_table_rules(service.ledger)
         finally:
             service.close()
 
@@ -106,6 +111,16 @@ def service(make_service) -> DeviceCA:
     ca.create_root()
     ca.create_intermediate("factory-a")
     return ca
+
+
+@pytest.fixture
+def embedded_service(tmp_path, clock) -> DeviceCA:
+    """The `service` CA on the embedded default only (for tests of SQLite itself)."""
+    ca = build_service(Settings(pki_home=tmp_path / "embedded"), clock=clock)
+    ca.create_root()
+    ca.create_intermediate("factory-a")
+    yield ca
+    close_checked([ca])
 
 
 def run_cli(*args: str, home: Path, cwd: Path | None = None, stdin: bytes | None = None, env: dict | None = None):

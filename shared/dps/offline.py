@@ -18,6 +18,8 @@ class Documents(Protocol):
 
     def put(self, kind: str, name: str, document: dict[str, Any]) -> str: ...
 
+    def get(self, kind: str, name: str) -> dict[str, Any] | None: ...
+
 
 class FolderDocuments:
     """Documents as JSON files: `<directory>/<kind>/<name>.json`, each replaced atomically."""
@@ -33,6 +35,10 @@ class FolderDocuments:
         temporary.write_text(json.dumps(document, indent=2) + "\n")
         os.replace(temporary, path)
         return str(path)
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        path = self.directory / kind / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
 
 class OfflineDps(Dps):
