@@ -102,14 +102,16 @@ def connect(
     retry_seconds: float = 30.0,
     credential: TokenCredential | None = None,
     transport: HttpTransport | None = None,
+    backoff_seconds: float = 0.4,
 ) -> TableStore:
     """A TableStore for `target`: a Storage (or Cosmos DB for Table) connection string, or a table endpoint
     URL (`https://<account>.table.core.windows.net`) used with `credential` (DefaultAzureCredential when
-    None). `retry_seconds` bounds each operation's retries; `transport` replaces the HTTP transport (tests)."""
+    None). `retry_seconds` bounds each operation's retries, which wait 2 × `backoff_seconds`, doubling
+    (azure-core retries a second time at once); `transport` replaces the HTTP transport (tests)."""
     options: dict[str, Any] = {
         "transport": transport or _transport(retry_seconds),
         "retry_total": 8,
-        "retry_backoff_factor": 0.4,  # 0 s, 0.8 s, 1.6 s, 3.2 s ... as azure-core counts
+        "retry_backoff_factor": backoff_seconds,
         "retry_backoff_max": 8,
         "timeout": retry_seconds,
     }
