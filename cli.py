@@ -315,6 +315,20 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
     return None, None
 
 
+def _where_state_lives(service: DeviceCA, home: Path) -> str:
+    """Where keys, ledger and offline DPS records are, for the first line `serve` prints."""
+    health = service.health()
+    if health["ledger"]["backend"] == "sqlite" and health["keys"]["backend"] == "local":
+        return f"keys, ledger and offline DPS under {home}"
+    keys = f"keys under {home}" if health["keys"]["backend"] == "local" else f"keys in {health['keys'].get('vault')}"
+    ledger = health["ledger"]
+    if ledger["backend"] == "tables":
+        return (
+            f"{keys}; ledger and offline DPS in Table Storage ({ledger['endpoint']}, tables {ledger['tablePrefix']}*)"
+        )
+    return f"{keys}; ledger and offline DPS under {home}"
+
+
 def _serve_banner(
     service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path
 ) -> tuple[dict[str, Any], str]:
@@ -340,7 +354,7 @@ def _serve_banner(
         "example": example,
     }
     lines = [
-        f"Device CA: serving on {base} with keys, ledger and offline DPS under {home}",
+        f"Device CA: serving on {base} with {_where_state_lives(service, home)}",
         f"OpenAPI document: {base}/api/openapi.json   docs page: {base}/api/docs",
     ]
     if setup:

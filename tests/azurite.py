@@ -1,6 +1,6 @@
 """Azurite's Table service on this machine, in memory, on a free port: the real Table Storage protocol.
 
-Installed by `make test` (npm, pinned in the Makefile) into .tools/azurite. Telemetry is off and nothing
+Installed by `make test` (npm ci, pinned by tools/azurite/package-lock.json) into tools/azurite. Telemetry is off and nothing
 is written to disk (`--inMemoryPersistence`).
 """
 
@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-AZURITE_TABLE = REPO / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"
+AZURITE_TABLE = REPO / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"
 # Azurite's well-known development account (published in Azurite's documentation; not a secret).
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
