@@ -106,7 +106,7 @@ def connect(
 ) -> TableStore:
     """A TableStore for `target`: a Storage (or Cosmos DB for Table) connection string, or a table endpoint
     URL (`https://<account>.table.core.windows.net`) used with `credential` (DefaultAzureCredential when
-    None). `retry_seconds` bounds each operation's retries, which wait 2 × `backoff_seconds`, doubling
+    None). `retry_seconds` bounds each operation's retries, which wait 2 times `backoff_seconds`, doubling
     (azure-core retries a second time at once); `transport` replaces the HTTP transport (tests)."""
     options: dict[str, Any] = {
         "transport": transport or _transport(retry_seconds),

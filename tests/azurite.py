@@ -1,7 +1,7 @@
 """Azurite's Table service on this machine, in memory, on a free port: the real Table Storage protocol.
 
-Installed by `make test` (npm ci, pinned by tools/azurite/package-lock.json) into tools/azurite. Telemetry is off and nothing
-is written to disk (`--inMemoryPersistence`).
+Installed by `make test` (npm ci, pinned by tools/azurite/package-lock.json) into tools/azurite.
+Telemetry is off and nothing is written to disk (`--inMemoryPersistence`).
 """
 
 import socket
