@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python cli.py",
         description=(
             "A certificate authority for Azure IoT device fleets. Settings come from the environment or "
-            "local.settings.json; with none, CA keys and the ledger live under ./.pki and DPS is offline."
+            "local.settings.json; with none, CA keys and the ledger live under ./.pki and DPS is offline. "
+            "KEY_VAULT_URL moves CA keys to Key Vault, LEDGER_TABLES the ledger to Azure Table Storage."
         ),
         epilog="Run 'python cli.py COMMAND --help' for a command's options.",
     )
