@@ -24,8 +24,8 @@ from shared.errors import CaError, unexpected
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError
 from shared.pki.revocation import REVOCATION_REASONS
-from shared.principals import NewApiKey
 from shared.service import DeviceCA, IssuedCertificate
+from shared.service.access import NewApiKey
 from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
 
 EXIT_ERROR = 1

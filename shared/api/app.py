@@ -12,8 +12,8 @@ from ..composition import build_service
 from ..config import Settings
 from ..errors import CaError, NotFound
 from ..ledger.models import CertificateQuery
-from ..principals import Caller
 from ..service import DeviceCA, IssuedCertificate
+from ..service.access import Caller
 from ..views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
 from . import models
 from .auth import AdminCaller, AnyCaller, Service, authenticate, document_security, service_of
