@@ -156,6 +156,53 @@ def test_a_crash_at_any_storage_call_of_an_issuance_leaves_the_rules_holding(tab
         _after_crash_then_retry(tables(prefix), csr, renew)
 
 
+@pytest.mark.parametrize("mode", ["unsent", "lost"])
+def test_a_crash_at_any_storage_call_of_a_revocation_leaves_the_key_unusable(tables, mode):
+    """A device renewed with the same key holds two certificates of it; revoking the old one crashes at each
+    Storage call in turn: no certificate of the key stays usable, and revoking again finishes the job."""
+
+    def prepared() -> tuple[str, str, str, object]:
+        prefix = table_prefix()
+        setup = tables(prefix)
+        setup.create_root()
+        setup.create_intermediate("factory-a")
+        key = device_key()
+        old = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE).record.serial
+        active = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE, renew=True).record.serial
+        return prefix, old, active, key
+
+    prefix, old, active, key = prepared()
+    counting = FaultyTransport()
+    tables(prefix, counting).revoke(old, "keyCompromise")
+    calls = counting.count
+    for n in range(1, calls + 2):
+        prefix, old, active, key = prepared()
+        transport = FaultyTransport()
+        transport.fail_from, transport.mode = n, mode
+        try:
+            tables(prefix, transport).revoke(old, "keyCompromise")
+        except BackendUnavailable:
+            pass
+        else:
+            assert n == calls + 1
+        service = tables(prefix)
+        check_table_rules(service.ledger)
+        still_active = service.ledger.active_certificates([DEVICE])
+        assert still_active in ({}, {DEVICE: service.certificate(active)}), "only the untouched state or none"
+        if still_active:  # the revocation's commit never happened: nothing of it is visible
+            assert service.certificate(old).status == "superseded"
+        revocation, _ = service.revoke(old, "keyCompromise")
+        assert revocation.record.status == "revoked"
+        assert service.certificate(active).status == "revoked"
+        assert service.ledger.key_bindings([revocation.record.public_key_sha256]) == {
+            revocation.record.public_key_sha256: (DEVICE, True)
+        }
+        with pytest.raises(CaError) as refused:
+            service.sign_csr(make_csr(DEVICE, key=key), DEVICE, renew=True)
+        assert refused.value.code == "key-revoked"
+        check_table_rules(service.ledger)
+
+
 def test_storage_that_keeps_failing_is_a_503_with_retry_after_and_nothing_recorded(tables):
     transport = FaultyTransport()
     service = tables(table_prefix(), transport, retry_seconds=2)

@@ -372,16 +372,20 @@ class TableLedger(Ledger):
     def _commit(self, issuance: Issuance) -> CertificateRecord:
         new = issuance.record
         head = self._known_head(new.device_id)
+        fresh = False  # read during this commit: what is decided without a write must rest on such a read
         claim: _Claim | None = None
         try:
             for _ in range(MAX_ATTEMPTS):
-                refusal = _refusal(issuance, head)
+                refusal = _refusal(issuance, head)  # an owner never changes, revoked keys only grow
                 if refusal is not None:
                     raise refusal
                 if claim is None:
                     claim = self._claim_key(issuance)
                 active = head.active
                 if active is not None and not issuance.supersede:
+                    if not fresh:
+                        head, fresh = self._read_head(new.device_id), True
+                        continue
                     if active.public_key_sha256 == new.public_key_sha256:
                         return active  # the same request, committed first (or by an earlier attempt)
                     raise device_has_certificate(active)
@@ -391,7 +395,7 @@ class TableLedger(Ledger):
                 except TableTransactionError as error:
                     if error.status_code not in (409, 412):
                         raise
-                    head = self._read_head(new.device_id)
+                    head, fresh = self._read_head(new.device_id), True
                     certificate_taken = error.status_code == 409 and error.index == len(operations) - 1
                     if certificate_taken and (head.active is None or head.active.serial != new.serial):
                         taken = f"certificate {new.serial} is already in the ledger"
