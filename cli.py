@@ -606,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         serve,
         "run the HTTP API with uvicorn (local use; in Azure the Functions host runs it)",
-        "Run the HTTP API with uvicorn. With --bootstrap, an empty PKI home first gets a root, an intermediate, "
-        "an admin key and a factory key, printed once with a working curl example.",
+        "Run the HTTP API with uvicorn. With --bootstrap, a CA whose ledger is empty (under PKI_HOME, or in "
+        "LEDGER_TABLES) first gets a root, an intermediate, an admin key and a factory key, printed once with a "
+        "working curl example.",
     )
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--port", type=int, default=8080, help="port (default 8080)")
@@ -617,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes, each with its own socket on the port so that connections spread evenly (default 1)",
     )
-    sub.add_argument("--bootstrap", action="store_true", help="set up an empty PKI home for local use first")
+    sub.add_argument("--bootstrap", action="store_true", help="set up a CA with an empty ledger for local use first")
     sub.add_argument(
         "--log-level",
         default="info",

@@ -48,6 +48,14 @@ still be certified for that device, and for no other: stricter, never looser). A
 after its device transaction has revoked the certificates and the key in the head, which every issuance
 checks; repeating it marks the binding. Refused requests remove what they wrote where they can.
 
+Why this layout and not DESIGN's sketch: the head carries a copy of the active certificate (a same-CSR
+retry is one read) and the device's revoked keys (so that a revocation and an issuance meet on one etag);
+a certificate's RowKey starts with its issue time (a device's history lists in order); serial rows are
+spread over sixteen partitions by the serial's last hex digit (the first digit of a 159-bit serial takes
+only eight values), few enough that a commit of many certificates shares their transactions. A head
+cached from an earlier read only supplies an etag: whatever is decided without a write (the same key's
+certificate handed back, another key refused) rests on a head read during that commit.
+
 Queries: by serial (two point reads), by device (one partition), a requester's certificates (its index
 partition, then a point read per certificate), the expiry window (a range of day partitions, then point
 reads), each paged by the SDK's continuation tokens inside the API's `cursor`. A listing by intermediate
