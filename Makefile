@@ -7,7 +7,16 @@ DEMO := .demo
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run demo test coverage-html mutation format bench tools clean
+# Azurite, the Storage emulator the Table ledger's tests run against: npm, azurite 3.35.0 (3.36 and later
+# want Node 22; Debian's and this machine's Node is 20) with every dependency pinned by
+# tools/azurite/package-lock.json, installed into tools/azurite/node_modules (not committed).
+AZURITE := tools/azurite/node_modules/.bin/azurite-table
+AZURITE_STAMP := tools/azurite/node_modules/.installed-$(shell sha256sum tools/azurite/package-lock.json | cut -c1-12)
+AZURITE_PORT ?= 10002
+# Azurite's published development account (not a secret).
+AZURITE_CONNECTION := DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;TableEndpoint=http://127.0.0.1:$(AZURITE_PORT)/devstoreaccount1;
+
+.PHONY: run run-azurite demo test coverage-html mutation format bench tools azurite clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	rm -f $(VENV)/.installed-*
@@ -27,10 +36,29 @@ tools:
 		else echo "please install:$$missing" >&2; exit 1; fi; \
 	fi
 
+$(AZURITE_STAMP): tools/azurite/package.json tools/azurite/package-lock.json
+	@command -v npm >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing nodejs and npm"; apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; \
+		else echo "please install Node.js and npm (for Azurite)" >&2; exit 1; fi; }
+	npm ci --prefix tools/azurite --no-audit --no-fund --loglevel=error
+	touch $(AZURITE_STAMP)
+
+azurite: $(AZURITE_STAMP)
+
 # The HTTP API on the embedded default (keys, ledger and offline DPS under PKI_HOME, default ./.pki).
 # A first start creates a root, an intermediate, an admin key and a factory key, and prints them once.
 run: $(STAMP) tools
 	$(BIN)/python cli.py serve --bootstrap --host $(HOST) --port $(PORT)
+
+# The same API with its ledger (and offline DPS records) in Table Storage on Azurite, in memory: start
+# Azurite on AZURITE_PORT, serve until Ctrl-C, stop Azurite. CA keys stay files, under .pki-azurite.
+run-azurite: $(STAMP) tools $(AZURITE_STAMP)
+	@$(AZURITE) --inMemoryPersistence --tableHost 127.0.0.1 --tablePort $(AZURITE_PORT) --skipApiVersionCheck \
+		--disableTelemetry --silent & azurite=$$!; trap 'kill $$azurite' EXIT INT TERM; \
+	$(BIN)/python -c "import socket, time; exec('while True:\n try: socket.create_connection((\"127.0.0.1\", $(AZURITE_PORT))).close(); break\n except OSError: time.sleep(0.2)')"; \
+	PKI_HOME=.pki-azurite LEDGER_TABLES='$(AZURITE_CONNECTION)' \
+		$(BIN)/python cli.py serve --bootstrap --host $(HOST) --port $(PORT)
 
 # The seed's CLI flow end to end on the embedded default, in a scratch PKI home (.demo/).
 demo: $(STAMP) tools
@@ -48,7 +76,7 @@ demo: $(STAMP) tools
 COVERAGE_LINES ?= 95
 COVERAGE_BRANCHES ?= 85
 
-test: $(STAMP) tools
+test: $(STAMP) tools $(AZURITE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	rm -f .coverage .coverage.*
@@ -67,10 +95,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 # Each prints ratios against a reference measured in the same run (http_sign installs cfssl if missing).
-bench: $(STAMP) tools
+bench: $(STAMP) tools $(AZURITE_STAMP)
 	$(BIN)/python bench/sign_throughput.py
 	$(BIN)/python bench/http_sign.py
 	$(BIN)/python bench/keyvault_sign.py
+	$(BIN)/python bench/ledger_tables.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache .coverage .coverage.* .coverage.json htmlcov mutants
+	rm -rf $(VENV) $(DEMO) tools/azurite/node_modules .pytest_cache .ruff_cache .coverage .coverage.* .coverage.json htmlcov mutants

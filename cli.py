@@ -18,14 +18,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.config import build_service
+from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, unexpected
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError
 from shared.pki.revocation import REVOCATION_REASONS
-from shared.principals import NewApiKey
 from shared.service import DeviceCA, IssuedCertificate
+from shared.service.access import NewApiKey
 from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
 
 EXIT_ERROR = 1
@@ -315,6 +315,20 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
     return None, None
 
 
+def _where_state_lives(service: DeviceCA, home: Path) -> str:
+    """Where keys, ledger and offline DPS records are, for the first line `serve` prints."""
+    health = service.health()
+    if health["ledger"]["backend"] == "sqlite" and health["keys"]["backend"] == "local":
+        return f"keys, ledger and offline DPS under {home}"
+    keys = f"keys under {home}" if health["keys"]["backend"] == "local" else f"keys in {health['keys'].get('vault')}"
+    ledger = health["ledger"]
+    if ledger["backend"] == "tables":
+        return (
+            f"{keys}; ledger and offline DPS in Table Storage ({ledger['endpoint']}, tables {ledger['tablePrefix']}*)"
+        )
+    return f"{keys}; ledger and offline DPS under {home}"
+
+
 def _serve_banner(
     service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path
 ) -> tuple[dict[str, Any], str]:
@@ -340,7 +354,7 @@ def _serve_banner(
         "example": example,
     }
     lines = [
-        f"Device CA: serving on {base} with keys, ledger and offline DPS under {home}",
+        f"Device CA: serving on {base} with {_where_state_lives(service, home)}",
         f"OpenAPI document: {base}/api/openapi.json   docs page: {base}/api/docs",
     ]
     if setup:
@@ -454,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python cli.py",
         description=(
             "A certificate authority for Azure IoT device fleets. Settings come from the environment or "
-            "local.settings.json; with none, CA keys and the ledger live under ./.pki and DPS is offline."
+            "local.settings.json; with none, CA keys and the ledger live under ./.pki and DPS is offline. "
+            "KEY_VAULT_URL moves CA keys to Key Vault, LEDGER_TABLES the ledger to Azure Table Storage."
         ),
         epilog="Run 'python cli.py COMMAND --help' for a command's options.",
     )
@@ -591,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         serve,
         "run the HTTP API with uvicorn (local use; in Azure the Functions host runs it)",
-        "Run the HTTP API with uvicorn. With --bootstrap, an empty PKI home first gets a root, an intermediate, "
-        "an admin key and a factory key, printed once with a working curl example.",
+        "Run the HTTP API with uvicorn. With --bootstrap, a CA whose ledger is empty (under PKI_HOME, or in "
+        "LEDGER_TABLES) first gets a root, an intermediate, an admin key and a factory key, printed once with a "
+        "working curl example.",
     )
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--port", type=int, default=8080, help="port (default 8080)")
@@ -602,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes, each with its own socket on the port so that connections spread evenly (default 1)",
     )
-    sub.add_argument("--bootstrap", action="store_true", help="set up an empty PKI home for local use first")
+    sub.add_argument("--bootstrap", action="store_true", help="set up a CA with an empty ledger for local use first")
     sub.add_argument(
         "--log-level",
         default="info",

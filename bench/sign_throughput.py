@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import device_csrs
 
-from shared.config import Settings, build_service
+from shared.composition import build_service
+from shared.config import Settings
 from shared.ledger.models import CertificateQuery
 from shared.service import DeviceCA, IssuedCertificate, SignRequest
 

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from .principals import NewApiKey
 from .service import DeviceCA
+from .service.access import NewApiKey
 
 LOCAL_INTERMEDIATE = "local-factory-ca"
 LOCAL_FACTORY = "local-factory"

@@ -1,4 +1,4 @@
-"""The one place that reads settings and picks adapters.
+"""The one place that reads settings (the adapters are picked from them in `composition.py`).
 
 Settings come from the environment; `local.settings.json` (its "Values") fills in what the environment
 does not set, as the Functions host does. With no settings at all everything runs on this machine.
@@ -14,12 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import Misconfigured
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from datetime import datetime
-
-    from .keys import KeyStore
     from .keys.keyvault import KeyVaultOptions
-    from .service import DeviceCA
 
 LOCAL_SETTINGS_FILE = "local.settings.json"
 
@@ -39,6 +34,10 @@ class Settings:
     key_vault_sign_rate: float | None = None  # default: the vault's limit for the key type
     key_vault_parallel_signs: int = 32
     key_vault_retry_seconds: int = 30
+    # The ledger in Table Storage: a connection string, or https://<account>.table.core.windows.net
+    ledger_tables: str | None = field(default=None, repr=False)
+    ledger_table_prefix: str = "deviceca"
+    ledger_retry_seconds: int = 30
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, settings_file: Path | None = None) -> "Settings":
@@ -66,6 +65,9 @@ class Settings:
             key_vault_sign_rate=_sign_rate(values),
             key_vault_parallel_signs=_positive_int(values, "KEY_VAULT_PARALLEL_SIGNS", cls.key_vault_parallel_signs),
             key_vault_retry_seconds=_positive_int(values, "KEY_VAULT_RETRY_SECONDS", cls.key_vault_retry_seconds),
+            ledger_tables=text("LEDGER_TABLES"),
+            ledger_table_prefix=text("LEDGER_TABLE_PREFIX", cls.ledger_table_prefix),
+            ledger_retry_seconds=_positive_int(values, "LEDGER_RETRY_SECONDS", cls.ledger_retry_seconds),
         )
 
     def key_vault_options(self) -> "KeyVaultOptions":
@@ -126,30 +128,3 @@ def _local_settings(path: Path) -> dict[str, str]:
         raise Misconfigured(f"{path} is not valid JSON: {error}", "invalid-settings-file") from None
     values = document.get("Values", {}) if isinstance(document, dict) else {}
     return {str(k): str(v) for k, v in values.items() if v is not None}
-
-
-def build_service(settings: Settings | None = None, clock: "Callable[[], datetime] | None" = None) -> "DeviceCA":
-    """The service wired to the adapters the settings ask for."""
-    from .dps.offline import OfflineDps
-    from .ledger.sqlite import SqliteLedger
-    from .service import DeviceCA, utcnow
-
-    settings = settings or Settings.load()
-    home = settings.pki_home
-    keys = _key_store(settings)
-    ledger = SqliteLedger(home / "ledger.sqlite3")
-    dps = OfflineDps(home)
-    return DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
-
-
-def _key_store(settings: Settings) -> "KeyStore":
-    if settings.key_vault_url:
-        from azure.identity import DefaultAzureCredential
-
-        from .keys.keyvault import KeyVaultKeyStore
-
-        # Managed identity in Azure, a developer's login (az, azd, VS Code) on a workstation.
-        return KeyVaultKeyStore(settings.key_vault_url, DefaultAzureCredential(), settings.key_vault_options())
-    from .keys.local import LocalKeyStore
-
-    return LocalKeyStore(settings.pki_home, settings.key_passphrase)

@@ -1,10 +1,12 @@
 """The JSON documents of the contract, built from ledger records: one shape for the CLI and the API."""
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ledger.models import ApiKey, CaRecord, CertificateRecord, Principal, Revocation
-from .principals import NewApiKey
+
+if TYPE_CHECKING:  # the service's results use these views' formats (iso): no import at run time
+    from .service.access import NewApiKey
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -76,6 +78,6 @@ def api_key_view(key: ApiKey) -> dict[str, Any]:
     }
 
 
-def new_api_key_view(issued: NewApiKey) -> dict[str, Any]:
+def new_api_key_view(issued: "NewApiKey") -> dict[str, Any]:
     """The one document that carries a key's secret; shown once."""
     return {"principal": principal_view(issued.principal), "keyId": issued.key.id, "apiKey": issued.secret}

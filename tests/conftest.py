@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from shared.config import Settings, build_service
+from shared.composition import build_service
+from shared.config import Settings
+from shared.ledger.tables import TableLedger
 from shared.service import DeviceCA
 
+from .azurite import Azurite, table_prefix
 from .certrules import check_ledger
+from .ledgers import check_table_rules
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,13 +43,47 @@ def clock() -> Clock:
     return Clock(datetime.now(UTC))
 
 
+@pytest.fixture(scope="session")
+def azurite():
+    """Azurite's Table service, started once per session (on first use) and stopped at its end."""
+    server = Azurite()
+    yield server
+    server.stop()
+
+
+LEDGER_BACKENDS = ("sqlite", "tables")
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request) -> str:
+    """Each test that builds a service runs on both ledgers: SQLite, and Table Storage on Azurite."""
+    return request.param
+
+
 @pytest.fixture
-def make_service(tmp_path, clock):
-    """Build services on separate PKI homes; each is closed at the end of the test."""
+def ledger_settings(ledger_backend, request) -> dict:
+    """Settings that put a service's ledger on the backend under test (its own tables on Azurite)."""
+    if ledger_backend == "sqlite":
+        return {}
+    server = request.getfixturevalue("azurite")
+    return {"ledger_tables": server.connection_string, "ledger_table_prefix": table_prefix()}
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The environment a CLI process needs to use the same ledger as `settings`."""
+    if not settings.ledger_tables:
+        return {}
+    return {"LEDGER_TABLES": settings.ledger_tables, "LEDGER_TABLE_PREFIX": settings.ledger_table_prefix}
+
+
+@pytest.fixture
+def make_service(tmp_path, clock, ledger_settings):
+    """Build services on separate PKI homes (and separate tables); each is closed at the end of the test."""
     made: list[DeviceCA] = []
 
     def make(name: str = "pki", clock=clock, **overrides) -> DeviceCA:
-        settings = replace(Settings(pki_home=tmp_path / name), **overrides)
+        ledger = {**ledger_settings, "ledger_table_prefix": table_prefix()} if ledger_settings else {}
+        settings = replace(Settings(pki_home=tmp_path / name), **{**ledger, **overrides})
         service = build_service(settings, clock=clock)
         made.append(service)
         return service
@@ -55,10 +93,13 @@ def make_service(tmp_path, clock):
 
 
 def close_checked(services: list[DeviceCA]) -> None:
-    """Close test CAs after checking every certificate they issued, field by field."""
+    """Close test CAs after checking every certificate they issued, field by field (and, on Table
+    Storage, the ledger's rules on the raw tables)."""
     for service in services:
         try:
             check_ledger(service.ledger)
+            if isinstance(service.ledger, TableLedger):
+                check_table_rules(service.ledger)
         finally:
             service.close()
 
@@ -70,6 +111,16 @@ def service(make_service) -> DeviceCA:
     ca.create_root()
     ca.create_intermediate("factory-a")
     return ca
+
+
+@pytest.fixture
+def embedded_service(tmp_path, clock) -> DeviceCA:
+    """The `service` CA on the embedded default only (for tests of SQLite itself)."""
+    ca = build_service(Settings(pki_home=tmp_path / "embedded"), clock=clock)
+    ca.create_root()
+    ca.create_intermediate("factory-a")
+    yield ca
+    close_checked([ca])
 
 
 def run_cli(*args: str, home: Path, cwd: Path | None = None, stdin: bytes | None = None, env: dict | None = None):

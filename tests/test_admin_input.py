@@ -6,12 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared.config import build_service
+from shared.composition import build_service
 from shared.errors import CaError, Conflict
 from shared.pki import PkiError
 
 from .apiclient import bearer, make_api
-from .conftest import run_cli
+from .conftest import run_cli, settings_environment
 
 
 @pytest.mark.parametrize(
@@ -86,9 +86,8 @@ def test_a_nul_in_a_ca_name_over_http_and_cli(service):
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid-common-name"
     tiny = api.client.post("/api/ca/intermediates", json={"id": "line-8", "days": 1e-300}, headers=bearer(api.admin))
     assert tiny.status_code == 400 and tiny.json()["error"]["code"] == "validity-too-short"
-    done = run_cli(
-        "create-ca-intermediate", "--id", "line-8", "--common-name", "bell\x07", home=service.settings.pki_home
-    )
+    command = ("create-ca-intermediate", "--id", "line-8", "--common-name", "bell\x07")
+    done = run_cli(*command, home=service.settings.pki_home, env=settings_environment(service.settings))
     assert done.returncode == 1 and done.stderr.count(b"\n") == 1 and b"printable" in done.stderr
     assert service.ledger.get_ca("line-8") is None
 

@@ -23,7 +23,8 @@ bodies = (
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    from shared.config import Settings, build_service
+    from shared.composition import build_service
+    from shared.config import Settings
 
     service = build_service(Settings(pki_home=tmp_path_factory.mktemp("fuzz")))
     service.create_root()

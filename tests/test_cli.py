@@ -9,7 +9,7 @@ import pytest
 from shared.ledger.sqlite import SqliteLedger
 
 from .certrules import check_device, check_intermediate, check_ledger, check_proof_of_possession, check_root, load
-from .conftest import run_cli
+from .conftest import run_cli, settings_environment
 from .csrs import make_csr
 
 COMMANDS = [
@@ -91,15 +91,18 @@ def test_seed_flow_end_to_end(tmp_path):
 
 def test_sign_csr_from_stdin_is_idempotent(service, tmp_path):
     home = service.settings.pki_home
+    env = settings_environment(service.settings)
     csr = make_csr("dev-7")
-    first = _json(run_cli("sign-csr", "-", "--device-id", "dev-7", "--json", home=home, stdin=csr))
-    again = run_cli("sign-csr", "-", "--device-id", "dev-7", home=home, stdin=csr)
+    first = _json(run_cli("sign-csr", "-", "--device-id", "dev-7", "--json", home=home, env=env, stdin=csr))
+    again = run_cli("sign-csr", "-", "--device-id", "dev-7", home=home, env=env, stdin=csr)
     assert again.returncode == 0
     assert b"Already issued" in again.stdout and first["serialNumber"].encode() in again.stdout
-    other = run_cli("sign-csr", "-", "--device-id", "dev-7", home=home, stdin=make_csr("dev-7"))
+    other = run_cli("sign-csr", "-", "--device-id", "dev-7", home=home, env=env, stdin=make_csr("dev-7"))
     assert other.returncode == 1 and b"--renew" in other.stderr and b"renewal" in other.stderr
     renewed = _json(
-        run_cli("sign-csr", "-", "--device-id", "dev-7", "--renew", "--json", home=home, stdin=make_csr("dev-7"))
+        run_cli(
+            "sign-csr", "-", "--device-id", "dev-7", "--renew", "--json", home=home, env=env, stdin=make_csr("dev-7")
+        )
     )
     assert renewed["serialNumber"] != first["serialNumber"]
 

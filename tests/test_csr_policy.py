@@ -17,7 +17,7 @@ from shared.ledger.models import CertificateQuery
 from shared.pki import CsrRejected, check_device_csr
 
 from .certrules import check_device, load
-from .conftest import run_cli
+from .conftest import run_cli, settings_environment
 from .csrs import csr_asking_for_ca, csr_with_broken_signature, device_key, make_csr, rsa_key
 
 LONG_CN = "d" * 65
@@ -104,15 +104,16 @@ def test_service_refuses(service, case, make, device_id, code, words):
 def test_cli_refuses_each_with_one_line_and_no_row(service, tmp_path):
     """The same table through `python cli.py sign-csr`: exit 1, one line on stderr, JSON error with --json."""
     home = service.settings.pki_home
+    env = settings_environment(service.settings)
     for case, make, device_id, code, words in REFUSED:
         csr_file = tmp_path / f"{case.replace(' ', '-')}.csr"
         csr_file.write_bytes(make())
-        plain = run_cli("sign-csr", str(csr_file), "--device-id", device_id, home=home)
+        plain = run_cli("sign-csr", str(csr_file), "--device-id", device_id, home=home, env=env)
         assert plain.returncode == 1, case
         assert plain.stdout == b"", case
         lines = plain.stderr.decode().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (case, lines)
-        machine = run_cli("sign-csr", str(csr_file), "--device-id", device_id, "--json", home=home)
+        machine = run_cli("sign-csr", str(csr_file), "--device-id", device_id, "--json", home=home, env=env)
         assert machine.returncode == 1
         assert json.loads(machine.stdout)["error"]["code"] == code, case
     assert _ledger_is_empty(service)

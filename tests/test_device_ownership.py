@@ -11,7 +11,6 @@ import dataclasses
 import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -255,11 +254,11 @@ def test_every_signing_path_is_in_the_lifecycle_matrix():
     assert entry_points <= set(PATHS), f"add {sorted(entry_points - set(PATHS))} to PATHS"
 
 
-def _claim_devices(home: str, factory: str, devices: list[str], barrier, results) -> None:
+def _claim_devices(settings, factory: str, devices: list[str], barrier, results) -> None:
     """One process of the race: a factory asks for each device in turn, in small coalesced runs."""
-    from shared.config import Settings, build_service
+    from shared.composition import build_service
 
-    service = build_service(Settings(pki_home=Path(home)))
+    service = build_service(settings)
     try:
         barrier.wait()
         outcomes = []
@@ -287,10 +286,10 @@ def test_two_factory_processes_racing_for_new_devices(service):
     devices = [f"dev-race-{n}" for n in range(120)]
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
-    home = str(service.settings.pki_home)
+    settings = service.settings
     processes = [
-        context.Process(target=_claim_devices, args=(home, "factory-one", devices, barrier, results)),
-        context.Process(target=_claim_devices, args=(home, "factory-two", devices[::-1], barrier, results)),
+        context.Process(target=_claim_devices, args=(settings, "factory-one", devices, barrier, results)),
+        context.Process(target=_claim_devices, args=(settings, "factory-two", devices[::-1], barrier, results)),
     ]
     for process in processes:
         process.start()

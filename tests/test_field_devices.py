@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .apiclient import bearer, make_api
 from .certrules import check_device, load, load_chain
-from .conftest import run_cli
+from .conftest import run_cli, settings_environment
 from .csrs import make_csr
 from .oddcsrs import csr_with_version
 
@@ -52,7 +52,15 @@ def test_the_nrf91_modem_answer_signs_over_http_as_text_plain(service):
 
 def test_the_nrf91_modem_answer_signs_with_sign_csr(service, tmp_path):
     home = service.settings.pki_home
-    done = run_cli("sign-csr", str(NRF91_RESPONSE), "--device-id", NRF91_DEVICE, "--json", home=home)
+    done = run_cli(
+        "sign-csr",
+        str(NRF91_RESPONSE),
+        "--device-id",
+        NRF91_DEVICE,
+        "--json",
+        home=home,
+        env=settings_environment(service.settings),
+    )
     assert done.returncode == 0, done.stderr
     bundle = json.loads(done.stdout)
     check_device(load(bundle["certificate"]), load(service.intermediate("factory-a").certificate_pem), NRF91_DEVICE)
@@ -81,7 +89,15 @@ def test_tool_outputs_sign_over_http_and_on_the_cli(service, tmp_path, form):
     check_device(device_cert, intermediate, device)
     path = tmp_path / "request.csr"
     path.write_bytes(_forms(device)[form])  # a new key: the CLI (an admin) renews the device
-    done = run_cli("sign-csr", str(path), "--device-id", device, "--renew", home=service.settings.pki_home)
+    done = run_cli(
+        "sign-csr",
+        str(path),
+        "--device-id",
+        device,
+        "--renew",
+        home=service.settings.pki_home,
+        env=settings_environment(service.settings),
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -89,8 +105,25 @@ def test_an_admin_on_the_cli_certifies_a_factorys_device_and_it_stays_the_factor
     api = make_api(service)
     assert api.post_csr("dev-owned", make_csr("dev-owned"), api.factory_a).status_code == 201
     home = service.settings.pki_home
-    done = run_cli("sign-csr", "-", "--device-id", "dev-owned", "--renew", home=home, stdin=make_csr("dev-owned"))
+    done = run_cli(
+        "sign-csr",
+        "-",
+        "--device-id",
+        "dev-owned",
+        "--renew",
+        home=home,
+        env=settings_environment(service.settings),
+        stdin=make_csr("dev-owned"),
+    )
     assert done.returncode == 0, done.stderr
     assert service.ledger.device_owners(["dev-owned"]) == {"dev-owned": "factory-one"}
-    taken = run_cli("sign-csr", "-", "--device-id", "dev-owned", home=home, stdin=make_csr("dev-owned"))
+    taken = run_cli(
+        "sign-csr",
+        "-",
+        "--device-id",
+        "dev-owned",
+        home=home,
+        env=settings_environment(service.settings),
+        stdin=make_csr("dev-owned"),
+    )
     assert taken.returncode == 1 and b"renew" in taken.stderr

@@ -9,7 +9,8 @@ from pathlib import Path
 import azure.functions as func
 import pytest
 
-from shared.config import Settings, build_service
+from shared.composition import build_service
+from shared.config import Settings
 from shared.ledger.sqlite import SqliteLedger
 
 from .certrules import check_ledger

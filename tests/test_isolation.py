@@ -17,7 +17,7 @@ from shared.ledger.models import CertificateQuery
 from shared.service import IssuedCertificate, SignRequest
 
 from .apiclient import make_api
-from .conftest import run_cli
+from .conftest import run_cli, settings_environment
 from .csrs import device_key, make_csr
 from .oddcsrs import csr_with_raw_cn
 
@@ -70,7 +70,14 @@ def test_thirty_good_csrs_and_one_bad_posted_at_the_same_moment(service):
 def test_the_cli_answers_a_bad_csr_in_one_line(service, tmp_path):
     path = tmp_path / "bad.der"
     path.write_bytes(csr_with_raw_cn("dev-x", BAD_UTF8_CN))
-    done = run_cli("sign-csr", str(path), "--device-id", "dev-x", home=service.settings.pki_home)
+    done = run_cli(
+        "sign-csr",
+        str(path),
+        "--device-id",
+        "dev-x",
+        home=service.settings.pki_home,
+        env=settings_environment(service.settings),
+    )
     assert done.returncode == 1
     assert done.stderr.count(b"\n") == 1 and b"Traceback" not in done.stderr and b"UTF-8" in done.stderr
 

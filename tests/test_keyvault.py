@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 
 import cli
 from shared.api import create_app
-from shared.config import Settings, build_service
+from shared.composition import build_service
+from shared.config import Settings
 from shared.dps.offline import OfflineDps
 from shared.errors import BackendUnavailable, CaError, Misconfigured
 from shared.keys.keyvault import KeyVaultKeyStore, KeyVaultOptions, KeyVaultSigningKey, SignPacer

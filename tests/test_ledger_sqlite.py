@@ -1,15 +1,13 @@
-"""The SQLite ledger enforces uniqueness itself, durably, even against another process."""
+"""What is SQLite's own: durable pragmas, commits on or off the event loop, and constraints that hold even
+against statements written by hand. The contract both ledgers keep is in test_ledger.py."""
 
 import asyncio
-import multiprocessing
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from shared.errors import CaError, Conflict
 from shared.ledger.models import CaRecord, CertificateQuery, CertificateRecord, Issuance
 from shared.ledger.sqlite import SqliteLedger
 
@@ -59,34 +57,6 @@ def test_pragmas_make_commits_durable(ledger):
     db = sqlite3.connect(ledger.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-
-
-def test_one_root_only(ledger):
-    ledger.add_ca(_ca("root", "root"))
-    with pytest.raises(Conflict) as refused:
-        ledger.add_ca(_ca("root-2", "root"))
-    assert refused.value.code == "root-exists"
-
-
-def test_records_round_trip(ledger):
-    record = _cert("01", "dev-1", "k1")
-    assert ledger.record_issued([Issuance(record)]) == [record]
-    assert ledger.get_certificate("01") == record
-    assert ledger.active_certificates(["dev-1", "dev-2"]) == {"dev-1": record}
-    assert ledger.key_bindings(["k1", "k2"]) == {"k1": ("dev-1", False)}
-
-
-def test_each_issuance_stands_alone_in_one_commit(ledger):
-    results = ledger.record_issued(
-        [
-            Issuance(_cert("01", "dev-1", "k1")),
-            Issuance(_cert("02", "dev-2", "k1")),
-            Issuance(_cert("03", "dev-3", "k3")),
-        ]
-    )
-    assert isinstance(results[1], Conflict) and results[1].code == "key-in-use"
-    assert [c.serial for c in ledger.list_certificates(CertificateQuery()).items] == ["01", "03"]
-    assert ledger.key_bindings(["k1"]) == {"k1": ("dev-1", False)}
 
 
 def test_event_loop_commits_go_to_a_thread_while_commits_are_slow_and_come_back_when_quick(tmp_path):
@@ -177,73 +147,7 @@ def test_schema_1_ledgers_get_owners_from_their_first_certificates(ledger, tmp_p
         reopened.close()
 
 
-def test_supersede_and_revoke(ledger):
-    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
-    (renewed,) = ledger.record_issued([Issuance(_cert("02", "dev-1", "k2"), supersede=True)])
-    assert renewed.serial == "02"
-    assert ledger.get_certificate("01").status == "superseded"
-    revocation = ledger.revoke_certificate("02", "keyCompromise", NOW)
-    revoked = revocation.record
-    assert revoked.status == "revoked" and revoked.status_reason == "keyCompromise"
-    assert revocation.also_revoked == ()
-    assert ledger.key_bindings(["k2"]) == {"k2": ("dev-1", True)}
-    (refused,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k2"))])
-    assert isinstance(refused, CaError) and refused.code == "key-revoked"
-
-
-def test_listing_filters_and_pages(ledger):
-    for i in range(7):
-        ledger.record_issued([Issuance(_cert(f"{i:02d}", f"dev-{i}", f"k{i}", days=10 * (i + 1)))])
-    page = ledger.list_certificates(CertificateQuery(limit=3))
-    assert [c.serial for c in page.items] == ["00", "01", "02"] and page.next_cursor
-    page = ledger.list_certificates(CertificateQuery(limit=3, cursor=page.next_cursor))
-    assert [c.serial for c in page.items] == ["03", "04", "05"]
-    expiring = ledger.list_certificates(CertificateQuery(expiring_before=NOW + timedelta(days=25)))
-    assert [c.serial for c in expiring.items] == ["00", "01"]
-    assert [c.serial for c in ledger.list_certificates(CertificateQuery(device_id="dev-4")).items] == ["04"]
-
-
-def _race(path: str, serial: str, device_id: str, key: str, barrier, results) -> None:
-    ledger = SqliteLedger(Path(path))
-    barrier.wait()
-    (outcome,) = ledger.record_issued([Issuance(_cert(serial, device_id, key))])
-    results.put((serial, "conflict" if isinstance(outcome, CaError) else outcome.serial))
-    ledger.close()
-
-
-def _run_race(ledger, contenders) -> list[tuple[str, str]]:
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(len(contenders))
-    results = context.Queue()
-    processes = [
-        context.Process(target=_race, args=(str(ledger.path), serial, device, key, barrier, results))
-        for serial, device, key in contenders
-    ]
-    for process in processes:
-        process.start()
-    outcomes = [results.get(timeout=60) for _ in processes]
-    for process in processes:
-        process.join()
-    return sorted(outcomes)
-
-
-def test_two_processes_racing_for_one_device_cannot_both_win(ledger):
-    for round_ in range(5):
-        device = f"dev-{round_}"
-        outcomes = _run_race(ledger, [(f"A{round_}", device, f"ka{round_}"), (f"B{round_}", device, f"kb{round_}")])
-        winners = [serial for serial, result in outcomes if result != "conflict"]
-        assert len(winners) == 1, outcomes
-        active = ledger.list_certificates(CertificateQuery(device_id=device, status="active")).items
-        assert [c.serial for c in active] == winners
-
-
-def test_two_processes_racing_with_one_key_cannot_both_win(ledger):
-    outcomes = _run_race(ledger, [("A", "dev-a", "shared-key"), ("B", "dev-b", "shared-key")])
-    assert sum(result != "conflict" for _, result in outcomes) == 1
-    assert len(ledger.list_certificates(CertificateQuery()).items) == 1
-
-
-def test_device_states_are_read_at_one_moment(ledger):
+def test_the_precheck_reads_one_moment(ledger):
     """Another process commits between the owners' read and the active certificates' read: the answer
     must not mix the two moments (no owner, yet the new owner's certificate)."""
     rival = SqliteLedger(ledger.path)
@@ -258,7 +162,7 @@ def test_device_states_are_read_at_one_moment(ledger):
     probe = ledger._snapshot_connection()
     probe.set_trace_callback(between_reads)
     try:
-        states = ledger.device_states(["dev-1"], ["k1"])
+        states = ledger.precheck(["dev-1"], ["k1"])
     finally:
         probe.set_trace_callback(None)
         rival.close()

@@ -1,7 +1,6 @@
 """Revoking a certificate revokes its key: every active certificate holding it goes with it, in one commit."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +9,7 @@ from shared.pki import PkiError
 from shared.pki.revocation import REVOCATION_REASONS, revocation_reason
 
 from .apiclient import bearer, make_api
-from .conftest import run_cli
+from .conftest import run_cli, settings_environment
 from .csrs import device_key, make_csr
 
 
@@ -35,7 +34,7 @@ def test_revoking_an_old_certificate_revokes_the_active_one_with_its_key(service
         service.sign_csr(make_csr("dev-1", key=key), "dev-1", renew=True)
     assert refused.value.code == "key-revoked"
     assert dps["mode"] == "offline"
-    document = json.loads(Path(dps["recorded"]).read_text())
+    document = service.dps.documents.get("individual-enrollments", "dev-1")
     assert document["provisioningStatus"] == "disabled"  # no certificate of the device is active: blocked
 
 
@@ -45,7 +44,8 @@ def test_revoking_an_old_key_admits_only_the_active_certificate_in_dps(service):
     revocation, dps = service.revoke(first, "superseded")
     assert revocation.also_revoked == ()
     assert service.certificate(second.serial).status == "active"
-    document = json.loads(Path(dps["recorded"]).read_text())
+    assert dps["mode"] == "offline"
+    document = service.dps.documents.get("individual-enrollments", "dev-2")
     assert document["provisioningStatus"] == "enabled"
     assert document["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"] == second.certificate_pem
 
@@ -91,29 +91,26 @@ def test_revoke_over_http_lists_what_went_with_the_key(service):
 
 def test_revoke_on_the_cli_lists_what_went_with_the_key(service):
     home = service.settings.pki_home
+    env = settings_environment(service.settings)
     _, first, second = _renewed_with_the_same_key(service)
-    done = run_cli("revoke", first, "--reason", "keyCompromise", home=home)
+    done = run_cli("revoke", first, "--reason", "keyCompromise", home=home, env=env)
     assert done.returncode == 0, done.stderr
     assert f"Also revoked {second}".encode() in done.stdout
-    as_json = json.loads(run_cli("revoke", second, "--json", home=home).stdout)
+    as_json = json.loads(run_cli("revoke", second, "--json", home=home, env=env).stdout)
     assert as_json["status"] == "revoked" and as_json["alsoRevoked"] == []
-    bad = run_cli("revoke", first, "--reason", "stolen", home=home)
+    bad = run_cli("revoke", first, "--reason", "stolen", home=home, env=env)
     assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1 and b"RFC 5280" in bad.stderr
 
 
-def _enrollment(dps: dict) -> dict:
-    return json.loads(Path(dps["recorded"]).read_text())
-
-
-def _recorded(service, device: str) -> dict:
-    return json.loads((service.dps.directory / "individual-enrollments" / f"{device}.json").read_text())
+def _recorded(service, device: str) -> dict | None:
+    return service.dps.documents.get("individual-enrollments", device)
 
 
 def test_a_new_certificate_after_a_revocation_is_admitted_in_dps(service):
     """DESIGN's table after each step: revoked → blocked; a new key → only the new certificate admitted."""
     serial = service.sign_csr(make_csr("dev-5"), "dev-5").record.serial
-    _, dps = service.revoke(serial, "keyCompromise")
-    assert _enrollment(dps)["provisioningStatus"] == "disabled"
+    service.revoke(serial, "keyCompromise")
+    assert _recorded(service, "dev-5")["provisioningStatus"] == "disabled"
     renewed = service.sign_csr(make_csr("dev-5"), "dev-5").record
     enrollment = _recorded(service, "dev-5")
     assert enrollment["provisioningStatus"] == "enabled"
@@ -133,4 +130,4 @@ def test_a_renewal_moves_the_admitted_certificate_along(service):
 def test_devices_never_revoked_get_no_individual_enrollment(service):
     service.sign_csr(make_csr("dev-7"), "dev-7")
     service.sign_csr(make_csr("dev-7"), "dev-7", renew=True)
-    assert not (service.dps.directory / "individual-enrollments" / "dev-7.json").exists()
+    assert _recorded(service, "dev-7") is None

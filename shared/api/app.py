@@ -8,11 +8,12 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ..config import Settings, build_service
+from ..composition import build_service
+from ..config import Settings
 from ..errors import CaError, NotFound
 from ..ledger.models import CertificateQuery
-from ..principals import Caller
 from ..service import DeviceCA, IssuedCertificate
+from ..service.access import Caller
 from ..views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
 from . import models
 from .auth import AdminCaller, AnyCaller, Service, authenticate, document_security, service_of
@@ -330,7 +331,7 @@ def list_certificates(
     status: Annotated[str | None, Query(pattern="^(active|superseded|revoked)$")] = None,
     expiring_within_days: Annotated[float | None, Query(alias="expiringWithinDays", gt=0, le=36500)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(pattern="^[0-9]{1,18}$")] = None,
+    cursor: Annotated[str | None, Query(pattern="^[A-Za-z0-9_-]{1,1024}$")] = None,
 ) -> dict[str, Any]:
     page = service.certificates(
         CertificateQuery(

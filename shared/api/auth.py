@@ -14,8 +14,8 @@ from fastapi import Depends, FastAPI, Request
 
 from ..errors import Forbidden, Unauthorized
 from ..ledger.models import ADMIN
-from ..principals import Caller
 from ..service import DeviceCA
+from ..service.access import Caller
 
 # The dependencies are async so that they run on the event loop: their ledger reads are a few
 # microseconds, less than a hop to the thread pool.

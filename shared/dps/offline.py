@@ -1,26 +1,77 @@
-"""DPS offline: nothing is sent; the documents that would be are written under PKI_HOME/dps-offline."""
+"""DPS offline: nothing is sent; the documents that would be are recorded, under PKI_HOME/dps-offline on
+the embedded default, or in a table when the ledger is in Table Storage (so nothing needs local disk)."""
 
 import fcntl
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import Dps
 
 NOT_CONFIGURED = "DPS is not configured: nothing was sent; the document is recorded in {path}"
 
 
+class Documents(Protocol):
+    """Where offline DPS documents are kept: `put` stores one and says where (for the message)."""
+
+    location: str
+
+    def put(self, kind: str, name: str, document: dict[str, Any]) -> str: ...
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None: ...
+
+    def lock(self, kind: str, name: str) -> AbstractContextManager[None]:
+        """Held while one document is read and rewritten: as wide as the store can make it."""
+
+
+class FolderDocuments:
+    """Documents as JSON files: `<directory>/<kind>/<name>.json`, each replaced atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.location = str(self.directory)
+
+    def put(self, kind: str, name: str, document: dict[str, Any]) -> str:
+        path = self.directory / kind / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(temporary, path)
+        return str(path)
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        path = self.directory / kind / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    @contextmanager
+    def lock(self, kind: str, name: str) -> Iterator[None]:
+        """A file lock beside the document: it holds across processes (serve --workers)."""
+        path = self.directory / kind / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class OfflineDps(Dps):
     configured = False
 
-    def __init__(self, home: Path) -> None:
-        self.directory = Path(home) / "dps-offline"
+    def __init__(self, home: Path | None = None, documents: Documents | None = None) -> None:
+        """Records under `home`/dps-offline, or in `documents` when given."""
+        if documents is None:
+            if home is None:
+                raise ValueError("OfflineDps needs a PKI home or a document store")
+            documents = FolderDocuments(Path(home) / "dps-offline")
+        self.documents = documents
 
     def describe(self) -> dict[str, str]:
-        return {"backend": "offline", "directory": str(self.directory)}
+        return {"backend": "offline", "recordedIn": self.documents.location}
 
     def registration_info(self, device_id: str) -> dict[str, str] | None:
         return None
@@ -47,15 +98,8 @@ class OfflineDps(Dps):
 
     @contextmanager
     def device_lock(self, device_id: str) -> Iterator[None]:
-        """A file lock beside the device's recorded enrollment: it holds across processes (serve --workers)."""
-        path = self.directory / "individual-enrollments" / f"{device_id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with super().device_lock(device_id), self.documents.lock("individual-enrollments", device_id):
+            yield
 
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
         return self._individual_enrollment(device_id, certificate_pem, enabled=False)
@@ -75,9 +119,5 @@ class OfflineDps(Dps):
         return self._record("individual-enrollments", device_id, document)
 
     def _record(self, kind: str, name: str, document: dict[str, Any]) -> dict[str, Any]:
-        path = self.directory / kind / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(temporary, path)
-        return {"mode": "offline", "recorded": str(path), "message": NOT_CONFIGURED.format(path=path)}
+        where = self.documents.put(kind, name, document)
+        return {"mode": "offline", "recorded": where, "message": NOT_CONFIGURED.format(path=where)}

@@ -18,8 +18,8 @@ from .models import (
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
-    DeviceStates,
     Issuance,
+    Precheck,
     Principal,
     Revocation,
 )
@@ -74,15 +74,6 @@ class Ledger(ABC):
     def device_owners(self, device_ids: Sequence[str]) -> dict[str, str]:
         """The owner (a principal ID) of each of these devices that has ever been certified."""
 
-    def device_states(self, device_ids: Sequence[str], public_key_sha256s: Sequence[str]) -> DeviceStates:
-        """Owners, active certificates and key bindings as of ONE moment, so that a decision never mixes a
-        state before another process's commit with one after it (a device seen without an owner but with
-        the new owner's certificate, say). This default reads them one after another: a store must override
-        it with a consistent read (a snapshot, or one entity holding a device's owner and active certificate)."""
-        return DeviceStates(
-            self.device_owners(device_ids), self.active_certificates(device_ids), self.key_bindings(public_key_sha256s)
-        )
-
     @abstractmethod
     def devices_with_revocations(self, device_ids: Sequence[str]) -> set[str]:
         """Those of these devices that have a revoked certificate (and so an individual DPS enrollment)."""
@@ -91,8 +82,24 @@ class Ledger(ABC):
     def key_bindings(self, public_key_sha256s: Sequence[str]) -> dict[str, tuple[str, bool]]:
         """(device ID, revoked) for each of these public keys that has been certified."""
 
+    def precheck(self, device_ids: Sequence[str], public_key_sha256s: Sequence[str]) -> Precheck:
+        """Owners, key bindings and active certificates of these devices and keys, read before signing, as of
+        ONE moment: a decision must never mix a state before another process's commit with one after it (a
+        device seen without an owner but with the new owner's certificate, say). This default reads them one
+        after another; a store overrides it with a consistent read (a snapshot, or one entity holding a
+        device's owner and active certificate). A store where each read is a billed call may leave out key
+        bindings (see `Precheck`)."""
+        return Precheck(
+            owners=self.device_owners(device_ids),
+            bindings=self.key_bindings(public_key_sha256s),
+            actives=self.active_certificates(device_ids),
+        )
+
     @abstractmethod
-    def list_certificates(self, query: CertificateQuery) -> CertificatePage: ...
+    def list_certificates(self, query: CertificateQuery) -> CertificatePage:
+        """One page of certificates matching every filter given; `next_cursor` continues it (CaError
+        "invalid-cursor" for a cursor that another query made). The order is the store's: issue order
+        on SQLite, the index's key order on Table Storage."""
 
     @abstractmethod
     def revoke_certificate(self, serial: str, reason: str, at: datetime) -> Revocation:
@@ -162,6 +169,12 @@ def device_owned_elsewhere(device_id: str) -> Forbidden:
     )
 
 
+def invalid_cursor() -> CaError:
+    return CaError(
+        "the cursor is not one this listing gave: pass nextCursor back with the same filters", "invalid-cursor"
+    )
+
+
 def key_revoked() -> Conflict:
     return Conflict("a certificate for this public key was revoked; the key cannot be certified again", "key-revoked")
 
@@ -180,9 +193,11 @@ __all__ = [
     "CertificateRecord",
     "Issuance",
     "Ledger",
+    "Precheck",
     "Revocation",
     "device_has_certificate",
     "device_owned_elsewhere",
+    "invalid_cursor",
     "key_in_use",
     "key_revoked",
 ]

@@ -65,21 +65,22 @@ class Issuance:
 
 
 @dataclass(frozen=True)
-class DeviceStates:
-    """What the ledger holds for some devices and keys, read at one moment: each device's owner and active
-    certificate, and each key's (device ID, revoked) binding. Keyed by device ID and by public key hash."""
-
-    owners: dict[str, str]
-    actives: dict[str, "CertificateRecord"]
-    bindings: dict[str, tuple[str, bool]]
-
-
-@dataclass(frozen=True)
 class Revocation:
     """A revoked certificate and the other certificates that held its key (RFC 5280 §5.3.1 reason)."""
 
     record: CertificateRecord
     also_revoked: tuple[CertificateRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class Precheck:
+    """What the service decides on before it signs: each known device's owner and active certificate,
+    and the binding (device ID, revoked) of the public keys the store knows of at no extra cost. The
+    ledger checks every rule again when it commits, so a binding left out is only found later."""
+
+    owners: dict[str, str]
+    bindings: dict[str, tuple[str, bool]]
+    actives: dict[str, "CertificateRecord"]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, CaError, Conflict, NotFound
-from . import Ledger, device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
+from . import Ledger, device_has_certificate, device_owned_elsewhere, invalid_cursor, key_in_use, key_revoked
 from .groupcommit import GroupCommit
 from .models import (
     CA_ACTIVE,
@@ -29,8 +29,8 @@ from .models import (
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
-    DeviceStates,
     Issuance,
+    Precheck,
     Principal,
     Revocation,
 )
@@ -455,7 +455,7 @@ class SqliteLedger(Ledger):
             found.update((row["device_id"], _certificate(row)) for row in rows)
         return found
 
-    def device_states(self, device_ids: Sequence[str], public_key_sha256s: Sequence[str]) -> DeviceStates:
+    def precheck(self, device_ids: Sequence[str], public_key_sha256s: Sequence[str]) -> Precheck:
         """One read transaction on a connection of its own: in WAL mode every SELECT in it sees the same
         snapshot, whatever other processes commit meanwhile."""
         db = self._snapshot_connection()
@@ -464,10 +464,10 @@ class SqliteLedger(Ledger):
         except sqlite3.OperationalError as error:
             raise BackendUnavailable(f"the ledger is unavailable: {error}", "ledger-unavailable") from None
         try:
-            return DeviceStates(
-                self.device_owners(device_ids, db),
-                self.active_certificates(device_ids, db),
-                self.key_bindings(public_key_sha256s, db),
+            return Precheck(
+                owners=self.device_owners(device_ids, db),
+                bindings=self.key_bindings(public_key_sha256s, db),
+                actives=self.active_certificates(device_ids, db),
             )
         finally:
             db.execute("COMMIT")
@@ -529,6 +529,8 @@ class SqliteLedger(Ledger):
             clauses.append("not_after <= ?")
             params.append(_ts(query.expiring_before))
         if query.cursor:
+            if not query.cursor.isdigit() or len(query.cursor) > 18:
+                raise invalid_cursor()
             clauses.append("seq > ?")
             params.append(int(query.cursor))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""

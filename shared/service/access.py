@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from .errors import CaError, Forbidden, NotFound, Unauthorized
-from .ledger import Ledger
-from .ledger.models import ADMIN, FACTORY, INTERMEDIATE, ApiKey, Principal
-from .pki import check_ca_id
+from ..errors import CaError, Forbidden, NotFound, Unauthorized
+from ..ledger import Ledger
+from ..ledger.models import ADMIN, FACTORY, INTERMEDIATE, ApiKey, Principal
+from ..pki import check_ca_id
 
 KEY_PREFIX = "dca"
 _KEY = re.compile(r"dca_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")

@@ -1,34 +1,23 @@
-"""The use cases of the device CA: the only place that orchestrates keys, ledger and DPS.
+"""Use cases of device certificates: signing CSRs (one, many, coalesced), the inventory, revocation.
 
-Every entry point (CLI, HTTP, queue, timer) calls these and nothing below them.
+Mixed into `DeviceCA`, which holds the key store, the ledger, DPS, the settings and the clock.
 """
 
 import asyncio
-import secrets
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from .coalesce import Coalescer
-from .config import Settings
-from .dps import Dps
-from .errors import CaError, Conflict, Forbidden, NotFound, unexpected
-from .keys import KeyStore
-from .ledger import Ledger, device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
-from .ledger.models import (
+from ..errors import CaError, Conflict, Forbidden, NotFound, unexpected
+from ..ledger import device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
+from ..ledger.models import (
     CA_ACTIVE,
-    CA_DISABLED,
     CERT_REVOKED,
     CERT_STATUSES,
-    INTERMEDIATE,
-    ROOT,
     CaRecord,
     CertificatePage,
     CertificateQuery,
@@ -36,98 +25,22 @@ from .ledger.models import (
     Issuance,
     Revocation,
 )
-from .pki import (
+from ..pki import (
     DeviceRequest,
     Issuer,
     PkiError,
-    build_root,
-    ca_name,
-    check_ca_id,
     check_device_csr,
-    plan_validity,
     whole_seconds,
 )
-from .pki.revocation import revocation_reason
-from .pki.validity import check_ca_validity
-from .principals import Principals
-from .views import iso
-
-ROOT_ID = "root"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def serial_text(serial: int) -> str:
-    """Upper-case hex with an even number of digits, as `openssl x509 -serial` prints it."""
-    text = format(serial, "X")
-    return text if len(text) % 2 == 0 else "0" + text
-
-
-def normalize_serial(text: str) -> str:
-    """Accept a serial as printed by openssl, with colons, any case or a 0x prefix."""
-    cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
-    try:
-        return serial_text(int(cleaned, 16))
-    except ValueError:
-        raise CaError(f"serial {text!r} is not a hexadecimal number", "invalid-serial") from None
-
-
-def pem(certificate: x509.Certificate) -> str:
-    return certificate.public_bytes(serialization.Encoding.PEM).decode()
-
-
-@dataclass(frozen=True)
-class CaResult:
-    record: CaRecord
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ProofOfPossession:
-    verification_code: str
-    certificate_pem: str
-    dps: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class SignRequest:
-    csr: bytes | str
-    device_id: str
-
-
-@dataclass(frozen=True)
-class IssuedCertificate:
-    """A device certificate as handed out: it is in the ledger."""
-
-    record: CertificateRecord
-    intermediate_pem: str
-    created: bool
-    warnings: tuple[str, ...] = ()
-    dps: dict[str, str] | None = None
-
-    @property
-    def chain_pem(self) -> str:
-        return self.record.certificate_pem + self.intermediate_pem
-
-    def bundle(self) -> dict[str, Any]:
-        """The device bundle of the contract."""
-        record = self.record
-        bundle: dict[str, Any] = {
-            "deviceId": record.device_id,
-            "serialNumber": record.serial,
-            "notBefore": iso(record.not_before),
-            "notAfter": iso(record.not_after),
-            "certificate": record.certificate_pem,
-            "certificateChain": self.chain_pem,
-            "intermediateId": record.intermediate_id,
-        }
-        if self.dps:
-            bundle["dps"] = self.dps
-        if self.warnings:
-            bundle["warnings"] = list(self.warnings)
-        return bundle
+from ..pki.revocation import revocation_reason
+from .common import (
+    IssuedCertificate,
+    SignRequest,
+    _as_ca_error,
+    normalize_serial,
+    pem,
+    serial_text,
+)
 
 
 @dataclass(frozen=True)
@@ -177,143 +90,7 @@ def _single(results: list["IssuedCertificate | CaError"]) -> "IssuedCertificate"
     return result
 
 
-class DeviceCA:
-    def __init__(
-        self,
-        keys: KeyStore,
-        ledger: Ledger,
-        dps: Dps,
-        settings: Settings,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self.keys = keys
-        self.ledger = ledger
-        self.dps = dps
-        self.settings = settings
-        self._now = clock
-        self._issuers: dict[tuple[str, str], Issuer] = {}
-        self._issuers_lock = threading.Lock()
-        self.principals = Principals(ledger, clock)
-        self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
-        self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
-            self._sign_batch_async
-        )
-
-    def close(self) -> None:
-        self.keys.close()
-        self.ledger.close()
-
-    # -- root ----------------------------------------------------------------------------------------
-
-    def create_root(
-        self,
-        common_name: str | None = None,
-        organization: str | None = None,
-        curve: str | None = None,
-        days: float | None = None,
-    ) -> CaResult:
-        """Create the one root. Conflict "root-exists" if there is one (a lost race leaves no key here)."""
-        with self._ca_creation:
-            existing = self.ledger.get_root()
-            if existing:
-                raise Conflict(
-                    f"a CA root already exists ({existing.common_name!r}, serial {existing.serial}); "
-                    "this CA keeps one root",
-                    "root-exists",
-                )
-            curve = (curve or self.settings.ca_curve).upper()
-            subject = ca_name(common_name or f"{self.settings.ca_name} Root", organization)
-            validity = check_ca_validity(plan_validity(self._now(), _days(days, self.settings.root_days)))
-            key_name = _key_name(ROOT_ID)
-            signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
-            with self._removing_key_on_failure(key_name):
-                certificate = build_root(subject, signing_key.public_key(), signing_key, validity)
-                self.keys.install_ca_certificate(key_name, certificate, [])
-                record = self._ca_record(ROOT_ID, ROOT, certificate, curve, key_name, issuer_id=None)
-                self.ledger.add_ca(record)
-        dps_state = self.dps.register_root(ROOT_ID, record.certificate_pem)
-        return CaResult(self.ledger.set_ca_dps(ROOT_ID, dps_state), _dps_warnings(dps_state))
-
-    def root(self) -> CaRecord:
-        record = self.ledger.get_root()
-        if record is None:
-            raise NotFound("there is no CA root yet; create it with create-ca-root", "root-not-found")
-        return record
-
-    def prove_root_possession(self, verification_code: str) -> ProofOfPossession:
-        """Sign the DPS verification certificate (CN = the code) with the root key and hand it to DPS."""
-        root = self.root()
-        certificate = self._issuer(root).issue_proof_of_possession(verification_code, self._now())
-        certificate_pem = pem(certificate)
-        dps_state = self.dps.verify_root(ROOT_ID, verification_code, certificate_pem)
-        self.ledger.set_ca_dps(ROOT_ID, {**root.dps, "proofOfPossession": dps_state})
-        return ProofOfPossession(verification_code, certificate_pem, dps_state)
-
-    # -- intermediates -------------------------------------------------------------------------------
-
-    def create_intermediate(
-        self,
-        ca_id: str | None = None,
-        common_name: str | None = None,
-        organization: str | None = None,
-        curve: str | None = None,
-        days: float | None = None,
-    ) -> CaResult:
-        """Create an intermediate signed by the root. Conflict "ca-exists" for a taken ID; a creation that
-        loses a race to another process removes the key it made (or, in Key Vault, says what was left)."""
-        root = self.root()
-        ca_id = check_ca_id(ca_id) if ca_id else _new_intermediate_id(self._now())
-        with self._ca_creation:
-            if ca_id == ROOT_ID or self.ledger.get_ca(ca_id):
-                raise Conflict(f"a CA with ID {ca_id!r} already exists", "ca-exists")
-            if root.status != CA_ACTIVE:
-                raise Conflict("the CA root is disabled", "root-disabled")
-            root_issuer = self._issuer(root)
-            curve = (curve or self.settings.ca_curve).upper()
-            subject = ca_name(common_name or f"{self.settings.ca_name} Intermediate {ca_id}", organization)
-            validity = check_ca_validity(
-                root_issuer.validity(self._now(), _days(days, self.settings.intermediate_days))
-            )
-            key_name = _key_name(ca_id)
-            signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
-            with self._removing_key_on_failure(key_name):
-                certificate = root_issuer.issue_intermediate(subject, signing_key.public_key(), validity)
-                self.keys.install_ca_certificate(key_name, certificate, [root_issuer.certificate])
-                record = self._ca_record(ca_id, INTERMEDIATE, certificate, curve, key_name, issuer_id=ROOT_ID)
-                self.ledger.add_ca(record)
-        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=True)
-        warnings = ([validity.clamped] if validity.clamped else []) + list(_dps_warnings(dps_state))
-        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), tuple(warnings))
-
-    def intermediates(self) -> list[CaRecord]:
-        return self.ledger.list_cas(INTERMEDIATE)
-
-    def intermediate(self, ca_id: str) -> CaRecord:
-        record = self.ledger.get_ca(ca_id)
-        if record is None or record.kind != INTERMEDIATE:
-            raise NotFound(f"no intermediate with ID {ca_id!r}", "intermediate-not-found")
-        return record
-
-    def default_intermediate(self, allowed: Sequence[str] | None = None) -> CaRecord:
-        """The newest active intermediate (among `allowed`, when given)."""
-        if allowed is None:
-            records = self.intermediates()
-        else:  # a factory is bound to a few intermediates: read just those
-            records = sorted(filter(None, map(self.ledger.get_ca, allowed)), key=lambda ca: (ca.created_at, ca.id))
-        candidates = [ca for ca in records if ca.kind == INTERMEDIATE and ca.status == CA_ACTIVE]
-        if not candidates:
-            raise Conflict(
-                "there is no active intermediate to sign with; create one with create-ca-intermediate",
-                "no-active-intermediate",
-            )
-        return candidates[-1]
-
-    def set_intermediate_enabled(self, ca_id: str, enabled: bool) -> CaResult:
-        self.intermediate(ca_id)  # NotFound for the root or an unknown ID
-        record = self.ledger.set_ca_status(ca_id, CA_ACTIVE if enabled else CA_DISABLED)
-        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=enabled)
-        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), _dps_warnings(dps_state))
-
+class DeviceUseCases:
     # -- device certificates -------------------------------------------------------------------------
 
     def sign_csr(
@@ -395,7 +172,7 @@ class DeviceCA:
                 run.results[index] = _as_ca_error(error)
             except Exception as error:  # one request's surprise is its own failure, never its neighbours'
                 run.results[index] = unexpected(error, "reading a CSR")
-        states = self.ledger.device_states(
+        known = self.ledger.precheck(
             [device.device_id for _, device in devices], [device.public_key_sha256 for _, device in devices]
         )
         plans: list[_Plan] = []
@@ -406,9 +183,10 @@ class DeviceCA:
                     device,
                     options,
                     now,
-                    states.owners.get(device.device_id),
-                    states.bindings.get(device.public_key_sha256),
-                    states.actives.get(device.device_id),
+                    known.owners.get(device.device_id),
+                    known.bindings.get(device.public_key_sha256),
+                    known.actives.get(device.device_id),
+                    intermediate,
                 )
             except CaError as error:
                 run.results[index] = error
@@ -487,16 +265,6 @@ class DeviceCA:
                 states[device_id] = self.dps.disable_device(device_id, revoked[0].certificate_pem)
         return states
 
-    def health(self) -> dict[str, Any]:
-        """Which backends are in use; BackendUnavailable when the ledger cannot be read."""
-        self.ledger.ping()
-        return {
-            "status": "ok",
-            "keys": self.keys.describe(),
-            "ledger": self.ledger.describe(),
-            "dps": self.dps.describe(),
-        }
-
     # -- internals -----------------------------------------------------------------------------------
 
     def _signing_intermediate(self, intermediate_id: str | None, allowed: Sequence[str] | None) -> CaRecord:
@@ -518,6 +286,7 @@ class DeviceCA:
         owner: str | None,
         binding: tuple[str, bool] | None,
         active: CertificateRecord | None,
+        intermediate: CaRecord | None = None,
     ) -> "_Plan | IssuedCertificate":
         """Decide before signing (a Key Vault signature is not free); the ledger decides again on commit.
 
@@ -538,7 +307,7 @@ class DeviceCA:
             elif active.public_key_sha256 != device.public_key_sha256:
                 raise device_has_certificate(active)
             else:
-                return self._issued(active, created=False)
+                return self._issued(active, created=False, intermediate=intermediate)
         return _Plan(index, device, supersede, warnings=list(getattr(device, "notes", ())))
 
     def _sign_all(
@@ -596,75 +365,3 @@ class DeviceCA:
             warnings=warnings,
             dps=self.dps.registration_info(record.device_id),
         )
-
-    @contextmanager
-    def _removing_key_on_failure(self, key_name: str) -> Iterator[None]:
-        """A CA key made for a creation that then fails (a lost race, say) is removed, or what is left of
-        it is named in the error, so no unrecorded CA key stays behind unnoticed."""
-        try:
-            yield
-        except CaError as error:
-            left = self.keys.delete_ca_key(key_name)
-            if left:
-                error.message = f"{error.message}; {left}"
-                error.args = (error.message,)
-            raise
-        except BaseException:
-            self.keys.delete_ca_key(key_name)
-            raise
-
-    def _issuer(self, record: CaRecord) -> Issuer:
-        cache_key = (record.id, record.serial)
-        with self._issuers_lock:
-            issuer = self._issuers.get(cache_key)
-        if issuer is None:
-            certificate = x509.load_pem_x509_certificate(record.certificate_pem.encode())
-            issuer = Issuer(certificate, self.keys.signing_key(record.key_name))
-            with self._issuers_lock:
-                self._issuers[cache_key] = issuer
-        return issuer
-
-    def _ca_record(
-        self, ca_id: str, kind: str, certificate: x509.Certificate, curve: str, key_name: str, issuer_id: str | None
-    ) -> CaRecord:
-        return CaRecord(
-            id=ca_id,
-            kind=kind,
-            common_name=_common_name(certificate.subject),
-            curve=curve,
-            key_name=key_name,
-            key_backend=self.keys.backend,
-            serial=serial_text(certificate.serial_number),
-            not_before=certificate.not_valid_before_utc,
-            not_after=certificate.not_valid_after_utc,
-            certificate_pem=pem(certificate),
-            issuer_id=issuer_id,
-            created_at=whole_seconds(self._now()),
-        )
-
-
-def _as_ca_error(error: CaError | PkiError) -> CaError:
-    if isinstance(error, CaError):
-        return error
-    return CaError(error.message, error.code)
-
-
-def _days(days: float | None, default: float) -> float:
-    return default if days is None else days
-
-
-def _dps_warnings(state: dict[str, Any]) -> tuple[str, ...]:
-    return (state["message"],) if state.get("mode") == "offline" and state.get("message") else ()
-
-
-def _common_name(name: x509.Name) -> str:
-    return str(name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
-
-
-def _key_name(ca_id: str) -> str:
-    """Key Vault names cannot be reused for 90 days after deletion, so each key gets a fresh suffix."""
-    return f"device-ca-{ca_id}-{secrets.token_hex(3)}"
-
-
-def _new_intermediate_id(now: datetime) -> str:
-    return f"int-{now:%Y%m%d}-{secrets.token_hex(2)}"

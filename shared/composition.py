@@ -1,0 +1,53 @@
+"""The composition root: the service wired to the adapters the settings ask for.
+
+Every entry point (the CLI, the HTTP API and so the Functions app) builds its service here, and nothing
+else picks adapters. With no settings: local key files, SQLite and offline DPS under PKI_HOME. With
+KEY_VAULT_URL and LEDGER_TABLES set, nothing is kept on local disk.
+"""
+
+from collections.abc import Callable
+from datetime import datetime
+
+from .config import Settings
+from .dps import Dps
+from .keys import KeyStore
+from .ledger import Ledger
+from .service import DeviceCA, utcnow
+
+
+def build_service(settings: Settings | None = None, clock: Callable[[], datetime] | None = None) -> DeviceCA:
+    """The service for `settings` (read from the environment and local.settings.json when None)."""
+    settings = settings or Settings.load()
+    keys = key_store(settings)
+    ledger, dps = ledger_and_dps(settings)
+    return DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
+
+
+def key_store(settings: Settings) -> KeyStore:
+    """Key Vault when KEY_VAULT_URL is set, else key files under PKI_HOME."""
+    if settings.key_vault_url:
+        from azure.identity import DefaultAzureCredential
+
+        from .keys.keyvault import KeyVaultKeyStore
+
+        # Managed identity in Azure, a developer's login (az, azd, VS Code) on a workstation.
+        return KeyVaultKeyStore(settings.key_vault_url, DefaultAzureCredential(), settings.key_vault_options())
+    from .keys.local import LocalKeyStore
+
+    return LocalKeyStore(settings.pki_home, settings.key_passphrase)
+
+
+def ledger_and_dps(settings: Settings) -> tuple[Ledger, Dps]:
+    """The Table Storage ledger (with offline DPS documents in a table beside it) when LEDGER_TABLES is
+    set, else SQLite and offline DPS files under PKI_HOME."""
+    from .dps.offline import OfflineDps
+
+    if settings.ledger_tables:
+        from .ledger.tables import TableLedger
+        from .tablestore import TableDocuments, connect
+
+        store = connect(settings.ledger_tables, settings.ledger_table_prefix, settings.ledger_retry_seconds)
+        return TableLedger(store), OfflineDps(documents=TableDocuments(store))
+    from .ledger.sqlite import SqliteLedger
+
+    return SqliteLedger(settings.pki_home / "ledger.sqlite3"), OfflineDps(settings.pki_home)

@@ -1,0 +1,199 @@
+"""Use cases of the CA itself: the root, its proof of possession, intermediates (created, enabled, disabled).
+
+Mixed into `DeviceCA`, which holds the key store, the ledger, DPS, the settings and the clock.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from cryptography import x509
+
+from ..errors import CaError, Conflict, NotFound
+from ..ledger.models import (
+    CA_ACTIVE,
+    CA_DISABLED,
+    INTERMEDIATE,
+    ROOT,
+    CaRecord,
+)
+from ..pki import (
+    Issuer,
+    build_root,
+    ca_name,
+    check_ca_id,
+    plan_validity,
+    whole_seconds,
+)
+from ..pki.validity import check_ca_validity
+from .common import (
+    ROOT_ID,
+    CaResult,
+    ProofOfPossession,
+    _common_name,
+    _days,
+    _dps_warnings,
+    _key_name,
+    _new_intermediate_id,
+    pem,
+    serial_text,
+)
+
+
+class CaUseCases:
+    # -- root ----------------------------------------------------------------------------------------
+
+    def create_root(
+        self,
+        common_name: str | None = None,
+        organization: str | None = None,
+        curve: str | None = None,
+        days: float | None = None,
+    ) -> CaResult:
+        """Create the one root. Conflict "root-exists" if there is one (a lost race leaves no key here)."""
+        with self._ca_creation:
+            existing = self.ledger.get_root()
+            if existing:
+                raise Conflict(
+                    f"a CA root already exists ({existing.common_name!r}, serial {existing.serial}); "
+                    "this CA keeps one root",
+                    "root-exists",
+                )
+            curve = (curve or self.settings.ca_curve).upper()
+            subject = ca_name(common_name or f"{self.settings.ca_name} Root", organization)
+            validity = check_ca_validity(plan_validity(self._now(), _days(days, self.settings.root_days)))
+            key_name = _key_name(ROOT_ID)
+            signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
+            with self._removing_key_on_failure(key_name):
+                certificate = build_root(subject, signing_key.public_key(), signing_key, validity)
+                self.keys.install_ca_certificate(key_name, certificate, [])
+                record = self._ca_record(ROOT_ID, ROOT, certificate, curve, key_name, issuer_id=None)
+                self.ledger.add_ca(record)
+        dps_state = self.dps.register_root(ROOT_ID, record.certificate_pem)
+        return CaResult(self.ledger.set_ca_dps(ROOT_ID, dps_state), _dps_warnings(dps_state))
+
+    def root(self) -> CaRecord:
+        record = self.ledger.get_root()
+        if record is None:
+            raise NotFound("there is no CA root yet; create it with create-ca-root", "root-not-found")
+        return record
+
+    def prove_root_possession(self, verification_code: str) -> ProofOfPossession:
+        """Sign the DPS verification certificate (CN = the code) with the root key and hand it to DPS."""
+        root = self.root()
+        certificate = self._issuer(root).issue_proof_of_possession(verification_code, self._now())
+        certificate_pem = pem(certificate)
+        dps_state = self.dps.verify_root(ROOT_ID, verification_code, certificate_pem)
+        self.ledger.set_ca_dps(ROOT_ID, {**root.dps, "proofOfPossession": dps_state})
+        return ProofOfPossession(verification_code, certificate_pem, dps_state)
+
+    # -- intermediates -------------------------------------------------------------------------------
+
+    def create_intermediate(
+        self,
+        ca_id: str | None = None,
+        common_name: str | None = None,
+        organization: str | None = None,
+        curve: str | None = None,
+        days: float | None = None,
+    ) -> CaResult:
+        """Create an intermediate signed by the root. Conflict "ca-exists" for a taken ID; a creation that
+        loses a race to another process removes the key it made (or, in Key Vault, says what was left)."""
+        root = self.root()
+        ca_id = check_ca_id(ca_id) if ca_id else _new_intermediate_id(self._now())
+        with self._ca_creation:
+            if ca_id == ROOT_ID or self.ledger.get_ca(ca_id):
+                raise Conflict(f"a CA with ID {ca_id!r} already exists", "ca-exists")
+            if root.status != CA_ACTIVE:
+                raise Conflict("the CA root is disabled", "root-disabled")
+            root_issuer = self._issuer(root)
+            curve = (curve or self.settings.ca_curve).upper()
+            subject = ca_name(common_name or f"{self.settings.ca_name} Intermediate {ca_id}", organization)
+            validity = check_ca_validity(
+                root_issuer.validity(self._now(), _days(days, self.settings.intermediate_days))
+            )
+            key_name = _key_name(ca_id)
+            signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
+            with self._removing_key_on_failure(key_name):
+                certificate = root_issuer.issue_intermediate(subject, signing_key.public_key(), validity)
+                self.keys.install_ca_certificate(key_name, certificate, [root_issuer.certificate])
+                record = self._ca_record(ca_id, INTERMEDIATE, certificate, curve, key_name, issuer_id=ROOT_ID)
+                self.ledger.add_ca(record)
+        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=True)
+        warnings = ([validity.clamped] if validity.clamped else []) + list(_dps_warnings(dps_state))
+        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), tuple(warnings))
+
+    def intermediates(self) -> list[CaRecord]:
+        return self.ledger.list_cas(INTERMEDIATE)
+
+    def intermediate(self, ca_id: str) -> CaRecord:
+        record = self.ledger.get_ca(ca_id)
+        if record is None or record.kind != INTERMEDIATE:
+            raise NotFound(f"no intermediate with ID {ca_id!r}", "intermediate-not-found")
+        return record
+
+    def default_intermediate(self, allowed: Sequence[str] | None = None) -> CaRecord:
+        """The newest active intermediate (among `allowed`, when given)."""
+        if allowed is None:
+            records = self.intermediates()
+        else:  # a factory is bound to a few intermediates: read just those
+            records = sorted(filter(None, map(self.ledger.get_ca, allowed)), key=lambda ca: (ca.created_at, ca.id))
+        candidates = [ca for ca in records if ca.kind == INTERMEDIATE and ca.status == CA_ACTIVE]
+        if not candidates:
+            raise Conflict(
+                "there is no active intermediate to sign with; create one with create-ca-intermediate",
+                "no-active-intermediate",
+            )
+        return candidates[-1]
+
+    def set_intermediate_enabled(self, ca_id: str, enabled: bool) -> CaResult:
+        self.intermediate(ca_id)  # NotFound for the root or an unknown ID
+        record = self.ledger.set_ca_status(ca_id, CA_ACTIVE if enabled else CA_DISABLED)
+        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=enabled)
+        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), _dps_warnings(dps_state))
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _removing_key_on_failure(self, key_name: str) -> Iterator[None]:
+        """A CA key made for a creation that then fails (a lost race, say) is removed, or what is left of
+        it is named in the error, so no unrecorded CA key stays behind unnoticed."""
+        try:
+            yield
+        except CaError as error:
+            left = self.keys.delete_ca_key(key_name)
+            if left:
+                error.message = f"{error.message}; {left}"
+                error.args = (error.message,)
+            raise
+        except BaseException:
+            self.keys.delete_ca_key(key_name)
+            raise
+
+    def _issuer(self, record: CaRecord) -> Issuer:
+        cache_key = (record.id, record.serial)
+        with self._issuers_lock:
+            issuer = self._issuers.get(cache_key)
+        if issuer is None:
+            certificate = x509.load_pem_x509_certificate(record.certificate_pem.encode())
+            issuer = Issuer(certificate, self.keys.signing_key(record.key_name))
+            with self._issuers_lock:
+                self._issuers[cache_key] = issuer
+        return issuer
+
+    def _ca_record(
+        self, ca_id: str, kind: str, certificate: x509.Certificate, curve: str, key_name: str, issuer_id: str | None
+    ) -> CaRecord:
+        return CaRecord(
+            id=ca_id,
+            kind=kind,
+            common_name=_common_name(certificate.subject),
+            curve=curve,
+            key_name=key_name,
+            key_backend=self.keys.backend,
+            serial=serial_text(certificate.serial_number),
+            not_before=certificate.not_valid_before_utc,
+            not_after=certificate.not_valid_after_utc,
+            certificate_pem=pem(certificate),
+            issuer_id=issuer_id,
+            created_at=whole_seconds(self._now()),
+        )

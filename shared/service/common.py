@@ -1,0 +1,123 @@
+"""What the use cases share: the results they hand out, serial numbers, and small helpers."""
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ..errors import CaError
+from ..ledger.models import (
+    CaRecord,
+    CertificateRecord,
+)
+from ..pki import (
+    PkiError,
+)
+from ..views import iso
+
+ROOT_ID = "root"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def serial_text(serial: int) -> str:
+    """Upper-case hex with an even number of digits, as `openssl x509 -serial` prints it."""
+    text = format(serial, "X")
+    return text if len(text) % 2 == 0 else "0" + text
+
+
+def normalize_serial(text: str) -> str:
+    """Accept a serial as printed by openssl, with colons, any case or a 0x prefix."""
+    cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
+    try:
+        return serial_text(int(cleaned, 16))
+    except ValueError:
+        raise CaError(f"serial {text!r} is not a hexadecimal number", "invalid-serial") from None
+
+
+def pem(certificate: x509.Certificate) -> str:
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass(frozen=True)
+class CaResult:
+    record: CaRecord
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProofOfPossession:
+    verification_code: str
+    certificate_pem: str
+    dps: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SignRequest:
+    csr: bytes | str
+    device_id: str
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A device certificate as handed out: it is in the ledger."""
+
+    record: CertificateRecord
+    intermediate_pem: str
+    created: bool
+    warnings: tuple[str, ...] = ()
+    dps: dict[str, str] | None = None
+
+    @property
+    def chain_pem(self) -> str:
+        return self.record.certificate_pem + self.intermediate_pem
+
+    def bundle(self) -> dict[str, Any]:
+        """The device bundle of the contract."""
+        record = self.record
+        bundle: dict[str, Any] = {
+            "deviceId": record.device_id,
+            "serialNumber": record.serial,
+            "notBefore": iso(record.not_before),
+            "notAfter": iso(record.not_after),
+            "certificate": record.certificate_pem,
+            "certificateChain": self.chain_pem,
+            "intermediateId": record.intermediate_id,
+        }
+        if self.dps:
+            bundle["dps"] = self.dps
+        if self.warnings:
+            bundle["warnings"] = list(self.warnings)
+        return bundle
+
+
+def _as_ca_error(error: CaError | PkiError) -> CaError:
+    if isinstance(error, CaError):
+        return error
+    return CaError(error.message, error.code)
+
+
+def _days(days: float | None, default: float) -> float:
+    return default if days is None else days
+
+
+def _dps_warnings(state: dict[str, Any]) -> tuple[str, ...]:
+    return (state["message"],) if state.get("mode") == "offline" and state.get("message") else ()
+
+
+def _common_name(name: x509.Name) -> str:
+    return str(name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+
+def _key_name(ca_id: str) -> str:
+    """Key Vault names cannot be reused for 90 days after deletion, so each key gets a fresh suffix."""
+    return f"device-ca-{ca_id}-{secrets.token_hex(3)}"
+
+
+def _new_intermediate_id(now: datetime) -> str:
+    return f"int-{now:%Y%m%d}-{secrets.token_hex(2)}"

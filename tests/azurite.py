@@ -1,0 +1,89 @@
+"""Azurite's Table service on this machine, in memory, on a free port: the real Table Storage protocol.
+
+Installed by `make test` (npm ci, pinned by tools/azurite/package-lock.json) into tools/azurite.
+Telemetry is off and nothing is written to disk (`--inMemoryPersistence`).
+"""
+
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+AZURITE_TABLE = REPO / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"
+# Azurite's well-known development account (published in Azurite's documentation; not a secret).
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def connection_string(port: int) -> str:
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+        f"TableEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
+    )
+
+
+def table_prefix() -> str:
+    """A prefix of table names no other test uses."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+class Azurite:
+    def __init__(self) -> None:
+        if not AZURITE_TABLE.exists():
+            raise RuntimeError(f"Azurite is not installed at {AZURITE_TABLE}: `make test` installs it")
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        for _ in range(5):  # a free port may be taken between choosing it and Azurite binding it
+            self.port = _free_port()
+            self.process = subprocess.Popen(
+                [
+                    str(AZURITE_TABLE),
+                    "--inMemoryPersistence",
+                    "--tableHost",
+                    "127.0.0.1",
+                    "--tablePort",
+                    str(self.port),
+                    "--skipApiVersionCheck",
+                    "--disableTelemetry",
+                    "--silent",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=REPO,
+            )
+            if self._wait_until_listening():
+                return
+            self.stop()
+        raise RuntimeError("Azurite did not start")
+
+    @property
+    def connection_string(self) -> str:
+        return connection_string(self.port)
+
+    def _wait_until_listening(self) -> bool:
+        assert self.process is not None
+        while self.process.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

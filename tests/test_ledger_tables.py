@@ -1,0 +1,359 @@
+"""What is Table Storage's own: a crash at every Storage call of an issuance, Storage that keeps failing
+(503 with Retry-After, nothing recorded), transactions counted, and a service that keeps nothing on disk."""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+from azure.core.pipeline.transport import HttpTransport, RequestsTransport, RequestsTransportResponse
+from fastapi.testclient import TestClient
+
+from shared.api import create_app
+from shared.composition import ledger_and_dps
+from shared.config import Settings
+from shared.dps.offline import OfflineDps
+from shared.errors import BackendUnavailable, CaError
+from shared.keys.keyvault import KeyVaultKeyStore
+from shared.keys.local import LocalKeyStore
+from shared.ledger.models import CertificateQuery, Issuance
+from shared.ledger.tables import TableLedger
+from shared.service import DeviceCA
+from shared.tablestore import TableDocuments, connect
+
+from .apiclient import bearer
+from .azurite import table_prefix
+from .certrules import check_device, check_ledger, load
+from .conftest import close_checked
+from .csrs import device_key, make_csr
+from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
+from .ledgers import check_table_rules
+from .test_keyvault import QUICK
+
+
+class FaultyTransport(HttpTransport):
+    """The real transport, until `fail_from`: from that request on every request fails, as if the process
+    had died there. `mode` "lost" sends the failing request and loses its answer (Storage did the
+    write); "unsent" never sends it; "503" answers Storage's 503 Server Busy without sending."""
+
+    def __init__(self) -> None:
+        self.inner = RequestsTransport()
+        self.count = 0
+        self.fail_from: int | None = None
+        self.mode = "unsent"
+
+    def send(self, request, **kwargs):
+        self.count += 1
+        if self.fail_from is None or self.count < self.fail_from:
+            return self.inner.send(request, **kwargs)
+        if self.mode == "503":
+            return _busy(request)
+        if self.mode == "lost" and self.count == self.fail_from:
+            self.inner.send(request, **kwargs)
+            raise ServiceResponseError("the connection was lost before the answer (injected)")
+        raise ServiceRequestError("the connection was refused (injected)")
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *args) -> None:
+        self.inner.__exit__(*args)
+
+
+def _busy(request) -> RequestsTransportResponse:
+    response = requests.Response()
+    response.status_code = 503
+    response.reason = "Server Busy"
+    response.headers["Content-Type"] = "application/json"
+    response.headers["x-ms-error-code"] = "ServerBusy"
+    response._content = b'{"odata.error":{"code":"ServerBusy","message":{"value":"The server is busy."}}}'
+    return RequestsTransportResponse(request, response)
+
+
+@pytest.fixture
+def tables(azurite, tmp_path, clock):
+    """`open_service(prefix, transport=None)`: a CA on the tables under `prefix`, its ledger talking
+    through `transport`; every one is closed at the end of the test."""
+    made: list[DeviceCA] = []
+
+    def open_service(prefix: str, transport: FaultyTransport | None = None, retry_seconds: float = 10) -> DeviceCA:
+        store = connect(
+            azurite.connection_string, prefix, retry_seconds=retry_seconds, transport=transport, backoff_seconds=0.01
+        )
+        home = tmp_path / prefix
+        settings = Settings(pki_home=home, ledger_tables=azurite.connection_string, ledger_table_prefix=prefix)
+        ledger, dps = TableLedger(store), OfflineDps(documents=TableDocuments(store))
+        service = DeviceCA(LocalKeyStore(home), ledger, dps, settings, clock=clock)
+        made.append(service)
+        return service
+
+    yield open_service
+    for service in made:
+        service.close()
+
+
+SCENARIOS = ["new device", "renewal with a new key", "renewal with the same key"]
+DEVICE = "dev-1"
+
+
+def _prepared(open_service, scenario: str, key) -> tuple[str, bytes, bool]:
+    """Fresh tables with a root, an intermediate and, for a renewal, the device's certificate; the CSR to
+    send and whether it asks for renewal."""
+    prefix = table_prefix()
+    setup = open_service(prefix)
+    setup.create_root()
+    setup.create_intermediate("factory-a")
+    if scenario != "new device":
+        setup.sign_csr(make_csr(DEVICE, key=key), DEVICE)
+    csr = make_csr(DEVICE, key=key if scenario == "renewal with the same key" else None)
+    return prefix, csr, scenario != "new device"
+
+
+def _after_crash_then_retry(service: DeviceCA, csr: bytes, renew: bool) -> None:
+    """The rules hold on what was left, and the same request, sent again, gets its certificate."""
+    check_table_rules(service.ledger)
+    check_ledger(service.ledger)
+    issued = service.sign_csr(csr, DEVICE, renew=renew)
+    again = service.sign_csr(csr, DEVICE)
+    assert again.record == issued.record and not again.created
+    assert service.ledger.active_certificates([DEVICE]) == {DEVICE: issued.record}
+    intermediate = load(service.intermediate("factory-a").certificate_pem)
+    check_device(load(issued.record.certificate_pem), intermediate, DEVICE)
+    check_table_rules(service.ledger)
+
+
+@pytest.mark.parametrize("mode", ["unsent", "lost"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_a_crash_at_any_storage_call_of_an_issuance_leaves_the_rules_holding(tables, scenario, mode):
+    """For each N, the Nth Storage call of one issuance fails and so does everything after it (the process
+    died there): the caller got a 503 or its certificate, the rules hold, and sending it again works."""
+    key = device_key()
+    prefix, csr, renew = _prepared(tables, scenario, key)
+    counting = FaultyTransport()
+    tables(prefix, counting).sign_csr(csr, DEVICE, renew=renew)
+    calls = counting.count
+    assert calls >= 5  # CA lookup, device head, index rows, key binding, device transaction
+    for n in range(1, calls + 2):
+        prefix, csr, renew = _prepared(tables, scenario, key)
+        transport = FaultyTransport()
+        transport.fail_from, transport.mode = n, mode
+        try:
+            issued = tables(prefix, transport).sign_csr(csr, DEVICE, renew=renew)
+        except BackendUnavailable as error:
+            assert error.status == 503 and error.retry_after > 0
+        else:  # nothing is returned that the ledger does not hold
+            assert n == calls + 1
+            assert tables(prefix).certificate(issued.record.serial) == issued.record
+        _after_crash_then_retry(tables(prefix), csr, renew)
+
+
+@pytest.mark.parametrize("mode", ["unsent", "lost"])
+def test_a_crash_at_any_storage_call_of_a_revocation_leaves_the_key_unusable(tables, mode):
+    """A device renewed with the same key holds two certificates of it; revoking the old one crashes at each
+    Storage call in turn: no certificate of the key stays usable, and revoking again finishes the job."""
+
+    def prepared() -> tuple[str, str, str, object]:
+        prefix = table_prefix()
+        setup = tables(prefix)
+        setup.create_root()
+        setup.create_intermediate("factory-a")
+        key = device_key()
+        old = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE).record.serial
+        active = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE, renew=True).record.serial
+        return prefix, old, active, key
+
+    prefix, old, active, key = prepared()
+    counting = FaultyTransport()
+    tables(prefix, counting).revoke(old, "keyCompromise")
+    calls = counting.count
+    for n in range(1, calls + 2):
+        prefix, old, active, key = prepared()
+        transport = FaultyTransport()
+        transport.fail_from, transport.mode = n, mode
+        try:
+            tables(prefix, transport).revoke(old, "keyCompromise")
+        except BackendUnavailable:
+            pass
+        else:
+            assert n == calls + 1
+        service = tables(prefix)
+        check_table_rules(service.ledger)
+        still_active = service.ledger.active_certificates([DEVICE])
+        assert still_active in ({}, {DEVICE: service.certificate(active)}), "only the untouched state or none"
+        if still_active:  # the revocation's commit never happened: nothing of it is visible
+            assert service.certificate(old).status == "superseded"
+        revocation, _ = service.revoke(old, "keyCompromise")
+        assert revocation.record.status == "revoked"
+        assert service.certificate(active).status == "revoked"
+        assert service.ledger.key_bindings([revocation.record.public_key_sha256]) == {
+            revocation.record.public_key_sha256: (DEVICE, True)
+        }
+        with pytest.raises(CaError) as refused:
+            service.sign_csr(make_csr(DEVICE, key=key), DEVICE, renew=True)
+        assert refused.value.code == "key-revoked"
+        check_table_rules(service.ledger)
+
+
+def test_storage_that_keeps_failing_is_a_503_with_retry_after_and_nothing_recorded(tables):
+    transport = FaultyTransport()
+    service = tables(table_prefix(), transport, retry_seconds=2)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    admin = service.principals.create_admin_key().secret
+    client = TestClient(create_app(service), raise_server_exceptions=False)
+    before = len(service.ledger.list_certificates(CertificateQuery()).items)
+    for mode in ("503", "unsent"):
+        transport.fail_from, transport.mode = transport.count + 1, mode
+        sent_before = transport.count
+        response = client.post(
+            "/api/devices/dev-1/certificate",
+            content=make_csr("dev-1"),
+            headers={"Content-Type": "application/pkcs10", **bearer(admin)},
+        )
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "ledger-unavailable"
+        assert int(response.headers["retry-after"]) > 0
+        assert transport.count - sent_before > 1, "the SDK's policy retried before giving up"
+        transport.fail_from = None
+    assert len(service.ledger.list_certificates(CertificateQuery()).items) == before
+    response = client.post(
+        "/api/devices/dev-1/certificate",
+        content=make_csr("dev-1"),
+        headers={"Content-Type": "application/pkcs10", **bearer(admin)},
+    )
+    assert response.status_code == 201
+
+
+def test_an_issuance_costs_three_transactions_and_a_retry_one(tables):
+    """Counted by the pipeline policy, at the ledger: a new certificate is its head read, its key binding
+    and its device transaction, plus three index rows shared by a commit; the same CSR again, one read."""
+    service = tables(table_prefix())
+    service.create_root()
+    service.create_intermediate("factory-a")
+    ledger, counter = service.ledger, service.ledger.store.counter
+    requests_ = [(f"dev-{n}", make_csr(f"dev-{n}")) for n in range(250)]
+    start = counter.count
+    results = service.sign_csrs([_request(csr, device) for device, csr in requests_])
+    assert all(result.created for result in results)
+    new = counter.count - start
+    start = counter.count
+    retried = service.sign_csrs([_request(csr, device) for device, csr in requests_])
+    assert [r.record for r in retried] == [r.record for r in results] and not any(r.created for r in retried)
+    again = counter.count - start
+    # per certificate: 1 head read + 1 key binding + 1 device transaction, index rows in shared transactions
+    # (3 partitions of 100 at most: 16 serial partitions, one requester, one expiry day), 1 CA lookup a run
+    assert 3 * 250 < new <= 3 * 250 + 3 * 16 + 1
+    assert again == 250 + 1
+    single = counter.count
+    ledger.record_issued([Issuance(replace(results[0].record, serial="AB01", device_id="dev-x"))])
+    assert counter.count - single >= 5  # alone, its three index rows cost three transactions
+
+
+def _request(csr: bytes, device: str):
+    from shared.service import SignRequest
+
+    return SignRequest(csr, device)
+
+
+def test_with_key_vault_and_tables_nothing_is_kept_on_local_disk(azurite, tmp_path):
+    """The API, run with PKI_HOME an empty read-only folder: every route used, nothing read or written there."""
+    home = tmp_path / "read-only-home"
+    home.mkdir()
+    home.chmod(0o555)
+    settings = Settings.from_values(
+        {
+            "PKI_HOME": str(home),
+            "KEY_VAULT_URL": VAULT_URL,
+            "LEDGER_TABLES": azurite.connection_string,
+            "LEDGER_TABLE_PREFIX": table_prefix(),
+        }
+    )
+    vault = FakeKeyVault()
+    keys = KeyVaultKeyStore(VAULT_URL, FakeCredential(), QUICK, session=vault.session())
+    ledger, dps = ledger_and_dps(settings)
+    service = DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings)
+    touched: list[tuple[str, tuple]] = []
+    _watch_paths_under(home, touched)
+    try:
+        client = TestClient(create_app(service), raise_server_exceptions=False)
+        service.create_root()  # the first admin key comes from the CLI; the CA can be made over HTTP after
+        admin = service.principals.create_admin_key().secret
+        assert client.get("/api/health").json()["backends"] == {
+            "keys": "keyvault",
+            "ledger": "tables",
+            "dps": "offline",
+        }
+        made = client.post("/api/ca/intermediates", json={"id": "line-1"}, headers=bearer(admin))
+        assert made.status_code == 201, made.text
+        factory = client.post(
+            "/api/factories", json={"name": "factory-one", "intermediates": ["line-1"]}, headers=bearer(admin)
+        ).json()
+        signed = client.post(
+            "/api/devices/dev-1/certificate",
+            content=make_csr("dev-1"),
+            headers={"Content-Type": "application/pkcs10", **bearer(factory["apiKey"])},
+        )
+        assert signed.status_code == 201, signed.text
+        serial = signed.json()["serialNumber"]
+        listed = client.get("/api/certificates", headers=bearer(factory["apiKey"])).json()
+        assert [c["serialNumber"] for c in listed["items"]] == [serial]
+        revoked = client.post(f"/api/certificates/{serial}/revoke", json={}, headers=bearer(admin))
+        assert revoked.status_code == 200
+        proof = client.post(
+            "/api/ca/root/proof-of-possession", json={"verificationCode": "0A1B"}, headers=bearer(admin)
+        )
+        assert proof.status_code == 200
+    finally:
+        _watch_paths_under(None, touched)
+        home.chmod(0o755)
+        close_checked([service])
+    assert touched == [], "the service used PKI_HOME"
+    assert list(home.iterdir()) == []
+
+
+_WATCH: dict[str, object] = {"root": None, "seen": None, "installed": False}
+
+
+def _watch_paths_under(root: Path | None, seen: list) -> None:
+    """Record every audited file-system event (open, mkdir, rename, remove, listdir ...) on a path under
+    `root` (None stops watching). An audit hook sees what root's permissions would let through."""
+    _WATCH["root"], _WATCH["seen"] = (str(root), seen) if root else (None, None)
+    if not _WATCH["installed"]:
+        _WATCH["installed"] = True
+
+        def hook(event: str, args: tuple) -> None:
+            root_text = _WATCH["root"]
+            if root_text is None or not (event == "open" or event.startswith(("os.", "shutil.", "pathlib."))):
+                return
+            for value in args:
+                text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                if isinstance(text, str | Path) and str(text).startswith(root_text):
+                    _WATCH["seen"].append((event, args))  # type: ignore[union-attr]
+
+        sys.addaudithook(hook)
+
+
+def test_connection_settings(azurite):
+    """An https endpoint uses a token credential (a managed identity in Azure); a bad prefix is refused."""
+    from shared.errors import Misconfigured
+
+    class Token:
+        def get_token(self, *scopes, **kwargs):
+            raise AssertionError("no request is made while connecting")
+
+    store = connect("https://account.table.core.windows.net/", "deviceca", credential=Token())
+    assert store.describe() == {"endpoint": "https://account.table.core.windows.net", "tablePrefix": "deviceca"}
+    store.close()
+    with pytest.raises(Misconfigured):
+        connect(azurite.connection_string, "no-dashes")
+    with pytest.raises(CaError):
+        connect("AccountName=x", "deviceca")
