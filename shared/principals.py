@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,6 +60,16 @@ def split_api_key(presented: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+def _app_id(text: str) -> str:
+    """An Entra application (client) ID, a GUID, as the appid / azp claims carry it (lowercase)."""
+    try:
+        return str(uuid.UUID(text.strip()))
+    except ValueError:
+        raise CaError(
+            f"application ID {text!r} is not a GUID: use the Entra application (client) ID", "invalid-app-id"
+        ) from None
+
+
 def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -77,7 +88,7 @@ class Principals:
             role=FACTORY,
             intermediates=self._known_intermediates(intermediates),
             created_at=self._now(),
-            app_id=app_id.strip().lower() if app_id else None,
+            app_id=_app_id(app_id) if app_id else None,
         )
         self.ledger.add_principal(principal)
         return self._issue_key(principal)

@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from . import parameters
 from .coalesce import Coalescer
 from .config import Settings
 from .dps import Dps
@@ -25,7 +27,6 @@ from .ledger import Ledger, device_has_certificate, device_owned_elsewhere, key_
 from .ledger.models import (
     CA_ACTIVE,
     CA_DISABLED,
-    CERT_STATUSES,
     INTERMEDIATE,
     ROOT,
     CaRecord,
@@ -52,6 +53,10 @@ from .principals import Principals
 from .views import iso
 
 ROOT_ID = "root"
+
+# A renewal retried with the same key (after a timeout, say) gets the certificate the first attempt issued,
+# not another one, while that certificate is younger than this (README "Renewal").
+RENEWAL_RETRY_WINDOW = timedelta(minutes=10)
 
 
 def utcnow() -> datetime:
@@ -88,6 +93,42 @@ class ProofOfPossession:
     verification_code: str
     certificate_pem: str
     dps: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CaChain:
+    """The public certificates a caller verifies device certificates with: the root, and the
+    intermediates it may sign with (every one, for an admin), oldest first."""
+
+    root: CaRecord
+    intermediates: tuple[CaRecord, ...]
+
+    @property
+    def pem(self) -> str:
+        """The root, then the intermediates, as PEM."""
+        return "".join(record.certificate_pem for record in (self.root, *self.intermediates))
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Whether the service can work: `problems` holds (part, error) for each part that cannot."""
+
+    backends: dict[str, dict[str, str]]
+    problems: tuple[tuple[str, CaError], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A backup written by `DeviceCA.backup`: a PKI home that serves as one when PKI_HOME points at it."""
+
+    destination: Path
+    cas: int
+    certificates: int
+    contents: tuple[str, ...]  # one sentence per part, for the operator
 
 
 @dataclass(frozen=True)
@@ -287,6 +328,21 @@ class DeviceCA:
     def intermediates(self) -> list[CaRecord]:
         return self.ledger.list_cas(INTERMEDIATE)
 
+    def default_intermediate_id(self, records: Sequence[CaRecord] | None = None) -> str | None:
+        """The ID of the intermediate that signs when none is named: the newest active one (of
+        `records`, oldest first, when given), or None when none is active."""
+        records = self.intermediates() if records is None else records
+        return next((ca.id for ca in reversed(records) if ca.kind == INTERMEDIATE and ca.status == CA_ACTIVE), None)
+
+    def ca_chain(self, allowed: Sequence[str] | None = None) -> CaChain:
+        """The root and the intermediates `allowed` (a factory's; None: every one, for an admin), disabled
+        ones too (devices still hold certificates they signed). NotFound when there is no root yet."""
+        root = self.root()
+        records = self.intermediates()
+        if allowed is not None:
+            records = [record for record in records if record.id in allowed]
+        return CaChain(root, tuple(records))
+
     def intermediate(self, ca_id: str) -> CaRecord:
         record = self.ledger.get_ca(ca_id)
         if record is None or record.kind != INTERMEDIATE:
@@ -439,10 +495,12 @@ class DeviceCA:
         return list(run.results)  # type: ignore[arg-type]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
-        if query.status is not None and query.status not in CERT_STATUSES:
-            raise CaError(f"status must be one of {', '.join(CERT_STATUSES)}, not {query.status!r}", "invalid-status")
-        if not 1 <= query.limit <= 1000:
-            raise CaError("limit must be between 1 and 1000", "invalid-limit")
+        """A page of the inventory. InvalidParameter for a status, limit or cursor that breaks its rule."""
+        if query.status is not None:
+            parameters.status(query.status)
+        parameters.page_limit(query.limit)
+        if query.cursor is not None:
+            parameters.cursor(query.cursor)
         return self.ledger.list_certificates(query)
 
     def certificate(self, serial: str) -> CertificateRecord:
@@ -452,7 +510,8 @@ class DeviceCA:
         return record
 
     def expiring_before(self, days: float) -> datetime:
-        return self._now() + timedelta(days=days)
+        """The moment `days` from now (InvalidParameter unless 0 < days <= MAX_DAYS)."""
+        return self._now() + timedelta(days=parameters.days(days, "expiringWithinDays"))
 
     def revoke(self, serial: str, reason: str | None = None) -> tuple[Revocation, dict[str, Any]]:
         """Revoke a certificate and its key: in one ledger commit, every active certificate holding the key
@@ -471,15 +530,55 @@ class DeviceCA:
             dps_state = self.dps.admit_only(device_id, active.certificate_pem)
         return revocation, dps_state
 
-    def health(self) -> dict[str, Any]:
-        """Which backends are in use; BackendUnavailable when the ledger cannot be read."""
-        self.ledger.ping()
-        return {
-            "status": "ok",
-            "keys": self.keys.describe(),
-            "ledger": self.ledger.describe(),
-            "dps": self.dps.describe(),
-        }
+    def backup(self, destination: Path) -> Backup:
+        """Write a consistent copy of this CA into `destination`, a folder that does not exist yet (its
+        parent must) or is empty, made with mode 0700: the ledger as of one moment as one file, then the
+        local CA key files (after the ledger, so that every key it names is there), then the offline DPS
+        records. Point PKI_HOME at it to restore. CaError "backup-destination" when it cannot be a backup's
+        home; a backup that fails part way is removed."""
+        destination = Path(destination)
+        check_backup_destination(destination)
+        made = not destination.exists()
+        destination.mkdir(mode=0o700, exist_ok=True)
+        try:
+            counts = self.ledger.backup_into(destination)
+            contents = [f"the ledger: {counts['cas']} CA(s), {counts['certificates']} certificate(s), as one file"]
+            contents.append(self.keys.backup_into(destination))
+            dps = self.dps.backup_into(destination)
+            contents += [dps] if dps else []
+        except BaseException:
+            for path in sorted(destination.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            if made:
+                destination.rmdir()
+            raise
+        return Backup(destination, counts["cas"], counts["certificates"], tuple(contents))
+
+    def backends(self) -> dict[str, dict[str, str]]:
+        """Which backends are in use, and where (for the operator: these name paths and vaults)."""
+        return {"keys": self.keys.describe(), "ledger": self.ledger.describe(), "dps": self.dps.describe()}
+
+    def health(self) -> HealthReport:
+        """Whether the service can work: the ledger can be read, and the keys of the root and of every
+        active intermediate can be used (a wrong PKI_KEY_PASSPHRASE, a missing key file, a Key Vault that
+        refuses). Never raises for a part that fails: each is in `problems` with its error."""
+        problems: list[tuple[str, CaError]] = []
+        try:
+            self.ledger.ping()
+            cas = [ca for ca in self.ledger.list_cas() if ca.status == CA_ACTIVE]
+        except CaError as error:
+            problems.append(("ledger", error))
+            cas = []
+        for record in cas:
+            try:
+                self._issuer(record)  # loads the key once; later checks find it loaded
+            except CaError as error:
+                problems.append(("keys", error))
+                break
+            except Exception as error:
+                problems.append(("keys", unexpected(error, f"loading the key of CA {record.id}")))
+                break
+        return HealthReport(self.backends(), tuple(problems))
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -516,6 +615,8 @@ class DeviceCA:
         if binding and binding[1]:
             raise key_revoked()
         supersede = options.renew
+        if active is not None and options.renew and _renewal_retry(active, device, now):
+            return self._issued(active, created=False)  # a retried renewal gets what the first attempt got
         if active is not None and not options.renew:
             if active.not_after <= now:
                 supersede = True  # an expired certificate never blocks its device
@@ -562,7 +663,8 @@ class DeviceCA:
             certificate_pem=pem(certificate),
             created_at=whole_seconds(run.now),
         )
-        return Issuance(record, plan.supersede, owner=run.owner)
+        retry_since = run.now - RENEWAL_RETRY_WINDOW if plan.supersede else None
+        return Issuance(record, plan.supersede, owner=run.owner, retry_since=retry_since)
 
     def _issued(
         self,
@@ -625,6 +727,30 @@ class DeviceCA:
             issuer_id=issuer_id,
             created_at=whole_seconds(self._now()),
         )
+
+
+def check_backup_destination(destination: Path) -> None:
+    """CaError "backup-destination" unless `destination` is an empty folder, or can be made (its parent is a
+    folder). A backup never mixes with or overwrites anything."""
+    if destination.exists():
+        if not destination.is_dir():
+            raise CaError(f"cannot back up to {destination}: it is a file", "backup-destination")
+        if any(destination.iterdir()):
+            raise CaError(f"cannot back up to {destination}: it is not empty", "backup-destination")
+    elif not destination.parent.is_dir():
+        raise CaError(
+            f"cannot back up to {destination}: folder {destination.parent} does not exist", "backup-destination"
+        )
+
+
+def _renewal_retry(active: CertificateRecord, device: DeviceRequest, now: datetime) -> bool:
+    """A renewal is a retry of the one that issued `active` when it brings the same key while `active` is
+    younger than RENEWAL_RETRY_WINDOW (and still valid)."""
+    return (
+        active.public_key_sha256 == device.public_key_sha256
+        and active.created_at >= now - RENEWAL_RETRY_WINDOW
+        and active.not_after > now
+    )
 
 
 def _as_ca_error(error: CaError | PkiError) -> CaError:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ class OfflineDps(Dps):
 
     def describe(self) -> dict[str, str]:
         return {"backend": "offline", "directory": str(self.directory)}
+
+    def backup_into(self, home: Path) -> str | None:
+        if not self.directory.is_dir():
+            return None
+        shutil.copytree(self.directory, Path(home) / self.directory.name)
+        return f"the documents offline DPS recorded, in {self.directory.name}/"
 
     def registration_info(self, device_id: str) -> dict[str, str] | None:
         return None
