@@ -477,21 +477,28 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
     return None, None
 
 
+def try_it(base: str, factory_key: str, device: str = "my-device-1") -> list[str]:
+    """The README's "Try it" block: a device key (made once, so that the block can be run again and gets
+    the same certificate back), its CSR, the CA's chain and the signed chain over HTTP, then `openssl verify`."""
+    key = f'-H "Authorization: Bearer {factory_key}"'
+    pem = '-H "Accept: application/x-pem-file"'
+    return [
+        f"test -f {device}.key || openssl ecparam -name prime256v1 -genkey -noout -out {device}.key",
+        f"openssl req -new -key {device}.key -subj /CN={device} -out {device}.csr",
+        f"curl -sS --fail-with-body {key} {pem} -o device-ca-chain.pem {base}/api/ca/chain",
+        f'curl -sS --fail-with-body {key} -H "Content-Type: application/pkcs10" {pem} --data-binary @{device}.csr '
+        f"-o {device}.pem {base}/api/devices/{device}/certificate",
+        f"openssl verify -CAfile device-ca-chain.pem {device}.pem",
+    ]
+
+
 def _serve_banner(
     service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path
 ) -> tuple[dict[str, Any], str]:
     base = f"http://{args.host}:{args.port}"
     home = service.settings.pki_home
     factory_key = setup.factory.secret if setup else "$FACTORY_KEY"
-    device = "my-device-1"
-    example = [
-        f"openssl ecparam -name prime256v1 -genkey -noout -out {device}.key",
-        f"openssl req -new -key {device}.key -subj /CN={device} -out {device}.csr",
-        f'curl -sS --fail-with-body -H "Authorization: Bearer {factory_key}" -H "Content-Type: application/pkcs10" '
-        f'-H "Accept: application/x-pem-file" --data-binary @{device}.csr -o {device}.pem '
-        f"{base}/api/devices/{device}/certificate",
-        f"openssl verify -CAfile {root_file} -untrusted {device}.pem {device}.pem",
-    ]
+    example = try_it(base, factory_key)
     document: dict[str, Any] = {
         "url": base,
         "openapi": f"{base}/api/openapi.json",
@@ -525,7 +532,10 @@ def _serve_banner(
         ]
     if service.ledger.get_root() is not None:
         lines += [f"Root certificate: {root_file}"]
-        lines += ["", "Try it: make a device key and CSR, have the CA sign it over HTTP, verify the chain:"]
+        lines += [
+            "",
+            "Try it: a device key and CSR, the CA's chain and the device's over HTTP, then verify (re-runnable):",
+        ]
         lines += [f"  {command}" for command in example]
     return document, "\n".join(lines)
 
