@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +45,7 @@ def _serving(tmp_path: Path, *options: str, env: dict | None = None) -> Iterator
         finally:
             server.send_signal(signal.SIGINT)
             server.wait()
+            server.log = server.stderr.read()  # type: ignore[attr-defined] - what it logged after it started
 
 
 def _memory_kib(pid: int) -> dict[str, int]:
@@ -183,3 +186,42 @@ def test_connections_past_the_cap_are_refused(tmp_path):
         finally:
             for connection in held:
                 connection.close()
+
+
+def _post_csr(port: int, key: str, device: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/devices/{device}/certificate",
+        data=make_csr(device),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/pkcs10"},
+    )
+    return _call(request)
+
+
+def _call(request: urllib.request.Request) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_wrong_passphrase_is_logged_with_the_error_id_the_caller_gets(tmp_path):
+    """The CA's keys were written with one passphrase; `serve` is started with another. The factory gets
+    the code and an error ID, health says 503, and serve's log has the details under that ID. Each stop
+    leaves the ledger in its one file (the WAL checkpointed)."""
+    with _serving(tmp_path, env={"PKI_KEY_PASSPHRASE": "the right one"}) as (_, port, banner):
+        key = banner["created"]["factory"]["apiKey"]
+        assert _post_csr(port, key, "dev-1")[0] == 201
+    wal = tmp_path / "pki" / "ledger.sqlite3-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+
+    with _serving(tmp_path, env={"PKI_KEY_PASSPHRASE": "a wrong one"}) as (server, port, _):
+        status, body = _post_csr(port, key, "dev-2")
+        health = _call(urllib.request.Request(f"http://127.0.0.1:{port}/api/health"))
+    assert health == (503, {"status": "degraded"})
+    assert status == 500 and body["error"]["code"] == "key-passphrase-wrong"
+    assert str(tmp_path) not in json.dumps(body)
+    error_id = body["error"]["message"].rsplit(" ", 1)[-1]
+    logged = [line for line in server.log.splitlines() if error_id in line]
+    assert len(logged) == 1 and str(tmp_path / "pki" / "keys") in logged[0]
+    assert not wal.exists() or wal.stat().st_size == 0
