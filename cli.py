@@ -26,7 +26,7 @@ from shared.config import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, unexpected
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
-from shared.pki import CA_CURVES, PkiError, check_verification_code
+from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
 from shared.principals import NewApiKey
 from shared.serve_limits import (
@@ -113,10 +113,13 @@ class _OneLine(logging.Formatter):
 
 
 def _log_to_stderr(tracebacks: bool) -> None:
-    """The service's log on stderr: one line a record for commands; `serve` and PKI_DEBUG=1 keep tracebacks."""
+    """The service's log on stderr: one line a record for commands; `serve` and PKI_DEBUG=1 keep tracebacks.
+    A command leaves out the records of failures that its own error line reports (it names their ID)."""
     handler = _Stderr()
     formatter_class = logging.Formatter if tracebacks else _OneLine
     handler.setFormatter(formatter_class("%(levelname)s: %(message)s"))
+    if not tracebacks:
+        handler.addFilter(lambda record: not hasattr(record, "error_id"))
     logger = logging.getLogger("device_ca")
     logger.handlers = [handler]
     logger.propagate = False
@@ -124,6 +127,8 @@ def _log_to_stderr(tracebacks: bool) -> None:
 
 def _fail(args: argparse.Namespace, code: str, message: str, status: int = EXIT_ERROR) -> int:
     one_line = " ".join(str(message).split())
+    if code == "internal-error" and not os.environ.get("PKI_DEBUG"):
+        one_line += " (PKI_DEBUG=1 shows the details)"
     try:
         if getattr(args, "json", False):
             _emit(json.dumps({"error": {"code": code, "message": one_line}}))
@@ -178,6 +183,8 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.handler is backup:
         check_backup_destination(args.destination)
     if args.handler is create_device_cert:
+        if args.device_id is not None:
+            check_device_id(args.device_id)  # it names the key's CSR and the default folder
         if args.out_dir is None:
             device_id = args.device_id or f"device-{secrets.token_hex(6)}"
             args.device_id, args.out_dir, parents = device_id, Path("devices") / device_id, True
@@ -809,7 +816,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         "run the HTTP API with uvicorn (local use; in Azure the Functions host runs it)",
         "Run the HTTP API with uvicorn. With --bootstrap, an empty PKI home first gets a root, an intermediate, "
-        "an admin key and a factory key, printed once with a working curl example.",
+        "an admin key and a factory key, printed once with a 'Try it' block that can be run again and again. "
+        "What one connection may cost is bounded: its headers' size, the time its request may take to arrive, "
+        "and how many connections are open at once. On stop, the ledger's WAL is checkpointed into its file.",
     )
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sub.add_argument("--port", type=_whole(0, 65535), default=8080, help="port, 0 for any free one (default 8080)")
@@ -838,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=_whole(1, MAX_CONNECTIONS),
         default=limits.max_connections,
-        help="open connections each worker keeps; past that a new one is answered 503 "
+        help="connections a worker keeps open at once; past that a new one is answered 503 "
         f"(default {limits.max_connections})",
     )
     sub.add_argument(

@@ -73,7 +73,7 @@ class InternalError(CaError):
 def unexpected(error: BaseException, context: str) -> InternalError:
     """Log an unexpected exception under a new error ID and return the error a caller may see."""
     error_id = new_error_id()
-    log.error("unexpected error %s while %s", error_id, context, exc_info=error)
+    log.error("unexpected error %s while %s", error_id, context, exc_info=error, extra={"error_id": error_id})
     failure = InternalError(f"the service failed unexpectedly while {context}; error ID {error_id}")
     failure.error_id = error_id
     return failure
@@ -91,7 +91,7 @@ def for_callers(error: CaError, context: str) -> CaError:
     if error.status < 500 or isinstance(error, InternalError):
         return error
     error_id = new_error_id()
-    log.error("error %s (%s) while %s: %s", error_id, error.code, context, error.message)
+    log.error("error %s (%s) while %s: %s", error_id, error.code, context, error.message, extra={"error_id": error_id})
     public = copy.copy(error)
     public.message = f"{error.summary}; error ID {error_id}"
     public.args = (public.message,)

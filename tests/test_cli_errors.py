@@ -53,6 +53,7 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             (["--days", "36501"], USAGE),
             (["--curve", "x"], USAGE),
             (["--common-name", "bell\a"], ERROR),
+            (["--common-name", "not UTF-8: \udcff"], ERROR),  # how Python hands over bytes that are not UTF-8
             (["--id", "new-one", "--out", MISSING], ERROR),
         ],
         "list-intermediates": [(["extra"], USAGE), (["--bogus"], USAGE)],
@@ -60,6 +61,7 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
         "enable-intermediate": [([], USAGE), (["nope"], ERROR)],
         "create-device-cert": [
             (["--device-id", "Bad Device"], ERROR),
+            (["--device-id", "dev-\udcff"], ERROR),
             (["--device-id", "dev-9", "--curve", "P-521"], USAGE),
             (["--device-id", "dev-9", "--out-dir", a_file], ERROR),
             (["--device-id", "dev-9", "--out-dir", "/no/such/folder/dev-9"], ERROR),
