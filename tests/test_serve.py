@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -219,10 +220,14 @@ def test_workers_each_listen_on_their_own_socket_and_share_the_connections(tmp_p
             replaced = _workers(server.pid)
             assert len(replaced) == 2 and killed not in replaced
             assert _sign(port, banner["created"]["factory"]["apiKey"], "worker-device-2")[0] == 201
+            other = _opened(home / "ledger.sqlite3")  # open elsewhere: SQLite's last-close checkpoint won't run
         finally:
             server.send_signal(signal.SIGINT)
             assert server.wait() == 0
     assert not any(Path(f"/proc/{worker}").exists() for worker in replaced)  # stopped and reaped
+    wal = home / "ledger.sqlite3-wal"  # each worker's app closed the service it built: the WAL is checkpointed
+    assert wal.stat().st_size == 0
+    other.close()
     ledger = SqliteLedger(home / "ledger.sqlite3")
     assert check_ledger(ledger) == 4  # root, intermediate and the two devices
     ledger.close()
@@ -268,3 +273,10 @@ def _sign(port: int, key: str, device_id: str) -> tuple[int, str]:
     )
     with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback
         return response.status, response.read().decode()
+
+
+def _opened(ledger: Path) -> sqlite3.Connection:
+    """A connection that has read the ledger, so that it holds it open (sqlite3.connect alone opens nothing)."""
+    connection = sqlite3.connect(ledger)
+    connection.execute("SELECT count(*) FROM cas").fetchone()
+    return connection

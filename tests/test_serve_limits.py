@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -209,11 +210,14 @@ def test_a_wrong_passphrase_is_logged_with_the_error_id_the_caller_gets(tmp_path
     """The CA's keys were written with one passphrase; `serve` is started with another. The factory gets
     the code and an error ID, health says 503, and serve's log has the details under that ID. Each stop
     leaves the ledger in its one file (the WAL checkpointed)."""
+    wal = tmp_path / "pki" / "ledger.sqlite3-wal"
     with _serving(tmp_path, env={"PKI_KEY_PASSPHRASE": "the right one"}) as (_, port, banner):
         key = banner["created"]["factory"]["apiKey"]
         assert _post_csr(port, key, "dev-1")[0] == 201
-    wal = tmp_path / "pki" / "ledger.sqlite3-wal"
-    assert not wal.exists() or wal.stat().st_size == 0
+        other = _opened(tmp_path / "pki" / "ledger.sqlite3")  # open elsewhere, as another worker's
+        assert wal.stat().st_size > 0
+    assert wal.stat().st_size == 0  # checkpointed by serve on its way out, though the ledger is still open
+    other.close()
 
     with _serving(tmp_path, env={"PKI_KEY_PASSPHRASE": "a wrong one"}) as (server, port, _):
         status, body = _post_csr(port, key, "dev-2")
@@ -224,4 +228,10 @@ def test_a_wrong_passphrase_is_logged_with_the_error_id_the_caller_gets(tmp_path
     error_id = body["error"]["message"].rsplit(" ", 1)[-1]
     logged = [line for line in server.log.splitlines() if error_id in line]
     assert len(logged) == 1 and str(tmp_path / "pki" / "keys") in logged[0]
-    assert not wal.exists() or wal.stat().st_size == 0
+
+
+def _opened(ledger: Path) -> sqlite3.Connection:
+    """A connection that has read the ledger, so that it holds it open (sqlite3.connect alone opens nothing)."""
+    connection = sqlite3.connect(ledger)
+    connection.execute("SELECT count(*) FROM cas").fetchone()
+    return connection

@@ -2,7 +2,7 @@
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -76,7 +76,7 @@ def create_app(service: DeviceCA | None = None, settings: Settings | None = None
         redirect_slashes=False,
         lifespan=_closing_what_it_built,
     )
-    app.state.service = _lazy(service, settings)
+    app.state.service = _ServiceOf(service, settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit_for=body_limit)
     document_security(app)
@@ -89,9 +89,7 @@ def create_app(service: DeviceCA | None = None, settings: Settings | None = None
 @asynccontextmanager
 async def _closing_what_it_built(app: FastAPI) -> AsyncIterator[None]:
     yield
-    built = getattr(app.state.service, "built", None)
-    if built:  # a service handed in is closed by whoever made it
-        await asyncio.to_thread(built[0].close)
+    await asyncio.to_thread(app.state.service.close_built)
 
 
 def body_limit(path: str) -> int:
@@ -103,22 +101,27 @@ def app_from_environment() -> FastAPI:
     return create_app()
 
 
-def _lazy(service: DeviceCA | None, settings: Settings | None) -> Callable[[], DeviceCA]:
-    built: list[DeviceCA] = [service] if service else []
-    lock = threading.Lock()
+class _ServiceOf:
+    """The app's service: the one handed in, or one built from settings at the first request. The app
+    closes (and so checkpoints the ledger of) only one it built; whoever handed one in closes that."""
 
-    made: list[DeviceCA] = []  # what this app built, and so closes
+    def __init__(self, service: DeviceCA | None, settings: Settings | None) -> None:
+        self._service = service
+        self._settings = settings
+        self._built = False
+        self._lock = threading.Lock()
 
-    def get() -> DeviceCA:
-        if not built:
-            with lock:
-                if not built:
-                    built.append(build_service(settings))
-                    made.append(built[0])
-        return built[0]
+    def __call__(self) -> DeviceCA:
+        if self._service is None:
+            with self._lock:
+                if self._service is None:
+                    self._service = build_service(self._settings)
+                    self._built = True
+        return self._service
 
-    get.built = made  # type: ignore[attr-defined]
-    return get
+    def close_built(self) -> None:
+        if self._built and self._service is not None:
+            self._service.close()
 
 
 async def json_only(request: Request) -> None:
