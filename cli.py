@@ -59,6 +59,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
+    def print_help(self, file: Any = None) -> None:
+        """--help on standard output, ending quietly (OutputClosed) when its reader has gone."""
+        if file is not None:
+            super().print_help(file)
+        else:
+            _emit(self.format_help().rstrip("\n"))
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0, 1 for an error, 2 for a usage error, 130 for Ctrl-C)."""
@@ -67,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as error:
         return _fail(argparse.Namespace(json="--json" in argv), "usage", str(error), EXIT_USAGE)
+    except OutputClosed:  # --help, read by something that stopped reading
+        return EXIT_ERROR
     if not getattr(args, "handler", None):
         return _fail(args, "usage", "name a command ('python cli.py --help' lists them)", EXIT_USAGE)
     _log_to_stderr(tracebacks=args.handler is serve or bool(os.environ.get("PKI_DEBUG")))
