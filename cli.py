@@ -489,6 +489,7 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
             log_level=args.log_level,
             access_log=args.access_log,
             http=bounded_protocol(limits),
+            ws="none",  # the API has no WebSocket routes: an upgrade request is an ordinary request
         )
     return None, None
 

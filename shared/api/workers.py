@@ -52,6 +52,7 @@ def serve_workers(
             log_level=log_level,
             access_log=access_log,
             http=http,
+            ws="none",
         )
         return
     context = multiprocessing.get_context("spawn")
@@ -138,7 +139,14 @@ def _worker(
         sys.exit(STARTUP_FAILURE)
     http = bounded_protocol(limits) if limits else "auto"
     config = uvicorn.Config(
-        app, factory=factory, host=host, port=port, log_level=log_level, access_log=access_log, http=http
+        app,
+        factory=factory,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        http=http,
+        ws="none",  # the API has no WebSocket routes: an upgrade request is an ordinary request
     )
     server = _Server(config)
     server.run(sockets=[listener])
