@@ -569,6 +569,9 @@ class DeviceCA:
         except CaError as error:
             problems.append(("ledger", error))
             cas = []
+        except Exception as error:  # a ledger file that is not one, say
+            problems.append(("ledger", unexpected(error, "reading the ledger")))
+            cas = []
         for record in cas:
             try:
                 self._issuer(record)  # loads the key once; later checks find it loaded

@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from shared.api import create_app
-from shared.service import RENEWAL_RETRY_WINDOW
+from shared.ledger.sqlite import SqliteLedger
+from shared.service import RENEWAL_RETRY_WINDOW, DeviceCA
 
 from .apiclient import bearer, make_api
 from .certrules import check_device, load, load_chain
@@ -66,6 +67,36 @@ def test_a_wrong_passphrase_is_a_500_with_an_error_id_and_health_says_503(wrong_
     assert problem["part"] == "keys" and problem["code"] == "key-passphrase-wrong"
     assert any(problem["errorId"] in record.getMessage() for record in caplog.records)
     assert home not in checked.text
+
+
+def test_a_ledger_that_cannot_be_read_makes_health_503(service, caplog):
+    """Another process holds the ledger locked (exclusive locking mode): reads fail, health says so."""
+    home = service.settings.pki_home
+    locked_out = DeviceCA(
+        keys=service.keys,
+        ledger=SqliteLedger(home / "ledger.sqlite3", busy_timeout_seconds=0.05),
+        dps=service.dps,
+        settings=service.settings,
+    )
+    admin = service.principals.create_admin_key().secret
+    client = TestClient(create_app(locked_out), raise_server_exceptions=False)
+    for ledger in (service.ledger, locked_out.ledger):  # no connection of this process holds it open now
+        ledger.close()
+    blocker = sqlite3.connect(home / "ledger.sqlite3", isolation_level=None)
+    blocker.execute("PRAGMA locking_mode = EXCLUSIVE")
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with caplog.at_level(logging.ERROR, logger="device_ca"):
+            anyone = client.get("/api/health")
+            admin_view = client.get("/api/health", headers=bearer(admin))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert (anyone.status_code, anyone.json()) == (503, {"status": "degraded"})
+    assert admin_view.status_code == 503 and admin_view.json() == {"status": "degraded"}  # its key cannot be read
+    assert any("ledger-unavailable" in record.getMessage() for record in caplog.records)
+    locked_out.ledger.close()
+    assert client.get("/api/health", headers=bearer(admin)).json()["status"] == "ok"
 
 
 def test_a_misspelt_setting_is_not_told_to_callers(tmp_path, monkeypatch, caplog):
