@@ -25,6 +25,8 @@ still sending a body it will never read, which the kernel turns into a reset tha
 So a connection costs at most `max_header_bytes` of buffered headers (bodies are capped by the app:
 8 KiB and 64 KiB) for at most `request_timeout` seconds, and there are at most `max_connections` of them.
 Everything else is uvicorn's. The class relies on uvicorn's protocol callbacks (pinned in requirements.txt).
+A client that pipelines requests and breaks a bound with a later one may see the answer in progress cut
+short: the connection is closed at once rather than after it.
 """
 
 import asyncio
@@ -89,6 +91,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             super().data_received(piece)
         if data and not self.transport.is_closing():
             super().data_received(data)
+        elif data and self._draining:  # the parser refused a piece (400) and the rest is being dropped
+            self._drop(len(data))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
