@@ -1,6 +1,9 @@
 """python cli.py COMMAND: the device CA from the command line (the seed's `node cli COMMAND`).
 
-Every command takes --json for machine-readable output and exits non-zero with a one-line error.
+Every command takes --json for machine-readable output. A command never shows a traceback: a usage
+error (an unknown option, a missing or malformed value) exits with status 2 and one line on stderr,
+anything else that goes wrong with status 1 and one line. Options are checked, with the rules the HTTP
+API uses (shared/parameters.py), and output paths are checked too, before anything is done.
 """
 
 import argparse
@@ -12,53 +15,102 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shared import parameters
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, unexpected
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
-from shared.pki import CA_CURVES, PkiError
+from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
-from shared.service import DeviceCA, IssuedCertificate
+from shared.serve_limits import (
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    MAX_REQUEST_TIMEOUT,
+    MIN_HEADER_BYTES,
+    ConnectionLimits,
+)
+from shared.service import DeviceCA, IssuedCertificate, check_backup_destination
 from shared.service.access import NewApiKey
 from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's status for a command line it cannot take
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+MAX_WORKERS = 64
 
 Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str | None]]
 
 
+class UsageError(Exception):
+    """The command line cannot be taken as it is (argparse's errors, raised instead of printed)."""
+
+
+class OutputClosed(Exception):
+    """Standard output was closed by its reader (`| head -1`): the command ends quietly."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def print_help(self, file: Any = None) -> None:
+        """--help on standard output, ending quietly (OutputClosed) when its reader has gone."""
+        if file is not None:
+            super().print_help(file)
+        else:
+            _emit(self.format_help().rstrip("\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _log_to_stderr(tracebacks=getattr(args, "handler", None) is serve or bool(os.environ.get("PKI_DEBUG")))
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
+    """Run one command; returns the exit status (0, 1 for an error, 2 for a usage error, 130 for Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        return _fail(argparse.Namespace(json="--json" in argv), "usage", str(error), EXIT_USAGE)
+    except OutputClosed:  # --help, read by something that stopped reading
+        return EXIT_ERROR
+    if not getattr(args, "handler", None):
+        return _fail(args, "usage", "name a command ('python cli.py --help' lists them)", EXIT_USAGE)
+    _log_to_stderr(tracebacks=args.handler is serve or bool(os.environ.get("PKI_DEBUG")))
+    try:
+        _prepare(args)  # options and output paths, before anything is built or written
         service = build_service()
         try:
             document, text = args.handler(service, args)
         finally:
             service.close()
+        if text is not None:  # None: the command printed as it went (serve)
+            _emit(json.dumps(document, indent=2, sort_keys=False) if args.json else text)
+    except OutputClosed:
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", "interrupted", EXIT_INTERRUPTED)
     except (CaError, PkiError) as error:
         return _fail(args, error.code, error.message)
     except OSError as error:
-        return _fail(args, "os-error", f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
+        return _fail(args, "os-error", _os_error(error))
     except Exception as error:  # the operator gets one line; the error ID finds the details in the log
         return _fail(args, "internal-error", unexpected(error, f"running {args.handler.__name__}").message)
-    if text is None:  # the command printed as it went (serve)
-        return 0
-    if args.json:
-        print(json.dumps(document, indent=2, sort_keys=False))
-    else:
-        print(text)
     return 0
+
+
+class _Stderr(logging.StreamHandler):
+    """A log handler on whatever sys.stderr is when a record is written."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 class _OneLine(logging.Formatter):
@@ -70,22 +122,123 @@ class _OneLine(logging.Formatter):
 
 
 def _log_to_stderr(tracebacks: bool) -> None:
-    """The service's log on stderr: one line a record for commands; `serve` and PKI_DEBUG=1 keep tracebacks."""
-    handler = logging.StreamHandler()
+    """The service's log on stderr: one line a record for commands; `serve` and PKI_DEBUG=1 keep tracebacks.
+    A command leaves out the records of failures that its own error line reports (it names their ID)."""
+    handler = _Stderr()
     formatter_class = logging.Formatter if tracebacks else _OneLine
     handler.setFormatter(formatter_class("%(levelname)s: %(message)s"))
+    if not tracebacks:
+        handler.addFilter(lambda record: not hasattr(record, "error_id"))
     logger = logging.getLogger("device_ca")
-    if not logger.handlers:
-        logger.addHandler(handler)
-        logger.propagate = False
+    logger.handlers = [handler]
+    logger.propagate = False
 
 
-def _fail(args: argparse.Namespace, code: str, message: str) -> int:
+def _fail(args: argparse.Namespace, code: str, message: str, status: int = EXIT_ERROR) -> int:
     one_line = " ".join(str(message).split())
-    if getattr(args, "json", False):
-        print(json.dumps({"error": {"code": code, "message": one_line}}))
+    if code == "internal-error" and not os.environ.get("PKI_DEBUG"):
+        one_line += " (PKI_DEBUG=1 shows the details)"
+    try:
+        if getattr(args, "json", False):
+            _emit(json.dumps({"error": {"code": code, "message": one_line}}))
+    except OutputClosed:
+        pass
     print(f"error: {one_line}", file=sys.stderr)
-    return EXIT_ERROR
+    return status
+
+
+def _emit(text: str) -> None:
+    """Print to standard output; OutputClosed when its reader has gone (the rest is dropped quietly)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _drop_stdout()
+        raise OutputClosed from None
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _os_error(error: OSError) -> str:
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
+
+
+# -- checks before anything is done -------------------------------------------------------------------
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """Check what can be checked before the service is built: the input file is read, and every output
+    path can be written (CaError "cannot-write" otherwise), so that a command that would fail at its end
+    does nothing at all. Folders are not made, except the device bundle's own (and ./devices for it)."""
+    if args.handler is serve:
+        from shared.api.workers import listening_port
+
+        args.port = listening_port(args.host, args.port)  # a port in use is refused before anything is set up
+    if args.handler is sign_csr:
+        args.csr = _read_input(args.file)
+    if args.handler is proof_ca_root_possession:
+        check_verification_code(args.verification_code)  # it names the default output file
+        args.out = args.out or Path(f"verification-{args.verification_code}.pem")
+    if getattr(args, "out", None) is not None:
+        _check_output_file(args.out)
+    if args.handler is backup:
+        check_backup_destination(args.destination)
+    if args.handler is create_device_cert:
+        if args.device_id is not None:
+            check_device_id(args.device_id)  # it names the key's CSR and the default folder
+        if args.out_dir is None:
+            device_id = args.device_id or f"device-{secrets.token_hex(6)}"
+            args.device_id, args.out_dir, parents = device_id, Path("devices") / device_id, True
+        else:
+            parents = False
+        _check_output_folder(args.out_dir, DEVICE_BUNDLE_FILES, parents)
+
+
+def _read_input(path: Path) -> bytes:
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
+    if path.is_dir():
+        raise CaError(f"cannot read {path}: it is a folder, not a CSR file", "cannot-read")
+    return path.read_bytes()
+
+
+def _check_output_file(path: Path) -> None:
+    if path.is_dir():
+        raise CaError(f"cannot write {path}: it is a folder (name a file)", "cannot-write")
+    _check_writable_folder(path.parent, path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CaError(f"cannot write {path}: permission denied", "cannot-write")
+
+
+def _check_output_folder(folder: Path, names: tuple[str, ...], parents: bool) -> None:
+    if folder.exists():
+        if not folder.is_dir():
+            raise CaError(f"cannot write into {folder}: it is a file, not a folder", "cannot-write")
+        for name in names:
+            _check_output_file(folder / name)
+        return
+    parent = folder.parent
+    if parents:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    _check_writable_folder(parent, folder)
+
+
+def _check_writable_folder(folder: Path, target: Path) -> None:
+    if not folder.exists():
+        raise CaError(f"cannot write {target}: folder {folder} does not exist", "cannot-write")
+    if not folder.is_dir():
+        raise CaError(f"cannot write {target}: {folder} is not a folder", "cannot-write")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CaError(f"cannot write {target}: permission denied in {folder}", "cannot-write")
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -104,13 +257,13 @@ def show_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]
     record = service.root()
     _write_if_asked(args.out, record.certificate_pem)
     if args.out:
-        return ca_view(record), "\n".join([_describe_ca(record), *_written(args.out, "root certificate")])
+        return ca_view(record), "\n".join([_describe_ca(record), *_written(args.out, "certificate")])
     return ca_view(record), record.certificate_pem.rstrip()
 
 
 def proof_ca_root_possession(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     proof = service.prove_root_possession(args.verification_code)
-    out = args.out or Path(f"verification-{proof.verification_code}.pem")
+    out = args.out  # _prepare named the default, verification-CODE.pem
     _write_if_asked(out, proof.certificate_pem)
     document = {
         "verificationCode": proof.verification_code,
@@ -122,8 +275,7 @@ def proof_ca_root_possession(service: DeviceCA, args: argparse.Namespace) -> tup
         f"Signed the verification certificate (CN={proof.verification_code}) with the root key.",
         *_written(out, "it"),
     ]
-    if proof.dps.get("message"):
-        lines.append(proof.dps["message"])
+    lines += _dps_note(proof.dps)
     if proof.dps.get("mode") == "offline":
         lines.append("Upload this file as the verification certificate of the root in the DPS portal.")
     return document, "\n".join(lines)
@@ -172,7 +324,7 @@ def _set_enabled(service: DeviceCA, ca_id: str, enabled: bool) -> tuple[Any, str
 
 def create_device_cert(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     """The seed's simulator flow: key and CSR made here, signed by the CA, written as a device bundle."""
-    device_id = args.device_id or f"device-{secrets.token_hex(6)}"
+    device_id = args.device_id  # _prepare gave it a random one if none was named
     key = ec.generate_private_key(CA_CURVES[args.curve])
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)])
     csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
@@ -183,18 +335,22 @@ def create_device_cert(service: DeviceCA, args: argparse.Namespace) -> tuple[Any
         requested_by=_who(),
         renew=args.renew,
     )
-    out_dir = args.out_dir or Path("devices") / device_id
-    files = _write_device_bundle(out_dir, key, issued)
+    files = _write_device_bundle(args.out_dir, key, issued)
     lines = [_describe_issued(issued), *(f"wrote {name}: {path}" for name, path in files.items())]
     lines += [f"warning: {w}" for w in issued.warnings]
     return {**issued.bundle(), "files": {k: str(v) for k, v in files.items()}}, "\n".join(lines)
 
 
 def sign_csr(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
-    data = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
-    issued = service.sign_csr(
-        data, args.device_id, intermediate_id=args.intermediate, requested_by=_who(), renew=args.renew
-    )
+    source = "standard input" if str(args.file) == "-" else str(args.file)
+    try:
+        issued = service.sign_csr(
+            args.csr, args.device_id, intermediate_id=args.intermediate, requested_by=_who(), renew=args.renew
+        )
+    except CaError as error:
+        if error.message.startswith("the body "):  # the CSR parser speaks of a request body; here it is a file
+            raise CaError(source + error.message.removeprefix("the body"), error.code) from None
+        raise
     _write_if_asked(args.out, issued.chain_pem)
     lines = [_describe_issued(issued), *_written(args.out, "certificate chain (device, intermediate)")]
     lines += [f"warning: {w}" for w in issued.warnings]
@@ -231,8 +387,7 @@ def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     record = revocation.record
     lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
     lines += [f"Also revoked {other.serial}: it holds the same key." for other in revocation.also_revoked]
-    if dps_state.get("message"):
-        lines.append(dps_state["message"])
+    lines += _dps_note(dps_state)
     return revocation_view(revocation, dps_state), "\n".join(lines)
 
 
@@ -291,33 +446,57 @@ def list_keys(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     return [api_key_view(k) for k in keys], _table(rows)
 
 
+def backup(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    done = service.backup(args.destination)
+    lines = [f"Backed up the CA to {done.destination}:", *(f"  {part}" for part in done.contents)]
+    lines.append(f"To restore it, point PKI_HOME at it: PKI_HOME={done.destination} python cli.py ...")
+    document = {
+        "destination": str(done.destination),
+        "cas": done.cas,
+        "certificates": done.certificates,
+        "contents": list(done.contents),
+    }
+    return document, "\n".join(lines)
+
+
 def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]:
     """Run the HTTP API with uvicorn; with --bootstrap, set up an empty PKI home first."""
     import uvicorn
 
     from shared.api import create_app
-    from shared.api.workers import listening_port, serve_workers
+    from shared.api.connections import bounded_protocol
+    from shared.api.workers import serve_workers
     from shared.bootstrap import bootstrap_local
 
-    args.port = listening_port(args.host, args.port)  # before anything is set up or printed
     setup = bootstrap_local(service) if args.bootstrap else None
     root_file = (service.settings.pki_home / "root.pem").resolve()
     if service.ledger.get_root() is not None:
         _write_if_asked(root_file, service.root().certificate_pem)
     banner = _serve_banner(service, args, setup, root_file)
-    print(json.dumps(banner[0], indent=2) if args.json else banner[1], flush=True)
+    _emit(json.dumps(banner[0], indent=2) if args.json else banner[1])
+    limits = ConnectionLimits(
+        max_header_bytes=args.max_header_bytes,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
+    )
     if args.workers > 1:
-        serve_workers(args.host, args.port, args.workers, args.log_level, args.access_log)
+        serve_workers(args.host, args.port, args.workers, args.log_level, args.access_log, limits=limits)
     else:
         uvicorn.run(
-            create_app(service), host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+            create_app(service),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            http=bounded_protocol(limits),
+            ws="none",  # the API has no WebSocket routes: an upgrade request is an ordinary request
         )
     return None, None
 
 
 def _where_state_lives(service: DeviceCA, home: Path) -> str:
     """Where keys, ledger and offline DPS records are, for the first line `serve` prints."""
-    health = service.health()
+    health = service.backends()
     if health["ledger"]["backend"] == "sqlite" and health["keys"]["backend"] == "local":
         return f"keys, ledger and offline DPS under {home}"
     keys = f"keys under {home}" if health["keys"]["backend"] == "local" else f"keys in {health['keys'].get('vault')}"
@@ -329,27 +508,34 @@ def _where_state_lives(service: DeviceCA, home: Path) -> str:
     return f"{keys}; ledger and offline DPS under {home}"
 
 
+def try_it(base: str, factory_key: str, device: str = "my-device-1") -> list[str]:
+    """The README's "Try it" block: a device key (made once, so that the block can be run again and gets
+    the same certificate back), its CSR, the CA's chain and the signed chain over HTTP, then `openssl verify`."""
+    key = f'-H "Authorization: Bearer {factory_key}"'
+    pem = '-H "Accept: application/x-pem-file"'
+    return [
+        f"test -f {device}.key || openssl ecparam -name prime256v1 -genkey -noout -out {device}.key",
+        f"openssl req -new -key {device}.key -subj /CN={device} -out {device}.csr",
+        f"curl -sS --fail-with-body {key} {pem} -o device-ca-chain.pem {base}/api/ca/chain",
+        f'curl -sS --fail-with-body {key} -H "Content-Type: application/pkcs10" {pem} --data-binary @{device}.csr '
+        f"-o {device}.pem {base}/api/devices/{device}/certificate",
+        f"openssl verify -CAfile device-ca-chain.pem {device}.pem",
+    ]
+
+
 def _serve_banner(
     service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path
 ) -> tuple[dict[str, Any], str]:
     base = f"http://{args.host}:{args.port}"
     home = service.settings.pki_home
     factory_key = setup.factory.secret if setup else "$FACTORY_KEY"
-    device = "my-device-1"
-    example = [
-        f"openssl ecparam -name prime256v1 -genkey -noout -out {device}.key",
-        f"openssl req -new -key {device}.key -subj /CN={device} -out {device}.csr",
-        f'curl -sS --fail-with-body -H "Authorization: Bearer {factory_key}" -H "Content-Type: application/pkcs10" '
-        f'-H "Accept: application/x-pem-file" --data-binary @{device}.csr -o {device}.pem '
-        f"{base}/api/devices/{device}/certificate",
-        f"openssl verify -CAfile {root_file} -untrusted {device}.pem {device}.pem",
-    ]
+    example = try_it(base, factory_key)
     document: dict[str, Any] = {
         "url": base,
         "openapi": f"{base}/api/openapi.json",
         "docs": f"{base}/api/docs",
         "pkiHome": str(home),
-        "backends": {part: service.health()[part]["backend"] for part in ("keys", "ledger", "dps")},
+        "backends": {part: backend["backend"] for part, backend in service.backends().items()},
         "rootCertificateFile": str(root_file),
         "example": example,
     }
@@ -377,7 +563,10 @@ def _serve_banner(
         ]
     if service.ledger.get_root() is not None:
         lines += [f"Root certificate: {root_file}"]
-        lines += ["", "Try it: make a device key and CSR, have the CA sign it over HTTP, verify the chain:"]
+        lines += [
+            "",
+            "Try it: a device key and CSR, the CA's chain and the device's over HTTP, then verify (re-runnable):",
+        ]
         lines += [f"  {command}" for command in example]
     return document, "\n".join(lines)
 
@@ -385,15 +574,18 @@ def _serve_banner(
 # -- output helpers ----------------------------------------------------------------------------------
 
 
+DEVICE_BUNDLE_FILES = ("device.key.pem", "device.cert.pem", "device.chain.pem", "bundle.json", "registration.json")
+
+
 def _write_device_bundle(out_dir: Path, key: ec.EllipticCurvePrivateKey, issued: IssuedCertificate) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "key": out_dir / "device.key.pem",
-        "certificate": out_dir / "device.cert.pem",
-        "chain": out_dir / "device.chain.pem",
-        "bundle": out_dir / "bundle.json",
-        "registration": out_dir / "registration.json",
-    }
+    out_dir.mkdir(parents=True, exist_ok=True)  # _prepare checked where it goes
+    files = dict(
+        zip(
+            ("key", "certificate", "chain", "bundle", "registration"),
+            (out_dir / name for name in DEVICE_BUNDLE_FILES),
+            strict=True,
+        )
+    )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -417,8 +609,7 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
 
 def _write_if_asked(path: Path | None, text: str) -> None:
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_file(path, text.encode(), 0o644)
+        _write_file(path, text.encode(), 0o644)  # _prepare checked that it can be written; no folders are made
 
 
 def _written(path: Path | None, what: str) -> list[str]:
@@ -442,7 +633,13 @@ def _describe_issued(issued: IssuedCertificate) -> str:
 
 
 def _describe_ca(record: CaRecord) -> str:
-    return f"{record.kind} {record.id} {record.common_name!r} ({record.curve}, serial {record.serial}, {record.status})"
+    what = "The CA root" if record.kind == "root" else f"Intermediate {record.id}"
+    return f"{what} {record.common_name!r} ({record.curve}, serial {record.serial}, {record.status})."
+
+
+def _dps_note(state: dict[str, Any]) -> list[str]:
+    """What DPS was told, as the other commands' warnings say it (DPS offline: nothing was sent)."""
+    return [f"warning: {state['message']}"] if state.get("message") else []
 
 
 def _valid(record: CaRecord) -> str:
@@ -464,17 +661,20 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python cli.py",
         description=(
             "A certificate authority for Azure IoT device fleets. Settings come from the environment or "
             "local.settings.json; with none, CA keys and the ledger live under ./.pki and DPS is offline. "
             "KEY_VAULT_URL moves CA keys to Key Vault, LEDGER_TABLES the ledger to Azure Table Storage."
         ),
-        epilog="Run 'python cli.py COMMAND --help' for a command's options.",
+        epilog=(
+            "Run 'python cli.py COMMAND --help' for a command's options. Exit status: 0 done, 1 an error "
+            "(one line on stderr), 2 a usage error (an unknown option, a missing or malformed value)."
+        ),
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
 
     def command(name: str, handler: Handler, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -488,8 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--curve", choices=sorted(CA_CURVES), type=str.upper, help="key curve (default: CA_CURVE, P-256)"
         )
-        sub.add_argument("--days", type=_positive_float, help=f"validity in days (default: {default_days})")
-        sub.add_argument("--out", type=Path, help=f"also write the {kind} certificate (PEM) to this file")
+        sub.add_argument(
+            "--days",
+            type=_rule(parameters.days),
+            help=f"validity in days, at most {parameters.MAX_DAYS} (default: {default_days})",
+        )
+        sub.add_argument(
+            "--out", type=Path, help=f"also write the {kind} certificate (PEM) to this file (its folder must exist)"
+        )
 
     def factory_options(sub: argparse.ArgumentParser, name_help: str) -> None:
         sub.add_argument("name", help=name_help)
@@ -505,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_options(sub, "root", "ROOT_CERT_DAYS, 7300")
 
     sub = command("show-ca-root", show_ca_root, "print the CA root certificate (PEM)")
-    sub.add_argument("--out", type=Path, help="write the root certificate to this file instead")
+    sub.add_argument("--out", type=Path, help="write the root certificate to this file instead (its folder must exist)")
 
     sub = command(
         "proof-ca-root-possession",
@@ -547,7 +753,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
     sub.add_argument("--curve", choices=sorted(CA_CURVES), type=str.upper, default="P-256", help="device key curve")
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
-    sub.add_argument("--out-dir", type=Path, help="directory for the bundle (default: ./devices/DEVICE_ID)")
+    sub.add_argument(
+        "--out-dir",
+        type=Path,
+        help="folder for the bundle, made if missing; its parent must exist (default: ./devices/DEVICE_ID)",
+    )
 
     sub = command(
         "sign-csr",
@@ -560,15 +770,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device-id", required=True, help="device ID; must equal the CSR's CN")
     sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
-    sub.add_argument("--out", type=Path, help="write the chain (device, intermediate) as PEM to this file")
+    sub.add_argument(
+        "--out", type=Path, help="write the chain (device, intermediate) as PEM to this file (its folder must exist)"
+    )
 
     sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
     sub.add_argument("--device-id", help="only this device")
     sub.add_argument("--intermediate", help="only certificates signed by this intermediate")
     sub.add_argument("--status", choices=CERT_STATUSES, help="only this status")
-    sub.add_argument("--expiring-within-days", type=float, help="only certificates ending within this many days")
-    sub.add_argument("--limit", type=int, default=100, help="at most this many (1-1000, default 100)")
-    sub.add_argument("--cursor", help="continue after a previous page (its nextCursor)")
+    sub.add_argument(
+        "--expiring-within-days",
+        type=_rule(parameters.days),
+        help=f"only certificates ending within this many days (more than 0, at most {parameters.MAX_DAYS})",
+    )
+    sub.add_argument(
+        "--limit",
+        type=_rule(parameters.page_limit),
+        default=100,
+        help=f"at most this many (1-{parameters.MAX_PAGE}, default 100)",
+    )
+    sub.add_argument("--cursor", type=_rule(parameters.cursor), help="continue after a previous page (its nextCursor)")
 
     sub = command(
         "create-factory",
@@ -603,20 +824,36 @@ def build_parser() -> argparse.ArgumentParser:
     command("list-keys", list_keys, "list API keys: IDs and owners, never secrets")
 
     sub = command(
+        "backup",
+        backup,
+        "write a consistent copy of the CA (ledger, local CA keys, offline DPS records) to a new folder",
+        "Write a consistent copy of the CA into DESTINATION, a new or empty folder (mode 0700) whose parent "
+        "exists: the ledger as of one moment, as one file (SQLite's online backup: safe while the server "
+        "runs), the local CA key files (as they are: encrypted only if PKI_KEY_PASSPHRASE is set) and the "
+        "offline DPS records. CA keys in Key Vault stay there. To restore, point PKI_HOME at the folder.",
+    )
+    sub.add_argument(
+        "destination", type=Path, metavar="DESTINATION", help="a folder that does not exist yet, or is empty"
+    )
+
+    sub = command(
         "serve",
         serve,
         "run the HTTP API with uvicorn (local use; in Azure the Functions host runs it)",
         "Run the HTTP API with uvicorn. With --bootstrap, a CA whose ledger is empty (under PKI_HOME, or in "
         "LEDGER_TABLES) first gets a root, an intermediate, an admin key and a factory key, printed once with a "
-        "working curl example.",
+        "'Try it' block that can be run again and again. What one connection may cost is bounded: its headers' "
+        "size, the time its request may take to arrive, and how many connections are open at once. On stop, a "
+        "SQLite ledger's WAL is checkpointed into its file.",
     )
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sub.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sub.add_argument("--port", type=_whole(0, 65535), default=8080, help="port, 0 for any free one (default 8080)")
     sub.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_whole(1, MAX_WORKERS),
         default=1,
-        help="worker processes, each with its own socket on the port so that connections spread evenly (default 1)",
+        help="worker processes, each with its own socket on the port so that connections spread evenly "
+        f"(1-{MAX_WORKERS}, default 1)",
     )
     sub.add_argument("--bootstrap", action="store_true", help="set up a CA with an empty ledger for local use first")
     sub.add_argument(
@@ -630,6 +867,27 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="log a line per request (default on; --no-access-log for load)",
+    )
+    limits = ConnectionLimits()
+    sub.add_argument(
+        "--max-connections",
+        type=_whole(1, MAX_CONNECTIONS),
+        default=limits.max_connections,
+        help="connections a worker keeps open at once; past that a new one is answered 503 "
+        f"(default {limits.max_connections})",
+    )
+    sub.add_argument(
+        "--max-header-bytes",
+        type=_whole(MIN_HEADER_BYTES, MAX_HEADER_BYTES),
+        default=limits.max_header_bytes,
+        help=f"bytes a request's line and headers may take; past that: 431 (default {limits.max_header_bytes})",
+    )
+    sub.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=limits.request_timeout,
+        help="seconds a request's headers and body may take to arrive, from its first byte or the connection's "
+        f"start; past that: 408 and the connection closes (default {limits.request_timeout:g})",
     )
 
     sub = command(
@@ -649,25 +907,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _rule(rule: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that checks a value with one of the rules the HTTP API uses (shared/parameters.py)."""
+
+    def check(text: str) -> Any:
+        try:
+            return rule(text)
+        except parameters.InvalidParameter as error:
+            raise argparse.ArgumentTypeError(error.problem) from None
+
+    return check
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 < value <= MAX_REQUEST_TIMEOUT:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_REQUEST_TIMEOUT:g} seconds, not {text!r}"
+        )
     return value
 
 
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}-{high}, not {value}")
+        return value
+
+    return check
+
+
+def run() -> NoReturn:
+    """`python cli.py`: main, and a last flush of standard output that may find its reader gone."""
+    try:
+        status = main()
+    except SystemExit as done:  # --help
+        status = done.code if isinstance(done.code, int) else EXIT_ERROR
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+        status = status or EXIT_ERROR
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -11,6 +11,11 @@ no policy, no ledger). Prints the rates and the ratios; --profile also prints wh
 its time.
 
     python bench/http_sign.py [--count 2000] [--concurrency 16] [--workers 2] [--rounds 3] [--profile]
+    python bench/http_sign.py --bounds [--count 2000] [--concurrency 16] [--workers 2] [--rounds 3]
+
+--bounds measures only what serve's connection bounds cost (shared/api/connections.py: header bytes,
+request deadline, connection cap, draining close): our server with them, as `serve` runs, against the
+same server on uvicorn's own httptools protocol, in alternating rounds.
 
 cfssl comes from the Debian package golang-cfssl (installed here when missing and running as root).
 """
@@ -292,6 +297,64 @@ def run_cfssl(csrs: list[tuple[str, bytes]], work: Path, args: argparse.Namespac
     return signed / elapsed
 
 
+def run_ours_protocol(csrs: list[tuple[str, bytes]], work: Path, args: argparse.Namespace, bounded: bool) -> float:
+    """Our app on `serve_workers`, with serve's connection bounds or on uvicorn's own protocol (the only
+    difference), on a PKI home set up with the CLI."""
+    environment = {**os.environ, "PKI_HOME": str(work / "pki")}
+
+    def cli(*argv: str) -> str:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "cli.py"), *argv], cwd=work, env=environment, capture_output=True, text=True
+        )
+        if done.returncode:
+            raise SystemExit(f"bench: cli.py {argv[0]} failed: {done.stderr}")
+        return done.stdout
+
+    cli("create-ca-root")
+    cli("create-ca-intermediate", "--id", "bench-ca")
+    key = json.loads(cli("create-factory", "bench-factory", "--intermediate", "bench-ca", "--json"))["apiKey"]
+    port = _free_port()
+    limits = "ConnectionLimits()" if bounded else "None"
+    serve = f"serve_workers('127.0.0.1', {port}, {args.workers}, 'info', False, limits={limits})"
+    code = f"from shared.api.workers import serve_workers; from shared.serve_limits import ConnectionLimits; {serve}"
+    environment["PYTHONPATH"] = str(REPO)
+    server = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=work,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = ServerLog(server)
+    try:
+        log.wait_for_workers(args.workers)
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/pkcs10"}
+        requests = [_request(f"/api/devices/{device_id}/certificate", headers, csr) for device_id, csr in csrs]
+        elapsed, statuses = post_all(port, requests, args.concurrency)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait()
+    failed = [s for s in statuses if s is None or s[0] != 201]
+    if failed:
+        raise SystemExit(f"bench: {len(failed)} requests failed, e.g. {failed[0]}")
+    return len(csrs) / elapsed
+
+
+def measure_bounds(csrs: list[tuple[str, bytes]], args: argparse.Namespace) -> None:
+    bounded_rates, plain_rates = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-bounds-") as tmp:
+        for round_ in range(args.rounds):
+            for bounded, rates in ((True, bounded_rates), (False, plain_rates)):
+                work = Path(tmp) / f"round-{round_}-{'bounded' if bounded else 'plain'}"
+                work.mkdir()
+                rates.append(run_ours_protocol(csrs, work, args, bounded))
+    bounded, plain = max(bounded_rates), max(plain_rates)
+    print(f"  ours with serve's connection bounds: {bounded:7.0f} certificates/s  (rounds: {_list(bounded_rates)})")
+    print(f"  ours on uvicorn's own protocol:      {plain:7.0f} certificates/s  (rounds: {_list(plain_rates)})")
+    print(f"  ratio bounded / unbounded:           {bounded / plain:5.2f}  (what the bounds cost)")
+
+
 def run_floor(csrs: list[tuple[str, bytes]], args: argparse.Namespace) -> float:
     """bench/floor_app.py on uvicorn, with as many workers as ours started the same way (one socket each)."""
     port = _free_port()
@@ -320,6 +383,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="our server's worker processes")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each counts")
     parser.add_argument("--profile", action="store_true", help="profile our server and print the top functions")
+    parser.add_argument("--bounds", action="store_true", help="measure only what serve's connection bounds cost")
     args = parser.parse_args()
 
     csrs = device_csrs(args.count, "http-device")
@@ -327,6 +391,9 @@ def main() -> None:
         f"http_sign: {args.count} P-256 CSRs, one per request, {args.concurrency} concurrent clients, "
         f"{os.cpu_count()} CPUs; ours with {args.workers} worker(s)"
     )
+    if args.bounds:
+        measure_bounds(csrs, args)
+        return
     ours_rates, cfssl_rates, recording_rates, floor_rates = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         for round_ in range(args.rounds):

@@ -1,5 +1,6 @@
 """Errors of the service and its adapters. Each has a stable code and the HTTP status it maps to."""
 
+import copy
 import logging
 import uuid
 
@@ -11,6 +12,8 @@ class CaError(Exception):
 
     status = 400
     code = "bad-request"
+    summary = "the service failed"  # what a remote caller is told of a 5xx, beside its code and an error ID
+    error_id: str | None = None  # under which the log has the details, for a 5xx
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -44,6 +47,7 @@ class BackendUnavailable(CaError):
 
     status = 503
     code = "backend-unavailable"
+    summary = "a backend the service needs is unavailable; nothing was recorded, try again later"
 
     def __init__(self, message: str, code: str | None = None, retry_after: int = 5) -> None:
         super().__init__(message, code)
@@ -55,6 +59,7 @@ class Misconfigured(CaError):
 
     status = 500
     code = "misconfigured"
+    summary = "the service is misconfigured; its operator has the details"
 
 
 class InternalError(CaError):
@@ -67,6 +72,28 @@ class InternalError(CaError):
 
 def unexpected(error: BaseException, context: str) -> InternalError:
     """Log an unexpected exception under a new error ID and return the error a caller may see."""
-    error_id = uuid.uuid4().hex[:12]
-    log.error("unexpected error %s while %s", error_id, context, exc_info=error)
-    return InternalError(f"the service failed unexpectedly while {context}; error ID {error_id}")
+    error_id = new_error_id()
+    log.error("unexpected error %s while %s", error_id, context, exc_info=error, extra={"error_id": error_id})
+    failure = InternalError(f"the service failed unexpectedly while {context}; error ID {error_id}")
+    failure.error_id = error_id
+    return failure
+
+
+def new_error_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def for_callers(error: CaError, context: str) -> CaError:
+    """What a remote caller may see of `error`. A 4xx is the caller's own business and stays as it is. A
+    5xx (a misconfiguration, a backend down) is logged in full under a new error ID, and the caller gets a
+    copy with the same status and code but a message of the error's kind and the ID only: no paths,
+    settings or backend messages leave the server."""
+    if error.status < 500 or isinstance(error, InternalError):
+        return error
+    error_id = new_error_id()
+    log.error("error %s (%s) while %s: %s", error_id, error.code, context, error.message, extra={"error_id": error_id})
+    public = copy.copy(error)
+    public.message = f"{error.summary}; error ID {error_id}"
+    public.args = (public.message,)
+    public.error_id = error_id
+    return public

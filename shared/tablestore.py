@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -196,6 +197,10 @@ class TableDocuments:
     @property
     def location(self) -> str:
         return f"table {self.store.prefix + self.name}"
+
+    def backup_into(self, home: Path) -> str | None:
+        """These documents live in Table Storage, not under PKI_HOME: a backup of PKI_HOME holds none."""
+        return None
 
     def lock(self, kind: str, name: str) -> AbstractContextManager[None]:
         """Nothing wider than the service's own per-process lock: offline records are for reading, and the

@@ -13,7 +13,8 @@ def iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
-def ca_view(record: CaRecord, warnings: tuple[str, ...] = ()) -> dict[str, Any]:
+def ca_view(record: CaRecord, warnings: tuple[str, ...] = (), default: bool | None = None) -> dict[str, Any]:
+    """A CA certificate for an admin; `default` (for an intermediate) says whether it signs when none is named."""
     document: dict[str, Any] = {
         "id": record.id,
         "kind": record.kind,
@@ -28,9 +29,30 @@ def ca_view(record: CaRecord, warnings: tuple[str, ...] = ()) -> dict[str, Any]:
         "certificate": record.certificate_pem,
         "dps": record.dps,
     }
+    if default is not None:
+        document["default"] = default
     if warnings:
         document["warnings"] = list(warnings)
     return document
+
+
+def intermediate_views(records: list[CaRecord], default_id: str | None) -> list[dict[str, Any]]:
+    """Intermediates for an admin, each marked with whether it is the default (service.default_intermediate_id)."""
+    return [ca_view(record, default=record.id == default_id) for record in records]
+
+
+def ca_public_view(record: CaRecord) -> dict[str, Any]:
+    """A CA certificate for anyone who verifies with it: no key names, no DPS records (which name paths)."""
+    return {
+        "id": record.id,
+        "kind": record.kind,
+        "commonName": record.common_name,
+        "serialNumber": record.serial,
+        "notBefore": iso(record.not_before),
+        "notAfter": iso(record.not_after),
+        "status": record.status,
+        "certificate": record.certificate_pem,
+    }
 
 
 def certificate_view(record: CertificateRecord) -> dict[str, Any]:

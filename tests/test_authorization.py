@@ -57,6 +57,7 @@ ROUTES = [
         lambda api: ("POST", "/api/ca/intermediates", {"json": {"id": _fresh("int")}}),
         (*ADMIN_ONLY, 201),
     ),
+    ("ca chain", lambda api: ("GET", "/api/ca/chain", {}), (401, 401, 401, 200, 200, 200)),
     ("list intermediates", lambda api: ("GET", "/api/ca/intermediates", {}), (*ADMIN_ONLY, 200)),
     ("show intermediate", lambda api: ("GET", "/api/ca/intermediates/factory-a", {}), (*ADMIN_ONLY, 200)),
     ("disable intermediate", lambda api: ("POST", "/api/ca/intermediates/spare/disable", {}), (*ADMIN_ONLY, 200)),
@@ -150,3 +151,26 @@ def test_every_route_is_in_the_matrix(api):
 def _matches(template: str, path: str) -> bool:
     parts, actual = template.split("/"), path.split("/")
     return len(parts) == len(actual) and all(p.startswith("{") or p == a for p, a in zip(parts, actual, strict=True))
+
+
+@pytest.mark.parametrize("body", [b'{"name": 5', b"[1, 2", b"\xff\xfe not JSON", b"{}"])
+def test_the_caller_is_checked_before_the_body_on_every_route(api, body):
+    """A caller without credentials learns nothing about a route's body from its answer (401 before any
+    400), and a factory on an admin route gets 403 before its body is read."""
+    paths = api.client.get("/api/openapi.json").json()["paths"]
+    sent = 0
+    for route, prepare, expected in ROUTES:
+        method, path, _ = prepare(api)
+        if method not in ("POST", "PUT") or expected[0] == 200:
+            continue
+        for caller, status in (("none", 401), ("bad", 401), ("revoked", 401), ("factory", expected[3])):
+            if status >= 200 and status < 300:
+                continue
+            headers = {"Content-Type": "application/json", **bearer(_key(api, caller))}
+            before = api.state()
+            response = api.client.request(method, path, content=body, headers=headers)
+            assert response.status_code == status, (route, caller, response.text)
+            assert api.state() == before
+            sent += 1
+    bodies = {(m.upper(), p) for p, ops in paths.items() for m, op in ops.items() if "requestBody" in op}
+    assert sent >= 3 * len(bodies)  # every route that takes a body was tried

@@ -34,7 +34,7 @@ REFUSED = [
         "secp256k1",
     ),
     ("bad signature", lambda: csr_with_broken_signature("dev-1"), "dev-1", "bad-signature", "signature"),
-    ("not a csr", lambda: b"hello, I am not a certificate request", "dev-1", "not-a-csr", "not a PKCS#10"),
+    ("not a csr", lambda: b"hello, I am not a certificate request", "dev-1", "not-a-csr", "PKCS#10"),
     ("a certificate", lambda: _a_certificate_pem(), "dev-1", "not-a-csr", "CERTIFICATE"),
     ("empty", lambda: b"", "dev-1", "empty-csr", "empty"),
     ("only whitespace", lambda: b"  \n\t ", "dev-1", "empty-csr", "empty"),

@@ -16,7 +16,7 @@ import pytest
 
 from shared.errors import CaError
 from shared.ledger.models import CertificateQuery, Issuance
-from shared.service import DeviceCA, SignRequest
+from shared.service import RENEWAL_RETRY_WINDOW, DeviceCA, SignRequest
 
 from .apiclient import Api, make_api
 from .csrs import device_key, make_csr
@@ -69,9 +69,23 @@ def renewal(api, clock, device):
 
 
 def same_key_renewal(api, clock, device):
+    """A renewal that keeps the device's key, once the first certificate is older than a retry's window."""
     key = device_key()
     _first(api, device, key=key)
+    clock.advance(seconds=RENEWAL_RETRY_WINDOW.total_seconds() + 1)
     return Attempt(make_csr(device, key=key), renew=True)
+
+
+def retried_renewal(api, clock, device):
+    """The owner renewed with a new key and retries the same renewal (a timeout, say): the renewal's
+    certificate again, not another one."""
+    _first(api, device)
+    key = device_key()
+    owner = api.service.principals.principal("factory-one")
+    csr = make_csr(device, key=key)
+    api.service.sign_csr(csr, device, requested_by=owner.id, allowed_intermediates=owner.intermediates, renew=True)
+    clock.advance(seconds=RENEWAL_RETRY_WINDOW.total_seconds() - 1)
+    return Attempt(csr, renew=True)
 
 
 def after_expiry(api, clock, device):
@@ -115,6 +129,7 @@ SCENARIOS: dict[str, tuple[Callable, dict[str, int | str]]] = {
     ),
     "renewal with a new key": (renewal, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
     "renewal with the same key": (same_key_renewal, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
+    "retried renewal": (retried_renewal, {OWNER: 200, OTHER: OWNED, ADMIN: 200}),
     "new key after expiry": (after_expiry, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
     "new key after revocation": (after_revocation, {OWNER: 201, OTHER: OWNED, ADMIN: 201}),
     "revoked key again": (revoked_key_again, {OWNER: "key-revoked", OTHER: OWNED, ADMIN: "key-revoked"}),
@@ -205,6 +220,9 @@ def test_only_the_owner_and_admins_certify_a_device(api, clock, scenario, caller
         assert outcome.status == want, outcome
         if want == 201:
             assert outcome.serial not in serials_before
+            assert api.service.certificate(outcome.serial).status == "active"
+        if want == 200:  # the device's active certificate again, and nothing new
+            assert _device_state(api, device) == before
             assert api.service.certificate(outcome.serial).status == "active"
         return
     assert outcome.code == want, outcome

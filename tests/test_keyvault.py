@@ -270,7 +270,7 @@ def test_the_cli_and_http_commands_work_unchanged(vault_ca):
     )
     assert response.status_code == 201, response.text
     check_device(load(response.json()["certificate"]), load(created.json()["certificate"]), "dev-http")
-    assert client.get("/api/health").json()["backends"]["keys"] == "keyvault"
+    assert client.get("/api/health", headers=headers).json()["backends"]["keys"] == "keyvault"
 
 
 def test_the_chain_verifies_with_openssl(vault_ca, tmp_path):

@@ -20,7 +20,7 @@ from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
 from shared.ledger.models import CertificateQuery, Issuance
 from shared.ledger.tables import TableLedger
-from shared.service import DeviceCA
+from shared.service import RENEWAL_RETRY_WINDOW, DeviceCA
 from shared.tablestore import TableDocuments, connect
 
 from .apiclient import bearer
@@ -157,7 +157,7 @@ def test_a_crash_at_any_storage_call_of_an_issuance_leaves_the_rules_holding(tab
 
 
 @pytest.mark.parametrize("mode", ["unsent", "lost"])
-def test_a_crash_at_any_storage_call_of_a_revocation_leaves_the_key_unusable(tables, mode):
+def test_a_crash_at_any_storage_call_of_a_revocation_leaves_the_key_unusable(tables, clock, mode):
     """A device renewed with the same key holds two certificates of it; revoking the old one crashes at each
     Storage call in turn: no certificate of the key stays usable, and revoking again finishes the job."""
 
@@ -168,6 +168,7 @@ def test_a_crash_at_any_storage_call_of_a_revocation_leaves_the_key_unusable(tab
         setup.create_intermediate("factory-a")
         key = device_key()
         old = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE).record.serial
+        clock.advance(seconds=RENEWAL_RETRY_WINDOW.total_seconds() + 1)  # a renewal, not a retry of the first
         active = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE, renew=True).record.serial
         return prefix, old, active, key
 
@@ -287,7 +288,7 @@ def test_with_key_vault_and_tables_nothing_is_kept_on_local_disk(azurite, tmp_pa
         client = TestClient(create_app(service), raise_server_exceptions=False)
         service.create_root()  # the first admin key comes from the CLI; the CA can be made over HTTP after
         admin = service.principals.create_admin_key().secret
-        assert client.get("/api/health").json()["backends"] == {
+        assert client.get("/api/health", headers=bearer(admin)).json()["backends"] == {
             "keys": "keyvault",
             "ledger": "tables",
             "dps": "offline",
@@ -357,3 +358,11 @@ def test_connection_settings(azurite):
         connect(azurite.connection_string, "no-dashes")
     with pytest.raises(CaError):
         connect("AccountName=x", "deviceca")
+
+
+def test_backup_is_refused_for_a_ledger_in_table_storage(tables, tmp_path):
+    service = tables(table_prefix())
+    with pytest.raises(CaError) as refused:
+        service.backup(tmp_path / "backup")
+    assert refused.value.code == "backup-not-local" and "Azure" in refused.value.message
+    assert not (tmp_path / "backup").exists()

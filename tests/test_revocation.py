@@ -7,23 +7,25 @@ import pytest
 from shared.errors import Conflict
 from shared.pki import PkiError
 from shared.pki.revocation import REVOCATION_REASONS, revocation_reason
+from shared.service import RENEWAL_RETRY_WINDOW
 
 from .apiclient import bearer, make_api
 from .conftest import run_cli, settings_environment
 from .csrs import device_key, make_csr
 
 
-def _renewed_with_the_same_key(service, device: str = "dev-1"):
+def _renewed_with_the_same_key(service, clock, device: str = "dev-1"):
     """S1 superseded and S2 active, one key: the case where revoking S1 used to leave S2 active."""
     key = device_key()
     first = service.sign_csr(make_csr(device, key=key), device).record.serial
+    clock.advance(seconds=RENEWAL_RETRY_WINDOW.total_seconds() + 1)  # a renewal, not a retry of the first
     second = service.sign_csr(make_csr(device, key=key), device, renew=True).record.serial
     assert service.certificate(first).status == "superseded"
     return key, first, second
 
 
-def test_revoking_an_old_certificate_revokes_the_active_one_with_its_key(service):
-    key, first, second = _renewed_with_the_same_key(service)
+def test_revoking_an_old_certificate_revokes_the_active_one_with_its_key(service, clock):
+    key, first, second = _renewed_with_the_same_key(service, clock)
     revocation, dps = service.revoke(first, "keyCompromise")
     assert revocation.record.serial == first and revocation.record.status == "revoked"
     assert [c.serial for c in revocation.also_revoked] == [second]
@@ -72,9 +74,9 @@ def test_other_reasons_are_refused(service, text):
     assert service.certificate(serial).status == "active"
 
 
-def test_revoke_over_http_lists_what_went_with_the_key(service):
+def test_revoke_over_http_lists_what_went_with_the_key(service, clock):
     api = make_api(service)
-    _, first, second = _renewed_with_the_same_key(service)
+    _, first, second = _renewed_with_the_same_key(service, clock)
     response = api.client.post(
         f"/api/certificates/{first}/revoke", json={"reason": "keycompromise"}, headers=bearer(api.admin)
     )
@@ -89,10 +91,10 @@ def test_revoke_over_http_lists_what_went_with_the_key(service):
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid-reason"
 
 
-def test_revoke_on_the_cli_lists_what_went_with_the_key(service):
+def test_revoke_on_the_cli_lists_what_went_with_the_key(service, clock):
     home = service.settings.pki_home
     env = settings_environment(service.settings)
-    _, first, second = _renewed_with_the_same_key(service)
+    _, first, second = _renewed_with_the_same_key(service, clock)
     done = run_cli("revoke", first, "--reason", "keyCompromise", home=home, env=env)
     assert done.returncode == 0, done.stderr
     assert f"Also revoked {second}".encode() in done.stdout

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -67,30 +68,51 @@ def _banner(server: subprocess.Popen) -> str:
     lines = []
     for line in server.stdout:
         lines.append(line)
-        if "openssl verify" in line or "Using the existing CA" in line:
+        if "openssl verify" in line:
             break
     return "".join(lines)
 
 
-def test_first_start_prints_keys_and_a_curl_example_that_works(tmp_path):
+def _try_it_block(text: str) -> list[str]:
+    """The commands of a "Try it" block (the banner's or the README's), in order."""
+    lines = text.split("Try it", 1)[1].split("```", 1)[0].splitlines()[1:]
+    return [line.strip() for line in lines if line.startswith("  ") and line.strip()]
+
+
+def _run(commands: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=cwd, capture_output=True, text=True)
+
+
+def test_first_start_prints_keys_and_a_try_it_block_that_can_be_run_again_and_again(tmp_path):
     home, port = tmp_path / "pki", _free_port()
+    client = tmp_path / "client"
+    client.mkdir()
     with _serving(home, tmp_path, port) as server:
         banner = _banner(server)
         _wait_until_serving(port, server)
         assert re.search(r"admin key:\s+dca_[0-9a-f]{16}_\S{43}", banner)
-        assert re.search(r"factory key:\s+dca_[0-9a-f]{16}_\S{43}", banner)
+        factory_key = re.search(r"factory key:\s+(dca_[0-9a-f]{16}_\S{43})", banner).group(1)
         assert f"http://127.0.0.1:{port}/api/openapi.json" in banner and "/api/docs" in banner
-        commands = [line.strip() for line in banner.splitlines() if line.startswith(("  openssl", "  curl"))]
-        assert [c.split()[0] for c in commands] == ["openssl", "openssl", "curl", "openssl"]
-        client = tmp_path / "client"
-        client.mkdir()
-        result = subprocess.run(["bash", "-ec", "\n".join(commands)], cwd=client, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().endswith("my-device-1.pem: OK")
+        commands = _try_it_block(banner)
+        readme = _try_it_block((REPO / "README.md").read_text().split("```text", 1)[1])
+        base = f"http://127.0.0.1:{port}"
+        assert commands == [
+            line.replace("dca_91ab...", factory_key).replace("http://127.0.0.1:8080", base) for line in readme
+        ]
+        certificates = []
+        for _ in range(2):  # the README's block, twice against one server: the same certificate, verified
+            result = _run(commands, client)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip().endswith("my-device-1.pem: OK") and result.stderr == ""
+            certificates.append((client / "my-device-1.pem").read_text())
+        assert certificates[0] == certificates[1]
 
     with _serving(home, tmp_path, port) as again:
         banner = _banner(again)
-    assert "Using the existing CA" in banner and "dca_" not in banner
+        _wait_until_serving(port, again)
+        assert "Using the existing CA" in banner and "dca_" not in banner
+        result = _run(commands, client)  # after a restart, the same block still works
+        assert result.returncode == 0 and result.stdout.strip().endswith("my-device-1.pem: OK"), result.stderr
     ledger = SqliteLedger(home / "ledger.sqlite3")
     assert check_ledger(ledger) == 3  # root, intermediate, my-device-1
     ledger.close()
@@ -198,10 +220,14 @@ def test_workers_each_listen_on_their_own_socket_and_share_the_connections(tmp_p
             replaced = _workers(server.pid)
             assert len(replaced) == 2 and killed not in replaced
             assert _sign(port, banner["created"]["factory"]["apiKey"], "worker-device-2")[0] == 201
+            other = _opened(home / "ledger.sqlite3")  # open elsewhere: SQLite's last-close checkpoint won't run
         finally:
             server.send_signal(signal.SIGINT)
             assert server.wait() == 0
     assert not any(Path(f"/proc/{worker}").exists() for worker in replaced)  # stopped and reaped
+    wal = home / "ledger.sqlite3-wal"  # each worker's app closed the service it built: the WAL is checkpointed
+    assert wal.stat().st_size == 0
+    other.close()
     ledger = SqliteLedger(home / "ledger.sqlite3")
     assert check_ledger(ledger) == 4  # root, intermediate and the two devices
     ledger.close()
@@ -247,3 +273,10 @@ def _sign(port: int, key: str, device_id: str) -> tuple[int, str]:
     )
     with urllib.request.urlopen(request) as response:  # noqa: S310 - loopback
         return response.status, response.read().decode()
+
+
+def _opened(ledger: Path) -> sqlite3.Connection:
+    """A connection that has read the ledger, so that it holds it open (sqlite3.connect alone opens nothing)."""
+    connection = sqlite3.connect(ledger)
+    connection.execute("SELECT count(*) FROM cas").fetchone()
+    return connection

@@ -1,23 +1,44 @@
 """The HTTP API: routes, request parsing and responses. Every route calls the service and nothing else."""
 
+import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from .. import parameters
 from ..composition import build_service
 from ..config import Settings
-from ..errors import CaError, NotFound
+from ..errors import CaError, NotFound, for_callers
 from ..ledger.models import CertificateQuery
 from ..service import DeviceCA, IssuedCertificate
 from ..service.access import Caller
-from ..views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
-from . import models
-from .auth import AdminCaller, AnyCaller, Service, authenticate, document_security, service_of
-from .errors import UnsupportedMediaType, install_error_handlers
+from ..views import (
+    api_key_view,
+    ca_public_view,
+    ca_view,
+    certificate_view,
+    intermediate_views,
+    new_api_key_view,
+    principal_view,
+    revocation_view,
+)
+from . import docs, models
+from .auth import (
+    AdminCaller,
+    AnyCaller,
+    AuthenticatedRoute,
+    Service,
+    any_caller,
+    document_security,
+    optional_caller,
+    service_of,
+)
+from .errors import UnsupportedMediaType, describe_validation, install_error_handlers
 from .limits import BodyLimit
 
 CSR_BODY_LIMIT = 8 * 1024  # a CSR is a few hundred bytes; a P-384 one in JSON stays under 2 KiB
@@ -32,32 +53,44 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         401: "no, unknown or revoked credentials",
         403: "the caller's role or intermediates do not allow this",
         404: "no such thing",
+        405: "the route does not take this method",
         409: "conflicts with what the ledger holds",
         413: "body too large",
         415: "unsupported Content-Type",
+        500: "the service is misconfigured or failed: a code and an error ID that finds the details in its log",
         503: "a backend is unavailable; retry after Retry-After seconds",
     }.items()
 }
 
 
 def create_app(service: DeviceCA | None = None, settings: Settings | None = None) -> FastAPI:
-    """The API on `service`, or on one built from settings at the first request."""
+    """The API on `service`, or on one built from settings at the first request (and closed, its ledger
+    checkpointed, when the app shuts down). No route redirects: a path with a trailing slash is a 404."""
     app = FastAPI(
         title="Device CA",
         summary="A certificate authority for Azure IoT device fleets",
         version="0.1.0",
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        docs_url=None,  # docs.py serves the page from assets installed with the app, never a CDN
         redoc_url=None,
         responses=_ERRORS,
+        redirect_slashes=False,
+        lifespan=_closing_what_it_built,
     )
-    app.state.service = _lazy(service, settings)
+    app.state.service = _ServiceOf(service, settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit_for=body_limit)
     document_security(app)
     app.include_router(devices)
     app.include_router(router)
+    docs.install(app)
     return app
+
+
+@asynccontextmanager
+async def _closing_what_it_built(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await asyncio.to_thread(app.state.service.close_built)
 
 
 def body_limit(path: str) -> int:
@@ -69,18 +102,27 @@ def app_from_environment() -> FastAPI:
     return create_app()
 
 
-def _lazy(service: DeviceCA | None, settings: Settings | None) -> Callable[[], DeviceCA]:
-    built: list[DeviceCA] = [service] if service else []
-    lock = threading.Lock()
+class _ServiceOf:
+    """The app's service: the one handed in, or one built from settings at the first request. The app
+    closes (and so checkpoints the ledger of) only one it built; whoever handed one in closes that."""
 
-    def get() -> DeviceCA:
-        if not built:
-            with lock:
-                if not built:
-                    built.append(build_service(settings))
-        return built[0]
+    def __init__(self, service: DeviceCA | None, settings: Settings | None) -> None:
+        self._service = service
+        self._settings = settings
+        self._built = False
+        self._lock = threading.Lock()
 
-    return get
+    def __call__(self) -> DeviceCA:
+        if self._service is None:
+            with self._lock:
+                if self._service is None:
+                    self._service = build_service(self._settings)
+                    self._built = True
+        return self._service
+
+    def close_built(self) -> None:
+        if self._built and self._service is not None:
+            self._service.close()
 
 
 async def json_only(request: Request) -> None:
@@ -92,22 +134,45 @@ async def json_only(request: Request) -> None:
         raise UnsupportedMediaType(f"this route takes application/json, not {media or 'a body without Content-Type'}")
 
 
-router = APIRouter(dependencies=[Depends(json_only)])
-devices = APIRouter()  # the CSR route takes PEM, DER and JSON bodies
+# Every route authenticates its caller before the body is read (AuthenticatedRoute), and none redirects.
+router = APIRouter(dependencies=[Depends(json_only)], route_class=AuthenticatedRoute, redirect_slashes=False)
+devices = APIRouter(route_class=AuthenticatedRoute, redirect_slashes=False)  # takes PEM, DER and JSON bodies
 
 
 # -- health ------------------------------------------------------------------------------------------
 
 
-@router.get("/api/health", response_model=models.Health, tags=["health"], summary="liveness and backends (anyone)")
-def health(service: Service) -> dict[str, Any]:
-    report = service.health()
-    return {
-        "status": "ok",
-        "backends": {part: report[part]["backend"] for part in ("keys", "ledger", "dps")},
-        "dpsConfigured": service.dps.configured,
-        "auth": service.settings.auth_mode,
-    }
+@router.get(
+    "/api/health",
+    response_model=models.Health,
+    response_model_exclude_none=True,
+    tags=["health"],
+    summary="whether the service can work (anyone; details for authenticated callers)",
+    description=(
+        "200 `ok` or 503 `degraded` (the ledger cannot be read, or the keys of the root or an active "
+        "intermediate cannot be used). Anyone gets the status; an authenticated caller also gets the "
+        "backends in use and, for each problem, its code and the error ID under which the log has the details."
+    ),
+    responses={503: {"model": models.Health, "description": "degraded"}},
+)
+async def health(request: Request) -> JSONResponse:
+    try:
+        service = service_of(request)
+    except CaError as error:  # the service cannot even be built (a setting is wrong)
+        for_callers(error, "checking health")
+        return JSONResponse({"status": "degraded"}, status_code=503)
+    report = await asyncio.to_thread(service.health)
+    body: dict[str, Any] = {"status": "ok" if report.ok else "degraded"}
+    problems = [(part, for_callers(error, f"checking health ({part})")) for part, error in report.problems]
+    if await optional_caller(request) is not None:
+        body["backends"] = {part: backend["backend"] for part, backend in report.backends.items()}
+        body["dpsConfigured"] = service.dps.configured
+        body["auth"] = service.settings.auth_mode
+        if problems:
+            body["problems"] = [
+                {"part": part, "code": error.code, "errorId": error.error_id} for part, error in problems
+            ]
+    return JSONResponse(body, status_code=200 if report.ok else 503)
 
 
 # -- device certificates -----------------------------------------------------------------------------
@@ -168,7 +233,7 @@ _DEVICE_ROUTE_PARAMETERS = [
 async def sign_device_certificate(request: Request) -> Response:
     # The hot route reads its parameters itself: FastAPI's per-parameter solving costs more than the rest
     # of the request's HTTP handling. The OpenAPI document describes them (openapi_extra above).
-    caller = await authenticate(request)
+    caller = await any_caller(request)  # before the body is read
     device_id = request.path_params["deviceId"]
     renew, intermediate_id = _query_flag(request, "renew"), request.query_params.get("intermediateId")
     csr, options = await _read_csr(request)
@@ -203,9 +268,7 @@ async def _read_csr(request: Request) -> tuple[bytes, models.CsrRequest]:
         try:
             options = models.CsrRequest.model_validate_json(body)
         except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise CaError(f"JSON body {where}: {first['msg']}", "invalid-request") from None
+            raise CaError(describe_validation(error.errors()), "invalid-request") from None
         return options.csr.encode(), options
     raise UnsupportedMediaType(
         f"send the CSR as {', '.join(CSR_MEDIA_TYPES)} or application/json, not {media or 'without a Content-Type'}"
@@ -226,6 +289,25 @@ def _bundle_response(issued: IssuedCertificate, request: Request) -> Response:
 @router.get("/api/ca/root", response_model=models.CaCertificate, tags=["ca"], summary="show the root (admin)")
 def get_root(caller: AdminCaller, service: Service) -> dict[str, Any]:
     return ca_view(service.root())
+
+
+@router.get(
+    "/api/ca/chain",
+    response_model=models.CaChain,
+    tags=["ca"],
+    summary="the root and the caller's intermediates, to verify device certificates with (factory, admin)",
+    description=(
+        "The public certificates a factory line verifies what it receives with: the root, and the "
+        "intermediates the caller may sign with (an admin: every one), disabled ones included, oldest first. "
+        "With `Accept: application/x-pem-file`, the same as PEM: the root, then the intermediates."
+    ),
+    responses={200: {"content": {PEM_CHAIN: {"schema": {"type": "string"}}}}},
+)
+def get_chain(caller: AnyCaller, service: Service, request: Request) -> Any:
+    chain = service.ca_chain(caller.intermediates)
+    if PEM_CHAIN in request.headers.get("accept", ""):
+        return Response(chain.pem, media_type=PEM_CHAIN)
+    return {"root": ca_public_view(chain.root), "intermediates": [ca_public_view(ca) for ca in chain.intermediates]}
 
 
 @router.post(
@@ -273,7 +355,8 @@ def create_intermediate(
     summary="list intermediates (admin)",
 )
 def list_intermediates(caller: AdminCaller, service: Service) -> list[dict[str, Any]]:
-    return [ca_view(record) for record in service.intermediates()]
+    records = service.intermediates()
+    return intermediate_views(records, service.default_intermediate_id(records))
 
 
 @router.get(
@@ -285,7 +368,8 @@ def list_intermediates(caller: AdminCaller, service: Service) -> list[dict[str, 
 def get_intermediate(
     ca_id: Annotated[str, Path(alias="intermediateId")], caller: AdminCaller, service: Service
 ) -> dict[str, Any]:
-    return ca_view(service.intermediate(ca_id))
+    record = service.intermediate(ca_id)
+    return ca_view(record, default=record.id == service.default_intermediate_id())
 
 
 @router.post(
@@ -328,17 +412,17 @@ def list_certificates(
     service: Service,
     device_id: Annotated[str | None, Query(alias="deviceId")] = None,
     intermediate_id: Annotated[str | None, Query(alias="intermediateId")] = None,
-    status: Annotated[str | None, Query(pattern="^(active|superseded|revoked)$")] = None,
-    expiring_within_days: Annotated[float | None, Query(alias="expiringWithinDays", gt=0, le=36500)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(pattern="^[A-Za-z0-9_-]{1,1024}$")] = None,
+    status: Annotated[models.Status | None, Query()] = None,
+    expiring_within_days: Annotated[models.Days | None, Query(alias="expiringWithinDays")] = None,
+    limit: Annotated[models.PageLimit, Query()] = parameters.DEFAULT_PAGE,
+    cursor: Annotated[models.Cursor | None, Query()] = None,
 ) -> dict[str, Any]:
     page = service.certificates(
         CertificateQuery(
             device_id=device_id,
             intermediate_id=intermediate_id,
             status=status,
-            expiring_before=service.expiring_before(expiring_within_days) if expiring_within_days else None,
+            expiring_before=service.expiring_before(expiring_within_days) if expiring_within_days is not None else None,
             requested_by=None if caller.is_admin else caller.id,
             limit=limit,
             cursor=cursor,

@@ -1,16 +1,21 @@
 """Who is calling: API keys by default, App Service authentication (Easy Auth) when PKI_AUTH=easyauth.
 
 The X-MS-CLIENT-PRINCIPAL header is honoured only in easyauth mode: anywhere Easy Auth is not in front
-of the app, anyone can forge it. Every route states the roles it takes; nothing is role-free but health.
+of the app, anyone can forge it. Every route states the roles it takes; nothing is role-free but health
+and the docs. The caller is authenticated, and its role checked, before anything of the request body is
+read or parsed (`AuthenticatedRoute`): a caller without credentials learns nothing from a route.
 """
 
 import asyncio
 import base64
 import binascii
 import json
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
 from ..errors import Forbidden, Unauthorized
 from ..ledger.models import ADMIN
@@ -56,15 +61,67 @@ async def authenticate(request: Request) -> Caller:
     return await service.principals.authenticate_async(presented)
 
 
-async def require_admin(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+async def any_caller(request: Request) -> Caller:
+    """The authenticated caller (Unauthorized otherwise), once per request."""
+    caller = getattr(request.state, "caller", None)
+    if caller is None:
+        caller = request.state.caller = await authenticate(request)
+    return caller
+
+
+async def admin_caller(request: Request) -> Caller:
+    """The authenticated caller if an admin; Forbidden "admin-only" for a factory."""
+    caller = await any_caller(request)
     if caller.role != ADMIN:
         raise Forbidden(f"this route is for admins; {caller.id!r} is a {caller.role}", "admin-only")
     return caller
 
 
-AnyCaller = Annotated[Caller, Depends(authenticate)]
-AdminCaller = Annotated[Caller, Depends(require_admin)]
+async def optional_caller(request: Request) -> Caller | None:
+    """The caller if its credentials are good, else None (for a route anyone may call)."""
+    try:
+        return await any_caller(request)
+    except Exception:  # no, bad or unusable credentials: an anonymous caller here
+        return None
+
+
+AnyCaller = Annotated[Caller, Depends(any_caller)]
+AdminCaller = Annotated[Caller, Depends(admin_caller)]
 Service = Annotated[DeviceCA, Depends(get_service)]
+
+
+class AuthenticatedRoute(APIRoute):
+    """A route that authenticates its caller, and checks its role, before FastAPI reads or parses the body.
+
+    FastAPI reads and decodes a JSON body before it solves a route's dependencies, so a caller without
+    credentials would learn from a 400 what a route takes. The route's own declaration decides: one that
+    depends on AdminCaller checks for an admin first, one that depends on AnyCaller authenticates first,
+    and one that depends on neither (health) is left as it is."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        check = _access_check(self.dependant)
+        if check is None:
+            return handler
+
+        async def authenticated(request: Request) -> Response:
+            await check(request)
+            return await handler(request)
+
+        return authenticated
+
+
+def _access_check(dependant: Dependant) -> Callable[[Request], Awaitable[Caller]] | None:
+    calls = {dependency.call for dependency in _dependencies(dependant)}
+    if admin_caller in calls:
+        return admin_caller
+    return any_caller if any_caller in calls else None
+
+
+def _dependencies(dependant: Dependant) -> Iterator[Dependant]:
+    for dependency in dependant.dependencies:
+        yield dependency
+        yield from _dependencies(dependency)
 
 
 def document_security(app: FastAPI) -> None:

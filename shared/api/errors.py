@@ -1,13 +1,18 @@
-"""The error shape of the API: `{"error": {"code", "message"}}`, a 4xx for anything the caller sent."""
+"""The error shape of the API: `{"error": {"code", "message"}}`, a 4xx for anything the caller sent.
+
+A 5xx answer carries its code and an error ID and nothing else of the server (no paths, settings or
+backend messages): the details are logged with that ID.
+"""
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BackendUnavailable, CaError
+from ..errors import BackendUnavailable, CaError, for_callers, unexpected
 from ..pki import PkiError
 
 log = logging.getLogger("device_ca.api")
@@ -32,17 +37,21 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def ca_error_response(request: Request, error: CaError) -> JSONResponse:
+    """The answer to a CaError: as it is for a 4xx; for a 5xx, its code and an error ID (see `for_callers`)."""
+    error = for_callers(error, f"answering {request.method} {request.url.path}")
+    headers = {}
+    if isinstance(error, BackendUnavailable):
+        headers["Retry-After"] = str(error.retry_after)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(error.status, error.code, error.message, headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CaError)
     async def ca_error(request: Request, error: CaError) -> JSONResponse:
-        headers = {}
-        if isinstance(error, BackendUnavailable):
-            headers["Retry-After"] = str(error.retry_after)
-        if error.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        if error.status >= 500:
-            log.error("%s %s: %s (%s)", request.method, request.url.path, error.message, error.code)
-        return error_response(error.status, error.code, error.message, headers)
+        return ca_error_response(request, error)
 
     @app.exception_handler(PkiError)
     async def pki_error(request: Request, error: PkiError) -> JSONResponse:
@@ -50,7 +59,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(400, "invalid-request", _describe_validation(error))
+        return error_response(400, "invalid-request", describe_validation(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -58,17 +67,63 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(error.detail)
         if error.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
+        elif error.status_code == 405 and message == "Method Not Allowed":
+            message = f"{request.url.path} does not take {request.method}"
         return error_response(error.status_code, code, message, getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal-error", "the service failed unexpectedly; the error is logged")
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        failure = unexpected(error, f"answering {request.method} {request.url.path}")
+        return error_response(failure.status, failure.code, failure.message)
 
 
-def _describe_validation(error: RequestValidationError) -> str:
+def describe(error: dict[str, Any]) -> str:
+    """One pydantic error as the rest of a sentence that starts with the field's name. The parameters'
+    own rules (shared/parameters.py) raise ValueError with their words; these are pydantic's others."""
+    kind, context = error.get("type", ""), error.get("ctx") or {}
+    match kind:
+        case "value_error":
+            return str(context.get("error", error.get("msg", "is not valid")))
+        case "missing":
+            return "is required"
+        case "extra_forbidden":
+            return "is not a field this route takes"
+        case "string_type":
+            return "must be a string"
+        case "bool_parsing" | "bool_type":
+            return "must be true or false"
+        case "int_parsing" | "int_type" | "int_from_float":
+            return "must be a whole number"
+        case "float_parsing" | "float_type" | "finite_number":
+            return "must be a finite number"
+        case "dict_type" | "model_type" | "model_attributes_type":
+            return "must be a JSON object"
+        case "list_type":
+            return "must be a list"
+        case "literal_error":
+            return f"must be one of {str(context.get('expected', '')).replace(chr(39), '')}"
+        case "too_short":
+            return f"must have at least {context.get('min_length')} item(s)"
+        case "string_too_long":
+            return f"must be at most {context.get('max_length')} characters"
+        case "greater_than":
+            return f"must be more than {context.get('gt')}"
+        case "less_than_equal":
+            return f"must be at most {context.get('le')}"
+    return str(error.get("msg", "is not valid")).replace("Input should be", "must be", 1)
+
+
+def describe_validation(errors: list[dict]) -> str:
+    """Pydantic's errors as one line: "where: what is wrong; ..." in the words of shared/parameters."""
     parts = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
-        parts.append(f"{location}: {item.get('msg', 'is not valid')}")
+    for item in errors:
+        if item.get("type") in ("json_invalid", "json_type"):
+            detail = (item.get("ctx") or {}).get("error") or item.get("msg", "")
+            parts.append(f"the body is not valid JSON ({detail})" if detail else "the body is not valid JSON")
+            continue
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        if location and location[0] in ("query", "path", "header"):
+            location = location[1:]
+        where = ".".join(location) or "the body"
+        parts.append(f"{where}: {describe(item)}")
     return "; ".join(parts) or "the request is not valid"

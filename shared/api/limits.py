@@ -11,6 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 
+CLOSE = {"Connection": "close"}
+
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
@@ -24,7 +26,9 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            response = error_response(413, "body-too-large", _message(scope["path"], limit))
+            # Connection: close, so that the server reads and drops what is still coming, then closes, rather
+            # than keeping a connection alive behind a body it will never use (see shared/api/connections.py).
+            response = error_response(413, "body-too-large", _message(scope["path"], limit), CLOSE)
             await response(scope, receive, send)
             return
         received = 0
@@ -35,7 +39,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise HTTPException(413, _message(scope["path"], limit))  # FastAPI passes it on unchanged
+                    raise HTTPException(413, _message(scope["path"], limit), CLOSE)  # FastAPI passes it on
             return message
 
         await self.app(scope, counted_receive, send)

@@ -1,10 +1,32 @@
 """Request and response bodies, for validation and for the OpenAPI document. JSON names as in the contract."""
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from .. import parameters
 from ..pki.revocation import REVOCATION_REASONS
+
+
+def _rule(rule: Callable[[Any], Any]) -> BeforeValidator:
+    """A rule of shared/parameters.py as a pydantic validator: its words become the 400's message."""
+
+    def check(value: Any) -> Any:
+        try:
+            return rule(value)
+        except parameters.InvalidParameter as error:
+            raise ValueError(error.problem) from None
+
+    return BeforeValidator(check)
+
+
+# The parameters' rules, as types FastAPI validates with (and documents, with their bounds).
+Days = Annotated[float, _rule(parameters.days), Field(gt=0, le=parameters.MAX_DAYS)]
+PageLimit = Annotated[int, _rule(parameters.page_limit), Field(ge=1, le=parameters.MAX_PAGE)]
+Cursor = Annotated[str, _rule(parameters.cursor), Field(pattern=parameters.CURSOR_PATTERN)]
+Status = Annotated[Literal["active", "superseded", "revoked"], _rule(parameters.status)]
+Curve = Literal["P-256", "P-384"]
 
 
 class Strict(BaseModel):
@@ -71,8 +93,8 @@ class DeviceBundle(BaseModel):
 class CreateCa(Strict):
     commonName: str | None = Field(None, max_length=64)
     organization: str | None = Field(None, max_length=64)
-    curve: Literal["P-256", "P-384"] | None = None
-    days: float | None = Field(None, gt=0, le=36500)
+    curve: Curve | None = None
+    days: Days | None = None
 
 
 class CreateIntermediate(CreateCa):
@@ -92,7 +114,24 @@ class CaCertificate(BaseModel):
     keyName: str
     certificate: str
     dps: dict[str, Any]
+    default: bool | None = Field(None, description="an intermediate: whether it signs when none is named")
     warnings: list[str] | None = None
+
+
+class PublicCaCertificate(BaseModel):
+    id: str
+    kind: Literal["root", "intermediate"]
+    commonName: str
+    serialNumber: str
+    notBefore: str
+    notAfter: str
+    status: Literal["active", "disabled"]
+    certificate: str = Field(description="PEM")
+
+
+class CaChain(BaseModel):
+    root: PublicCaCertificate
+    intermediates: list[PublicCaCertificate] = Field(description="the caller's (an admin: all), oldest first")
 
 
 class ProofRequest(Strict):
@@ -172,8 +211,15 @@ class ApiKeyView(BaseModel):
     revokedAt: str | None
 
 
+class HealthProblem(BaseModel):
+    part: Literal["keys", "ledger"]
+    code: str = Field(description="the error's code, e.g. key-passphrase-wrong or ledger-unavailable")
+    errorId: str | None = Field(description="the log has the details under this ID")
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
-    backends: dict[str, str] = Field(description="keys, ledger and dps backends in use")
-    dpsConfigured: bool
-    auth: Literal["apikey", "easyauth"]
+    status: Literal["ok", "degraded"]
+    backends: dict[str, str] | None = Field(None, description="authenticated callers: keys, ledger and dps backends")
+    dpsConfigured: bool | None = Field(None, description="authenticated callers")
+    auth: Literal["apikey", "easyauth"] | None = Field(None, description="authenticated callers")
+    problems: list[HealthProblem] | None = Field(None, description="authenticated callers, when degraded")

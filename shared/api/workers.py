@@ -19,6 +19,8 @@ from types import FrameType
 import uvicorn
 
 from ..errors import CaError
+from ..serve_limits import ConnectionLimits
+from .connections import bounded_protocol
 
 APP = "shared.api:app_from_environment"
 STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start
@@ -27,17 +29,34 @@ uvicorn_log = logging.getLogger("uvicorn.error")
 
 
 def serve_workers(
-    host: str, port: int, workers: int, log_level: str, access_log: bool, app: str = APP, factory: bool = True
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    access_log: bool,
+    app: str = APP,
+    factory: bool = True,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Run `app` (an import string; with `factory`, of a function that makes the app) until SIGINT or
-    SIGTERM. CaError when the port is taken or a worker cannot start."""
+    SIGTERM, each worker's connections bounded by `limits` (None: uvicorn's own protocol, unbounded).
+    CaError when the port is taken or a worker cannot start."""
+    http = bounded_protocol(limits) if limits else "auto"
     if not hasattr(socket, "SO_REUSEPORT"):  # not on Windows: uvicorn's shared socket, then
         uvicorn.run(
-            app, factory=factory, host=host, port=port, workers=workers, log_level=log_level, access_log=access_log
+            app,
+            factory=factory,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=access_log,
+            http=http,
+            ws="none",
         )
         return
     context = multiprocessing.get_context("spawn")
-    options = (host, listening_port(host, port), log_level, access_log, app, factory)
+    options = (host, listening_port(host, port), log_level, access_log, app, factory, limits)
     stop = _stop_on_signals()
     running = [_start(context, options) for _ in range(workers)]
     while not stop.is_set():
@@ -106,7 +125,10 @@ class _Server(uvicorn.Server):
             uvicorn_log.info("Uvicorn running on http://%s:%d in worker %d", host, port, os.getpid())
 
 
-def _worker(host: str, port: int, log_level: str, access_log: bool, app: str, factory: bool) -> None:
+def _worker(
+    host: str, port: int, log_level: str, access_log: bool, app: str, factory: bool, limits: ConnectionLimits | None
+) -> None:
+    _log_service_to_stderr()
     listener = socket.socket(_family(host), socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -115,8 +137,28 @@ def _worker(host: str, port: int, log_level: str, access_log: bool, app: str, fa
     except OSError as error:
         print(f"serve: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
         sys.exit(STARTUP_FAILURE)
-    config = uvicorn.Config(app, factory=factory, host=host, port=port, log_level=log_level, access_log=access_log)
+    http = bounded_protocol(limits) if limits else "auto"
+    config = uvicorn.Config(
+        app,
+        factory=factory,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        http=http,
+        ws="none",  # the API has no WebSocket routes: an upgrade request is an ordinary request
+    )
     server = _Server(config)
     server.run(sockets=[listener])
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _log_service_to_stderr() -> None:
+    """A worker process logs the service's records (error IDs among them) on stderr, as `serve` does."""
+    logger = logging.getLogger("device_ca")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False

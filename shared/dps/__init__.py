@@ -8,6 +8,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"  # where every device first connects
@@ -40,6 +41,11 @@ class Dps(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, str]: ...
+
+    @abstractmethod
+    def backup_into(self, home: Path) -> str | None:
+        """Copy what this adapter keeps under PKI_HOME into the PKI home `home` (for `backup`); one
+        sentence for the operator, or None when it keeps nothing there."""
 
     @abstractmethod
     def registration_info(self, device_id: str) -> dict[str, str] | None:

@@ -4,6 +4,7 @@ the embedded default, or in a table when the ledger is in Table Storage (so noth
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -26,6 +27,10 @@ class Documents(Protocol):
     def lock(self, kind: str, name: str) -> AbstractContextManager[None]:
         """Held while one document is read and rewritten: as wide as the store can make it."""
 
+    def backup_into(self, home: Path) -> str | None:
+        """Copy the documents kept under PKI_HOME into the PKI home `home` (for `backup`); one sentence for
+        the operator, or None when none are kept there."""
+
 
 class FolderDocuments:
     """Documents as JSON files: `<directory>/<kind>/<name>.json`, each replaced atomically."""
@@ -45,6 +50,12 @@ class FolderDocuments:
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         path = self.directory / kind / f"{name}.json"
         return json.loads(path.read_text()) if path.exists() else None
+
+    def backup_into(self, home: Path) -> str | None:
+        if not self.directory.is_dir():
+            return None
+        shutil.copytree(self.directory, home / self.directory.name, ignore=shutil.ignore_patterns("*.lock", "*.tmp"))
+        return f"the documents offline DPS recorded, in {self.directory.name}/"
 
     @contextmanager
     def lock(self, kind: str, name: str) -> Iterator[None]:
@@ -72,6 +83,9 @@ class OfflineDps(Dps):
 
     def describe(self) -> dict[str, str]:
         return {"backend": "offline", "recordedIn": self.documents.location}
+
+    def backup_into(self, home: Path) -> str | None:
+        return self.documents.backup_into(Path(home))
 
     def registration_info(self, device_id: str) -> dict[str, str] | None:
         return None

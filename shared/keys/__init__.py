@@ -5,6 +5,7 @@ signs (`ec.EllipticCurvePrivateKey`), whatever the store.
 """
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -38,6 +39,11 @@ class KeyStore(ABC):
     @abstractmethod
     def describe(self) -> dict[str, str]:
         """What this store is, for health output. Never secrets."""
+
+    @abstractmethod
+    def backup_into(self, home: Path) -> str:
+        """Copy the CA keys this store holds into the PKI home `home`, laid out as this store reads them
+        (for `backup`). Returns one sentence for the operator: what was copied, or why nothing was."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -287,6 +288,9 @@ class KeyVaultKeyStore(KeyStore):
             "vault": self.vault_url,
             "keyType": "EC-HSM" if self.options.hardware_protected else "EC",
         }
+
+    def backup_into(self, home: Path) -> str:
+        return f"no CA keys: they stay in Key Vault {self.vault_url}, where a restored ledger finds them by name"
 
     def close(self) -> None:
         self._certificates.close()

@@ -63,6 +63,29 @@ class LocalKeyStore(KeyStore):
             "encrypted": "yes" if self._passphrase else "no",
         }
 
+    def backup_into(self, home: Path) -> str:
+        """The key and certificate files, byte for byte, into home/keys (folder 0700, keys 0600)."""
+        target = Path(home) / "keys"
+        target.mkdir(mode=0o700, exist_ok=True)
+        files = sorted(self.directory.glob("*.pem")) if self.directory.is_dir() else []
+        for source in files:
+            mode = 0o600 if source.name.endswith(".key.pem") else 0o644
+            self._copy(source, target / source.name, mode)
+        _fsync_directory(target)
+        keys = sum(source.name.endswith(".key.pem") for source in files)
+        encrypted = "encrypted with PKI_KEY_PASSPHRASE" if self._passphrase else "NOT encrypted: keep the copy safe"
+        return f"{keys} CA key file(s) in keys/ ({encrypted})"
+
+    @staticmethod
+    def _copy(source: Path, target: Path, mode: int) -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, source.read_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _key_path(self, name: str) -> Path:
         return self.directory / f"{name}.key.pem"
 

@@ -9,6 +9,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ..errors import CaError, Conflict, Forbidden
@@ -150,6 +151,11 @@ class Ledger(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, str]: ...
+
+    @abstractmethod
+    def backup_into(self, home: Path) -> dict[str, int]:
+        """Write a consistent copy of the ledger, as of one moment, into the PKI home `home`, laid out as
+        this adapter reads it (for `backup`). Returns how many CAs and certificates the copy holds."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -57,11 +57,16 @@ class Issuance:
     `owner` is the factory that must own the device (DESIGN "Who owns a device"): a device not yet known
     becomes its own, one owned by someone else is refused. None, for an admin, keeps the device's owner
     (or makes the record's requester the owner of a new device).
+
+    `retry_since`, for a renewal: when the device's active certificate holds the same key and was created
+    at or after this moment, the renewal is a retry of the one that made it, and that certificate is the
+    answer (service.RENEWAL_RETRY_WINDOW; the ledger decides again on commit, so racing retries issue one).
     """
 
     record: CertificateRecord
     supersede: bool = False
     owner: str | None = None
+    retry_since: datetime | None = None  # a renewal: an active certificate of the same key made since is its retry
 
 
 @dataclass(frozen=True)

@@ -253,10 +253,53 @@ class SqliteLedger(Ledger):
         return {"backend": self.backend, "path": str(self.path)}
 
     def ping(self) -> None:
-        self._read("SELECT 1")
+        self._read("SELECT count(*) FROM sqlite_master")  # reads the file: "SELECT 1" would not
+
+    def backup_into(self, home: Path) -> dict[str, int]:
+        """SQLite's online backup API: a snapshot of the ledger (its WAL included) taken while it is in use,
+        written as one file (journal mode DELETE, no -wal beside it), mode 0600."""
+        target = Path(home) / self.path.name
+        if target.exists():
+            raise Conflict(f"{target} already exists; a backup never overwrites a ledger", "backup-exists")
+        copy = sqlite3.connect(target, isolation_level=None)
+        try:
+            try:
+                self._connection().backup(copy)
+            except sqlite3.OperationalError as error:
+                raise BackendUnavailable(f"the ledger could not be copied: {error}", "ledger-busy") from None
+            copy.execute("PRAGMA journal_mode = DELETE")
+            counts = {
+                "cas": copy.execute("SELECT count(*) FROM cas").fetchone()[0],
+                "certificates": copy.execute("SELECT count(*) FROM certificates").fetchone()[0],
+            }
+        finally:
+            copy.close()
+        os.chmod(target, 0o600)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return counts
+
+    def checkpoint(self) -> bool:
+        """Move what the WAL holds into the ledger file and empty the WAL, so that the file alone holds the
+        ledger (done on close). False when another connection's reader or writer kept it from finishing."""
+        db = getattr(self._local, "db", None) or self._connection()
+        try:
+            db.execute("PRAGMA busy_timeout = 0")  # never wait on another connection: this is a courtesy
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # whatever no reader still needs
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error:
+            return False
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+        return not busy
 
     def close(self) -> None:
         self._issuances.close()
+        if self._lock_file >= 0:
+            self.checkpoint()
         for name in ("db", "snapshot_db"):
             db = getattr(self._local, name, None)
             if db is not None:
@@ -401,6 +444,17 @@ class SqliteLedger(Ledger):
                 raise key_in_use(owner if issuance.owner is None else None)
             if revoked:
                 raise key_revoked()
+        if issuance.retry_since is not None:
+            row = db.execute(
+                f"SELECT {_CERT_COLUMNS} FROM certificates WHERE device_id = ? AND status = 'active'", (new.device_id,)
+            ).fetchone()
+            current = _certificate(row) if row else None
+            if (
+                current
+                and current.public_key_sha256 == new.public_key_sha256
+                and current.created_at >= issuance.retry_since
+            ):
+                return current  # a retried renewal: the first attempt's certificate
         if issuance.supersede:
             db.execute(
                 "UPDATE certificates SET status = ?, status_changed_at = ?, status_reason = ? "

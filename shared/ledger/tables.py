@@ -80,6 +80,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from azure.core import MatchConditions
@@ -265,6 +266,15 @@ class TableLedger(Ledger):
             actives={d: h.active for d, h in heads.items() if h.active is not None},
         )
 
+    def backup_into(self, home: Path) -> dict[str, int]:
+        """Refused: this ledger lives in Table Storage, not under PKI_HOME. Back the account up with Azure's
+        own means (an AzCopy export of the tables, or Azure Backup for the Storage account)."""
+        raise CaError(
+            "the ledger is in Table Storage, not under PKI_HOME: back up its tables with Azure's tools "
+            "(AzCopy, or Azure Backup for the Storage account); `backup` copies a SQLite ledger",
+            "backup-not-local",
+        )
+
     def devices_with_revocations(self, device_ids: Sequence[str]) -> set[str]:
         """From each device's head as this process last wrote or read it, at no Storage cost after a commit:
         a commit is conditional on the head's etag, so the head it wrote holds every revocation before it,
@@ -396,6 +406,11 @@ class TableLedger(Ledger):
                 if claim is None:
                     claim = self._claim_key(issuance)
                 active = head.active
+                if active is not None and issuance.retry_since is not None and _retried(issuance, active):
+                    if not fresh:
+                        head, fresh = self._read_head(new.device_id), True
+                        continue
+                    return active  # a retried renewal: the first attempt's certificate
                 if active is not None and not issuance.supersede:
                     if not fresh:
                         head, fresh = self._read_head(new.device_id), True
@@ -837,6 +852,12 @@ def _head_entity(head: _Head) -> dict[str, Any]:
         "revoked_keys": json.dumps(sorted(head.revoked_keys)),
         "active": json.dumps(_record_fields(head.active)) if head.active else "",
     }
+
+
+def _retried(issuance: Issuance, active: CertificateRecord) -> bool:
+    """Whether this renewal retries the one that made `active`: the same key, made since `retry_since`."""
+    assert issuance.retry_since is not None
+    return active.public_key_sha256 == issuance.record.public_key_sha256 and active.created_at >= issuance.retry_since
 
 
 def _refusal(issuance: Issuance, head: _Head) -> CaError | None:

@@ -6,23 +6,29 @@ Every entry point (CLI, HTTP, queue, timer) calls these and nothing below them.
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from pathlib import Path
 
 from ..coalesce import Coalescer
 from ..config import Settings
 from ..dps import Dps
-from ..errors import CaError
+from ..errors import CaError, unexpected
 from ..keys import KeyStore
 from ..ledger import Ledger
+from ..ledger.models import CA_ACTIVE
 from ..pki import Issuer
 from .access import Principals
 from .ca import CaUseCases
 from .common import (
+    RENEWAL_RETRY_WINDOW,
     ROOT_ID,
+    Backup,
+    CaChain,
     CaResult,
+    HealthReport,
     IssuedCertificate,
     ProofOfPossession,
     SignRequest,
+    check_backup_destination,
     normalize_serial,
     pem,
     serial_text,
@@ -57,21 +63,68 @@ class DeviceCA(CaUseCases, DeviceUseCases):
         self.keys.close()
         self.ledger.close()
 
-    def health(self) -> dict[str, Any]:
-        """Which backends are in use; BackendUnavailable when the ledger cannot be read."""
-        self.ledger.ping()
-        return {
-            "status": "ok",
-            "keys": self.keys.describe(),
-            "ledger": self.ledger.describe(),
-            "dps": self.dps.describe(),
-        }
+    def backup(self, destination: Path) -> Backup:
+        """Write a consistent copy of this CA into `destination`, a folder that does not exist yet (its
+        parent must) or is empty, made with mode 0700: the ledger as of one moment as one file, then the
+        local CA key files (after the ledger, so that every key it names is there), then the offline DPS
+        records. Point PKI_HOME at it to restore. CaError "backup-destination" when it cannot be a backup's
+        home; a backup that fails part way is removed."""
+        destination = Path(destination)
+        check_backup_destination(destination)
+        made = not destination.exists()
+        destination.mkdir(mode=0o700, exist_ok=True)
+        try:
+            counts = self.ledger.backup_into(destination)
+            contents = [f"the ledger: {counts['cas']} CA(s), {counts['certificates']} certificate(s), as one file"]
+            contents.append(self.keys.backup_into(destination))
+            dps = self.dps.backup_into(destination)
+            contents += [dps] if dps else []
+        except BaseException:
+            for path in sorted(destination.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            if made:
+                destination.rmdir()
+            raise
+        return Backup(destination, counts["cas"], counts["certificates"], tuple(contents))
+
+    def backends(self) -> dict[str, dict[str, str]]:
+        """Which backends are in use, and where (for the operator: these name paths and vaults)."""
+        return {"keys": self.keys.describe(), "ledger": self.ledger.describe(), "dps": self.dps.describe()}
+
+    def health(self) -> HealthReport:
+        """Whether the service can work: the ledger can be read, and the keys of the root and of every
+        active intermediate can be used (a wrong PKI_KEY_PASSPHRASE, a missing key file, a Key Vault that
+        refuses). Never raises for a part that fails: each is in `problems` with its error."""
+        problems: list[tuple[str, CaError]] = []
+        try:
+            self.ledger.ping()
+            cas = [ca for ca in self.ledger.list_cas() if ca.status == CA_ACTIVE]
+        except CaError as error:
+            problems.append(("ledger", error))
+            cas = []
+        except Exception as error:  # a ledger file that is not one, say
+            problems.append(("ledger", unexpected(error, "reading the ledger")))
+            cas = []
+        for record in cas:
+            try:
+                self._issuer(record)  # loads the key once; later checks find it loaded
+            except CaError as error:
+                problems.append(("keys", error))
+                break
+            except Exception as error:
+                problems.append(("keys", unexpected(error, f"loading the key of CA {record.id}")))
+                break
+        return HealthReport(self.backends(), tuple(problems))
 
 
 __all__ = [
+    "RENEWAL_RETRY_WINDOW",
     "ROOT_ID",
+    "Backup",
+    "CaChain",
     "CaResult",
     "DeviceCA",
+    "HealthReport",
     "IssuedCertificate",
     "ProofOfPossession",
     "SignRequest",

@@ -27,6 +27,7 @@ from ..pki import (
 from ..pki.validity import check_ca_validity
 from .common import (
     ROOT_ID,
+    CaChain,
     CaResult,
     ProofOfPossession,
     _common_name,
@@ -124,6 +125,21 @@ class CaUseCases:
 
     def intermediates(self) -> list[CaRecord]:
         return self.ledger.list_cas(INTERMEDIATE)
+
+    def default_intermediate_id(self, records: Sequence[CaRecord] | None = None) -> str | None:
+        """The ID of the intermediate that signs when none is named: the newest active one (of
+        `records`, oldest first, when given), or None when none is active."""
+        records = self.intermediates() if records is None else records
+        return next((ca.id for ca in reversed(records) if ca.kind == INTERMEDIATE and ca.status == CA_ACTIVE), None)
+
+    def ca_chain(self, allowed: Sequence[str] | None = None) -> CaChain:
+        """The root and the intermediates `allowed` (a factory's; None: every one, for an admin), disabled
+        ones too (devices still hold certificates they signed). NotFound when there is no root yet."""
+        root = self.root()
+        records = self.intermediates()
+        if allowed is not None:
+            records = [record for record in records if record.id in allowed]
+        return CaChain(root, tuple(records))
 
     def intermediate(self, ca_id: str) -> CaRecord:
         record = self.ledger.get_ca(ca_id)

@@ -2,7 +2,8 @@
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -14,11 +15,16 @@ from ..ledger.models import (
     CertificateRecord,
 )
 from ..pki import (
+    DeviceRequest,
     PkiError,
 )
 from ..views import iso
 
 ROOT_ID = "root"
+
+# A renewal retried with the same key (after a timeout, say) gets the certificate the first attempt issued,
+# not another one, while that certificate is younger than this (README "Renewal").
+RENEWAL_RETRY_WINDOW = timedelta(minutes=10)
 
 
 def utcnow() -> datetime:
@@ -58,6 +64,42 @@ class ProofOfPossession:
 
 
 @dataclass(frozen=True)
+class CaChain:
+    """The public certificates a caller verifies device certificates with: the root, and the
+    intermediates it may sign with (every one, for an admin), oldest first."""
+
+    root: CaRecord
+    intermediates: tuple[CaRecord, ...]
+
+    @property
+    def pem(self) -> str:
+        """The root, then the intermediates, as PEM."""
+        return "".join(record.certificate_pem for record in (self.root, *self.intermediates))
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Whether the service can work: `problems` holds (part, error) for each part that cannot."""
+
+    backends: dict[str, dict[str, str]]
+    problems: tuple[tuple[str, CaError], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A backup written by `DeviceCA.backup`: a PKI home that serves as one when PKI_HOME points at it."""
+
+    destination: Path
+    cas: int
+    certificates: int
+    contents: tuple[str, ...]  # one sentence per part, for the operator
+
+
+@dataclass(frozen=True)
 class SignRequest:
     csr: bytes | str
     device_id: str
@@ -94,6 +136,30 @@ class IssuedCertificate:
         if self.warnings:
             bundle["warnings"] = list(self.warnings)
         return bundle
+
+
+def check_backup_destination(destination: Path) -> None:
+    """CaError "backup-destination" unless `destination` is an empty folder, or can be made (its parent is a
+    folder). A backup never mixes with or overwrites anything."""
+    if destination.exists():
+        if not destination.is_dir():
+            raise CaError(f"cannot back up to {destination}: it is a file", "backup-destination")
+        if any(destination.iterdir()):
+            raise CaError(f"cannot back up to {destination}: it is not empty", "backup-destination")
+    elif not destination.parent.is_dir():
+        raise CaError(
+            f"cannot back up to {destination}: folder {destination.parent} does not exist", "backup-destination"
+        )
+
+
+def _renewal_retry(active: CertificateRecord, device: DeviceRequest, now: datetime) -> bool:
+    """A renewal is a retry of the one that issued `active` when it brings the same key while `active` is
+    younger than RENEWAL_RETRY_WINDOW (and still valid)."""
+    return (
+        active.public_key_sha256 == device.public_key_sha256
+        and active.created_at >= now - RENEWAL_RETRY_WINDOW
+        and active.not_after > now
+    )
 
 
 def _as_ca_error(error: CaError | PkiError) -> CaError:

@@ -12,12 +12,12 @@ from typing import Any
 
 from cryptography import x509
 
+from .. import parameters
 from ..errors import CaError, Conflict, Forbidden, NotFound, unexpected
 from ..ledger import device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
 from ..ledger.models import (
     CA_ACTIVE,
     CERT_REVOKED,
-    CERT_STATUSES,
     CaRecord,
     CertificatePage,
     CertificateQuery,
@@ -34,9 +34,11 @@ from ..pki import (
 )
 from ..pki.revocation import revocation_reason
 from .common import (
+    RENEWAL_RETRY_WINDOW,
     IssuedCertificate,
     SignRequest,
     _as_ca_error,
+    _renewal_retry,
     normalize_serial,
     pem,
     serial_text,
@@ -220,10 +222,12 @@ class DeviceUseCases:
         return list(run.results)  # type: ignore[arg-type]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
-        if query.status is not None and query.status not in CERT_STATUSES:
-            raise CaError(f"status must be one of {', '.join(CERT_STATUSES)}, not {query.status!r}", "invalid-status")
-        if not 1 <= query.limit <= 1000:
-            raise CaError("limit must be between 1 and 1000", "invalid-limit")
+        """A page of the inventory. InvalidParameter for a status, limit or cursor that breaks its rule."""
+        if query.status is not None:
+            parameters.status(query.status)
+        parameters.page_limit(query.limit)
+        if query.cursor is not None:
+            parameters.cursor(query.cursor)
         return self.ledger.list_certificates(query)
 
     def certificate(self, serial: str) -> CertificateRecord:
@@ -233,7 +237,8 @@ class DeviceUseCases:
         return record
 
     def expiring_before(self, days: float) -> datetime:
-        return self._now() + timedelta(days=days)
+        """The moment `days` from now (InvalidParameter unless 0 < days <= MAX_DAYS)."""
+        return self._now() + timedelta(days=parameters.days(days, "expiringWithinDays"))
 
     def revoke(self, serial: str, reason: str | None = None) -> tuple[Revocation, dict[str, Any]]:
         """Revoke a certificate and its key: in one ledger commit, every active certificate holding the key
@@ -301,6 +306,8 @@ class DeviceUseCases:
         if binding and binding[1]:
             raise key_revoked()
         supersede = options.renew
+        if active is not None and options.renew and _renewal_retry(active, device, now):
+            return self._issued(active, created=False, intermediate=intermediate)  # what the first attempt got
         if active is not None and not options.renew:
             if active.not_after <= now:
                 supersede = True  # an expired certificate never blocks its device
@@ -347,7 +354,8 @@ class DeviceUseCases:
             certificate_pem=pem(certificate),
             created_at=whole_seconds(run.now),
         )
-        return Issuance(record, plan.supersede, owner=run.owner)
+        retry_since = run.now - RENEWAL_RETRY_WINDOW if plan.supersede else None
+        return Issuance(record, plan.supersede, owner=run.owner, retry_since=retry_since)
 
     def _issued(
         self,

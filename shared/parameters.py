@@ -1,0 +1,87 @@
+"""The rules for the parameters callers pass, in one place: the HTTP API (through shared/api/models.py),
+the CLI (as argparse types) and the service check values with these, and say what is wrong in the same
+words ("must be more than 0, not '-5'").
+
+Each rule takes what a caller sent (a string from a command line or a query, or a number from JSON)
+and returns the value to use, or raises InvalidParameter.
+"""
+
+import math
+import re
+from typing import Any
+
+from .errors import CaError
+from .ledger.models import CERT_STATUSES
+from .pki.validity import MAX_DAYS
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+# a ledger's own continuation token: digits on SQLite, base64url of Table Storage's on Tables
+_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,1024}")
+CURSOR_PATTERN = "^[A-Za-z0-9_-]{1,1024}$"
+
+
+class InvalidParameter(CaError):
+    """A parameter's value breaks its rule: HTTP 400, and on the command line a usage error (status 2).
+    `problem` is the message without the parameter's name, for callers that name it their own way."""
+
+    status = 400
+    code = "invalid-request"
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.problem = problem
+
+
+def days(value: Any, name: str = "days") -> float:
+    """A number of days: finite, more than 0 and at most MAX_DAYS (a validity, an expiry window)."""
+    number = _number(value, name, float)
+    if not math.isfinite(number):
+        raise InvalidParameter(name, f"must be a finite number, not {_shown(value)}")
+    if not 0 < number <= MAX_DAYS:
+        raise InvalidParameter(name, f"must be more than 0 and at most {MAX_DAYS}, not {_shown(value)}")
+    return number
+
+
+def page_limit(value: Any, name: str = "limit") -> int:
+    """How many items a page holds: a whole number from 1 to MAX_PAGE."""
+    number = _number(value, name, int)
+    if not 1 <= number <= MAX_PAGE:
+        raise InvalidParameter(name, f"must be 1-{MAX_PAGE}, not {_shown(value)}")
+    return number
+
+
+def cursor(value: Any, name: str = "cursor") -> str:
+    """Where a page starts: a previous page's nextCursor, and nothing else."""
+    if not isinstance(value, str) or not _CURSOR.fullmatch(value):
+        raise InvalidParameter(name, f"must be a previous page's nextCursor, not {_shown(value)}")
+    return value
+
+
+def status(value: Any, name: str = "status") -> str:
+    """A certificate status: active, superseded or revoked."""
+    if value not in CERT_STATUSES:
+        raise InvalidParameter(name, f"must be one of {', '.join(CERT_STATUSES)}, not {_shown(value)}")
+    return value
+
+
+def _number(value: Any, name: str, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise InvalidParameter(name, f"must be a number, not {_shown(value)}")
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            return int(value)
+        raise InvalidParameter(name, f"must be a whole number, not {_shown(value)}")
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameter(name, f"must be a number, not {_shown(value)}") from None
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:40] + "..." if len(text) > 40 else text)
