@@ -86,6 +86,12 @@ test: $(STAMP) tools $(AZURITE_STAMP)
 	$(BIN)/coverage json -q -o .coverage.json
 	$(BIN)/python tools/coverage_floor.py .coverage.json --lines $(COVERAGE_LINES) --branches $(COVERAGE_BRANCHES)
 
+# Mutation testing of the security-critical modules ([tool.mutmut] in pyproject.toml); slow, not in make test.
+mutation: $(STAMP) $(AZURITE_STAMP)
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
+
 # The same report as a web page: htmlcov/index.html (after make test).
 coverage-html: $(STAMP)
 	$(BIN)/coverage html -q && echo "open htmlcov/index.html"
