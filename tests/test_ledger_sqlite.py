@@ -4,45 +4,13 @@ against statements written by hand. The contract both ledgers keep is in test_le
 import asyncio
 import sqlite3
 import threading
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.ledger.models import CaRecord, CertificateQuery, CertificateRecord, Issuance
+from shared.ledger.models import CertificateQuery, Issuance
 from shared.ledger.sqlite import SqliteLedger
 
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def _ca(ca_id: str = "int-1", kind: str = "intermediate") -> CaRecord:
-    return CaRecord(
-        id=ca_id,
-        kind=kind,
-        common_name=f"CA {ca_id}",
-        curve="P-256",
-        key_name=f"key-{ca_id}",
-        key_backend="local",
-        serial=f"S{ca_id}",
-        not_before=NOW,
-        not_after=NOW + timedelta(days=3650),
-        certificate_pem="PEM",
-        issuer_id=None,
-        created_at=NOW,
-    )
-
-
-def _cert(serial: str, device_id: str, key: str, days: int = 365, requested_by: str = "test") -> CertificateRecord:
-    return CertificateRecord(
-        serial=serial,
-        device_id=device_id,
-        intermediate_id="int-1",
-        requested_by=requested_by,
-        public_key_sha256=key,
-        not_before=NOW,
-        not_after=NOW + timedelta(days=days),
-        certificate_pem=f"PEM {serial}",
-        created_at=NOW,
-    )
+from .test_ledger import NOW, _ca, _cert
 
 
 @pytest.fixture
@@ -134,8 +102,8 @@ def test_store_itself_refuses_a_certificate_for_a_device_without_owner(ledger):
 
 def test_schema_1_ledgers_get_owners_from_their_first_certificates(ledger, tmp_path):
     """A ledger from before device ownership: each device is owned by whoever asked for its first one."""
-    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1", requested_by="factory-x"))])
-    ledger.record_issued([Issuance(_cert("02", "dev-1", "k2", requested_by="admin"), supersede=True)])
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1", by="factory-x"))])
+    ledger.record_issued([Issuance(_cert("02", "dev-1", "k2", by="admin"), supersede=True)])
     db = sqlite3.connect(ledger.path, isolation_level=None)
     db.executescript("DELETE FROM devices; PRAGMA user_version = 1;")
     db.close()
@@ -157,7 +125,7 @@ def test_the_precheck_reads_one_moment(ledger):
         if statement.lstrip().upper().startswith("SELECT"):
             reads.append(statement)
             if len(reads) == 2:  # after the owners were read, before the active certificates are
-                rival.record_issued([Issuance(_cert("01", "dev-1", "k1", requested_by="factory-x"), owner="factory-x")])
+                rival.record_issued([Issuance(_cert("01", "dev-1", "k1", by="factory-x"), owner="factory-x")])
 
     probe = ledger._snapshot_connection()
     probe.set_trace_callback(between_reads)
