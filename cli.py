@@ -777,7 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
     sub.add_argument("--device-id", help="only this device")
     sub.add_argument("--intermediate", help="only certificates signed by this intermediate")
-    sub.add_argument("--status", choices=CERT_STATUSES, help="only this status")
+    sub.add_argument(
+        "--status",
+        type=_rule(parameters.status),
+        metavar="STATUS",
+        help=f"only this status: {', '.join(CERT_STATUSES)}",
+    )
     sub.add_argument(
         "--expiring-within-days",
         type=_rule(parameters.days),

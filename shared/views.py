@@ -73,12 +73,19 @@ def certificate_view(record: CertificateRecord) -> dict[str, Any]:
 
 
 def revocation_view(revocation: Revocation, dps: dict[str, Any]) -> dict[str, Any]:
-    """A revoked certificate, the others revoked with its key, and what DPS was told."""
-    return {
+    """A revoked certificate, the others revoked with its key, and what DPS was told (and, while DPS is
+    offline, a warning that nothing was sent)."""
+    document = {
         **certificate_view(revocation.record),
         "alsoRevoked": [certificate_view(record) for record in revocation.also_revoked],
         "dps": dps,
     }
+    return {**document, "warnings": offline_warnings(dps)} if offline_warnings(dps) else document
+
+
+def offline_warnings(dps: dict[str, Any]) -> list[str]:
+    """The warning an answer carries when DPS is offline: what would have been sent was only recorded."""
+    return [dps["message"]] if dps.get("mode") == "offline" and dps.get("message") else []
 
 
 def principal_view(principal: Principal) -> dict[str, Any]:

@@ -180,7 +180,7 @@ def test_credentials(api):
     assert response.status_code == 201
     for scheme in ("Basic", "Token", "Bearer\t", "bearerx"):  # only the bearer scheme carries a key
         refused = api.client.get("/api/ca/root", headers={"Authorization": f"{scheme} {api.admin}"})
-        _error(refused, 401, "missing-credentials")
+        _error(refused, 401, "unsupported-credentials")
     _error(api.client.get("/api/ca/root", headers=bearer(api.factory_a)), 403, "admin-only")
     _error(api.post_csr("dev-2", make_csr("dev-2"), api.factory_a, intermediateId="factory-b"), 403)
 
@@ -223,6 +223,7 @@ def test_admin_routes(api):
     assert created.status_code == 201 and created.json()["curve"] == "P-384"
     check_intermediate(load(created.json()["certificate"]), load(root["certificate"]))
     assert created.json()["dps"]["mode"] == "offline" and created.json()["warnings"]
+    assert created.json()["default"] is True  # the newest active intermediate signs when none is named
     assert [i["id"] for i in api.client.get("/api/ca/intermediates", headers=admin).json()] == [
         "factory-a",
         "factory-b",
@@ -230,9 +231,11 @@ def test_admin_routes(api):
     ]
     assert api.client.get("/api/ca/intermediates/line-3", headers=admin).json()["serialNumber"]
     _error(api.client.get("/api/ca/intermediates/nope", headers=admin), 404, "intermediate-not-found")
-    assert api.client.post("/api/ca/intermediates/line-3/disable", headers=admin).json()["status"] == "disabled"
+    disabled = api.client.post("/api/ca/intermediates/line-3/disable", headers=admin).json()
+    assert disabled["status"] == "disabled" and disabled["default"] is False
     _error(api.post_csr("dev-1", make_csr("dev-1"), api.admin, intermediateId="line-3"), 409, "intermediate-disabled")
-    assert api.client.post("/api/ca/intermediates/line-3/enable", headers=admin).json()["status"] == "active"
+    enabled = api.client.post("/api/ca/intermediates/line-3/enable", headers=admin).json()
+    assert enabled["status"] == "active" and enabled["default"] is True
     assert api.post_csr("dev-1", make_csr("dev-1"), api.admin, intermediateId="line-3").status_code == 201
 
 

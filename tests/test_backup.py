@@ -87,3 +87,12 @@ def _opened(ledger: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(ledger)
     connection.execute("SELECT count(*) FROM cas").fetchone()
     return connection
+
+
+def test_a_backup_inside_pki_home_is_refused(service):
+    inside = service.settings.pki_home / "backups" / "today"
+    (service.settings.pki_home / "backups").mkdir()
+    with pytest.raises(CaError) as refused:
+        service.backup(inside)
+    assert refused.value.code == "backup-destination" and "inside PKI_HOME" in refused.value.message
+    assert not inside.exists()

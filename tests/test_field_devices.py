@@ -48,6 +48,7 @@ def test_the_nrf91_modem_answer_signs_over_http_as_text_plain(service):
     assert any("attestation" in w for w in bundle["warnings"])
     again = api.post_csr(NRF91_DEVICE, NRF91_RESPONSE.read_bytes(), api.factory_a, media="text/plain")
     assert again.status_code == 200 and again.json()["serialNumber"] == bundle["serialNumber"]
+    assert again.json()["warnings"] == bundle["warnings"]  # the same CSR is read the same way every time
 
 
 def test_the_nrf91_modem_answer_signs_with_sign_csr(service, tmp_path):

@@ -83,6 +83,7 @@ def test_revoke_over_http_lists_what_went_with_the_key(service, clock):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["statusReason"] == "keyCompromise"
+    assert body["warnings"] == [body["dps"]["message"]] and "not configured" in body["warnings"][0]
     assert [c["serialNumber"] for c in body["alsoRevoked"]] == [second]
     assert body["alsoRevoked"][0]["status"] == "revoked"
     refused = api.client.post(

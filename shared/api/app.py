@@ -24,6 +24,7 @@ from ..views import (
     certificate_view,
     intermediate_views,
     new_api_key_view,
+    offline_warnings,
     principal_view,
     revocation_view,
 )
@@ -327,7 +328,8 @@ def create_root(caller: AdminCaller, service: Service, body: models.CreateCa | N
 )
 def prove_root_possession(caller: AdminCaller, service: Service, body: models.ProofRequest) -> dict[str, Any]:
     proof = service.prove_root_possession(body.verificationCode)
-    return {"verificationCode": proof.verification_code, "certificate": proof.certificate_pem, "dps": proof.dps}
+    document = {"verificationCode": proof.verification_code, "certificate": proof.certificate_pem, "dps": proof.dps}
+    return {**document, "warnings": offline_warnings(proof.dps)} if offline_warnings(proof.dps) else document
 
 
 # -- intermediates -----------------------------------------------------------------------------------
@@ -345,7 +347,7 @@ def create_intermediate(
 ) -> dict[str, Any]:
     body = body or models.CreateIntermediate()
     result = service.create_intermediate(body.id, body.commonName, body.organization, body.curve, body.days)
-    return ca_view(result.record, result.warnings)
+    return ca_view(result.record, result.warnings, default=result.record.id == service.default_intermediate_id())
 
 
 @router.get(
@@ -382,7 +384,7 @@ def disable_intermediate(
     ca_id: Annotated[str, Path(alias="intermediateId")], caller: AdminCaller, service: Service
 ) -> dict[str, Any]:
     result = service.set_intermediate_enabled(ca_id, False)
-    return ca_view(result.record, result.warnings)
+    return ca_view(result.record, result.warnings, default=result.record.id == service.default_intermediate_id())
 
 
 @router.post(
@@ -395,7 +397,7 @@ def enable_intermediate(
     ca_id: Annotated[str, Path(alias="intermediateId")], caller: AdminCaller, service: Service
 ) -> dict[str, Any]:
     result = service.set_intermediate_enabled(ca_id, True)
-    return ca_view(result.record, result.warnings)
+    return ca_view(result.record, result.warnings, default=result.record.id == service.default_intermediate_id())
 
 
 # -- the inventory -----------------------------------------------------------------------------------

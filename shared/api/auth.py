@@ -52,7 +52,13 @@ async def authenticate(request: Request) -> Caller:
     service = service_of(request)
     if service.settings.auth_mode == "easyauth":
         return await asyncio.to_thread(_easyauth_caller, request.headers.get("x-ms-client-principal"), service)
-    presented = _presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    authorization = request.headers.get("authorization")
+    presented = _presented_key(authorization, request.headers.get("x-api-key"))
+    if not presented and authorization:
+        raise Unauthorized(
+            "the Authorization header does not carry an API key: send 'Authorization: Bearer <key>'",
+            "unsupported-credentials",
+        )
     if not presented:
         raise Unauthorized(
             "no credentials: send an API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'",

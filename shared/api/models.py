@@ -142,6 +142,7 @@ class ProofResponse(BaseModel):
     verificationCode: str
     certificate: str = Field(description="CN = the code, signed by the root key")
     dps: dict[str, Any]
+    warnings: list[str] | None = Field(None, description="while DPS is offline: that nothing was sent")
 
 
 class IssuedCertificateView(BaseModel):
@@ -178,6 +179,7 @@ class RevokeResponse(IssuedCertificateView):
         description="the other certificates that held the same key, revoked in the same commit"
     )
     dps: dict[str, Any]
+    warnings: list[str] | None = Field(None, description="while DPS is offline: that nothing was sent")
 
 
 class CreateFactory(Strict):

@@ -199,8 +199,8 @@ def _from_pem(data: bytes) -> tuple[bytes, tuple[str, ...]]:
     der = _base64_decode(data[begin.end() : end])
     if der is None:
         raise CsrRejected("malformed-csr", f"the PEM {label.decode()} block is not valid base64")
-    others = [label for label in labels if label.encode() not in _CSR_LABELS]
-    return der, tuple(f"a PEM {label} block besides the CSR was ignored" for label in others)
+    others = dict.fromkeys(label for label in labels if label.encode() not in _CSR_LABELS)
+    return der, tuple(f"a PEM {label} block beside the CSR was ignored" for label in others)
 
 
 def _from_keygen_answer(data: bytes) -> tuple[bytes, tuple[str, ...]]:

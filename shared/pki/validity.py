@@ -59,7 +59,7 @@ def plan_validity(
     if not_after > issuer_end:
         clamped = (
             f"validity cut to end with the issuer {_cn(issuer)} at {issuer_end:%Y-%m-%d %H:%M:%SZ} "
-            f"({(issuer_end - now).days} days instead of {days:g})"
+            f"({(issuer_end - now).total_seconds() / 86400:.1f} days instead of {days:g})"
         )
         not_after = issuer_end
     return Validity(max(not_before, issuer_start), not_after, clamped)

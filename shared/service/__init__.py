@@ -71,6 +71,10 @@ class DeviceCA(CaUseCases, DeviceUseCases):
         home; a backup that fails part way is removed."""
         destination = Path(destination)
         check_backup_destination(destination)
+        if destination.resolve().is_relative_to(Path(self.settings.pki_home).resolve()):
+            raise CaError(
+                f"cannot back up to {destination}: it is inside PKI_HOME, which the backup copies", "backup-destination"
+            )
         made = not destination.exists()
         destination.mkdir(mode=0o700, exist_ok=True)
         try:

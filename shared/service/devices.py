@@ -313,8 +313,8 @@ class DeviceUseCases:
                 supersede = True  # an expired certificate never blocks its device
             elif active.public_key_sha256 != device.public_key_sha256:
                 raise device_has_certificate(active)
-            else:
-                return self._issued(active, created=False, intermediate=intermediate)
+            else:  # the same CSR again: its notes too, so every answer says how it was read
+                return self._issued(active, created=False, warnings=tuple(device.notes), intermediate=intermediate)
         return _Plan(index, device, supersede, warnings=list(getattr(device, "notes", ())))
 
     def _sign_all(
