@@ -4,6 +4,7 @@ Each test runs `python cli.py serve` on a free port and talks to it over raw soc
 server's: a test observes that the server answered and closed, never how long it took.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -113,6 +114,40 @@ def test_unfinished_headers_cost_little_and_are_closed(tmp_path):
         with socket.create_connection(("127.0.0.1", port)) as connection:  # and it still serves
             connection.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert _answer(connection).startswith(b"HTTP/1.1 200")
+
+
+def test_trailers_without_end_cost_little_and_are_closed(tmp_path):
+    """Unauthenticated chunked requests answered 401 at once, whose senders go on with trailer lines: the
+    trailers are neither kept nor read without end, and the connections are closed."""
+    with _serving(tmp_path) as (server, port, _):
+        before = _memory_kib(server.pid)
+        head = b"POST /api/devices/x/certificate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+
+        sent_whole: list[bool] = []
+
+        def flood(connection: socket.socket) -> None:
+            try:
+                connection.sendall(head + b"1\r\nA\r\n0\r\n" + b"a:b\r\n" * (10 * MiB))
+                sent_whole.append(True)
+            except OSError:  # the server stopped reading and closed while this was still sending
+                sent_whole.append(False)
+
+        try:
+            senders = [threading.Thread(target=flood, args=(c,)) for c in connections]
+            for sender in senders:
+                sender.start()
+            for sender in senders:
+                sender.join()
+            grown_mib = (_memory_kib(server.pid)["VmHWM"] - before["VmRSS"]) / 1024
+            answers = [_answer(c) for c in connections]
+        finally:
+            for connection in connections:
+                connection.close()
+        assert grown_mib < 64, f"the server's peak memory grew by {grown_mib:.0f} MiB"
+        assert sent_whole == [False] * 4, "the server read 50 MiB of trailers instead of closing"
+        # 401 when the app answered before the flood was read, 431 when the flood came first; closed either way
+        assert all(answer.startswith((b"HTTP/1.1 401", b"HTTP/1.1 431")) for answer in answers), answers[0][:200]
 
 
 def test_a_body_over_the_cap_is_413_every_time(tmp_path):

@@ -10,7 +10,9 @@ still sending a body it will never read, which the kernel turns into a reset tha
 
 - **Header bytes.** The request line and headers of one request may take `max_header_bytes`; past that
   the answer is 431 and the connection closes. What is fed to the parser is counted before it is fed,
-  so the parser never holds more than that.
+  so the parser never holds more than that. Trailers after a chunked body are not kept, and what comes
+  after the headers beyond the body (chunk framing and trailers) may be at most `max_header_bytes` plus
+  8 bytes per body byte; past that the answer is 431 (or, answered already, the connection closes).
 - **A deadline to send the request.** From the connection's start, or a request's first byte, its
   headers and body must have arrived within `request_timeout` seconds, or the answer is 408 and the
   connection closes (an idle connection that never sent a byte is just closed). Keep-alive idle time
@@ -60,6 +62,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._awaiting_headers = True  # the next request's headers have not all arrived
         self._header_bytes = 0  # of those, how many have come
         self._in_message = False  # a request has begun and its body has not all arrived
+        self._after_headers = 0  # bytes of this request after its headers: body, chunk framing, trailers
+        self._body_bytes = 0  # of those, how many were body
         super().connection_made(_ClosingTransport(transport, self))  # type: ignore[arg-type]
         if len(self.connections) > self.limits.max_connections:
             self._refuse(503, "too-many-connections", "the server has too many open connections; try again shortly")
@@ -90,7 +94,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._header_bytes += len(piece)
             super().data_received(piece)
         if data and not self.transport.is_closing():
+            self._after_headers += len(data)
             super().data_received(data)
+            if self._beyond_the_body() and not self.transport.is_closing():
+                self._stop_reading_extras()
         elif data and self._draining:  # the parser refused a piece (400) and the rest is being dropped
             self._drop(len(data))
 
@@ -104,10 +111,35 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._awaiting_headers = False
         super().on_headers_complete()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._awaiting_headers:
+            super().on_header(name, value)
+        # else a trailer after a chunked body: the API reads none, so none is kept
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def _beyond_the_body(self) -> bool:
+        """Whether what came after the headers is more than body, chunk framing (a few bytes per chunk, each
+        chunk at least a byte) and trailers of the header bound could be. Trailers are parsed, not read by
+        the app, so without this a request could send them without end while its answer is long gone."""
+        extras = self._after_headers - self._body_bytes
+        return extras > self.limits.max_header_bytes + 8 * self._body_bytes
+
+    def _stop_reading_extras(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self._close_after_drain(0)  # answered already: nothing more of this request is wanted
+        else:
+            message = f"the request's trailers and chunk framing are larger than {self.limits.max_header_bytes} bytes"
+            self._refuse(431, "headers-too-large", message)
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_message = False
         self._awaiting_headers, self._header_bytes = True, 0
+        self._after_headers = self._body_bytes = 0
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
