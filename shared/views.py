@@ -85,7 +85,7 @@ def revocation_view(revocation: Revocation, dps: dict[str, Any]) -> dict[str, An
 
 def offline_warnings(dps: dict[str, Any]) -> list[str]:
     """The warning an answer carries when DPS is offline: what would have been sent was only recorded."""
-    return [dps["message"]] if dps.get("mode") == "offline" and dps.get("message") else []
+    return [dps["message"]] if dps.get("mode") in ("offline", "failed") and dps.get("message") else []
 
 
 def principal_view(principal: Principal) -> dict[str, Any]:

@@ -134,3 +134,20 @@ def test_devices_never_revoked_get_no_individual_enrollment(service):
     service.sign_csr(make_csr("dev-7"), "dev-7")
     service.sign_csr(make_csr("dev-7"), "dev-7", renew=True)
     assert _recorded(service, "dev-7") is None
+
+
+@pytest.mark.parametrize("ledger_backend", ["sqlite"], indirect=True)  # breaks the offline records' folder
+def test_a_dps_failure_after_the_commit_is_reported_and_revoking_again_mends_it(service):
+    """The ledger's revocation stands when DPS cannot be written: the answer says so (not "nothing was
+    recorded"), and revoking again puts DPS in step."""
+    serial = service.sign_csr(make_csr("dev-8"), "dev-8").record.serial
+    enrollments = service.dps.documents.directory / "individual-enrollments"
+    enrollments.parent.mkdir(parents=True, exist_ok=True)
+    enrollments.write_text("not a folder: every write of an individual enrollment fails\n")
+    revocation, dps = service.revoke(serial, "keyCompromise")
+    assert revocation.record.status == "revoked" and service.certificate(serial).status == "revoked"
+    assert dps["mode"] == "failed" and "revoke the certificate again" in dps["message"]
+    assert "error ID" in dps["message"]
+    enrollments.unlink()
+    _, mended = service.revoke(serial, "keyCompromise")
+    assert mended["mode"] == "offline" and _recorded(service, "dev-8")["provisioningStatus"] == "disabled"

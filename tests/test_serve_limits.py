@@ -4,7 +4,6 @@ Each test runs `python cli.py serve` on a free port and talks to it over raw soc
 server's: a test observes that the server answered and closed, never how long it took.
 """
 
-import contextlib
 import json
 import os
 import signal

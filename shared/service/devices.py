@@ -6,7 +6,7 @@ Mixed into `DeviceCA`, which holds the key store, the ledger, DPS, the settings 
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -218,7 +218,14 @@ class DeviceUseCases:
             raise AssertionError(f"signing run left requests {missing} without an answer")
         created = [r.record.device_id for r in run.results if isinstance(r, IssuedCertificate) and r.created]
         if created:
-            self._keep_dps_in_step(self.ledger.devices_with_revocations(created))
+            failed = {
+                device_id: state["message"]
+                for device_id, state in self._keep_dps_in_step(self.ledger.devices_with_revocations(created)).items()
+                if state.get("mode") == "failed"
+            }
+            for index, result in enumerate(run.results):
+                if isinstance(result, IssuedCertificate) and result.record.device_id in failed:
+                    run.results[index] = replace(result, warnings=(*result.warnings, failed[result.record.device_id]))
         return list(run.results)  # type: ignore[arg-type]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
@@ -256,19 +263,36 @@ class DeviceUseCases:
         """Put each device's individual DPS enrollment in step with the ledger as it is now (DESIGN "Revocation
         and DPS"): disabled while none of its certificates is active, else enabled holding only the active one.
         Called after every commit that revokes, or issues for a device with a revoked certificate. The device's
-        DPS lock makes each read-then-write whole, so the last writer wrote what the ledger last held."""
+        DPS lock makes each read-then-write whole, so the last writer wrote what the ledger last held.
+
+        It runs after the ledger's commit, which stands whatever happens here: a device whose enrollment could
+        not be written gets the state {"mode": "failed", "message", "error"} (logged under an error ID), and
+        revoking again puts it in step."""
         states = {}
         for device_id in sorted(device_ids):
-            with self.dps.device_lock(device_id):
-                active = self.ledger.active_certificates([device_id]).get(device_id)
-                if active is not None:
-                    states[device_id] = self.dps.admit_only(device_id, active.certificate_pem)
-                    continue
-                revoked = self.ledger.list_certificates(
-                    CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1)
-                ).items
-                states[device_id] = self.dps.disable_device(device_id, revoked[0].certificate_pem)
+            try:
+                states[device_id] = self._put_device_enrollment(device_id)
+            except Exception as error:
+                logged = unexpected(error, f"updating the DPS enrollment of {device_id}")  # details under an ID
+                code = error.code if isinstance(error, CaError) else logged.code
+                reference = logged.message.rsplit("; ", 1)[-1]
+                states[device_id] = {
+                    "mode": "failed",
+                    "error": code,
+                    "message": f"the ledger holds the change, but DPS was not updated for device {device_id!r} "
+                    f"({code}, {reference}); revoke the certificate again to put DPS in step",
+                }
         return states
+
+    def _put_device_enrollment(self, device_id: str) -> dict[str, Any]:
+        with self.dps.device_lock(device_id):
+            active = self.ledger.active_certificates([device_id]).get(device_id)
+            if active is not None:
+                return self.dps.admit_only(device_id, active.certificate_pem)
+            revoked = self.ledger.list_certificates(
+                CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1)
+            ).items
+            return self.dps.disable_device(device_id, revoked[0].certificate_pem)
 
     # -- internals -----------------------------------------------------------------------------------
 
