@@ -181,11 +181,11 @@ def test_a_crash_at_any_storage_call_of_a_revocation_leaves_the_key_unusable(tab
         transport = FaultyTransport()
         transport.fail_from, transport.mode = n, mode
         try:
-            tables(prefix, transport).revoke(old, "keyCompromise")
+            _, dps = tables(prefix, transport).revoke(old, "keyCompromise")
         except BackendUnavailable:
             pass
-        else:
-            assert n == calls + 1
+        else:  # the ledger's commit went through; a crash in the DPS step after it is reported, not raised
+            assert n == calls + 1 or dps["mode"] == "failed", (n, dps)
         service = tables(prefix)
         check_table_rules(service.ledger)
         still_active = service.ledger.active_certificates([DEVICE])
