@@ -63,7 +63,7 @@ run-azurite: $(STAMP) tools $(AZURITE_STAMP)
 # The seed's CLI flow end to end on the embedded default, in a scratch PKI home (.demo/).
 demo: $(STAMP) tools
 	rm -rf $(DEMO)
-	mkdir -p $(DEMO)
+	mkdir -p $(DEMO)/devices
 	PKI_HOME=$(DEMO)/pki $(BIN)/python cli.py create-ca-root --out $(DEMO)/root.pem
 	PKI_HOME=$(DEMO)/pki $(BIN)/python cli.py proof-ca-root-possession --verification-code DEMO0123 \
 		--out $(DEMO)/verification.pem
