@@ -339,7 +339,7 @@ class DeviceUseCases:
                 raise device_has_certificate(active)
             else:  # the same CSR again: its notes too, so every answer says how it was read
                 return self._issued(active, created=False, warnings=tuple(device.notes), intermediate=intermediate)
-        return _Plan(index, device, supersede, warnings=list(getattr(device, "notes", ())))
+        return _Plan(index, device, supersede, warnings=list(device.notes))
 
     def _sign_all(
         self, issuer: Issuer, plans: list[_Plan], now: datetime, results: list[IssuedCertificate | CaError | None]
