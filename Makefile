@@ -90,7 +90,7 @@ test: $(STAMP) tools $(AZURITE_STAMP)
 # Mutation testing of the security-critical modules ([tool.mutmut] in pyproject.toml); slow, not in make test.
 mutation: $(STAMP) $(AZURITE_STAMP)
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children 2
+	AZURITE_TABLE=$(CURDIR)/$(AZURITE) $(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results
 
 # The same report as a web page: htmlcov/index.html (after make test).

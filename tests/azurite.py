@@ -4,6 +4,7 @@ Installed by `make test` (npm ci, pinned by tools/azurite/package-lock.json) int
 Telemetry is off and nothing is written to disk (`--inMemoryPersistence`).
 """
 
+import os
 import socket
 import subprocess
 import time
@@ -11,7 +12,10 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-AZURITE_TABLE = REPO / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"
+# AZURITE_TABLE names the binary where the tests run from a copy of the project (make mutation's mutants/)
+AZURITE_TABLE = Path(
+    os.environ.get("AZURITE_TABLE") or REPO / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"
+)
 # Azurite's well-known development account (published in Azurite's documentation; not a secret).
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
