@@ -151,3 +151,17 @@ def test_a_dps_failure_after_the_commit_is_reported_and_revoking_again_mends_it(
     enrollments.unlink()
     _, mended = service.revoke(serial, "keyCompromise")
     assert mended["mode"] == "offline" and _recorded(service, "dev-8")["provisioningStatus"] == "disabled"
+
+
+def test_a_refused_reason_says_why_in_words():
+    """The exact words a caller reads (a hold is refused as such; an unknown name lists RFC 5280's)."""
+    with pytest.raises(PkiError) as hold:
+        revocation_reason("certificateHold")
+    assert hold.value.message == "this CA does not put certificates on hold: a revocation is final"
+    with pytest.raises(PkiError) as unknown:
+        revocation_reason("stolen")
+    assert unknown.value.message == (
+        "revocation reason 'stolen' is not one of RFC 5280's: unspecified, keyCompromise, cACompromise, "
+        "affiliationChanged, superseded, cessationOfOperation, privilegeWithdrawn, aACompromise"
+    )
+    assert revocation_reason(None) == revocation_reason("") == "unspecified"
