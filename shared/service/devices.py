@@ -216,17 +216,22 @@ class DeviceUseCases:
         missing = [index for index, result in enumerate(run.results) if result is None]
         if missing:  # every request has been given its answer above; this guards the promise of one each
             raise AssertionError(f"signing run left requests {missing} without an answer")
-        created = [r.record.device_id for r in run.results if isinstance(r, IssuedCertificate) and r.created]
-        if created:
-            failed = {
-                device_id: state["message"]
-                for device_id, state in self._keep_dps_in_step(self.ledger.devices_with_revocations(created)).items()
-                if state.get("mode") == "failed"
-            }
-            for index, result in enumerate(run.results):
-                if isinstance(result, IssuedCertificate) and result.record.device_id in failed:
-                    run.results[index] = replace(result, warnings=(*result.warnings, failed[result.record.device_id]))
-        return list(run.results)  # type: ignore[arg-type]
+        return self._with_dps_in_step(run.results)  # type: ignore[arg-type]
+
+    def _with_dps_in_step(self, results: list[IssuedCertificate | CaError]) -> list[IssuedCertificate | CaError]:
+        """After a commit: DPS kept in step for new certificates of devices with a revocation; a device whose
+        enrollment could not be written gets that said in its answer's warnings."""
+        new = [r.record.device_id for r in results if isinstance(r, IssuedCertificate) and r.created]
+        if not new:
+            return list(results)
+        states = self._keep_dps_in_step(self.ledger.devices_with_revocations(new))
+        failed = {device_id: state["message"] for device_id, state in states.items() if state.get("mode") == "failed"}
+        return [
+            replace(r, warnings=(*r.warnings, failed[r.record.device_id]))
+            if isinstance(r, IssuedCertificate) and r.record.device_id in failed
+            else r
+            for r in results
+        ]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
         """A page of the inventory. InvalidParameter for a status, limit or cursor that breaks its rule."""
