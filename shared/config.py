@@ -38,6 +38,10 @@ class Settings:
     ledger_tables: str | None = field(default=None, repr=False)
     ledger_table_prefix: str = "deviceca"
     ledger_retry_seconds: int = 30
+    # Storage queues (shared/queues.py): QUEUE_STORAGE, a connection string, or for a managed identity
+    # QUEUE_STORAGE__queueServiceUri, https://<account>.queue.core.windows.net; neither: in-process queues.
+    queue_storage: str | None = field(default=None, repr=False)
+    queue_service_uri: str | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, settings_file: Path | None = None) -> "Settings":
@@ -68,7 +72,14 @@ class Settings:
             ledger_tables=text("LEDGER_TABLES"),
             ledger_table_prefix=text("LEDGER_TABLE_PREFIX", cls.ledger_table_prefix),
             ledger_retry_seconds=_positive_int(values, "LEDGER_RETRY_SECONDS", cls.ledger_retry_seconds),
+            queue_storage=text("QUEUE_STORAGE"),
+            queue_service_uri=text("QUEUE_STORAGE__queueServiceUri"),
         )
+
+    @property
+    def storage_queues(self) -> bool:
+        """Whether a Storage account is configured for queues (else the embedded in-process queues)."""
+        return bool(self.queue_storage or self.queue_service_uri)
 
     def key_vault_options(self) -> "KeyVaultOptions":
         from .keys.keyvault import KeyVaultOptions

@@ -1,4 +1,4 @@
-"""Azurite's Table service on this machine, in memory, on a free port: the real Table Storage protocol.
+"""Azurite's Table or Queue service on this machine, in memory, on a free port: the real Storage protocol.
 
 Installed by `make test` (npm ci, pinned by tools/azurite/package-lock.json) into tools/azurite.
 Telemetry is off and nothing is written to disk (`--inMemoryPersistence`).
@@ -21,10 +21,14 @@ ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
-def connection_string(port: int) -> str:
+BINARIES = {"table": AZURITE_TABLE, "queue": AZURITE_TABLE.with_name("azurite-queue")}
+
+
+def connection_string(port: int, service: str = "table") -> str:
+    endpoint = "TableEndpoint" if service == "table" else "QueueEndpoint"
     return (
         f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-        f"TableEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
+        f"{endpoint}=http://127.0.0.1:{port}/{ACCOUNT};"
     )
 
 
@@ -34,20 +38,24 @@ def table_prefix() -> str:
 
 
 class Azurite:
-    def __init__(self) -> None:
-        if not AZURITE_TABLE.exists():
-            raise RuntimeError(f"Azurite is not installed at {AZURITE_TABLE}: `make test` installs it")
+    """One Azurite service ("table" or "queue"), started in memory on a free port; stop() ends it."""
+
+    def __init__(self, service: str = "table") -> None:
+        self.service = service
+        binary = BINARIES[service]
+        if not binary.exists():
+            raise RuntimeError(f"Azurite is not installed at {binary}: `make test` installs it")
         self.process: subprocess.Popen | None = None
         self.port = 0
         for _ in range(5):  # a free port may be taken between choosing it and Azurite binding it
             self.port = _free_port()
             self.process = subprocess.Popen(
                 [
-                    str(AZURITE_TABLE),
+                    str(binary),
                     "--inMemoryPersistence",
-                    "--tableHost",
+                    f"--{service}Host",
                     "127.0.0.1",
-                    "--tablePort",
+                    f"--{service}Port",
                     str(self.port),
                     "--skipApiVersionCheck",
                     "--disableTelemetry",
@@ -64,7 +72,7 @@ class Azurite:
 
     @property
     def connection_string(self) -> str:
-        return connection_string(self.port)
+        return connection_string(self.port, self.service)
 
     def _wait_until_listening(self) -> bool:
         assert self.process is not None

@@ -51,6 +51,20 @@ def azurite():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def azurite_queues():
+    """Azurite's Queue service, started once per session (on first use) and stopped at its end."""
+    server = Azurite("queue")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def queue_settings(azurite_queues) -> dict[str, str]:
+    """Settings naming the Azurite Queue service (QUEUE_STORAGE), for a Settings or the environment."""
+    return {"QUEUE_STORAGE": azurite_queues.connection_string}
+
+
 LEDGER_BACKENDS = ("sqlite", "tables")
 
 
