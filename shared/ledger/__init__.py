@@ -15,10 +15,15 @@ from typing import Any
 from ..errors import CaError, Conflict, Forbidden
 from .models import (
     ApiKey,
+    BatchItem,
+    BatchPage,
+    BatchRecord,
+    BatchSummary,
     CaRecord,
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
+    ChunkState,
     Issuance,
     Precheck,
     Principal,
@@ -156,6 +161,49 @@ class Ledger(ABC):
     def backup_into(self, home: Path) -> dict[str, int]:
         """Write a consistent copy of the ledger, as of one moment, into the PKI home `home`, laid out as
         this adapter reads it (for `backup`). Returns how many CAs and certificates the copy holds."""
+
+    # Batches (DESIGN "Batches"): items stored before the batch is accepted, results recorded per chunk
+    @abstractmethod
+    def add_batch(self, batch: BatchRecord, items: Sequence[BatchItem]) -> None:
+        """Store a batch and every one of its items durably (items already failed at submission too), the
+        batch record last: a batch is found only once all of its items are stored. Conflict if the ID is
+        taken. `items` are indexed 0..total-1 and cut into chunks of `batch.chunk_size`."""
+
+    @abstractmethod
+    def get_batch(self, batch_id: str) -> BatchSummary | None:
+        """The batch with its counts and timing, None when there is none."""
+
+    @abstractmethod
+    def list_batches(self, requested_by: str | None, limit: int, cursor: str | None) -> BatchPage:
+        """A page of batches, oldest first: those `requested_by` sent, or every one for None. CaError
+        "invalid-cursor" for a cursor this listing did not give."""
+
+    @abstractmethod
+    def chunk_items(self, batch_id: str, chunk: int) -> tuple[ChunkState, list[BatchItem]]:
+        """One chunk's delivery state and items, in index order (NotFound for a chunk the batch lacks)."""
+
+    @abstractmethod
+    def start_chunk(self, batch_id: str, chunk: int, at: datetime) -> ChunkState:
+        """Count a delivery of the chunk, and note `at` as its start if it is the first."""
+
+    @abstractmethod
+    def note_chunk_failure(self, batch_id: str, chunk: int, reason: str) -> None:
+        """Keep the words of a delivery's failure (what a caller may read), for the poison handler."""
+
+    @abstractmethod
+    def finish_chunk_items(self, batch_id: str, chunk: int, results: Sequence[BatchItem], at: datetime) -> int:
+        """Record finished items of one chunk in one commit. Only items still pending change: a result is
+        never overwritten (a redelivered chunk, a poison handler after a late success). Returns how many
+        items changed; the chunk is finished at `at` once none of its items is pending."""
+
+    @abstractmethod
+    def batch_items(self, batch_id: str, start: int, limit: int) -> list[BatchItem]:
+        """Items start..start+limit-1 of a batch (fewer at its end), in index order."""
+
+    @abstractmethod
+    def unfinished_chunks(self) -> list[tuple[str, int]]:
+        """(batch ID, chunk) of every chunk with a pending item, oldest batch first: what an embedded
+        queue, lost with its process, sends again when a server starts."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

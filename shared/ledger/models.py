@@ -130,3 +130,99 @@ class ApiKey:
     secret_sha256: str
     created_at: datetime
     revoked_at: datetime | None = None
+
+
+# -- batches (DESIGN "Batches") ----------------------------------------------------------------------
+
+ITEM_PENDING = "pending"
+ITEM_ISSUED = "issued"
+ITEM_FAILED = "failed"
+
+BATCH_QUEUED = "queued"
+BATCH_RUNNING = "running"
+BATCH_DONE = "done"
+BATCH_DONE_WITH_FAILURES = "done-with-failures"
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A submitted batch: who sent it, what it may sign with, and how its items are cut into chunks.
+
+    `allowed_intermediates` None is an admin (or the CA host's CLI); a tuple is a factory's binding when
+    it submitted (the chunk handler reads the factory's binding again when it signs). `intermediate_id` is
+    the intermediate chosen at submission. Items 0..total-1 are in chunks of `chunk_size`: chunk n holds
+    items n*chunk_size up to (n+1)*chunk_size - 1."""
+
+    id: str
+    requested_by: str
+    intermediate_id: str
+    allowed_intermediates: tuple[str, ...] | None
+    created_at: datetime
+    total: int
+    chunk_size: int
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.total // self.chunk_size)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One item of a batch: a device's CSR (PEM text) and, once finished, its result.
+
+    `status` is ITEM_PENDING, ITEM_ISSUED (`certificate` holds the ledger's record as it was committed,
+    `created` whether this batch issued it or found it already issued) or ITEM_FAILED (`error_code` and
+    `error_message` say why, in the words a caller may read)."""
+
+    batch_id: str
+    index: int
+    device_id: str
+    csr: str
+    status: str = ITEM_PENDING
+    certificate: CertificateRecord | None = None
+    created: bool = False
+    warnings: tuple[str, ...] = ()
+    error_code: str | None = None
+    error_message: str | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ChunkState:
+    """What the ledger knows of one chunk's deliveries: when the first began, how many there were, the
+    last failure's words (for the poison handler), and when its items were all finished."""
+
+    chunk: int
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    last_error: str | None = None
+    issued: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """A batch and its progress: counts of items by status and the chunks' timing."""
+
+    record: BatchRecord
+    issued: int
+    failed: int
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def pending(self) -> int:
+        return self.record.total - self.issued - self.failed
+
+    @property
+    def status(self) -> str:
+        if self.pending == 0:
+            return BATCH_DONE_WITH_FAILURES if self.failed else BATCH_DONE
+        return BATCH_RUNNING if self.started_at is not None else BATCH_QUEUED
+
+
+@dataclass(frozen=True)
+class BatchPage:
+    items: list[BatchSummary]
+    next_cursor: str | None

@@ -34,8 +34,9 @@ from .models import (
     Principal,
     Revocation,
 )
+from .sqlite_batches import SqliteBatches
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cas (
   id TEXT PRIMARY KEY,
@@ -105,6 +106,44 @@ CREATE TABLE IF NOT EXISTS api_keys (
   revoked_at TEXT
 );
 
+-- Batches (DESIGN "Batches", schema 3): a batch, its chunks' deliveries and counts, its items and results.
+CREATE TABLE IF NOT EXISTS batches (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  requested_by TEXT NOT NULL,
+  intermediate_id TEXT NOT NULL,
+  allowed_intermediates TEXT,  -- a factory's intermediates as JSON; NULL for an admin
+  created_at TEXT NOT NULL,
+  total INTEGER NOT NULL,
+  chunk_size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_by_requester ON batches(requested_by, seq);
+
+CREATE TABLE IF NOT EXISTS batch_chunks (
+  batch_id TEXT NOT NULL REFERENCES batches(id),
+  chunk INTEGER NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  started_at TEXT,
+  finished_at TEXT,
+  last_error TEXT,
+  issued INTEGER NOT NULL DEFAULT 0,
+  failed INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (batch_id, chunk)
+);
+
+CREATE TABLE IF NOT EXISTS batch_items (
+  batch_id TEXT NOT NULL REFERENCES batches(id),
+  item INTEGER NOT NULL,
+  chunk INTEGER NOT NULL,
+  device_id TEXT NOT NULL,
+  csr TEXT NOT NULL,
+  status TEXT NOT NULL CHECK (status IN ('pending', 'issued', 'failed')),
+  result TEXT,  -- JSON (shared/ledger/batchcodec.py): the certificate as committed, or the error
+  finished_at TEXT,
+  PRIMARY KEY (batch_id, item)
+);
+CREATE INDEX IF NOT EXISTS batch_items_by_chunk ON batch_items(batch_id, chunk);
+
 -- A certificate's key must be bound to its device and not revoked: the store refuses anything else.
 CREATE TRIGGER IF NOT EXISTS certificate_key_bound_to_device BEFORE INSERT ON certificates
 WHEN NOT EXISTS (
@@ -139,7 +178,7 @@ _CA_COLUMNS = (
 INLINE_COMMIT_SECONDS = 0.002  # a local SSD's fsync takes well under a millisecond
 
 
-class SqliteLedger(Ledger):
+class SqliteLedger(SqliteBatches, Ledger):
     backend = "sqlite"
 
     def __init__(

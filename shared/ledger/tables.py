@@ -20,6 +20,20 @@ Tables (each named `<prefix><name>`):
 | cas | `ca` / `<id>`, `~root` | CA records; the root marker |
 | principals | `principal` / `<id>`, `~app-<appId>`; `apikey` / `<key id>` | principals, app ID markers, API keys |
 
+Batches (DESIGN "Batches"; shared/ledger/tables_batches.py), in table `batches`:
+
+| table | PartitionKey / RowKey | what |
+| --- | --- | --- |
+| batches | `bat-<batchId>` / `batch` | the batch (requester, intermediate, size); written last |
+| batches | `bat-<batchId>` / `chunk-<nnnnn>` | a chunk: deliveries, first start, last error, counts |
+| batches | `bat-<batchId>` / `item-<nnnnn>` | an item: device ID, CSR, status, result (certificate or error) |
+| batches | `req-<requester>` / `<created>-<batchId>`; `all` / same | the batches of a requester; of everyone |
+
+A chunk's row and its items are written in one transaction (at most 99 items and the row: 100
+operations), when the batch is stored and when the chunk's results are recorded. Recording results
+replaces the chunk row on the etag it read and changes only items still pending, so two deliveries of
+one chunk (or a delivery and the poison handler) never count an item twice nor overwrite a result.
+
 Which write holds each rule:
 
 - **One active certificate per device** and **device ownership**: the device head. A certificate is
@@ -110,9 +124,10 @@ from .models import (
     Principal,
     Revocation,
 )
+from .tables_batches import BATCHES, TableBatches
 
 DEVICES, KEYS, INDEX, CAS, PRINCIPALS = "devices", "keys", "index", "cas", "principals"
-TABLES = [DEVICES, KEYS, INDEX, CAS, PRINCIPALS]
+TABLES = [DEVICES, KEYS, INDEX, CAS, PRINCIPALS, BATCHES]
 HEAD = "head"
 BINDING = "binding"
 CERT_ROWS = ("c-", "c.")  # RowKey range of a partition's certificates
@@ -150,7 +165,7 @@ class _Claim:
     created: bool
 
 
-class TableLedger(Ledger):
+class TableLedger(TableBatches, Ledger):
     backend = "tables"
     remote = True
 

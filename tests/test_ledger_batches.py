@@ -1,0 +1,166 @@
+"""Batch storage in the ledger, on both stores (SQLite, and Table Storage on Azurite): items stored with
+their batch, chunks' results recorded once, counts and timing, listings by requester and paging."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.errors import CaError, Conflict, NotFound
+from shared.ledger.models import (
+    BATCH_DONE,
+    BATCH_DONE_WITH_FAILURES,
+    BATCH_QUEUED,
+    BATCH_RUNNING,
+    ITEM_FAILED,
+    ITEM_ISSUED,
+    ITEM_PENDING,
+    BatchItem,
+    BatchRecord,
+    CertificateRecord,
+)
+
+from .test_ledger import ledger, ledger_spec  # noqa: F401 - the fixtures, on both stores
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _batch(batch_id: str = "b1", total: int = 5, chunk_size: int = 2, by: str = "line-1", at=NOW) -> BatchRecord:
+    allowed = None if by == "admin" else ("int-1",)
+    return BatchRecord(batch_id, by, "int-1", allowed, at, total, chunk_size)
+
+
+def _items(batch: BatchRecord, failed_at_submission: tuple[int, ...] = ()) -> list[BatchItem]:
+    items = []
+    for index in range(batch.total):
+        item = BatchItem(batch.id, index, f"dev-{index}", f"CSR {index}")
+        if index in failed_at_submission:
+            item = BatchItem(
+                batch.id, index, "", "", ITEM_FAILED, error_code="invalid-item", error_message="no csr", finished_at=NOW
+            )
+        items.append(item)
+    return items
+
+
+def _issued(item: BatchItem, serial: str) -> BatchItem:
+    record = CertificateRecord(
+        serial=serial,
+        device_id=item.device_id,
+        intermediate_id="int-1",
+        requested_by="line-1",
+        public_key_sha256="k" + serial,
+        not_before=NOW,
+        not_after=NOW + timedelta(days=365),
+        certificate_pem=f"PEM {serial}",
+        created_at=NOW,
+    )
+    return BatchItem(
+        item.batch_id, item.index, item.device_id, item.csr, ITEM_ISSUED, record, True, ("a note",), finished_at=NOW
+    )
+
+
+def _failed(item: BatchItem, code: str = "bad-csr") -> BatchItem:
+    return BatchItem(
+        item.batch_id, item.index, item.device_id, item.csr, ITEM_FAILED, error_code=code, error_message="why"
+    )
+
+
+def test_a_batch_is_stored_with_its_items_and_read_back(ledger):
+    batch = _batch()
+    ledger.add_batch(batch, _items(batch, failed_at_submission=(4,)))
+    summary = ledger.get_batch("b1")
+    assert summary.record == batch and summary.record.chunks == 3
+    assert (summary.issued, summary.failed, summary.pending, summary.status) == (0, 1, 4, BATCH_QUEUED)
+    assert summary.started_at is None and summary.finished_at is None
+    assert ledger.get_batch("nope") is None
+    state, items = ledger.chunk_items("b1", 1)
+    assert (state.chunk, state.attempts, state.finished_at) == (1, 0, None)
+    assert [(i.index, i.device_id, i.csr, i.status) for i in items] == [
+        (2, "dev-2", "CSR 2", ITEM_PENDING),
+        (3, "dev-3", "CSR 3", ITEM_PENDING),
+    ]
+    state, (item,) = ledger.chunk_items("b1", 2)  # its only item failed when it was submitted: finished
+    assert (item.status, item.error_code, item.error_message) == (ITEM_FAILED, "invalid-item", "no csr")
+    assert state.finished_at == NOW and state.failed == 1
+    with pytest.raises(NotFound):
+        ledger.chunk_items("b1", 3)
+    with pytest.raises(Conflict) as taken:
+        ledger.add_batch(batch, _items(batch))
+    assert taken.value.code == "batch-exists"
+
+
+def test_a_chunks_results_are_recorded_once_and_never_overwritten(ledger):
+    batch = _batch()
+    ledger.add_batch(batch, _items(batch))
+    state = ledger.start_chunk("b1", 0, NOW + timedelta(seconds=5))
+    assert (state.attempts, state.started_at) == (1, NOW + timedelta(seconds=5))
+    assert ledger.get_batch("b1").status == BATCH_RUNNING
+    _, (first, second) = ledger.chunk_items("b1", 0)
+    later = NOW + timedelta(seconds=9)
+    assert ledger.finish_chunk_items("b1", 0, [_issued(first, "0A"), _failed(second)], later) == 2
+
+    # a redelivery, or the poison handler after a late success, changes nothing
+    assert ledger.finish_chunk_items("b1", 0, [_failed(first, "late"), _failed(second, "late")], later) == 0
+    state, (first, second) = ledger.chunk_items("b1", 0)
+    assert (state.issued, state.failed, state.finished_at) == (1, 1, later)
+    assert first.status == ITEM_ISSUED and first.certificate.serial == "0A" and first.created
+    assert first.warnings == ("a note",) and first.certificate.not_after == NOW + timedelta(days=365)
+    assert (second.status, second.error_code, second.error_message) == (ITEM_FAILED, "bad-csr", "why")
+
+    again = ledger.start_chunk("b1", 0, NOW + timedelta(seconds=30))
+    assert (again.attempts, again.started_at) == (2, NOW + timedelta(seconds=5))  # the first start stays
+    ledger.note_chunk_failure("b1", 0, "Key Vault is unavailable")
+    assert ledger.chunk_items("b1", 0)[0].last_error == "Key Vault is unavailable"
+
+
+def test_counts_status_and_timing_follow_the_chunks(ledger):
+    batch = _batch(total=3)
+    ledger.add_batch(batch, _items(batch))
+    ledger.start_chunk("b1", 1, NOW + timedelta(seconds=1))
+    _, (last,) = ledger.chunk_items("b1", 1)
+    ledger.finish_chunk_items("b1", 1, [_issued(last, "0C")], NOW + timedelta(seconds=2))
+    summary = ledger.get_batch("b1")
+    assert (summary.issued, summary.pending, summary.status, summary.finished_at) == (1, 2, BATCH_RUNNING, None)
+    assert ledger.unfinished_chunks() == [("b1", 0)]
+
+    _, (a, b) = ledger.chunk_items("b1", 0)
+    ledger.finish_chunk_items("b1", 0, [_issued(a, "0D")], NOW + timedelta(seconds=3))  # one of two
+    assert ledger.get_batch("b1").pending == 1 and ledger.unfinished_chunks() == [("b1", 0)]
+    ledger.finish_chunk_items("b1", 0, [_issued(b, "0E")], NOW + timedelta(seconds=4))
+    summary = ledger.get_batch("b1")
+    assert (summary.issued, summary.failed, summary.status) == (3, 0, BATCH_DONE)
+    assert (summary.started_at, summary.finished_at) == (NOW + timedelta(seconds=1), NOW + timedelta(seconds=4))
+    assert ledger.unfinished_chunks() == []
+
+
+def test_a_batch_with_failures_finishes_done_with_failures(ledger):
+    batch = _batch(total=2, chunk_size=2)
+    ledger.add_batch(batch, _items(batch, failed_at_submission=(1,)))
+    _, items = ledger.chunk_items("b1", 0)
+    ledger.finish_chunk_items("b1", 0, [_failed(items[0])], NOW)
+    assert ledger.get_batch("b1").status == BATCH_DONE_WITH_FAILURES
+
+
+def test_items_are_read_in_pages_by_index(ledger):
+    batch = _batch(total=7, chunk_size=3)
+    ledger.add_batch(batch, _items(batch))
+    assert [i.index for i in ledger.batch_items("b1", 0, 4)] == [0, 1, 2, 3]
+    assert [i.index for i in ledger.batch_items("b1", 4, 4)] == [4, 5, 6]
+    assert ledger.batch_items("b1", 7, 4) == []
+
+
+def test_batches_are_listed_by_requester_oldest_first_in_pages(ledger):
+    for number, by in enumerate(["line-1", "line-2", "line-1", "admin", "line-1"]):
+        batch = _batch(f"b{number}", total=1, by=by, at=NOW + timedelta(seconds=number))
+        ledger.add_batch(batch, _items(batch))
+    page = ledger.list_batches("line-1", 2, None)
+    assert [b.record.id for b in page.items] == ["b0", "b2"] and page.next_cursor
+    rest = ledger.list_batches("line-1", 2, page.next_cursor)
+    assert [b.record.id for b in rest.items] == ["b4"] and rest.next_cursor is None
+    everyone = ledger.list_batches(None, 10, None)
+    assert [b.record.id for b in everyone.items] == ["b0", "b1", "b2", "b3", "b4"]
+    assert everyone.items[3].record.allowed_intermediates is None
+    assert everyone.items[0].record.allowed_intermediates == ("int-1",)
+    assert ledger.list_batches("line-9", 10, None).items == []
+    with pytest.raises(CaError) as refused:
+        ledger.list_batches("line-1", 2, "not-a-cursor!")
+    assert refused.value.code == "invalid-cursor"
