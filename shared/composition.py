@@ -12,6 +12,7 @@ from .config import Settings
 from .dps import Dps
 from .keys import KeyStore
 from .ledger import Ledger
+from .queues import BATCH_CHUNKS, InProcessQueue, MessageQueue, storage_queue
 from .service import DeviceCA, utcnow
 
 
@@ -20,7 +21,20 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
     settings = settings or Settings.load()
     keys = key_store(settings)
     ledger, dps = ledger_and_dps(settings)
-    return DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
+    queue = batch_queue(settings)
+    service = DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow, batch_queue=queue)
+    if isinstance(queue, InProcessQueue):  # the embedded default: this process signs what it queues
+        queue.serve(service.sign_batch_chunk, service.fail_batch_chunk)
+    return service
+
+
+def batch_queue(settings: Settings) -> MessageQueue:
+    """Where batch chunks are queued: the Storage queue BATCH_CHUNKS when QUEUE_STORAGE (or its service URI)
+    is set, for function_app.py's queue trigger; else a queue in this process, whose worker thread runs the
+    same handler (so `serve` takes batches with no Azure at all)."""
+    if settings.storage_queues:
+        return storage_queue(settings, BATCH_CHUNKS)
+    return InProcessQueue(BATCH_CHUNKS)
 
 
 def key_store(settings: Settings) -> KeyStore:

@@ -14,10 +14,14 @@ With neither, there is no Storage queue: each feature says what it does in the e
 decodes with it before a function sees the message.
 """
 
+import heapq
 import json
+import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +39,8 @@ HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 MAX_MESSAGE_BYTES = 64 * 1024
 
 # The queues this app uses; function_app.py's triggers and the producers take the names from here.
+log = logging.getLogger("device_ca.queues")
+
 BATCH_CHUNKS = "batch-chunks"
 DPS_REGISTRATIONS = "dps-registrations"
 EXPIRING_CERTIFICATES = "expiring-certificates"
@@ -70,6 +76,9 @@ class MessageQueue(ABC):
         """Queue `text`, visible after `delay_seconds`. Raises Misconfigured when it would exceed
         MAX_MESSAGE_BYTES once encoded, BackendUnavailable when Storage stays unreachable."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (and stop a worker)."""
+
 
 class StorageQueue(MessageQueue):
     """A queue in Azure Queue Storage (or Azurite), created on first use."""
@@ -97,6 +106,9 @@ class StorageQueue(MessageQueue):
     def delete(self, message: Any) -> None:
         self._client.delete_message(message)
 
+    def close(self) -> None:
+        self._client.close()
+
     def _ensure_created(self) -> None:
         if self._created:
             return
@@ -111,22 +123,103 @@ class StorageQueue(MessageQueue):
 
 
 class InProcessQueue(MessageQueue):
-    """A queue in this process's memory: what the embedded default uses where a feature needs one."""
+    """A queue in this process's memory: what the embedded default uses where a feature needs one.
 
-    def __init__(self, name: str) -> None:
+    With `serve(handler, poison)`, a worker thread (started by the first message) hands each message to
+    `handler`, as the Functions host does with a Storage queue's: a message whose handler raises is
+    delivered again after `retry_seconds` (doubling, at most 60 s), and after `max_dequeue_count`
+    failed deliveries it goes to `poison` instead. Messages are lost with the process."""
+
+    def __init__(self, name: str, max_dequeue_count: int = 5, retry_seconds: float = 1.0) -> None:
         self.name = name
         self.messages: deque[str] = deque()
+        self.max_dequeue_count = max_dequeue_count
+        self.retry_seconds = retry_seconds
+        self._retries: list[tuple[float, int, str]] = []  # (due on the monotonic clock, deliveries so far, text)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._handlers: tuple[Callable[[str], Any], Callable[[str], Any]] | None = None
+        self._worker: threading.Thread | None = None
+        self._busy = False
+        self._closed = False
 
     def send(self, text: str, delay_seconds: int = 0) -> None:
         _check_size(text, "none")
         with self._lock:
-            self.messages.append(text)
+            if delay_seconds:
+                heapq.heappush(self._retries, (time.monotonic() + delay_seconds, 0, text))
+            else:
+                self.messages.append(text)
+            if self._handlers is not None and self._worker is None and not self._closed:
+                self._worker = threading.Thread(target=self._work, name=f"queue-{self.name}", daemon=True)
+                self._worker.start()
+            self._changed.notify_all()
 
     def take(self) -> str | None:
         """The oldest message, removed; None when the queue is empty."""
         with self._lock:
             return self.messages.popleft() if self.messages else None
+
+    def serve(self, handler: Callable[[str], Any], poison: Callable[[str], Any]) -> None:
+        """Deliver every message to `handler` in a worker thread, from the next message sent on."""
+        with self._lock:
+            self._handlers = (handler, poison)
+
+    def wait_idle(self) -> None:
+        """Return once no message is waiting, due later or being handled (tests, a server's shutdown)."""
+        with self._lock:
+            while self.messages or self._retries or self._busy:
+                self._changed.wait()
+
+    def close(self) -> None:
+        """Stop the worker after the message it is handling; messages still queued are dropped."""
+        with self._lock:
+            self._closed = True
+            self._changed.notify_all()
+            worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+
+    def _next(self) -> tuple[str, int] | None:
+        """The next message to deliver and its deliveries so far, waiting for one; None once closed."""
+        with self._lock:
+            while not self._closed:
+                if self.messages:
+                    self._busy = True
+                    return self.messages.popleft(), 0
+                if self._retries:
+                    due, deliveries, text = self._retries[0]
+                    wait = due - time.monotonic()
+                    if wait <= 0:
+                        heapq.heappop(self._retries)
+                        self._busy = True
+                        return text, deliveries
+                    self._changed.wait(wait)
+                else:
+                    self._changed.wait()
+            return None
+
+    def _work(self) -> None:
+        assert self._handlers is not None
+        handler, poison = self._handlers
+        while (taken := self._next()) is not None:
+            text, deliveries = taken
+            deliveries += 1
+            try:
+                if deliveries > self.max_dequeue_count:
+                    poison(text)
+                else:
+                    handler(text)
+            except Exception:
+                log.warning("queue %s: delivery %d of a message failed", self.name, deliveries, exc_info=True)
+                if deliveries <= self.max_dequeue_count:
+                    delay = min(self.retry_seconds * 2 ** (deliveries - 1), 60.0)
+                    with self._lock:
+                        heapq.heappush(self._retries, (time.monotonic() + delay, deliveries, text))
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._changed.notify_all()
 
 
 def _check_size(text: str, encoding: str) -> None:

@@ -134,6 +134,10 @@ class ApiKey:
 
 # -- batches (DESIGN "Batches") ----------------------------------------------------------------------
 
+# Items in one chunk of a batch at most: a chunk's row and its items are one Table Storage transaction,
+# which holds at most 100 operations.
+MAX_CHUNK_ITEMS = 99
+
 ITEM_PENDING = "pending"
 ITEM_ISSUED = "issued"
 ITEM_FAILED = "failed"

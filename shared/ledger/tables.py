@@ -27,7 +27,7 @@ Batches (DESIGN "Batches"; shared/ledger/tables_batches.py), in table `batches`:
 | batches | `bat-<batchId>` / `batch` | the batch (requester, intermediate, size); written last |
 | batches | `bat-<batchId>` / `chunk-<nnnnn>` | a chunk: deliveries, first start, last error, counts |
 | batches | `bat-<batchId>` / `item-<nnnnn>` | an item: device ID, CSR, status, result (certificate or error) |
-| batches | `req-<requester>` / `<created>-<batchId>`; `all` / same | the batches of a requester; of everyone |
+| batches | `req-<requester>` / `<created>-<ns>-<batchId>`; `all` / same | a requester's batches; everyone's |
 
 A chunk's row and its items are written in one transaction (at most 99 items and the row: 100
 operations), when the batch is stored and when the chunk's results are recorded. Recording results

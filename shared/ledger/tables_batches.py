@@ -8,6 +8,7 @@ when a chunk's results are recorded, so a chunk's counts always agree with its i
 
 import json
 import re
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ from .models import (
     ITEM_FAILED,
     ITEM_ISSUED,
     ITEM_PENDING,
+    MAX_CHUNK_ITEMS,
     BatchItem,
     BatchPage,
     BatchRecord,
@@ -32,11 +34,9 @@ from .models import (
 )
 
 BATCHES = "batches"
-# Table Storage: one transaction holds at most 100 operations, a chunk's row and its items
-MAX_CHUNK_ITEMS = 99
 BATCH_ROW = "batch"
 ALL_BATCHES = "all"
-_CURSOR = re.compile(r"[0-9]{14}-[0-9A-Za-z_-]{1,200}")
+_CURSOR = re.compile(r"[0-9]{14}-[0-9]{20}-[0-9A-Za-z_-]{1,200}")
 _ATTEMPTS = 20  # conditional writes lost to concurrent deliveries of the same chunk before giving up
 
 
@@ -85,7 +85,8 @@ class TableBatches:
         with storage_errors("store a batch"):
             self._parallel(write_chunk, sorted(chunks))
             index = {"batch_id": batch.id}
-            order = f"{batch.created_at.astimezone(UTC):%Y%m%d%H%M%S}-{batch.id}"
+            # the same second's batches in the order they came (nanoseconds; ties between instances broken by ID)
+            order = f"{batch.created_at.astimezone(UTC):%Y%m%d%H%M%S}-{time.time_ns():020d}-{batch.id}"
             table = self._table(BATCHES)
             table.upsert_entity({"PartitionKey": _requester_partition(batch.requested_by), "RowKey": order, **index})
             table.upsert_entity({"PartitionKey": ALL_BATCHES, "RowKey": order, **index})

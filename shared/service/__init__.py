@@ -16,7 +16,9 @@ from ..keys import KeyStore
 from ..ledger import Ledger
 from ..ledger.models import CA_ACTIVE
 from ..pki import Issuer
+from ..queues import BATCH_CHUNKS, InProcessQueue, MessageQueue
 from .access import Principals
+from .batches import BatchUseCases
 from .ca import CaUseCases
 from .common import (
     RENEWAL_RETRY_WINDOW,
@@ -37,7 +39,7 @@ from .common import (
 from .devices import DeviceUseCases, _SignOptions
 
 
-class DeviceCA(CaUseCases, DeviceUseCases):
+class DeviceCA(CaUseCases, DeviceUseCases, BatchUseCases):
     def __init__(
         self,
         keys: KeyStore,
@@ -45,12 +47,14 @@ class DeviceCA(CaUseCases, DeviceUseCases):
         dps: Dps,
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
+        batch_queue: MessageQueue | None = None,
     ) -> None:
         self.keys = keys
         self.ledger = ledger
         self.dps = dps
         self.settings = settings
         self._now = clock
+        self.batch_queue = batch_queue if batch_queue is not None else InProcessQueue(BATCH_CHUNKS)
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
         self.principals = Principals(ledger, clock)
@@ -60,6 +64,7 @@ class DeviceCA(CaUseCases, DeviceUseCases):
         )
 
     def close(self) -> None:
+        self.batch_queue.close()  # first: an in-process queue's worker may be signing
         self.keys.close()
         self.ledger.close()
 

@@ -1,0 +1,373 @@
+"""Use case: sign a batch of device CSRs through a queue (DESIGN "Batches").
+
+`submit_batch` stores every item in the ledger (a malformed item as that item's failure), then queues one
+message per chunk of items; the message names the chunk (`ChunkMessage`: batch ID and chunk number), never
+a CSR. `sign_batch_chunk` is the queue handler, the same whether the Functions host (a Storage queue) or the
+embedded server (an in-process queue) delivers the message: it signs the chunk's pending items with the
+use case that signs one CSR (`sign_csrs`: ownership, policy, key binding, the same CSR's certificate given
+back), in one ledger commit, and records each item's result. Delivery is at least once: a chunk whose items
+are finished is left alone, and one whose certificates were committed before its results were recorded gets
+them back from the ledger, so a redelivered message issues nothing new. A failure that a later delivery may
+not meet (Key Vault or Storage unavailable, an unexpected error) is raised, so that the message is delivered
+again; after the host's maxDequeueCount the poison handler `fail_batch_chunk` fails the chunk's unfinished
+items with the last failure's words.
+
+Mixed into `DeviceCA`, which holds the key store, the ledger, the settings, the clock and `batch_queue`.
+"""
+
+import logging
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .. import parameters
+from ..errors import BackendUnavailable, CaError, NotFound, for_callers, unexpected
+from ..ledger import invalid_cursor
+from ..ledger.models import (
+    FACTORY,
+    ITEM_FAILED,
+    ITEM_ISSUED,
+    MAX_CHUNK_ITEMS,
+    BatchItem,
+    BatchPage,
+    BatchRecord,
+    BatchSummary,
+)
+from ..pki import whole_seconds
+from ..queues import MessageQueue
+from .common import IssuedCertificate, SignRequest
+
+log = logging.getLogger("device_ca.batches")
+
+MAX_BATCH_ITEMS = 10_000
+# Items a queue message names: as many as one Table Storage transaction records with the chunk's row.
+CHUNK_SIZE = MAX_CHUNK_ITEMS
+MAX_ITEM_CSR = 8 * 1024  # characters of one item's CSR, as for POST /api/devices/{id}/certificate
+MAX_ITEM_DEVICE_ID = 128  # characters; DPS registration IDs are at most 128 (64 for X.509)
+_BATCH_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class ChunkMessage(BaseModel):
+    """A queue message: which chunk of which batch to sign. Never a CSR: those are in the ledger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batchId: str = Field(pattern=_BATCH_ID.pattern)
+    chunk: int = Field(ge=0, lt=MAX_BATCH_ITEMS)
+
+    def text(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def read(cls, text: str | bytes) -> "ChunkMessage":
+        """The message in `text`; CaError "invalid-message" when it is not one this app sends."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError:
+            raise CaError("the queue message is not a batch chunk message", "invalid-message") from None
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What one delivery of a chunk did: `recorded` items got their result now (`issued` of them with a
+    certificate this delivery created); `already_finished` when every item had its result before."""
+
+    batch_id: str
+    chunk: int
+    recorded: int = 0
+    issued: int = 0
+    already_finished: bool = False
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One item's result as a caller reads it: its certificate (in the ledger) or its error, or pending."""
+
+    index: int
+    device_id: str
+    status: str
+    issued: IssuedCertificate | None = None
+    error: tuple[str, str] | None = None  # (code, message)
+
+
+@dataclass(frozen=True)
+class BatchResults:
+    summary: BatchSummary
+    results: list[BatchResult]
+    next_cursor: str | None
+
+
+class BatchUseCases:
+    batch_queue: MessageQueue | None = None
+
+    # -- submitting ----------------------------------------------------------------------------------
+
+    def submit_batch(
+        self,
+        items: Sequence[Any],
+        *,
+        requested_by: str,
+        allowed_intermediates: Sequence[str] | None = None,
+        intermediate_id: str | None = None,
+        enqueue: bool = True,
+    ) -> BatchSummary:
+        """Store a batch of `{"deviceId", "csr"}` items (1 to MAX_BATCH_ITEMS) and queue its chunks.
+
+        The intermediate is chosen now, by the rules of one CSR (Forbidden, NotFound, Conflict as there); an
+        item that is not an object with a device ID and a CSR (PEM text, at most MAX_ITEM_CSR characters) is
+        that item's failure ("invalid-item"). Every item is in the ledger before this returns. With `enqueue`
+        False the chunks are not queued (the CLI signs them itself with `sign_batch_chunk`). BackendUnavailable
+        when a chunk cannot be queued: its items are then failed, so that nothing waits for a message that
+        never came."""
+        if not items:
+            raise CaError("a batch needs at least one item", "empty-batch")
+        if len(items) > MAX_BATCH_ITEMS:
+            raise CaError(f"a batch holds at most {MAX_BATCH_ITEMS} items, not {len(items)}", "too-many-items")
+        allowed = tuple(allowed_intermediates) if allowed_intermediates is not None else None
+        intermediate = self._signing_intermediate(intermediate_id, allowed)
+        now = whole_seconds(self._now())
+        batch = BatchRecord(
+            id=secrets.token_hex(8),
+            requested_by=requested_by,
+            intermediate_id=intermediate.id,
+            allowed_intermediates=allowed,
+            created_at=now,
+            total=len(items),
+            chunk_size=CHUNK_SIZE,
+        )
+        stored = [_batch_item(batch, index, raw) for index, raw in enumerate(items)]
+        self.ledger.add_batch(batch, stored)
+        failed = sum(item.status == ITEM_FAILED for item in stored)
+        waiting = sorted({item.index // CHUNK_SIZE for item in stored if item.status != ITEM_FAILED})
+        if enqueue:
+            self._queue_chunks(batch, waiting)
+        return BatchSummary(batch, 0, failed, None, now if not waiting else None)
+
+    def _queue_chunks(self, batch: BatchRecord, chunks: list[int]) -> None:
+        queue = self.batch_queue
+        if queue is None:
+            raise CaError("this service has no batch queue", "no-batch-queue")
+        for position, chunk in enumerate(chunks):
+            try:
+                queue.send(ChunkMessage(batchId=batch.id, chunk=chunk).text())
+            except CaError as error:
+                reason = for_callers(error, f"queueing chunk {chunk} of batch {batch.id}")
+                for unsent in chunks[position:]:
+                    self._fail_pending(
+                        batch.id, unsent, "not-queued", f"the chunk could not be queued: {reason.message}"
+                    )
+                raise BackendUnavailable(
+                    f"batch {batch.id}: its items are stored, but chunks {chunks[position]}-{chunks[-1]} could not "
+                    f"be queued and their items failed ({reason.message}); submit those items again",
+                    "batch-not-queued",
+                ) from None
+
+    def resume_batches(self) -> int:
+        """Queue again every chunk with a pending item (an embedded server's in-process queue is lost with
+        its process): returns how many. A chunk still queued elsewhere is then signed twice, harmlessly."""
+        chunks = self.ledger.unfinished_chunks()
+        for batch_id, chunk in chunks:
+            self.batch_queue.send(ChunkMessage(batchId=batch_id, chunk=chunk).text())
+        return len(chunks)
+
+    # -- the queue handlers ------------------------------------------------------------------------------
+
+    def sign_batch_chunk(self, message: str | bytes) -> ChunkOutcome:
+        """Sign one chunk's pending items and record their results (the queue-triggered function).
+
+        Raises, so that the message is delivered again, when a failure may pass: a backend unavailable or an
+        unexpected error (the chunk keeps its words for the poison handler). A refusal of the whole chunk
+        (the intermediate disabled since, the factory no longer bound to it) fails each item with it. A
+        message that names no stored chunk raises CaError (400 "invalid-message" or 404)."""
+        chunk = ChunkMessage.read(message)
+        batch = self._stored_batch(chunk.batchId)
+        state, items = self.ledger.chunk_items(batch.id, chunk.chunk)
+        pending = [item for item in items if item.status not in (ITEM_ISSUED, ITEM_FAILED)]
+        if not pending:
+            return ChunkOutcome(batch.id, chunk.chunk, already_finished=True)
+        self.ledger.start_chunk(batch.id, chunk.chunk, self._now())
+        try:
+            results = self._sign_items(batch, pending)
+        except CaError as error:
+            if error.status >= 500:
+                self._note_failure(batch.id, chunk.chunk, error)
+                raise
+            results = [error] * len(pending)
+        except Exception as error:
+            failure = unexpected(error, f"signing chunk {chunk.chunk} of batch {batch.id}")
+            self._note_failure(batch.id, chunk.chunk, failure)
+            raise failure from None
+        transient = [r for r in results if isinstance(r, CaError) and r.status >= 500]
+        if transient:
+            self._note_failure(batch.id, chunk.chunk, transient[0])
+            raise transient[0]
+        finished = [_finished(item, result) for item, result in zip(pending, results, strict=True)]
+        recorded = self.ledger.finish_chunk_items(batch.id, chunk.chunk, finished, self._now())
+        issued = sum(isinstance(r, IssuedCertificate) and r.created for r in results)
+        log.info(
+            "batch %s chunk %d: %d items recorded (attempt %d)", batch.id, chunk.chunk, recorded, state.attempts + 1
+        )
+        return ChunkOutcome(batch.id, chunk.chunk, recorded=recorded, issued=issued)
+
+    def fail_batch_chunk(self, message: str | bytes) -> ChunkOutcome:
+        """The poison handler: fail the unfinished items of a chunk whose deliveries all failed, with the
+        last failure's words. Items with a result keep it."""
+        chunk = ChunkMessage.read(message)
+        batch = self._stored_batch(chunk.batchId)
+        state, _ = self.ledger.chunk_items(batch.id, chunk.chunk)
+        reason = (
+            f"signing failed on every delivery of this item's chunk ({state.attempts}); the last failure: "
+            f"{state.last_error or 'not recorded'}. Submitting the item again is safe: a certificate already "
+            "issued for the same CSR is given back, never a second one"
+        )
+        recorded = self._fail_pending(batch.id, chunk.chunk, "chunk-failed", reason)
+        log.warning("batch %s chunk %d failed after %d deliveries", batch.id, chunk.chunk, state.attempts)
+        return ChunkOutcome(batch.id, chunk.chunk, recorded=recorded)
+
+    def _fail_pending(self, batch_id: str, chunk: int, code: str, message: str) -> int:
+        _, items = self.ledger.chunk_items(batch_id, chunk)
+        failed = [_failed_item(item, code, message) for item in items if item.status not in (ITEM_ISSUED, ITEM_FAILED)]
+        return self.ledger.finish_chunk_items(batch_id, chunk, failed, self._now())
+
+    def _note_failure(self, batch_id: str, chunk: int, error: CaError) -> None:
+        public = for_callers(error, f"signing chunk {chunk} of batch {batch_id}")
+        with suppress(CaError):  # the ledger itself is away: the poison handler says no reason was recorded
+            self.ledger.note_chunk_failure(batch_id, chunk, f"{public.code}: {public.message}")
+
+    def _sign_items(self, batch: BatchRecord, pending: list[BatchItem]) -> list[IssuedCertificate | CaError]:
+        """The chunk through the use case of one CSR, with the submitter's rights as they are now: a factory's
+        current binding (none, if it is gone), so that unbinding a factory stops its queued batches too."""
+        allowed: tuple[str, ...] | None = None
+        if batch.allowed_intermediates is not None:
+            principal = self.ledger.get_principal(batch.requested_by)
+            allowed = principal.intermediates if principal is not None and principal.role == FACTORY else ()
+        return self.sign_csrs(
+            [SignRequest(item.csr, item.device_id) for item in pending],
+            intermediate_id=batch.intermediate_id,
+            requested_by=batch.requested_by,
+            allowed_intermediates=allowed,
+        )
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def batch(self, batch_id: str, reader: str | None = None) -> BatchSummary:
+        """A batch and its progress. `reader` is the caller (None: an admin, who reads every batch); a batch
+        another caller submitted is NotFound, as one that does not exist."""
+        summary = self.ledger.get_batch(batch_id) if _BATCH_ID.fullmatch(batch_id) else None
+        if summary is None or (reader is not None and summary.record.requested_by != reader):
+            raise NotFound(f"no batch with ID {batch_id!r}", "batch-not-found")
+        return summary
+
+    def batch_results(
+        self, batch_id: str, reader: str | None = None, limit: int = parameters.DEFAULT_PAGE, cursor: str | None = None
+    ) -> BatchResults:
+        """A batch and a page of its items' results, in submission order; `cursor` is a previous page's
+        `next_cursor` (CaError "invalid-cursor" otherwise)."""
+        parameters.page_limit(limit)
+        start = 0
+        if cursor is not None:
+            parameters.cursor(cursor)
+            if not cursor.isdigit() or len(cursor) > 6:
+                raise invalid_cursor()
+            start = int(cursor)
+        summary = self.batch(batch_id, reader)
+        items = self.ledger.batch_items(summary.record.id, start, limit)
+        intermediates: dict[str, Any] = {}
+        results = [self._result(item, intermediates) for item in items]
+        following = start + limit
+        return BatchResults(summary, results, str(following) if following < summary.record.total else None)
+
+    def _result(self, item: BatchItem, intermediates: dict[str, Any]) -> BatchResult:
+        if item.status == ITEM_ISSUED and item.certificate is not None:
+            record = item.certificate
+            if record.intermediate_id not in intermediates:
+                intermediates[record.intermediate_id] = self.intermediate(record.intermediate_id)
+            issued = IssuedCertificate(
+                record=record,
+                intermediate_pem=intermediates[record.intermediate_id].certificate_pem,
+                created=item.created,
+                warnings=item.warnings,
+                dps=self.dps.registration_info(record.device_id),
+            )
+            return BatchResult(item.index, item.device_id, item.status, issued=issued)
+        if item.status == ITEM_FAILED:
+            error = (item.error_code or "failed", item.error_message or "")
+            return BatchResult(item.index, item.device_id, item.status, error=error)
+        return BatchResult(item.index, item.device_id, item.status)
+
+    def batches(
+        self, reader: str | None = None, limit: int = parameters.DEFAULT_PAGE, cursor: str | None = None
+    ) -> BatchPage:
+        """A page of batches, oldest first: the reader's own (None: an admin, every batch)."""
+        parameters.page_limit(limit)
+        if cursor is not None:
+            parameters.cursor(cursor)
+        return self.ledger.list_batches(reader, limit, cursor)
+
+    def _stored_batch(self, batch_id: str) -> BatchRecord:
+        summary = self.ledger.get_batch(batch_id)
+        if summary is None:
+            raise NotFound(
+                f"the queue message names batch {batch_id}, which the ledger does not hold", "batch-not-found"
+            )
+        return summary.record
+
+
+def _batch_item(batch: BatchRecord, index: int, raw: Any) -> BatchItem:
+    """An item as stored: pending, or failed with what is wrong with it ("invalid-item")."""
+    problem = None
+    device_id = csr = None
+    if not isinstance(raw, Mapping):
+        problem = "an item must be an object with deviceId and csr"
+    else:
+        device_id, csr = raw.get("deviceId"), raw.get("csr")
+        unknown = sorted(set(raw) - {"deviceId", "csr"})
+        if not isinstance(device_id, str) or not device_id:
+            problem = "deviceId is missing or not a string"
+        elif len(device_id) > MAX_ITEM_DEVICE_ID:
+            problem = f"deviceId is longer than {MAX_ITEM_DEVICE_ID} characters"
+        elif not isinstance(csr, str) or not csr.strip():
+            problem = "csr is missing or not a string (PEM)"
+        elif len(csr) > MAX_ITEM_CSR:
+            problem = f"csr is longer than {MAX_ITEM_CSR} characters"
+        elif unknown:
+            problem = f"unknown field(s): {', '.join(repr(name)[:40] for name in unknown[:3])}"
+    shown_id = device_id if isinstance(device_id, str) and len(device_id) <= MAX_ITEM_DEVICE_ID else ""
+    if problem is None:
+        return BatchItem(batch.id, index, shown_id, csr)
+    return BatchItem(
+        batch.id,
+        index,
+        shown_id,
+        "",
+        ITEM_FAILED,
+        error_code="invalid-item",
+        error_message=f"item {index}: {problem}",
+        finished_at=batch.created_at,
+    )
+
+
+def _finished(item: BatchItem, result: IssuedCertificate | CaError) -> BatchItem:
+    if isinstance(result, IssuedCertificate):
+        return BatchItem(
+            item.batch_id,
+            item.index,
+            item.device_id,
+            item.csr,
+            ITEM_ISSUED,
+            certificate=result.record,
+            created=result.created,
+            warnings=result.warnings,
+        )
+    return _failed_item(item, result.code, result.message)
+
+
+def _failed_item(item: BatchItem, code: str, message: str) -> BatchItem:
+    return BatchItem(
+        item.batch_id, item.index, item.device_id, item.csr, ITEM_FAILED, error_code=code, error_message=message
+    )
