@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Any
 from .ledger.models import ApiKey, CaRecord, CertificateRecord, Principal, Revocation
 
 if TYPE_CHECKING:  # the service's results use these views' formats (iso): no import at run time
+    from .ledger.models import BatchSummary
     from .service.access import NewApiKey
+    from .service.batches import BatchResult
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -110,3 +112,37 @@ def api_key_view(key: ApiKey) -> dict[str, Any]:
 def new_api_key_view(issued: "NewApiKey") -> dict[str, Any]:
     """The one document that carries a key's secret; shown once."""
     return {"principal": principal_view(issued.principal), "keyId": issued.key.id, "apiKey": issued.secret}
+
+
+# -- batches -------------------------------------------------------------------------------------------
+
+
+def batch_view(summary: "BatchSummary") -> dict[str, Any]:
+    """A batch's progress: status, counts and timing (UTC, ISO 8601; null until known)."""
+    record = summary.record
+    return {
+        "id": record.id,
+        "status": summary.status,
+        "requestedBy": record.requested_by,
+        "intermediateId": record.intermediate_id,
+        "counts": {
+            "total": record.total,
+            "pending": summary.pending,
+            "issued": summary.issued,
+            "failed": summary.failed,
+        },
+        "createdAt": iso(record.created_at),
+        "startedAt": iso(summary.started_at),
+        "finishedAt": iso(summary.finished_at),
+    }
+
+
+def batch_result_view(result: "BatchResult") -> dict[str, Any]:
+    """One item's result: `bundle` (the device bundle) when issued, `error` when failed, neither if pending."""
+    document: dict[str, Any] = {"index": result.index, "deviceId": result.device_id, "status": result.status}
+    if result.issued is not None:
+        document["created"] = result.issued.created
+        document["bundle"] = result.issued.bundle()
+    if result.error is not None:
+        document["error"] = {"code": result.error[0], "message": result.error[1]}
+    return document

@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 
 from shared.api import create_app
 from shared.ledger.models import CertificateQuery
+from shared.queues import BATCH_CHUNKS, InProcessQueue
 from shared.service import DeviceCA
 
 
@@ -35,6 +36,7 @@ class Api:
             [(ca.id, ca.status) for ca in ledger.list_cas()],
             [(k.id, k.revoked_at) for k in ledger.list_api_keys()],
             ledger.list_principals(),
+            [batch.record.id for batch in ledger.list_batches(None, 1000, None).items],
         )
 
 
@@ -47,9 +49,21 @@ def make_api(service: DeviceCA) -> Api:
     factory_b = principals.create_factory("factory-two", ["factory-b"]).secret
     revoked = principals.create_api_key("factory-one")
     principals.revoke_api_key(revoked.key.id)
+    # batch chunks wait on a queue without a worker: a test delivers them (deliver_chunks), so that no
+    # signing runs behind its back
+    service.batch_queue = InProcessQueue(BATCH_CHUNKS)
     client = TestClient(create_app(service), raise_server_exceptions=False)
     return Api(client, service, admin, factory_a, factory_b, revoked.secret)
 
 
 def bearer(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def deliver_chunks(service: DeviceCA) -> int:
+    """Run the chunk handler on every message waiting on the service's in-process batch queue."""
+    delivered = 0
+    while (message := service.batch_queue.take()) is not None:
+        service.sign_batch_chunk(message)
+        delivered += 1
+    return delivered

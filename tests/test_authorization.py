@@ -41,6 +41,21 @@ def _device_request(api):
     )
 
 
+def _batch_request(api):
+    device = _fresh("batch-dev")
+    return (
+        "POST",
+        "/api/batches?intermediateId=factory-a",
+        {"json": {"items": [{"deviceId": device, "csr": make_csr(device).decode()}]}},
+    )
+
+
+def _batch_of_factory_a(api) -> str:
+    device = _fresh("batch-owned")
+    items = [{"deviceId": device, "csr": make_csr(device).decode()}]
+    return api.service.submit_batch(items, requested_by="factory-one", allowed_intermediates=["factory-a"]).record.id
+
+
 # (route, prepare(api) -> (method, path, request kwargs), expected status per caller in CALLERS order)
 ROUTES = [
     ("health", lambda api: ("GET", "/api/health", {}), (200,) * 6),
@@ -94,6 +109,13 @@ ROUTES = [
     ),
     ("list keys", lambda api: ("GET", "/api/keys", {}), (*ADMIN_ONLY, 200)),
     ("revoke key", lambda api: ("POST", f"/api/keys/{_throwaway_key(api)}/revoke", {}), (*ADMIN_ONLY, 200)),
+    ("submit batch", _batch_request, (401, 401, 401, 202, 403, 202)),
+    ("list batches", lambda api: ("GET", "/api/batches", {}), (401, 401, 401, 200, 200, 200)),
+    (
+        "show batch",
+        lambda api: ("GET", f"/api/batches/{_batch_of_factory_a(api)}", {}),
+        (401, 401, 401, 200, 404, 200),
+    ),
 ]
 
 

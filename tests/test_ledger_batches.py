@@ -19,7 +19,9 @@ from shared.ledger.models import (
     CertificateRecord,
 )
 
-from .test_ledger import ledger, ledger_spec  # noqa: F401 - the fixtures, on both stores
+from . import test_ledger
+
+ledger, ledger_spec = test_ledger.ledger, test_ledger.ledger_spec  # the fixtures, on both stores
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -39,6 +39,7 @@ from .auth import (
     optional_caller,
     service_of,
 )
+from .batches import BATCH_BODY_LIMIT, BATCHES_PATH, batches
 from .errors import UnsupportedMediaType, describe_validation, install_error_handlers
 from .limits import BodyLimit
 
@@ -84,6 +85,7 @@ def create_app(service: DeviceCA | None = None, settings: Settings | None = None
     document_security(app)
     app.include_router(devices)
     app.include_router(router)
+    app.include_router(batches)
     docs.install(app)
     return app
 
@@ -95,6 +97,8 @@ async def _closing_what_it_built(app: FastAPI) -> AsyncIterator[None]:
 
 
 def body_limit(path: str) -> int:
+    if path == BATCHES_PATH:
+        return BATCH_BODY_LIMIT
     return CSR_BODY_LIMIT if path.startswith("/api/devices/") else JSON_BODY_LIMIT
 
 

@@ -225,3 +225,53 @@ class Health(BaseModel):
     dpsConfigured: bool | None = Field(None, description="authenticated callers")
     auth: Literal["apikey", "easyauth"] | None = Field(None, description="authenticated callers")
     problems: list[HealthProblem] | None = Field(None, description="authenticated callers, when degraded")
+
+
+# -- batches -------------------------------------------------------------------------------------------
+
+
+class BatchItemIn(BaseModel):
+    deviceId: str = Field(description="= the CSR's CN = the DPS registration ID")
+    csr: str = Field(description="PKCS#10 request, PEM")
+
+
+class BatchRequest(BaseModel):
+    items: list[BatchItemIn] = Field(description="1 to 10,000 items; a bad item fails alone", max_length=10_000)
+    intermediateId: str | None = Field(None, description="sign with this intermediate (default: your newest)")
+
+
+class BatchCounts(BaseModel):
+    total: int
+    pending: int
+    issued: int
+    failed: int
+
+
+class Batch(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "done-with-failures"]
+    requestedBy: str
+    intermediateId: str
+    counts: BatchCounts
+    createdAt: str
+    startedAt: str | None = Field(description="when its first chunk began signing")
+    finishedAt: str | None = Field(description="when its last item got its result")
+
+
+class BatchItemResult(BaseModel):
+    index: int = Field(description="the item's place in the request, from 0")
+    deviceId: str
+    status: Literal["pending", "issued", "failed"]
+    created: bool | None = Field(None, description="issued: false when the same CSR's certificate was given back")
+    bundle: DeviceBundle | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchWithResults(Batch):
+    results: list[BatchItemResult]
+    nextCursor: str | None = Field(description="pass as `cursor` for the next page of results")
+
+
+class BatchList(BaseModel):
+    items: list[Batch]
+    nextCursor: str | None = Field(description="pass as `cursor` for the next page")

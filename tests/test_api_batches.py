@@ -1,0 +1,150 @@
+"""The batch routes through FastAPI's TestClient: JSON and JSON Lines, 202 with every item stored, results
+paged, a malformed request a 400, the body cap, and who may read a batch."""
+
+import json
+
+import pytest
+
+from shared.api.batches import BATCH_BODY_LIMIT
+from shared.service.batches import MAX_BATCH_ITEMS
+
+from .apiclient import bearer, deliver_chunks, make_api
+from .certrules import DEVICE_BUNDLE_FIELDS, check_device, load_chain
+from .csrs import make_csr
+
+
+@pytest.fixture
+def api(service):
+    return make_api(service)
+
+
+def _items(prefix: str, count: int) -> list[dict]:
+    return [{"deviceId": f"{prefix}-{n}", "csr": make_csr(f"{prefix}-{n}").decode()} for n in range(count)]
+
+
+def _submit(api, key, body, media="application/json", **params):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return api.client.post(
+        "/api/batches", content=content, headers={"Content-Type": media, **bearer(key)}, params=params
+    )
+
+
+def _error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"} and response.json()["error"]["code"] == code, response.text
+    return response.json()["error"]["message"]
+
+
+def test_a_batch_through_the_api(api):
+    items = _items("api", 5)
+    response = _submit(api, api.factory_a, {"items": items})
+    assert response.status_code == 202, response.text
+    batch = response.json()
+    assert response.headers["location"] == f"/api/batches/{batch['id']}"
+    assert batch["status"] == "queued" and batch["counts"] == {"total": 5, "pending": 5, "issued": 0, "failed": 0}
+    assert batch["requestedBy"] == "factory-one" and batch["intermediateId"] == "factory-a"
+    assert api.service.batch(batch["id"]).pending == 5  # every item is stored before the 202
+    assert api.certificate_count() == 0
+
+    pending = api.client.get(f"/api/batches/{batch['id']}", headers=bearer(api.factory_a)).json()
+    assert [r["status"] for r in pending["results"]] == ["pending"] * 5
+    assert deliver_chunks(api.service) == 1
+
+    page = api.client.get(f"/api/batches/{batch['id']}", params={"limit": 3}, headers=bearer(api.factory_a)).json()
+    assert page["status"] == "done" and page["counts"]["issued"] == 5 and page["finishedAt"]
+    assert page["nextCursor"] == "3" and [r["index"] for r in page["results"]] == [0, 1, 2]
+    rest = api.client.get(
+        f"/api/batches/{batch['id']}", params={"limit": 3, "cursor": "3"}, headers=bearer(api.factory_a)
+    ).json()
+    assert rest["nextCursor"] is None and [r["index"] for r in rest["results"]] == [3, 4]
+    for result, item in zip(page["results"] + rest["results"], items, strict=True):
+        assert result["status"] == "issued" and result["created"] is True and "error" not in result
+        assert set(result["bundle"]) == DEVICE_BUNDLE_FIELDS
+        device, intermediate = load_chain(result["bundle"]["certificateChain"])
+        check_device(device, intermediate, item["deviceId"])
+        assert api.service.certificate(result["bundle"]["serialNumber"]).device_id == item["deviceId"]
+    assert api.certificate_count() == 5
+
+
+def test_json_lines_with_a_bad_line_fail_that_item_alone(api):
+    lines = [json.dumps(item) for item in _items("lines", 2)]
+    body = "\n".join([lines[0], "{not json", "", lines[1], '["an", "array"]']).encode() + b"\n"
+    response = _submit(api, api.admin, body, "application/jsonl", intermediateId="factory-b")
+    assert response.status_code == 202, response.text
+    batch = response.json()
+    assert batch["intermediateId"] == "factory-b" and batch["counts"]["failed"] == 2
+    deliver_chunks(api.service)
+    done = api.client.get(f"/api/batches/{batch['id']}", headers=bearer(api.admin)).json()
+    assert done["status"] == "done-with-failures"
+    assert [r["status"] for r in done["results"]] == ["issued", "failed", "issued", "failed"]
+    assert done["results"][1]["error"]["code"] == "invalid-item"
+    assert done["results"][2]["bundle"]["intermediateId"] == "factory-b"
+
+
+@pytest.mark.parametrize(
+    ("body", "media", "status", "code"),
+    [
+        (b'{"items": [', "application/json", 400, "invalid-request"),
+        (b'{"items": {}}', "application/json", 400, "invalid-request"),
+        (b"[]", "application/json", 400, "invalid-request"),
+        (b'{"items": [], "extra": 1}', "application/json", 400, "invalid-request"),
+        (
+            b'{"items": [{"deviceId": "a", "csr": "b"}], "intermediateId": 5}',
+            "application/json",
+            400,
+            "invalid-request",
+        ),
+        (b'{"items": []}', "application/json", 400, "empty-batch"),
+        (b"", "application/jsonl", 400, "empty-batch"),
+        (b"\xff\xfe{}", "application/json", 400, "invalid-request"),
+        (b'{"items": []}', "text/csv", 415, "unsupported-media-type"),
+        (b'{"items": [{"deviceId": "a", "csr": "b"}]}', "", 415, "unsupported-media-type"),
+    ],
+)
+def test_a_malformed_request_is_a_400_and_stores_nothing(api, body, media, status, code):
+    before = api.state()
+    _error(_submit(api, api.factory_a, body, media), status, code)
+    assert api.state() == before
+
+
+def test_too_many_items_and_conflicting_intermediates_are_refused(api):
+    item = {"deviceId": "x", "csr": "y"}
+    message = _error(_submit(api, api.admin, {"items": [item] * (MAX_BATCH_ITEMS + 1)}), 400, "too-many-items")
+    assert "10000" in message
+    lines = "\n".join([json.dumps(item)] * (MAX_BATCH_ITEMS + 1)).encode()
+    _error(_submit(api, api.admin, lines, "application/x-ndjson"), 400, "too-many-items")
+    both = {"items": [item], "intermediateId": "factory-a"}
+    _error(_submit(api, api.admin, both, intermediateId="factory-b"), 400, "conflicting-parameters")
+    _error(
+        _submit(api, api.factory_a, {"items": [item], "intermediateId": "factory-b"}), 403, "intermediate-not-allowed"
+    )
+    assert api.service.batches().items == []
+
+
+def test_the_batch_route_takes_a_body_of_10_000_p384_csrs_and_no_more(api):
+    assert BATCH_BODY_LIMIT == 10 * 1024 * 1024
+    headers = {"Content-Type": "application/json", "Content-Length": str(BATCH_BODY_LIMIT + 1), **bearer(api.admin)}
+    response = api.client.post("/api/batches", content=b"x" * (BATCH_BODY_LIMIT + 1), headers=headers)
+    assert str(BATCH_BODY_LIMIT) in _error(response, 413, "body-too-large")
+    over_csr_cap = {"items": [{"deviceId": "big", "csr": make_csr("big").decode() + " " * 9000}]}
+    assert _submit(api, api.admin, over_csr_cap).status_code == 202  # over the one-CSR route's cap: fine here
+
+
+def test_only_the_submitter_or_an_admin_reads_a_batch(api):
+    mine = _submit(api, api.factory_a, {"items": _items("mine", 1)}).json()["id"]
+    theirs = _submit(api, api.factory_b, {"items": _items("theirs", 1)}).json()["id"]
+    hidden = api.client.get(f"/api/batches/{theirs}", headers=bearer(api.factory_a))
+    unknown = api.client.get("/api/batches/0123456789abcdef", headers=bearer(api.factory_a))
+    assert _error(hidden, 404, "batch-not-found") == f"no batch with ID {theirs!r}"
+    _error(unknown, 404, "batch-not-found")
+    assert api.client.get(f"/api/batches/{theirs}", headers=bearer(api.admin)).status_code == 200
+    listed = api.client.get("/api/batches", headers=bearer(api.factory_a)).json()
+    assert [b["id"] for b in listed["items"]] == [mine] and listed["nextCursor"] is None
+    everyone = api.client.get("/api/batches", params={"limit": 1}, headers=bearer(api.admin)).json()
+    assert [b["id"] for b in everyone["items"]] == [mine] and everyone["nextCursor"]
+    following = api.client.get(
+        "/api/batches", params={"limit": 1, "cursor": everyone["nextCursor"]}, headers=bearer(api.admin)
+    ).json()
+    assert [b["id"] for b in following["items"]] == [theirs]
+    bad = api.client.get("/api/batches", params={"cursor": "!"}, headers=bearer(api.admin))
+    _error(bad, 400, "invalid-request")
