@@ -36,7 +36,7 @@ def function_app(tmp_path, monkeypatch):
 def test_the_host_indexes_one_anonymous_http_function_on_every_route(function_app):
     module, _ = function_app
     functions = module.app.get_functions()
-    assert [f.get_function_name() for f in functions] == ["http_app_func"]
+    assert [f.get_function_name() for f in functions] == ["http_app_func", "sign_batch_chunk", "fail_batch_chunk"]
     trigger = functions[0].get_trigger()
     assert trigger.get_binding_name() == "httpTrigger"
     assert trigger.route == "/{*route}"
