@@ -7,6 +7,7 @@ API uses (shared/parameters.py), and output paths are checked too, before anythi
 """
 
 import argparse
+import base64
 import getpass
 import json
 import logging
@@ -37,7 +38,15 @@ from shared.serve_limits import (
 )
 from shared.service import DeviceCA, IssuedCertificate, check_backup_destination
 from shared.service.access import NewApiKey
-from shared.views import api_key_view, ca_view, certificate_view, new_api_key_view, principal_view, revocation_view
+from shared.views import (
+    api_key_view,
+    batch_result_view,
+    ca_view,
+    certificate_view,
+    new_api_key_view,
+    principal_view,
+    revocation_view,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's status for a command line it cannot take
@@ -184,6 +193,14 @@ def _prepare(args: argparse.Namespace) -> None:
         args.port = listening_port(args.host, args.port)  # a port in use is refused before anything is set up
     if args.handler is sign_csr:
         args.csr = _read_input(args.file)
+    if args.handler is sign_batch:
+        args.items = _read_batch_input(args.source)
+        if args.results is None:
+            args.results = args.source.with_name(args.source.name.removesuffix(".jsonl") + ".results.jsonl")
+        _check_output_file(args.results)
+        if args.pem_dir is not None:
+            _check_output_folder(args.pem_dir, (), parents=False)
+            args.pem_dir.mkdir(exist_ok=True)
     if args.handler is proof_ca_root_possession:
         check_verification_code(args.verification_code)  # it names the default output file
         args.out = args.out or Path(f"verification-{args.verification_code}.pem")
@@ -657,6 +674,159 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     )
 
 
+# -- sign-batch --------------------------------------------------------------------------------------
+
+CSR_SUFFIXES = (".csr", ".pem")
+
+
+def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    """Sign a file or folder of CSRs as batches on this host, chunk by chunk with the queue handler itself,
+    with a progress bar; each finished chunk's results are appended to the results file (and chains written)
+    before the next begins. Items whose device already has an "issued" line there are skipped, so a run
+    after an interruption signs only the rest, and an item committed but not yet written gets its
+    certificate back from the ledger (same CSR), never a second one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from shared.service.batches import CHUNK_SIZE, MAX_BATCH_ITEMS, ChunkMessage
+
+    items, done = args.items, _issued_devices(args.results)
+    remaining = [(n, item) for n, item in enumerate(items) if _device_of(item) not in done]
+    counts = {"issued": 0, "created": 0, "failed": 0, "skipped": len(items) - len(remaining)}
+    batch_ids: list[str] = []
+    console = _stderr_console()  # a bar where stderr is a terminal (or FORCE_COLOR is set), else nothing
+    progress = Progress(
+        TextColumn("signing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=args.json or not console.is_terminal,
+        console=console,
+    )
+    results = _Appender(args.results)
+    with progress, results:
+        task = progress.add_task("sign-batch", total=len(remaining))
+        for start in range(0, len(remaining), MAX_BATCH_ITEMS):
+            part = remaining[start : start + MAX_BATCH_ITEMS]
+            batch = service.submit_batch(
+                [item for _, item in part], requested_by=_who(), intermediate_id=args.intermediate, enqueue=False
+            )
+            batch_ids.append(batch.record.id)
+            try:
+                for chunk in range(batch.record.chunks):
+                    service.sign_batch_chunk(ChunkMessage(batchId=batch.record.id, chunk=chunk).text())
+                    page = service.batch_results(batch.record.id, limit=CHUNK_SIZE, cursor=str(chunk * CHUNK_SIZE))
+                    for result in page.results:
+                        line = {"item": part[result.index][0], **batch_result_view(result)}
+                        counts[result.status] += 1
+                        if result.issued is not None:
+                            counts["created"] += result.issued.created
+                            if args.pem_dir:
+                                _write_file(
+                                    args.pem_dir / f"{result.device_id}.pem", result.issued.chain_pem.encode(), 0o644
+                                )
+                        results.write(json.dumps(line) + "\n")
+                    results.sync()
+                    progress.advance(task, len(page.results))
+            except BaseException:
+                service.cancel_batch(batch.record.id, "the command signing it stopped; run it again to resume")
+                raise
+    document = {"batches": batch_ids, "results": str(args.results), **counts}
+    lines = [
+        f"Signed {counts['issued']} of {len(remaining)} item(s): {counts['created']} new, "
+        f"{counts['issued'] - counts['created']} given back from the ledger (the same CSR); {counts['failed']} failed.",
+        f"Results (one JSON line an item): {args.results}",
+    ]
+    if counts["skipped"]:
+        lines.insert(1, f"Skipped {counts['skipped']} item(s) already issued in {args.results}.")
+    if args.pem_dir:
+        lines.append(f"Certificate chains (device, intermediate): {args.pem_dir}/DEVICE_ID.pem")
+    if counts["failed"]:
+        lines.append("Failed items have an 'error' in the results; run the command again to retry them.")
+    return document, "\n".join(lines)
+
+
+class _Appender:
+    """A file appended to, opened at the first write (a command refused before then leaves no file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(text)
+
+    def sync(self) -> None:
+        """What was written is on disk: an interruption after this loses none of it."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def __enter__(self) -> "_Appender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _read_batch_input(source: Path) -> list[Any]:
+    """The items of a JSON Lines file (one {"deviceId", "csr"} a line; a line that is not JSON is that
+    item's failure) or of a folder of CSR files named DEVICE_ID.csr or DEVICE_ID.pem (PEM or DER)."""
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in CSR_SUFFIXES and p.is_file())
+        if not files:
+            raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
+        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files]
+    text = _read_input(source).decode("utf-8-sig", errors="replace")
+    items = [_json_line(line) for line in text.splitlines() if line.strip()]
+    if not any(isinstance(item, dict) for item in items):
+        raise CaError(
+            f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr); "
+            "for CSR files, name a folder of them",
+            "cannot-read",
+        )
+    return items
+
+
+def _csr_text(data: bytes) -> str:
+    """A CSR file's content as text: PEM as it is, DER as PEM."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return data.decode("utf-8", errors="replace")
+    body = base64.encodebytes(data).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _device_of(item: Any) -> Any:
+    return item.get("deviceId") if isinstance(item, dict) else None
+
+
+def _issued_devices(results: Path) -> set[str]:
+    """The devices that have an "issued" line in an earlier run's results file."""
+    if not results.exists():
+        return set()
+    done = set()
+    for line in results.read_text(encoding="utf-8").splitlines():
+        document = _json_line(line)
+        if isinstance(document, dict) and document.get("status") == "issued":
+            done.add(document.get("deviceId"))
+    return done
+
+
 # -- parser ------------------------------------------------------------------------------------------
 
 
@@ -773,6 +943,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--out", type=Path, help="write the chain (device, intermediate) as PEM to this file (its folder must exist)"
     )
+
+    sub = command(
+        "sign-batch",
+        sign_batch,
+        "sign many device CSRs as batches on this host, with a progress bar; resumes where it stopped",
+        "Sign many device CSRs on the CA host, by the rules of sign-csr, through the same batch handler the "
+        "queue-triggered function runs (each batch is in the ledger and in GET /api/batches). SOURCE is a JSON "
+        'Lines file, one {"deviceId": ..., "csr": "<PEM>"} a line, or a folder of CSR files (PEM or DER) named '
+        "DEVICE_ID.csr or DEVICE_ID.pem. Each item's result (its device bundle, or its error) is appended to the "
+        "results file as one JSON line as soon as its chunk is done. Run again after an interruption: devices "
+        "already issued there are skipped, and one signed but not yet written gets its certificate back (the "
+        "same CSR), never a second one; failed items are tried again.",
+    )
+    sub.add_argument("source", type=Path, metavar="SOURCE", help="a JSON Lines file, or a folder of CSR files")
+    sub.add_argument(
+        "--results",
+        type=Path,
+        help="the results file, appended to (default: SOURCE's name with .results.jsonl, beside it)",
+    )
+    sub.add_argument(
+        "--pem-dir",
+        type=Path,
+        help="also write each chain (device, intermediate) as DIR/DEVICE_ID.pem (made if missing)",
+    )
+    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
 
     sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
     sub.add_argument("--device-id", help="only this device")

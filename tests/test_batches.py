@@ -274,3 +274,15 @@ def test_chunks_that_cannot_be_queued_have_their_items_failed(quiet):
     assert (batch.failed, batch.pending) == (CHUNK_SIZE + 1, CHUNK_SIZE)  # chunk 0 was queued
     results = _all_results(service, batch.record.id)
     assert {r.error[0] for r in results[CHUNK_SIZE:]} == {"not-queued"}
+
+
+def test_a_cancelled_batch_fails_its_unfinished_items_and_keeps_the_rest(quiet):
+    service = quiet
+    submitted = service.submit_batch(_items("cancel", CHUNK_SIZE + 1), requested_by="cli:test")
+    first, _ = _messages(service)
+    service.sign_batch_chunk(first)
+    assert service.cancel_batch(submitted.record.id, "stopped by its command") == 1
+    summary = service.batch(submitted.record.id)
+    assert (summary.status, summary.issued, summary.failed) == (BATCH_DONE_WITH_FAILURES, CHUNK_SIZE, 1)
+    last = service.batch_results(submitted.record.id, cursor=str(CHUNK_SIZE)).results[0]
+    assert last.error == ("batch-cancelled", "stopped by its command")

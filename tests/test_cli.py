@@ -22,6 +22,7 @@ COMMANDS = [
     "enable-intermediate",
     "create-device-cert",
     "sign-csr",
+    "sign-batch",
     "list-certificates",
     "revoke",
     "create-factory",

@@ -35,6 +35,7 @@ MISSING = "/no/such/folder/x.pem"
 def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
     """command -> [(arguments after the command, exit status)]. Paths are made by `_scene`."""
     folder, a_file, csr = str(tmp / "a-folder"), str(tmp / "a-file"), str(tmp / "dev-1.csr")
+    batch = str(tmp / "batch.jsonl")
     return {
         "create-ca-root": [
             (["--days", "nan"], USAGE),
@@ -85,6 +86,18 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             ([csr, "--device-id", "dev-1", "--out", MISSING], ERROR),
             ([csr, "--device-id", "dev-2"], ERROR),  # CN differs
             ([csr, "--device-id", "dev-1", "--intermediate", "nope"], ERROR),
+        ],
+        "sign-batch": [
+            ([], USAGE),
+            ([str(tmp / "no-such.jsonl")], ERROR),
+            ([folder], ERROR),  # no CSR files in it
+            ([a_file], ERROR),  # not JSON Lines
+            ([csr], ERROR),  # a CSR, not JSON Lines
+            ([batch, "--intermediate", "nope"], ERROR),
+            ([batch, "--results", folder], ERROR),
+            ([batch, "--results", MISSING], ERROR),
+            ([batch, "--pem-dir", a_file], ERROR),
+            ([batch, "--pem-dir", "/no/such/folder/pems"], ERROR),
         ],
         "list-certificates": [
             (["--cursor", "abc"], ERROR),  # the form of a cursor, but not one this listing gave
@@ -147,6 +160,7 @@ def scene(service, tmp_path, monkeypatch):
     (tmp_path / "a-folder" / "inside.txt").write_text("something")  # a backup refuses a folder with files
     (tmp_path / "a-file").write_text("not a CSR\n")
     (tmp_path / "dev-1.csr").write_bytes(make_csr("dev-1"))
+    (tmp_path / "batch.jsonl").write_text(json.dumps({"deviceId": "dev-2", "csr": make_csr("dev-2").decode()}) + "\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PKI_HOME", str(service.settings.pki_home))
     monkeypatch.delenv("PKI_DEBUG", raising=False)

@@ -100,3 +100,34 @@ def test_the_in_process_queue_is_first_in_first_out():
     queue.send("b")
     assert [queue.take(), queue.take(), queue.take()] == ["a", "b", None]
     assert poison_queue("batch-chunks") == "batch-chunks-poison"
+
+
+def test_the_in_process_worker_delivers_again_after_a_failure_and_then_to_poison():
+    queue = InProcessQueue("work", max_dequeue_count=3, retry_seconds=0.001)
+    seen: list[str] = []
+    poisoned: list[str] = []
+
+    def handler(text: str) -> None:
+        seen.append(text)
+        if text == "never" or (text == "twice" and seen.count("twice") < 2):
+            raise RuntimeError("not yet")
+
+    queue.serve(handler, poisoned.append)
+    queue.send("once")
+    queue.send("twice")
+    queue.send("never")
+    queue.wait_idle()
+    assert seen.count("once") == 1 and seen.count("twice") == 2 and seen.count("never") == 3
+    assert poisoned == ["never"]
+    queue.send("later", delay_seconds=1)
+    queue.wait_idle()
+    assert seen[-1] == "later"
+    queue.close()
+    queue.close()  # twice: nothing left to stop
+
+
+def test_a_queue_without_a_worker_keeps_its_messages_until_taken():
+    queue = InProcessQueue("held")
+    queue.send("kept")
+    queue.close()
+    assert queue.take() == "kept"

@@ -229,6 +229,12 @@ class BatchUseCases:
         log.warning("batch %s chunk %d failed after %d deliveries", batch.id, chunk.chunk, state.attempts)
         return ChunkOutcome(batch.id, chunk.chunk, recorded=recorded)
 
+    def cancel_batch(self, batch_id: str, reason: str) -> int:
+        """Fail every unfinished item of a batch ("batch-cancelled", with `reason`), as a caller that signs
+        its chunks itself does when it stops; returns how many. Items with a result keep it."""
+        batch = self._stored_batch(batch_id)
+        return sum(self._fail_pending(batch.id, chunk, "batch-cancelled", reason) for chunk in range(batch.chunks))
+
     def _fail_pending(self, batch_id: str, chunk: int, code: str, message: str) -> int:
         _, items = self.ledger.chunk_items(batch_id, chunk)
         failed = [_failed_item(item, code, message) for item in items if item.status not in (ITEM_ISSUED, ITEM_FAILED)]

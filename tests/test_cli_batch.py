@@ -1,0 +1,125 @@
+"""`python cli.py sign-batch`: a JSON Lines file or a folder of CSRs, a results file and PEM chains, and a
+run after an interruption that signs only what is left, never twice."""
+
+import json
+import logging
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+import cli
+from shared.ledger.models import CertificateQuery
+
+from .certrules import check_device, load, load_chain
+from .csrs import make_csr
+
+
+@pytest.fixture(autouse=True)
+def _log_as_before(monkeypatch):
+    """cli.main sets up the service's log for a command; this process's other tests get theirs back."""
+    logger = logging.getLogger("device_ca")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+
+
+@pytest.fixture
+def scene(embedded_service, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PKI_HOME", str(embedded_service.settings.pki_home))
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    return embedded_service, tmp_path
+
+
+def _lines(items: list) -> str:
+    return "".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in items)
+
+
+def _item(device_id: str) -> dict:
+    return {"deviceId": device_id, "csr": make_csr(device_id).decode()}
+
+
+def _results(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _certificates(service) -> list:
+    return service.ledger.list_certificates(CertificateQuery(limit=1000)).items
+
+
+def test_a_json_lines_file_is_signed_with_results_and_chains(scene, capsys, monkeypatch):
+    service, folder = scene
+    source = folder / "line-7.jsonl"
+    source.write_text(_lines([_item("cli-0"), "{broken", _item("cli-1"), {"deviceId": "cli-2"}, _item("cli-3")]))
+    monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal: the progress bar is drawn on stderr
+    assert cli.main(["sign-batch", str(source), "--pem-dir", "chains"]) == 0
+    out, err = capsys.readouterr()
+    assert "signing" in err and "5/5" in err
+    assert "Signed 3 of 5 item(s): 3 new, 0 given back from the ledger (the same CSR); 2 failed." in out
+    results = _results(folder / "line-7.results.jsonl")
+    assert [(r["item"], r["status"]) for r in results] == [
+        (0, "issued"),
+        (1, "failed"),
+        (2, "issued"),
+        (3, "failed"),
+        (4, "issued"),
+    ]
+    assert results[3]["error"]["code"] == "invalid-item" and results[3]["deviceId"] == "cli-2"
+    intermediate = load(service.intermediate("factory-a").certificate_pem)
+    for result in results:
+        if result["status"] == "issued":
+            device, _ = load_chain((folder / "chains" / f"{result['deviceId']}.pem").read_text())
+            check_device(device, intermediate, result["deviceId"])
+            assert result["bundle"]["certificateChain"] == (folder / "chains" / f"{result['deviceId']}.pem").read_text()
+    assert len(_certificates(service)) == 3
+    (batch,) = service.batches().items
+    assert batch.record.requested_by.startswith("cli:") and batch.status == "done-with-failures"
+
+
+def test_a_run_after_an_interruption_signs_only_what_is_left_and_never_twice(scene, capsys):
+    service, folder = scene
+    items = [_item(f"resume-{n}") for n in range(6)]
+    source = folder / "devices.jsonl"
+    source.write_text(_lines(items[:2]))
+    assert cli.main(["sign-batch", str(source), "--json"]) == 0  # the first run got as far as two items
+    first = json.loads(capsys.readouterr().out)
+    assert (first["issued"], first["created"], first["skipped"]) == (2, 2, 0)
+    # ... and committed a third, stopping before its result was written
+    committed = service.sign_csr(items[2]["csr"], "resume-2", requested_by="cli:test")
+    source.write_text(_lines(items))
+    assert cli.main(["sign-batch", str(source), "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert (second["issued"], second["created"], second["skipped"], second["failed"]) == (4, 3, 2, 0)
+    results = _results(folder / "devices.results.jsonl")
+    assert sorted(r["deviceId"] for r in results) == [f"resume-{n}" for n in range(6)]  # each once
+    again = next(r for r in results if r["deviceId"] == "resume-2")
+    assert again["created"] is False and again["bundle"]["serialNumber"] == committed.record.serial
+    assert len(_certificates(service)) == 6
+
+    assert cli.main(["sign-batch", str(source)]) == 0  # nothing left
+    assert "Skipped 6 item(s) already issued" in capsys.readouterr().out
+    assert len(_certificates(service)) == 6
+
+
+def test_a_folder_of_csr_files_named_by_device_id(scene, capsys):
+    _, folder = scene
+    csrs = folder / "csrs"
+    csrs.mkdir()
+    (csrs / "dir-pem.csr").write_bytes(make_csr("dir-pem"))
+    (csrs / "dir-der.pem").write_bytes(make_csr("dir-der", encoding=serialization.Encoding.DER))
+    (csrs / "notes.txt").write_text("not a CSR file")
+    results_file = folder / "out.jsonl"
+    assert cli.main(["sign-batch", str(csrs), "--results", str(results_file)]) == 0
+    assert "Signed 2 of 2 item(s)" in capsys.readouterr().out
+    assert sorted(r["deviceId"] for r in _results(results_file) if r["status"] == "issued") == ["dir-der", "dir-pem"]
+
+
+def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):
+    service, folder = scene
+    source = folder / "stop.jsonl"
+    source.write_text(_lines([_item("stop-0")]))
+    service.set_intermediate_enabled("factory-a", False)
+    assert cli.main(["sign-batch", str(source), "--intermediate", "factory-a"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: intermediate 'factory-a' is disabled; enable it or use another"
+    ]
+    assert not (folder / "stop.results.jsonl").exists() and service.batches().items == []
