@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ log = logging.getLogger("device_ca.batches")
 MAX_BATCH_ITEMS = 10_000
 # Items a queue message names: as many as one Table Storage transaction records with the chunk's row.
 CHUNK_SIZE = MAX_CHUNK_ITEMS
+QUEUE_SENDS_AT_ONCE = 8  # chunk messages sent in parallel when a batch is submitted
 MAX_ITEM_CSR = 8 * 1024  # characters of one item's CSR, as for POST /api/devices/{id}/certificate
 MAX_ITEM_DEVICE_ID = 128  # characters; DPS registration IDs are at most 128 (64 for X.509)
 _BATCH_ID = re.compile(r"[0-9a-f]{16}")
@@ -149,23 +151,32 @@ class BatchUseCases:
         return BatchSummary(batch, 0, failed, None, now if not waiting else None)
 
     def _queue_chunks(self, batch: BatchRecord, chunks: list[int]) -> None:
+        """Send the chunks' messages, several at once (each is a Storage request); the items of a chunk whose
+        message could not be sent are failed, and BackendUnavailable says which."""
         queue = self.batch_queue
         if queue is None:
             raise CaError("this service has no batch queue", "no-batch-queue")
-        for position, chunk in enumerate(chunks):
+
+        def send(chunk: int) -> CaError | None:
             try:
                 queue.send(ChunkMessage(batchId=batch.id, chunk=chunk).text())
             except CaError as error:
-                reason = for_callers(error, f"queueing chunk {chunk} of batch {batch.id}")
-                for unsent in chunks[position:]:
-                    self._fail_pending(
-                        batch.id, unsent, "not-queued", f"the chunk could not be queued: {reason.message}"
-                    )
-                raise BackendUnavailable(
-                    f"batch {batch.id}: its items are stored, but chunks {chunks[position]}-{chunks[-1]} could not "
-                    f"be queued and their items failed ({reason.message}); submit those items again",
-                    "batch-not-queued",
-                ) from None
+                return error
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(QUEUE_SENDS_AT_ONCE, len(chunks) or 1)) as pool:
+            failures = [(chunk, error) for chunk, error in zip(chunks, pool.map(send, chunks), strict=True) if error]
+        if not failures:
+            return
+        reason = for_callers(failures[0][1], f"queueing chunks of batch {batch.id}")
+        for chunk, _ in failures:
+            self._fail_pending(batch.id, chunk, "not-queued", f"the chunk could not be queued: {reason.message}")
+        unsent = ", ".join(str(chunk) for chunk, _ in failures[:10]) + (" ..." if len(failures) > 10 else "")
+        raise BackendUnavailable(
+            f"batch {batch.id}: its items are stored, but {len(failures)} of its {len(chunks)} chunks could not be "
+            f"queued (chunks {unsent}) and their items failed ({reason.message}); submit those items again",
+            "batch-not-queued",
+        )
 
     def resume_batches(self) -> int:
         """Queue again every chunk with a pending item (an embedded server's in-process queue is lost with
