@@ -57,6 +57,7 @@ class DeviceCA(CaUseCases, DeviceUseCases, BatchUseCases):
         self.batch_queue = batch_queue if batch_queue is not None else InProcessQueue(BATCH_CHUNKS)
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
+        self._ca_pems: dict[str, str] = {}  # CA ID -> its certificate: IDs are never reused (unique CA IDs)
         self.principals = Principals(ledger, clock)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
         self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
