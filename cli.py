@@ -29,6 +29,7 @@ from shared.errors import CaError, unexpected
 from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
+from shared.queues import InProcessQueue
 from shared.serve_limits import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
@@ -491,6 +492,10 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
         _write_if_asked(root_file, service.root().certificate_pem)
     banner = _serve_banner(service, args, setup, root_file)
     _emit(json.dumps(banner[0], indent=2) if args.json else banner[1])
+    if isinstance(service.batch_queue, InProcessQueue):  # the embedded queue was lost with the last process
+        resumed = service.resume_batches()
+        if resumed and not args.json:
+            _emit(f"Batches: {resumed} unfinished chunk(s) queued again; this process signs them.")
     limits = ConnectionLimits(
         max_header_bytes=args.max_header_bytes,
         request_timeout=args.request_timeout,

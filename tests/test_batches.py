@@ -283,3 +283,15 @@ def test_a_cancelled_batch_fails_its_unfinished_items_and_keeps_the_rest(quiet):
     assert (summary.status, summary.issued, summary.failed) == (BATCH_DONE_WITH_FAILURES, CHUNK_SIZE, 1)
     last = service.batch_results(submitted.record.id, cursor=str(CHUNK_SIZE)).results[0]
     assert last.error == ("batch-cancelled", "stopped by its command")
+
+
+def test_a_restarted_embedded_server_queues_unfinished_chunks_again(quiet):
+    service = quiet
+    submitted = service.submit_batch(_items("restart", 2), requested_by="cli:test")
+    _messages(service)  # the in-process queue is lost with its process
+    service.batch_queue = InProcessQueue("after-restart")
+    service.batch_queue.serve(service.sign_batch_chunk, service.fail_batch_chunk)
+    assert service.resume_batches() == 1
+    service.batch_queue.wait_idle()
+    assert service.batch(submitted.record.id).status == BATCH_DONE
+    assert service.resume_batches() == 0
