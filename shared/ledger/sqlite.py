@@ -142,7 +142,7 @@ CREATE TABLE IF NOT EXISTS batch_items (
   finished_at TEXT,
   PRIMARY KEY (batch_id, item)
 );
-CREATE INDEX IF NOT EXISTS batch_items_by_chunk ON batch_items(batch_id, chunk);
+CREATE INDEX IF NOT EXISTS batch_items_by_chunk ON batch_items(batch_id, chunk, item);
 
 -- A certificate's key must be bound to its device and not revoked: the store refuses anything else.
 CREATE TRIGGER IF NOT EXISTS certificate_key_bound_to_device BEFORE INSERT ON certificates

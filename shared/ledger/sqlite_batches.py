@@ -138,29 +138,28 @@ class SqliteBatches:
             )
 
     def finish_chunk_items(self, batch_id: str, chunk: int, results: Sequence[BatchItem], at: datetime) -> int:
-        changed = issued = failed = 0
         with self._write() as db:
-            for item in results:
-                if item.status == ITEM_PENDING:
-                    continue
-                count = db.execute(
-                    "UPDATE batch_items SET status = ?, result = ?, finished_at = ? "
-                    "WHERE batch_id = ? AND item = ? AND chunk = ? AND status = 'pending'",
-                    (item.status, result_json(item), stamp(at), batch_id, item.index, chunk),
-                ).rowcount
-                changed += count
-                issued += count if item.status == ITEM_ISSUED else 0
-                failed += count if item.status == ITEM_FAILED else 0
-            (pending,) = db.execute(
-                "SELECT count(*) FROM batch_items WHERE batch_id = ? AND chunk = ? AND status = 'pending'",
-                (batch_id, chunk),
-            ).fetchone()
+            pending = {
+                row[0]
+                for row in db.execute(
+                    "SELECT item FROM batch_items WHERE batch_id = ? AND chunk = ? AND status = 'pending'",
+                    (batch_id, chunk),
+                )
+            }
+            changing = [item for item in results if item.status != ITEM_PENDING and item.index in pending]
+            db.executemany(
+                "UPDATE batch_items SET status = ?, result = ?, finished_at = ? WHERE batch_id = ? AND item = ?",
+                ((item.status, result_json(item), stamp(at), batch_id, item.index) for item in changing),
+            )
+            issued = sum(item.status == ITEM_ISSUED for item in changing)
+            failed = sum(item.status == ITEM_FAILED for item in changing)
+            still = len(pending) - len(changing)
             db.execute(
                 "UPDATE batch_chunks SET issued = issued + ?, failed = failed + ?, "
                 "finished_at = CASE WHEN ? = 0 THEN coalesce(finished_at, ?) END WHERE batch_id = ? AND chunk = ?",
-                (issued, failed, pending, stamp(at), batch_id, chunk),
+                (issued, failed, still, stamp(at), batch_id, chunk),
             )
-        return changed
+        return len(changing)
 
     def batch_items(self, batch_id: str, start: int, limit: int) -> list[BatchItem]:
         rows = self._read(
