@@ -18,7 +18,7 @@ from shared.errors import CaError
 from shared.ledger.models import CertificateQuery, Issuance
 from shared.service import RENEWAL_RETRY_WINDOW, DeviceCA, SignRequest
 
-from .apiclient import Api, make_api
+from .apiclient import Api, deliver_chunks, make_api
 from .csrs import device_key, make_csr
 
 OWNER, OTHER, ADMIN = "owner", "other-factory", "admin"
@@ -267,9 +267,38 @@ def test_the_ledger_itself_refuses_another_factorys_claim(api):
     assert api.service.certificate(record.serial).status == "active"
 
 
+# A batch asks for no renewal: the scenarios that do not renew, through the batch's chunk handler.
+WITHOUT_RENEWAL = [name for name in SCENARIOS if "renewal" not in name and name != "an admin certified it first"]
+
+
+@pytest.mark.parametrize("caller", [OWNER, OTHER, ADMIN])
+@pytest.mark.parametrize("scenario", WITHOUT_RENEWAL)
+def test_a_batch_item_follows_the_same_rules(api, clock, scenario, caller):
+    prepare, expected = SCENARIOS[scenario]
+    device = "dev-lifecycle"
+    attempt = prepare(api, clock, device)
+    assert not attempt.renew
+    before = _device_state(api, device)
+    options = _options(api, caller)
+    batch = api.service.submit_batch([{"deviceId": device, "csr": attempt.csr.decode()}], **options)
+    assert deliver_chunks(api.service) == 1
+    (result,) = api.service.batch_results(batch.record.id, options["requested_by"]).results
+    want = expected[caller]
+    if isinstance(want, int):
+        assert result.status == "issued" and result.issued.created == (want == 201), result
+        assert api.service.certificate(result.issued.record.serial).status == "active"
+        return
+    assert result.error[0] == want, result
+    assert _device_state(api, device) == before, "a refused item changed the ledger"
+    if want == OWNED:
+        for secret in {serial for serial, _ in before[0]} | {"factory-one", "factory-a"}:
+            assert secret.lower() not in result.error[1].lower(), result.error
+
+
 def test_every_signing_path_is_in_the_lifecycle_matrix():
     entry_points = {name for name in dir(DeviceCA) if name.startswith("sign") and not name.startswith("_")}
-    assert entry_points <= set(PATHS), f"add {sorted(entry_points - set(PATHS))} to PATHS"
+    batch = {"sign_batch_chunk"}  # test_a_batch_item_follows_the_same_rules
+    assert entry_points <= set(PATHS) | batch, f"add {sorted(entry_points - set(PATHS) - batch)} to PATHS"
 
 
 def _claim_devices(settings, factory: str, devices: list[str], barrier, results) -> None:

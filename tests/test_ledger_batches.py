@@ -1,6 +1,7 @@
 """Batch storage in the ledger, on both stores (SQLite, and Table Storage on Azurite): items stored with
 their batch, chunks' results recorded once, counts and timing, listings by requester and paging."""
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -166,3 +167,18 @@ def test_batches_are_listed_by_requester_oldest_first_in_pages(ledger):
     with pytest.raises(CaError) as refused:
         ledger.list_batches("line-1", 2, "not-a-cursor!")
     assert refused.value.code == "invalid-cursor"
+
+
+def test_two_deliveries_recording_one_chunk_at_once_count_each_item_once(ledger):
+    batch = _batch(total=6, chunk_size=6)
+    ledger.add_batch(batch, _items(batch))
+    _, items = ledger.chunk_items("b1", 0)
+    first = [_issued(item, f"1{item.index}") for item in items[:4]]
+    second = [_issued(item, f"2{item.index}") for item in items[2:]]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        changed = list(pool.map(lambda results: ledger.finish_chunk_items("b1", 0, results, NOW), [first, second]))
+    assert sum(changed) == 6
+    state, items = ledger.chunk_items("b1", 0)
+    assert (state.issued, state.failed, state.finished_at) == (6, 0, NOW)
+    assert {item.certificate.serial[1:] for item in items} == {str(n) for n in range(6)}
+    assert ledger.get_batch("b1").status == BATCH_DONE
