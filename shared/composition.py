@@ -12,6 +12,7 @@ from .config import Settings
 from .dps import Dps
 from .keys import KeyStore
 from .ledger import Ledger
+from .queues import EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue, storage_queue
 from .service import DeviceCA, utcnow
 
 
@@ -20,7 +21,9 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
     settings = settings or Settings.load()
     keys = key_store(settings)
     ledger, dps = ledger_and_dps(settings)
-    return DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
+    return DeviceCA(
+        keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow, expiry_queue=expiry_queue(settings)
+    )
 
 
 def key_store(settings: Settings) -> KeyStore:
@@ -35,6 +38,14 @@ def key_store(settings: Settings) -> KeyStore:
     from .keys.local import LocalKeyStore
 
     return LocalKeyStore(settings.pki_home, settings.key_passphrase)
+
+
+def expiry_queue(settings: Settings) -> MessageQueue:
+    """Where expiry notices go: the `expiring-certificates` Storage queue with QUEUE_STORAGE (or its
+    queueServiceUri), else an in-process queue that nothing reads, and the warning log line is the notice."""
+    if settings.storage_queues:
+        return storage_queue(settings, EXPIRING_CERTIFICATES)
+    return InProcessQueue(EXPIRING_CERTIFICATES)
 
 
 def ledger_and_dps(settings: Settings) -> tuple[Ledger, Dps]:

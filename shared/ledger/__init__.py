@@ -19,6 +19,7 @@ from .models import (
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
+    ExpiryWatch,
     Issuance,
     Precheck,
     Principal,
@@ -107,6 +108,41 @@ class Ledger(ABC):
         """Revoke a certificate and its key in one commit: the key is never certified again, and every
         active certificate that holds it is revoked with it (DESIGN "Revocation and DPS").
         NotFound for an unknown serial; a certificate already revoked keeps its first reason."""
+
+    # The expiry scan (shared/service/expiry.py): stage records, claimed with a conditional write
+    @abstractmethod
+    def expiry_watch(self, before: datetime) -> list[ExpiryWatch]:
+        """Device certificates that may still be active and end at or before `before` (UTC), each with
+        the stage last recorded for it. Reads about one row per certificate returned, however large the
+        fleet (an index of active certificates by notAfter on SQLite; the expiry index on Tables, from
+        which the scan retires what it is done with). On Tables a watch may name a certificate that is
+        no longer active: the scan reads it before announcing anything (and then retires the watch)."""
+
+    @abstractmethod
+    def ca_expiry_watch(self, topic: str = "expiry") -> list[ExpiryWatch]:
+        """Every CA certificate (root and intermediates), with the stage last recorded for `topic`."""
+
+    @abstractmethod
+    def claim_expiry_stage(self, watch: ExpiryWatch, stage: str, at: datetime) -> ExpiryWatch | None:
+        """Record `stage` for the watch's certificate, on condition that its record still holds
+        `watch.stage` (insert-if-absent, or compare-and-set): of scans racing, exactly one gets the
+        watch as recorded (to release it with), the others None. A device certificate that is no longer
+        active is never claimed (None)."""
+
+    @abstractmethod
+    def release_expiry_stage(self, claimed: ExpiryWatch, previous: str | None) -> None:
+        """Put back `previous` where `claimed` recorded a stage that could not be announced, unless the
+        record has changed since (the next scan then announces it)."""
+
+    @abstractmethod
+    def mark_expired(self, watch: ExpiryWatch, at: datetime) -> CertificateRecord | None:
+        """Give an active device certificate whose notAfter is at or before `at` the status expired
+        (its device then has no active certificate), and stop watching it. The record as now stored, or
+        None when it was not active (nothing changes but the watch)."""
+
+    @abstractmethod
+    def retire_expiry_watch(self, watch: ExpiryWatch) -> None:
+        """Stop watching a certificate the scan found no longer active (superseded, revoked, expired)."""
 
     # Principals and their API keys
     @abstractmethod

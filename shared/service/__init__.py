@@ -16,6 +16,7 @@ from ..keys import KeyStore
 from ..ledger import Ledger
 from ..ledger.models import CA_ACTIVE
 from ..pki import Issuer
+from ..queues import EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue
 from .access import Principals
 from .ca import CaUseCases
 from .common import (
@@ -35,9 +36,10 @@ from .common import (
     utcnow,
 )
 from .devices import DeviceUseCases, _SignOptions
+from .expiry import ExpiryFinding, ExpiryReport, ExpiryThresholds, ExpiryUseCases
 
 
-class DeviceCA(CaUseCases, DeviceUseCases):
+class DeviceCA(CaUseCases, DeviceUseCases, ExpiryUseCases):
     def __init__(
         self,
         keys: KeyStore,
@@ -45,6 +47,7 @@ class DeviceCA(CaUseCases, DeviceUseCases):
         dps: Dps,
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
+        expiry_queue: MessageQueue | None = None,
     ) -> None:
         self.keys = keys
         self.ledger = ledger
@@ -55,6 +58,8 @@ class DeviceCA(CaUseCases, DeviceUseCases):
         self._issuers_lock = threading.Lock()
         self.principals = Principals(ledger, clock)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
+        # where the expiry scan's notices go (composition.py: Storage with QUEUE_STORAGE, else in-process)
+        self.expiry_queue = expiry_queue or InProcessQueue(EXPIRING_CERTIFICATES)
         self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
             self._sign_batch_async
         )
@@ -128,6 +133,9 @@ __all__ = [
     "CaChain",
     "CaResult",
     "DeviceCA",
+    "ExpiryFinding",
+    "ExpiryReport",
+    "ExpiryThresholds",
     "HealthReport",
     "IssuedCertificate",
     "ProofOfPossession",
