@@ -735,7 +735,9 @@ class TableLedger(Ledger):
         with storage_errors("mark a certificate expired"):
             for _ in range(MAX_ATTEMPTS):
                 record = self.get_certificate(watch.serial)
-                if record is None or record.status != CERT_ACTIVE or record.not_after > at:
+                if record is not None and record.status == CERT_ACTIVE and record.not_after > at:
+                    return None  # not over yet: still watched
+                if record is None or record.status != CERT_ACTIVE:
                     break
                 head = self._read_head(record.device_id)
                 expired = {"status": CERT_EXPIRED, "status_changed_at": stamp, "status_reason": "expired"}
