@@ -124,6 +124,10 @@ class ExpiryFinding:
                 body[name] = value
         return body
 
+    def view(self) -> dict[str, Any]:
+        """The message, and whether this scan announced it (for `check-expiring --json`)."""
+        return {**self.message(), "announced": self.announced}
+
 
 @dataclass(frozen=True)
 class ExpiryReport:
@@ -144,6 +148,19 @@ class ExpiryReport:
     @property
     def announced(self) -> tuple[ExpiryFinding, ...]:
         return tuple(f for f in self.findings if f.announced)
+
+    def view(self) -> dict[str, Any]:
+        """The report as JSON (`check-expiring --json`)."""
+        t = self.thresholds
+        return {
+            "now": iso(self.now),
+            "thresholdDays": {"device": t.device, "intermediate": t.intermediate, "root": t.root},
+            "expiring": self.expiring,
+            "findings": [finding.view() for finding in self.findings],
+            "announced": len(self.announced),
+            "failures": list(self.failures),
+            "rowsRead": self.rows_read,
+        }
 
 
 @dataclass
