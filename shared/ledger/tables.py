@@ -16,8 +16,8 @@ Tables (each named `<prefix><name>`):
 | keys | `<public key SHA-256>` / `binding` | the device a key is bound to, and whether it is revoked |
 | index | `ser-<last hex digit of serial>` / `<serial>` | unique serials; serial → device and row |
 | index | `req-<requester>` / `<created>-<serial>` | a requester's certificates, oldest first |
-| index | `exp-<yyyy-mm-dd of notAfter>` / `<notAfter>-<serial>` | the expiry window, day partitions |
-| cas | `ca` / `<id>`, `~root` | CA records; the root marker |
+| index | `exp-<yyyy-mm-dd of notAfter>` / `<notAfter>-<serial>` | the expiry window, days; `expiry_stage` announced |
+| cas | `ca` / `<id>`, `~root` | CA records (with `expiry_stage`, `key_vault_stage` once announced); the root marker |
 | principals | `principal` / `<id>`, `~app-<appId>`; `apikey` / `<key id>` | principals, app ID markers, API keys |
 
 Which write holds each rule:
@@ -35,6 +35,8 @@ Which write holds each rule:
   partition: one commit) and adds the key to the head's revoked keys; the binding is then marked. Every
   issuance checks the head it commits against, so the head alone holds the rule.
 - **Unique serials**: the serial index row, inserted (fails if it exists) before the certificate.
+- **An expiry stage announced once**: a merge of the stage onto the row the scan read (the expiry index row,
+  or the CA record), on that read's etag: of scans racing, one write succeeds and that scan announces.
 - **One root**: the `~root` marker, created in the same transaction (partition `ca`) as the root record.
 - **Unique CA IDs, principal IDs, application IDs**: inserts in the `ca` / `principal` partitions (the
   app ID marker in the same transaction as its principal).
