@@ -24,12 +24,12 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from .. import parameters
-from ..errors import CaError
+from ..errors import CaError, unexpected
 from ..ledger.models import (
     CA_ACTIVE,
     DEVICE,
@@ -209,36 +209,40 @@ class ExpiryUseCases:
 
     def _consider(self, scan: _Scan, watch: ExpiryWatch, stage: str | None, detail: str | None = None) -> None:
         """Add the finding; with `announce`, claim its stage if new, announce it, and mark an expired
-        device certificate."""
+        device certificate. A ledger that fails here fails this finding only (in `failures`)."""
         if stage is None:
             return
-        announced = False
-        if scan.announce and watch.stage != stage:
-            claimed = self.ledger.claim_expiry_stage(watch, stage, scan.now)
-            if claimed is None:
-                return  # another scan claimed it (it announces it), or the certificate stopped being active
-            finding = self._finding(scan, watch, stage, detail, details=True)
-            try:
-                self._announce(finding)
-            except Exception as error:
-                self.ledger.release_expiry_stage(claimed, watch.stage)
-                reason = error.message if isinstance(error, CaError) else type(error).__name__
-                scan.failures.append(f"{watch.kind} {watch.subject} ({watch.serial}) at {stage}: {reason}")
-                log.error("the expiry notice of %s %s could not be sent: %s", watch.kind, watch.serial, reason)
-            else:
-                announced = True
-        if scan.announce and watch.kind == DEVICE and stage == EXPIRED and (announced or watch.stage == EXPIRED):
+        try:
+            self._settle(scan, watch, stage, detail)
+        except CaError as error:
+            scan.failures.append(f"{watch.kind} {watch.subject} ({watch.serial}) at {stage}: {error.message}")
+            log.error("the expiry stage of %s %s could not be settled: %s", watch.kind, watch.serial, error.message)
+
+    def _settle(self, scan: _Scan, watch: ExpiryWatch, stage: str, detail: str | None) -> None:
+        if not scan.announce or watch.stage == stage:
+            scan.findings.append(self._finding(scan, watch, stage, detail))
+            if scan.announce and watch.kind == DEVICE and stage == EXPIRED:
+                self.ledger.mark_expired(watch, scan.now)  # announced by an earlier scan that stopped short
+            return
+        claimed = self.ledger.claim_expiry_stage(watch, stage, scan.now)
+        if claimed is None:
+            return  # another scan claimed it (and announces it), or the certificate stopped being active
+        finding = self._finding(scan, watch, stage, detail, details=True)
+        try:
+            self._announce(finding)
+        except Exception as error:
+            self.ledger.release_expiry_stage(claimed, watch.stage)
+            reason = error.message if isinstance(error, CaError) else unexpected(error, "sending a notice").message
+            scan.failures.append(f"{watch.kind} {watch.subject} ({watch.serial}) at {stage}: {reason}")
+            log.error("the expiry notice of %s %s could not be sent: %s", watch.kind, watch.serial, reason)
+            scan.findings.append(finding)
+            return
+        scan.findings.append(replace(finding, announced=True))
+        if watch.kind == DEVICE and stage == EXPIRED:
             self.ledger.mark_expired(watch, scan.now)
-        scan.findings.append(self._finding(scan, watch, stage, detail, details=announced, announced=announced))
 
     def _finding(
-        self,
-        scan: _Scan,
-        watch: ExpiryWatch,
-        stage: str,
-        detail: str | None,
-        details: bool,
-        announced: bool = False,
+        self, scan: _Scan, watch: ExpiryWatch, stage: str, detail: str | None, details: bool = False
     ) -> ExpiryFinding:
         """The finding; with `details`, also the device's owner and the factories of an intermediate
         (reads that only a new announcement pays for)."""
@@ -253,7 +257,6 @@ class ExpiryUseCases:
             stage=stage,
             days_left=math.floor(left * 100) / 100,
             topic=watch.topic,
-            announced=announced,
             owner_factory=owner,
             factories=factories,
             action=_action(watch, stage, factories) if watch.topic == EXPIRY_TOPIC else None,
