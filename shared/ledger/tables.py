@@ -653,12 +653,9 @@ class TableLedger(Ledger):
         where = "PartitionKey gt @lo and PartitionKey le @hi"
         params = {"lo": "exp-", "hi": f"exp-{before.astimezone(UTC):%Y-%m-%d}"}
         with storage_errors("read the expiry index"):
-            rows = [
-                row
-                for row in self._table(INDEX).query_entities(where, parameters=params, results_per_page=1000)
-                if _ts(_expiry_row_not_after(row["RowKey"])) <= bound
-            ]
-            self.expiry_rows_read += len(rows)
+            returned = list(self._table(INDEX).query_entities(where, parameters=params, results_per_page=1000))
+            self.expiry_rows_read += len(returned)  # the last day's rows after `before` too: Storage read them
+            rows = [row for row in returned if _ts(_expiry_row_not_after(row["RowKey"])) <= bound]
             entities = self._parallel(lambda row: self._get(DEVICES, _key(row["device_id"]), row["cert_row"]), rows)
         self.expiry_rows_read += sum(1 for entity in entities if entity)
         watches = []
