@@ -312,3 +312,22 @@ def test_the_inventory_lists_only_active_expiring_certificates_unless_a_status_i
     assert [c.serial for c in revoked_listed.items] == [revoked.serial]
     superseded = service.certificates(CertificateQuery(expiring_before=before, status=CERT_SUPERSEDED))
     assert [c.serial for c in superseded.items] == [old.serial]
+
+
+def test_ten_years_on_everything_has_expired_and_is_announced_once(service, clock):
+    """STYLE: expiry logic deserves a run with the clock far ahead."""
+    records = [_device(service, f"dev-{i}") for i in range(3)]
+    clock.advance(days=3653)
+    report = service.scan_expiring()
+    found = {(f.kind, f.subject): f.stage for f in report.findings}
+    assert found == {
+        ("intermediate", "factory-a"): "expired",  # 3650 days by default
+        ("root", "root"): "365d",  # 7300 days: ten years left
+        **{("device", r.device_id): "expired" for r in records},
+    }
+    assert len(_messages(service)) == 5
+    assert {service.certificate(r.serial).status for r in records} == {CERT_EXPIRED}
+    clock.advance(days=1)
+    again = service.scan_expiring()
+    assert again.announced == () and _messages(service) == []
+    assert {(f.kind, f.stage) for f in again.findings} == {("intermediate", "expired"), ("root", "365d")}

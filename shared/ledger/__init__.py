@@ -112,11 +112,11 @@ class Ledger(ABC):
     # The expiry scan (shared/service/expiry.py): stage records, claimed with a conditional write
     @abstractmethod
     def expiry_watch(self, before: datetime) -> list[ExpiryWatch]:
-        """Device certificates that may still be active and end at or before `before` (UTC), each with
-        the stage last recorded for it. Reads about one row per certificate returned, however large the
-        fleet (an index of active certificates by notAfter on SQLite; the expiry index on Tables, from
-        which the scan retires what it is done with). On Tables a watch may name a certificate that is
-        no longer active: the scan reads it before announcing anything (and then retires the watch)."""
+        """The active device certificates that end at or before `before` (UTC), each with the stage last
+        recorded for it (and its record). Reads about one row per certificate returned, however large the
+        fleet: an index of active certificates by notAfter on SQLite; on Tables the expiry index and the
+        certificate each row points at (two), where a certificate found no longer active has its index
+        row retired, so that it is read once."""
 
     @abstractmethod
     def ca_expiry_watch(self, topic: str = "expiry") -> list[ExpiryWatch]:
