@@ -56,6 +56,7 @@ class DeviceCA(CaUseCases, DeviceUseCases, ExpiryUseCases):
         self._now = clock
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
+        self._ca_pems: dict[str, str] = {}  # CA ID -> its certificate: IDs are never reused (unique CA IDs)
         self.principals = Principals(ledger, clock)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
         # where the expiry scan's notices go (composition.py: Storage with QUEUE_STORAGE, else in-process)
