@@ -30,6 +30,7 @@ from .models import (
 class Ledger(ABC):
     backend: str = "abstract"
     remote: bool = False  # True when reads are network calls (keep them off the event loop)
+    expiry_rows_read: int = 0  # rows the expiry reads returned, counted by each store (bench/expiry_scan.py)
 
     # CA certificates
     @abstractmethod

@@ -705,6 +705,7 @@ class TableLedger(Ledger):
         is read first: one that is no longer active is not claimed."""
         if watch.kind == DEVICE:
             entity = self._get(DEVICES, _key(watch.subject), _cert_row(watch.record))
+            self.expiry_rows_read += entity is not None
             if entity is None or entity["status"] != CERT_ACTIVE:
                 return None
         table = EXPIRY_TABLES[watch.kind == DEVICE]

@@ -194,7 +194,7 @@ class ExpiryUseCases:
             raise parameters.InvalidParameter("within", "is for a look without announcing; the scan uses the settings")
         thresholds = self.expiry_thresholds(within_days)
         scan = _Scan(self._now(), announce)
-        rows_before = getattr(self.ledger, "expiry_rows_read", 0)
+        rows_before = self.ledger.expiry_rows_read
         for watch in self.ledger.ca_expiry_watch():
             if watch.record.status == CA_ACTIVE:
                 self._consider(scan, watch, stage_of(watch.not_after, scan.now, thresholds.of(watch.kind)))
@@ -202,7 +202,7 @@ class ExpiryUseCases:
         horizon = scan.now + timedelta(days=thresholds.device)
         for watch in sorted(self.ledger.expiry_watch(horizon), key=lambda w: (w.not_after, w.subject, w.serial)):
             self._consider(scan, watch, stage_of(watch.not_after, scan.now, thresholds.device))
-        rows_read = getattr(self.ledger, "expiry_rows_read", 0) - rows_before
+        rows_read = self.ledger.expiry_rows_read - rows_before
         return ExpiryReport(scan.now, thresholds, tuple(scan.findings), tuple(scan.failures), rows_read)
 
     # -- internals -----------------------------------------------------------------------------------
