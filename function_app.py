@@ -1,16 +1,53 @@
-"""The Azure Functions (Python v2) entry point: the HTTP API as one ASGI function, and the batch queue's
-functions (shared/batch_functions.py) on the same app and the same service.
+"""The Azure Functions (Python v2) entry point: the HTTP API as one ASGI function, the batch queue's
+functions (shared/batch_functions.py) on the same app and the same service, and the expiry timer.
 
 The auth level is anonymous because the API checks every caller itself (API keys, or App Service
 authentication with PKI_AUTH=easyauth); a function key on top would be a second shared secret to hand
 to every factory. host.json sets the route prefix to "" since the API's routes carry /api themselves.
 """
 
+import logging
+
 import azure.functions as func
 
 from shared.api import create_app
 from shared.batch_functions import batch_functions
+from shared.composition import build_service
+from shared.config import Settings
 
 api = create_app()
 app = func.AsgiFunctionApp(app=api, http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(batch_functions(api.state.service))
+
+
+# -- the expiry scan ---------------------------------------------------------------------------------------
+
+EXPIRY_SCHEDULE_SETTING = "EXPIRY_SCAN_SCHEDULE"
+EXPIRY_DAILY = "0 0 6 * * *"  # NCRONTAB (second minute hour day month weekday): every day at 06:00 UTC
+
+
+def expiry_schedule(settings: Settings | None = None) -> str:
+    """%EXPIRY_SCAN_SCHEDULE% when that setting is given (the host reads the expression from it), else
+    daily at 06:00: the host refuses a %SETTING% that is missing, so the default is written out here."""
+    settings = settings or Settings.load()
+    return f"%{EXPIRY_SCHEDULE_SETTING}%" if settings.expiry_scan_schedule else EXPIRY_DAILY
+
+
+@app.timer_trigger(schedule=expiry_schedule(), arg_name="timer", run_on_startup=False, use_monitor=True)
+def expiry_scan(timer: func.TimerRequest) -> None:
+    """Scan for certificates nearing their end and announce each new stage once (shared/service/expiry.py).
+    A run whose notices could not all be sent fails (the host records it); their stages wait for the next."""
+    service = build_service()
+    try:
+        report = service.scan_expiring()
+    finally:
+        service.close()
+    logging.getLogger("device_ca.expiry").info(
+        "expiry scan%s: %d finding(s), %d announced, %d failed",
+        " (past due)" if timer.past_due else "",
+        len(report.findings),
+        len(report.announced),
+        len(report.failures),
+    )
+    if report.failures:
+        raise RuntimeError(f"{len(report.failures)} expiry notice(s) not sent: {'; '.join(report.failures)}")

@@ -12,7 +12,7 @@ from .config import Settings
 from .dps import Dps
 from .keys import KeyStore
 from .ledger import Ledger
-from .queues import BATCH_CHUNKS, InProcessQueue, MessageQueue, storage_queue
+from .queues import BATCH_CHUNKS, EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue, storage_queue
 from .service import DeviceCA, utcnow
 
 
@@ -22,7 +22,15 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
     keys = key_store(settings)
     ledger, dps = ledger_and_dps(settings)
     queue = batch_queue(settings)
-    service = DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow, batch_queue=queue)
+    service = DeviceCA(
+        keys=keys,
+        ledger=ledger,
+        dps=dps,
+        settings=settings,
+        clock=clock or utcnow,
+        expiry_queue=expiry_queue(settings),
+        batch_queue=queue,
+    )
     if isinstance(queue, InProcessQueue):  # the embedded default: this process signs what it queues
         queue.serve(service.sign_batch_chunk, service.fail_batch_chunk)
     return service
@@ -49,6 +57,14 @@ def key_store(settings: Settings) -> KeyStore:
     from .keys.local import LocalKeyStore
 
     return LocalKeyStore(settings.pki_home, settings.key_passphrase)
+
+
+def expiry_queue(settings: Settings) -> MessageQueue:
+    """Where expiry notices go: the `expiring-certificates` Storage queue with QUEUE_STORAGE (or its
+    queueServiceUri), else an in-process queue that nothing reads, and the warning log line is the notice."""
+    if settings.storage_queues:
+        return storage_queue(settings, EXPIRING_CERTIFICATES)
+    return InProcessQueue(EXPIRING_CERTIFICATES)
 
 
 def ledger_and_dps(settings: Settings) -> tuple[Ledger, Dps]:

@@ -24,6 +24,7 @@ COMMANDS = [
     "sign-csr",
     "sign-batch",
     "list-certificates",
+    "check-expiring",
     "revoke",
     "create-factory",
     "bind-factory",

@@ -16,7 +16,7 @@ from ..keys import KeyStore
 from ..ledger import Ledger
 from ..ledger.models import CA_ACTIVE
 from ..pki import Issuer
-from ..queues import BATCH_CHUNKS, InProcessQueue, MessageQueue
+from ..queues import BATCH_CHUNKS, EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue
 from .access import Principals
 from .batches import BatchUseCases
 from .ca import CaUseCases
@@ -37,9 +37,10 @@ from .common import (
     utcnow,
 )
 from .devices import DeviceUseCases, _SignOptions
+from .expiry import ExpiryFinding, ExpiryReport, ExpiryThresholds, ExpiryUseCases
 
 
-class DeviceCA(CaUseCases, DeviceUseCases, BatchUseCases):
+class DeviceCA(CaUseCases, DeviceUseCases, ExpiryUseCases, BatchUseCases):
     def __init__(
         self,
         keys: KeyStore,
@@ -47,6 +48,7 @@ class DeviceCA(CaUseCases, DeviceUseCases, BatchUseCases):
         dps: Dps,
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
+        expiry_queue: MessageQueue | None = None,
         batch_queue: MessageQueue | None = None,
     ) -> None:
         self.keys = keys
@@ -60,6 +62,8 @@ class DeviceCA(CaUseCases, DeviceUseCases, BatchUseCases):
         self._ca_pems: dict[str, str] = {}  # CA ID -> its certificate: IDs are never reused (unique CA IDs)
         self.principals = Principals(ledger, clock)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
+        # where the expiry scan's notices go (composition.py: Storage with QUEUE_STORAGE, else in-process)
+        self.expiry_queue = expiry_queue or InProcessQueue(EXPIRING_CERTIFICATES)
         self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
             self._sign_batch_async
         )
@@ -134,6 +138,9 @@ __all__ = [
     "CaChain",
     "CaResult",
     "DeviceCA",
+    "ExpiryFinding",
+    "ExpiryReport",
+    "ExpiryThresholds",
     "HealthReport",
     "IssuedCertificate",
     "ProofOfPossession",

@@ -17,6 +17,7 @@ from ..errors import CaError, Conflict, Forbidden, NotFound, unexpected
 from ..ledger import device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
 from ..ledger.models import (
     CA_ACTIVE,
+    CERT_ACTIVE,
     CERT_REVOKED,
     CaRecord,
     CertificatePage,
@@ -243,9 +244,12 @@ class DeviceUseCases:
         ]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
-        """A page of the inventory. InvalidParameter for a status, limit or cursor that breaks its rule."""
+        """A page of the inventory. InvalidParameter for a status, limit or cursor that breaks its rule.
+        A listing of expiring certificates holds only active ones unless a status is asked for."""
         if query.status is not None:
             parameters.status(query.status)
+        elif query.expiring_before is not None:
+            query = replace(query, status=CERT_ACTIVE)
         parameters.page_limit(query.limit)
         if query.cursor is not None:
             parameters.cursor(query.cursor)
