@@ -227,3 +227,21 @@ def test_a_chunk_that_keeps_failing_ends_in_the_poison_handler_with_its_items_fa
     assert f"({MAX_DEQUEUE_COUNT})" in words and "key-vault-unavailable" in words
     assert "Submitting the item again is safe" in words
     assert len(service.ledger.list_certificates(CertificateQuery()).items) == 0
+
+
+def test_a_poisoned_chunk_keeps_the_certificates_its_failed_deliveries_committed(vault_functions):
+    service, vault, host = vault_functions
+    first = vault.calls["sign"]
+    vault.failures["sign"] = lambda call: 503 if call > first + 1 else None  # one signature, then an outage
+    batch = service.submit_batch(_items("partly", 3), requested_by="cli:test")
+    for _ in range(MAX_DEQUEUE_COUNT):
+        assert host.run() == 1
+    assert host.run(poison_queue(BATCH_CHUNKS)) == 1
+    certificates = service.ledger.list_certificates(CertificateQuery()).items
+    assert len(certificates) == 1  # the first delivery committed one before the vault went away
+    results = service.batch_results(batch.record.id).results
+    issued = [r for r in results if r.status == "issued"]
+    assert [r.issued.record.serial for r in issued] == [certificates[0].serial] and issued[0].issued.created
+    assert [r.error[0] for r in results if r.status == "failed"] == ["chunk-failed", "chunk-failed"]
+    summary = service.batch(batch.record.id)
+    assert (summary.status, summary.issued, summary.failed) == ("done-with-failures", 1, 2)

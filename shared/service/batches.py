@@ -9,8 +9,9 @@ back), in one ledger commit, and records each item's result. Delivery is at leas
 are finished is left alone, and one whose certificates were committed before its results were recorded gets
 them back from the ledger, so a redelivered message issues nothing new. A failure that a later delivery may
 not meet (Key Vault or Storage unavailable, an unexpected error) is raised, so that the message is delivered
-again; after the host's maxDequeueCount the poison handler `fail_batch_chunk` fails the chunk's unfinished
-items with the last failure's words.
+again, once the items that did finish have their results recorded (a certificate this delivery committed is
+never left for the poison handler to call failed); after the host's maxDequeueCount the poison handler
+`fail_batch_chunk` fails the chunk's unfinished items with the last failure's words.
 
 Mixed into `DeviceCA`, which holds the key store, the ledger, the settings, the clock and `batch_queue`.
 """
@@ -192,7 +193,8 @@ class BatchUseCases:
         """Sign one chunk's pending items and record their results (the queue-triggered function).
 
         Raises, so that the message is delivered again, when a failure may pass: a backend unavailable or an
-        unexpected error (the chunk keeps its words for the poison handler). A refusal of the whole chunk
+        unexpected error (the chunk keeps its words for the poison handler); the items that finished are
+        recorded first. A refusal of the whole chunk
         (the intermediate disabled since, the factory no longer bound to it) fails each item with it. A
         message that names no stored chunk raises CaError (400 "invalid-message" or 404)."""
         chunk = ChunkMessage.read(message)
@@ -213,12 +215,18 @@ class BatchUseCases:
             failure = unexpected(error, f"signing chunk {chunk.chunk} of batch {batch.id}")
             self._note_failure(batch.id, chunk.chunk, failure)
             raise failure from None
+        finished = [
+            _finished(item, result)
+            for item, result in zip(pending, results, strict=True)
+            if not (isinstance(result, CaError) and result.status >= 500)
+        ]
+        # Recorded before a transient failure is raised: a certificate committed by this delivery is the
+        # item's result even if every later delivery fails and the poison handler fails the rest.
+        recorded = self.ledger.finish_chunk_items(batch.id, chunk.chunk, finished, self._now()) if finished else 0
         transient = [r for r in results if isinstance(r, CaError) and r.status >= 500]
         if transient:
             self._note_failure(batch.id, chunk.chunk, transient[0])
             raise transient[0]
-        finished = [_finished(item, result) for item, result in zip(pending, results, strict=True)]
-        recorded = self.ledger.finish_chunk_items(batch.id, chunk.chunk, finished, self._now())
         issued = sum(isinstance(r, IssuedCertificate) and r.created for r in results)
         log.info(
             "batch %s chunk %d: %d items recorded (attempt %d)", batch.id, chunk.chunk, recorded, state.attempts + 1
