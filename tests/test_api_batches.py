@@ -148,3 +148,41 @@ def test_only_the_submitter_or_an_admin_reads_a_batch(api):
     assert [b["id"] for b in following["items"]] == [theirs]
     bad = api.client.get("/api/batches", params={"cursor": "!"}, headers=bearer(api.admin))
     _error(bad, 400, "invalid-request")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"items": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"items": [{"deviceId": "a", "csr": "b", "n": ' + b"1" * 5000 + b"}]}",
+    ],
+    ids=["nested-too-deeply", "number-too-long"],
+)
+def test_json_nested_too_deeply_or_with_a_huge_number_is_a_400_that_names_no_internals(api, body):
+    before = api.state()
+    message = _error(_submit(api, api.factory_a, body), 400, "invalid-request")
+    assert "nested too deeply" in message and "sys." not in message and "recursion" not in message.lower()
+    assert api.state() == before
+
+
+def test_json_lines_nested_too_deeply_fail_that_item_alone(api):
+    good = json.dumps(_items("deep", 1)[0]).encode()
+    body = b"\n".join([good, b"[" * 100_000 + b"]" * 100_000, b'{"n": ' + b"1" * 5000 + b"}"])
+    response = _submit(api, api.factory_a, body, "application/jsonl")
+    assert response.status_code == 202, response.text
+    assert response.json()["counts"] == {"total": 3, "pending": 1, "issued": 0, "failed": 2}
+
+
+def test_json_lines_break_at_line_feeds_only(api):
+    """A BOM, CRLF and blank lines are read as they come; U+2028, U+0085 or a form feed inside a line (JSON
+    allows them unescaped in a string) do not cut it in two."""
+    item = _items("lines-only", 1)[0]
+    odd = json.dumps({"deviceId": "odd\u2028\x85\x0cid", "csr": item["csr"]}, ensure_ascii=False)
+    body = ("\ufeff" + json.dumps(item) + "\r\n\r\n" + odd + "\r\n").encode()
+    response = _submit(api, api.factory_a, body, "application/jsonl")
+    assert response.status_code == 202, response.text
+    assert response.json()["counts"]["total"] == 2
+    deliver_chunks(api.service)
+    done = api.client.get(f"/api/batches/{response.json()['id']}", headers=bearer(api.factory_a)).json()
+    assert [r["deviceId"] for r in done["results"]] == ["lines-only-0", "odd\u2028\x85\x0cid"]
+    assert done["results"][0]["status"] == "issued" and done["results"][1]["status"] == "failed"

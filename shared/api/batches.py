@@ -25,6 +25,7 @@ from .errors import UnsupportedMediaType
 BATCH_BODY_LIMIT = 10 * 1024 * 1024
 JSON_LINES = ("application/jsonl", "application/x-ndjson", "application/jsonlines", "application/x-jsonlines")
 BATCHES_PATH = "/api/batches"
+TOO_DEEP_OR_LONG = "the body is not JSON this route reads: nested too deeply, or a number too long"
 
 batches = APIRouter(route_class=AuthenticatedRoute, redirect_slashes=False)
 
@@ -132,7 +133,9 @@ def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None]:
     except UnicodeDecodeError:
         raise CaError("the body is not UTF-8 text", "invalid-request") from None
     if media in JSON_LINES:
-        lines = [line for line in text.splitlines() if line.strip()]
+        # Lines end at LF (CRLF too); not str.splitlines, which also breaks at U+2028 and other characters a
+        # JSON string may hold as they are.
+        lines = [line for line in text.split("\n") if line.strip()]
         if len(lines) > MAX_BATCH_ITEMS:
             raise CaError(f"a batch holds at most {MAX_BATCH_ITEMS} items, not {len(lines)}", "too-many-items")
         return [_json_or_none(line) for line in lines], None
@@ -143,8 +146,10 @@ def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None]:
         )
     try:
         document = json.loads(text)
-    except ValueError as error:
+    except json.JSONDecodeError as error:
         raise CaError(f"the body is not valid JSON: {error}", "invalid-request") from None
+    except (ValueError, RecursionError):  # a number too long to read, arrays or objects nested too deeply
+        raise CaError(TOO_DEEP_OR_LONG, "invalid-request") from None
     if not isinstance(document, dict) or not isinstance(document.get("items"), list):
         raise CaError('the body must be a JSON object {"items": [{"deviceId", "csr"}, ...]}', "invalid-request")
     unknown = sorted(set(document) - {"items", "intermediateId"})
@@ -161,7 +166,7 @@ def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None]:
 def _json_or_none(line: str) -> Any:
     try:
         return json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None  # not an object: the item's own failure
 
 
