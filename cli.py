@@ -785,7 +785,10 @@ class _Appender:
 
     def write(self, text: str) -> None:
         if self._file is None:
+            torn = _ends_mid_line(self.path)  # a run killed while writing a line: the next line starts anew
             self._file = self.path.open("a", encoding="utf-8")
+            if torn:
+                self._file.write("\n")
         self._file.write(text)
 
     def sync(self) -> None:
@@ -800,6 +803,16 @@ class _Appender:
     def __exit__(self, *exc: object) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a file exists and its last byte is not a line feed."""
+    try:
+        with path.open("rb") as file:
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"
+    except (FileNotFoundError, OSError):  # OSError: seeking before the start of an empty file
+        return False
 
 
 def _stderr_console() -> Any:
@@ -817,7 +830,7 @@ def _read_batch_input(source: Path) -> list[Any]:
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
         return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files]
     text = _read_input(source).decode("utf-8-sig", errors="replace")
-    items = [_json_line(line) for line in text.splitlines() if line.strip()]
+    items = [_json_line(line) for line in text.split("\n") if line.strip()]  # as POST /api/batches
     if not any(isinstance(item, dict) for item in items):
         raise CaError(
             f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr); "
@@ -838,7 +851,7 @@ def _csr_text(data: bytes) -> str:
 def _json_line(line: str) -> Any:
     try:
         return json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deeply
         return None
 
 
@@ -851,7 +864,8 @@ def _issued_devices(results: Path) -> set[str]:
     if not results.exists():
         return set()
     done = set()
-    for line in results.read_text(encoding="utf-8").splitlines():
+    # bytes that are not UTF-8 (a damaged file) spoil only their own line
+    for line in results.read_bytes().decode("utf-8", errors="replace").split("\n"):
         document = _json_line(line)
         if isinstance(document, dict) and document.get("status") == "issued":
             done.add(document.get("deviceId"))

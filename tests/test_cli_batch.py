@@ -123,3 +123,28 @@ def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):
         "error: intermediate 'factory-a' is disabled; enable it or use another"
     ]
     assert not (folder / "stop.results.jsonl").exists() and service.batches().items == []
+
+
+def test_a_results_file_torn_or_damaged_by_a_killed_run_is_resumed_from(scene, capsys):
+    """A run killed mid-line leaves a line without its end, or a disk leaves bytes that are not UTF-8: the
+    next run starts its lines on a line of their own and still skips what was issued."""
+    service, folder = scene
+    items = [_item(f"torn-{n}") for n in range(3)]
+    source = folder / "devices.jsonl"
+    source.write_text(_lines(items[:1]))
+    assert cli.main(["sign-batch", str(source), "--json"]) == 0
+    capsys.readouterr()
+    results = folder / "devices.results.jsonl"
+    with results.open("ab") as file:
+        file.write(b"\xff\xfe not utf-8\n")
+        file.write(b'{"item": 1, "deviceId": "torn-1", "status": "iss')  # killed here
+    source.write_text(_lines([*items, " " + "[" * 100_000 + "]" * 100_000]))
+    assert cli.main(["sign-batch", str(source), "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert (second["issued"], second["skipped"], second["failed"]) == (2, 1, 1)
+    lines = results.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and [json.loads(line)["deviceId"] for line in lines[-4:-1]] == ["torn-1", "torn-2", ""]
+    assert cli.main(["sign-batch", str(source), "--json"]) == 0  # the torn line spoils only itself
+    third = json.loads(capsys.readouterr().out)
+    assert (third["issued"], third["skipped"], third["failed"]) == (0, 3, 1)
+    assert len(_certificates(service)) == 3
