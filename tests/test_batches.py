@@ -295,3 +295,53 @@ def test_a_restarted_embedded_server_queues_unfinished_chunks_again(quiet):
     service.batch_queue.wait_idle()
     assert service.batch(submitted.record.id).status == BATCH_DONE
     assert service.resume_batches() == 0
+
+
+def _committed_then_stopped(service, items, submitted, **rights) -> list:
+    """What a delivery that stopped between its two writes leaves: certificates committed for `items` under
+    the batch's intermediate and submitter, and no result recorded."""
+    record = submitted.record
+    requests = [SignRequest(i["csr"], i["deviceId"]) for i in items]
+    issued = service.sign_csrs(
+        requests, intermediate_id=record.intermediate_id, requested_by=record.requested_by, **rights
+    )
+    assert all(not isinstance(i, CaError) for i in issued)
+    return [i.record.serial for i in issued]
+
+
+def test_a_factory_unbound_after_a_delivery_committed_keeps_those_certificates_as_results(quiet):
+    service = quiet
+    service.create_intermediate("factory-b")
+    service.principals.create_factory("line-a", ["factory-a"])
+    items = _items("stopped", 3)
+    submitted = service.submit_batch(items, requested_by="line-a", allowed_intermediates=["factory-a"])
+    serials = _committed_then_stopped(service, items[:2], submitted, allowed_intermediates=["factory-a"])
+    service.principals.bind_factory("line-a", ["factory-b"])
+    service.sign_batch_chunk(_messages(service)[0])  # the redelivery, after the unbinding
+    results = _all_results(service, submitted.record.id, "line-a")
+    assert [r.status for r in results] == [ITEM_ISSUED, ITEM_ISSUED, ITEM_FAILED]
+    assert [r.issued.record.serial for r in results[:2]] == serials
+    assert results[2].error[0] == "intermediate-not-allowed"
+    assert _certificates(service) == 2
+    summary = service.batch(submitted.record.id)
+    assert (summary.status, summary.issued, summary.failed) == (BATCH_DONE_WITH_FAILURES, 2, 1)
+
+
+def test_the_poison_handler_gives_committed_certificates_not_failures(quiet, clock):
+    """Only a certificate the batch's deliveries committed: for the item's key, by its submitter, since it was
+    submitted; an older one of the same CSR, or another requester's, is not the batch's to give."""
+    service = quiet
+    older = make_csr("older-0")
+    service.sign_csr(older, "older-0", requested_by="cli:submitter")
+    clock.advance(seconds=5)
+    items = [{"deviceId": "older-0", "csr": older.decode()}, *_items("late", 2)]
+    submitted = service.submit_batch(items, requested_by="cli:submitter")
+    (message,) = _messages(service)
+    (serial,) = _committed_then_stopped(service, items[1:2], submitted)
+    service.sign_csr(items[2]["csr"], "late-1", requested_by="cli:someone-else")
+    service.ledger.note_chunk_failure(submitted.record.id, 0, "key-vault-unavailable: away")
+    assert service.fail_batch_chunk(message).recorded == 3
+    results = _all_results(service, submitted.record.id)
+    assert [r.status for r in results] == [ITEM_FAILED, ITEM_ISSUED, ITEM_FAILED]
+    assert results[1].issued.record.serial == serial and not results[1].issued.created
+    assert {r.error[0] for r in (results[0], results[2])} == {"chunk-failed"}

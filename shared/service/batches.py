@@ -39,8 +39,10 @@ from ..ledger.models import (
     BatchPage,
     BatchRecord,
     BatchSummary,
+    CertificateRecord,
 )
-from ..pki import whole_seconds
+from ..pki import PkiError, whole_seconds
+from ..pki.csr import check_device_csr
 from ..queues import MessageQueue
 from .common import IssuedCertificate, SignRequest
 
@@ -215,11 +217,14 @@ class BatchUseCases:
             failure = unexpected(error, f"signing chunk {chunk.chunk} of batch {batch.id}")
             self._note_failure(batch.id, chunk.chunk, failure)
             raise failure from None
-        finished = [
-            _finished(item, result)
-            for item, result in zip(pending, results, strict=True)
-            if not (isinstance(result, CaError) and result.status >= 500)
-        ]
+        finished = self._with_committed(
+            batch,
+            [
+                _finished(item, result)
+                for item, result in zip(pending, results, strict=True)
+                if not (isinstance(result, CaError) and result.status >= 500)
+            ],
+        )
         # Recorded before a transient failure is raised: a certificate committed by this delivery is the
         # item's result even if every later delivery fails and the poison handler fails the rest.
         recorded = self.ledger.finish_chunk_items(batch.id, chunk.chunk, finished, self._now()) if finished else 0
@@ -257,7 +262,39 @@ class BatchUseCases:
     def _fail_pending(self, batch_id: str, chunk: int, code: str, message: str) -> int:
         _, items = self.ledger.chunk_items(batch_id, chunk)
         failed = [_failed_item(item, code, message) for item in items if item.status not in (ITEM_ISSUED, ITEM_FAILED)]
+        if failed and code == "chunk-failed":
+            failed = self._with_committed(self._stored_batch(batch_id), failed)
         return self.ledger.finish_chunk_items(batch_id, chunk, failed, self._now())
+
+    def _with_committed(self, batch: BatchRecord, finished: list[BatchItem]) -> list[BatchItem]:
+        """`finished`, with each failed item whose certificate an earlier delivery committed but could not
+        record (it stopped between the two writes) given that certificate instead: the device's active
+        certificate, for the item's key, signed by the batch's intermediate for its submitter since the
+        batch was submitted. So neither a later refusal of the whole chunk (a factory unbound since) nor
+        the poison handler calls failed an item whose certificate the ledger holds."""
+        keys: dict[int, str] = {}
+        for item in finished:
+            if item.status == ITEM_FAILED and item.csr:
+                with suppress(CaError, PkiError):  # a CSR the policy refuses was never signed
+                    keys[item.index] = check_device_csr(item.csr, item.device_id).public_key_sha256
+        if not keys:
+            return finished
+        actives = self.ledger.active_certificates(sorted({i.device_id for i in finished if i.index in keys}))
+
+        def committed(item: BatchItem) -> CertificateRecord | None:
+            record = actives.get(item.device_id)
+            if (
+                item.index not in keys
+                or record is None
+                or record.public_key_sha256 != keys[item.index]
+                or record.requested_by != batch.requested_by
+                or record.intermediate_id != batch.intermediate_id
+                or record.created_at < batch.created_at
+            ):
+                return None
+            return record
+
+        return [item if (record := committed(item)) is None else _finished_with(item, record) for item in finished]
 
     def _note_failure(self, batch_id: str, chunk: int, error: CaError) -> None:
         public = for_callers(error, f"signing chunk {chunk} of batch {batch_id}")
@@ -390,6 +427,11 @@ def _finished(item: BatchItem, result: IssuedCertificate | CaError) -> BatchItem
             warnings=result.warnings,
         )
     return _failed_item(item, result.code, result.message)
+
+
+def _finished_with(item: BatchItem, record: CertificateRecord) -> BatchItem:
+    """`item` issued with a certificate found in the ledger (not created by this delivery)."""
+    return BatchItem(item.batch_id, item.index, item.device_id, item.csr, ITEM_ISSUED, certificate=record)
 
 
 def _failed_item(item: BatchItem, code: str, message: str) -> BatchItem:
