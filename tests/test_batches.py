@@ -234,6 +234,12 @@ def test_messages_that_name_no_stored_chunk_are_refused(quiet):
     with pytest.raises(NotFound) as missing:
         service.sign_batch_chunk(ChunkMessage(batchId=submitted.record.id, chunk=7).text())
     assert missing.value.code == "chunk-not-found"
+    loose = ('{"batchId": "%s", "chunk": true}', '{"batchId": "%s", "chunk": "0"}', '{"batchId": "%s", "chunk": 0.0}')
+    for text in loose:  # never what this app sends: not read as chunk 1 or 0
+        with pytest.raises(CaError) as refused:
+            service.sign_batch_chunk(text % submitted.record.id)
+        assert refused.value.code == "invalid-message"
+    assert service.batch(submitted.record.id).status == BATCH_QUEUED
 
 
 def test_result_pages_follow_the_cursor(quiet):

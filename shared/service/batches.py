@@ -60,7 +60,7 @@ _BATCH_ID = re.compile(r"[0-9a-f]{16}")
 class ChunkMessage(BaseModel):
     """A queue message: which chunk of which batch to sign. Never a CSR: those are in the ledger."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # no true for 1, no "0" for 0
 
     batchId: str = Field(pattern=_BATCH_ID.pattern)
     chunk: int = Field(ge=0, lt=MAX_BATCH_ITEMS)
