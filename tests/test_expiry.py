@@ -332,3 +332,27 @@ def test_ten_years_on_everything_has_expired_and_is_announced_once(service, cloc
     assert {(f.kind, f.stage) for f in again.findings} == {("intermediate", "expired")}
     clock.advance(days=3650 - 365)  # the root's last year
     assert [(f.kind, f.stage) for f in service.scan_expiring().announced] == [("root", "365d")]
+
+
+@pytest.mark.parametrize("ledger_backend", ["sqlite"], indirect=True)
+def test_a_finding_whose_owner_cannot_be_read_fails_alone_and_is_announced_once_repaired(service, clock):
+    """After the claim, the owner is read for the notice: a read that fails (here a damaged principal row)
+    must not stop the scan, and must release the claim so that the next scan announces the stage."""
+    import sqlite3
+
+    service.principals.create_factory("line-1", ["factory-a"])
+    owned = service.sign_csr(make_csr("owned"), "owned", requested_by="line-1", allowed_intermediates=["factory-a"])
+    record = _device(service, "other")
+    clock.now = record.not_after - timedelta(days=5)
+    with sqlite3.connect(service.ledger.path) as db:
+        db.execute("UPDATE principals SET intermediates = 'not json' WHERE id = 'line-1'")
+    report = service.scan_expiring()
+    assert [f.subject for f in report.announced] == ["other"]
+    (failure,) = report.failures
+    assert failure.startswith(f"device owned ({owned.record.serial}) at 7d: the service failed unexpectedly")
+    assert [m["deviceId"] for m in _messages(service)] == ["other"]
+    with sqlite3.connect(service.ledger.path) as db:
+        db.execute("""UPDATE principals SET intermediates = '["factory-a"]' WHERE id = 'line-1'""")
+    again = service.scan_expiring()
+    assert [(f.subject, f.owner_factory) for f in again.announced] == [("owned", "line-1")] and again.failures == ()
+    assert [m["deviceId"] for m in _messages(service)] == ["owned"]

@@ -209,14 +209,16 @@ class ExpiryUseCases:
 
     def _consider(self, scan: _Scan, watch: ExpiryWatch, stage: str | None, detail: str | None = None) -> None:
         """Add the finding; with `announce`, claim its stage if new, announce it, and mark an expired
-        device certificate. A ledger that fails here fails this finding only (in `failures`)."""
+        device certificate. A ledger that fails here, or anything unexpected, fails this finding only (in
+        `failures`): the scan goes on to the next."""
         if stage is None:
             return
         try:
             self._settle(scan, watch, stage, detail)
-        except CaError as error:
-            scan.failures.append(f"{watch.kind} {watch.subject} ({watch.serial}) at {stage}: {error.message}")
-            log.error("the expiry stage of %s %s could not be settled: %s", watch.kind, watch.serial, error.message)
+        except Exception as error:
+            public = error if isinstance(error, CaError) else unexpected(error, "settling an expiry stage")
+            scan.failures.append(f"{watch.kind} {watch.subject} ({watch.serial}) at {stage}: {public.message}")
+            log.error("the expiry stage of %s %s could not be settled: %s", watch.kind, watch.serial, public.message)
 
     def _settle(self, scan: _Scan, watch: ExpiryWatch, stage: str, detail: str | None) -> None:
         if not scan.announce or watch.stage == stage:
@@ -227,10 +229,11 @@ class ExpiryUseCases:
         claimed = self.ledger.claim_expiry_stage(watch, stage, scan.now)
         if claimed is None:
             return  # another scan claimed it (and announces it), or the certificate stopped being active
-        finding = self._finding(scan, watch, stage, detail, details=True)
+        finding = self._finding(scan, watch, stage, detail)
         try:
+            finding = self._finding(scan, watch, stage, detail, details=True)  # reads the ledger again
             self._announce(finding)
-        except Exception as error:
+        except Exception as error:  # the claim is released: the next scan announces this stage
             self.ledger.release_expiry_stage(claimed, watch.stage)
             reason = error.message if isinstance(error, CaError) else unexpected(error, "sending a notice").message
             scan.failures.append(f"{watch.kind} {watch.subject} ({watch.serial}) at {stage}: {reason}")
