@@ -5,15 +5,19 @@ else picks adapters. With no settings: local key files, SQLite and offline DPS u
 KEY_VAULT_URL and LEDGER_TABLES set, nothing is kept on local disk.
 """
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 
 from .config import Settings
 from .dps import Dps
+from .errors import CaError
 from .keys import KeyStore
 from .ledger import Ledger
 from .queues import BATCH_CHUNKS, EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue, storage_queue
 from .service import DeviceCA, utcnow
+
+log = logging.getLogger("device_ca.queues")
 
 
 def build_service(settings: Settings | None = None, clock: Callable[[], datetime] | None = None) -> DeviceCA:
@@ -32,8 +36,24 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
         batch_queue=queue,
     )
     if isinstance(queue, InProcessQueue):  # the embedded default: this process signs what it queues
-        queue.serve(service.sign_batch_chunk, service.fail_batch_chunk)
+        queue.serve(_unless_unsignable(service.sign_batch_chunk), _unless_unsignable(service.fail_batch_chunk))
     return service
+
+
+def _unless_unsignable(handle: Callable[[str], object]) -> Callable[[str], None]:
+    """`handle`, but a message that can never be signed (not this app's, or naming nothing in the ledger: a
+    refusal under 500) is logged and dropped, as the queue functions do (shared/batch_functions.py),
+    rather than delivered again and again until the poison handler refuses it too."""
+
+    def run(text: str) -> None:
+        try:
+            handle(text)
+        except CaError as error:
+            if error.status >= 500:
+                raise
+            log.warning("queue message dropped: %s (%s)", error.message, error.code)
+
+    return run
 
 
 def batch_queue(settings: Settings) -> MessageQueue:

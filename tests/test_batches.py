@@ -2,6 +2,7 @@
 queue's worker, or called as the queue functions call it), redelivery, poison, ownership and reading rights."""
 
 import base64
+import logging
 
 import pytest
 
@@ -351,3 +352,18 @@ def test_the_poison_handler_gives_committed_certificates_not_failures(quiet, clo
     assert [r.status for r in results] == [ITEM_FAILED, ITEM_ISSUED, ITEM_FAILED]
     assert results[1].issued.record.serial == serial and not results[1].issued.created
     assert {r.error[0] for r in (results[0], results[2])} == {"chunk-failed"}
+
+
+def test_the_embedded_worker_drops_a_message_it_can_never_sign_at_once(embedded_service, caplog):
+    """As the queue functions do: a message that is not this app's, or names no stored chunk, is dropped with
+    one warning, not delivered again and again (with backoff) until the poison handler refuses it too."""
+    queue = embedded_service.batch_queue
+    assert isinstance(queue, InProcessQueue)
+    with caplog.at_level(logging.WARNING):
+        for text in ("not json", ChunkMessage(batchId="0123456789abcdef", chunk=0).text()):
+            queue.send(text)
+        queue.wait_idle()
+    dropped = [r.getMessage() for r in caplog.records if r.name == "device_ca.queues"]
+    assert [line.split(": ")[0] for line in dropped] == ["queue message dropped"] * 2
+    assert "invalid-message" in dropped[0] and "batch-not-found" in dropped[1]
+    assert not [r for r in caplog.records if "delivery" in r.getMessage()]
