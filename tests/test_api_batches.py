@@ -186,3 +186,24 @@ def test_json_lines_break_at_line_feeds_only(api):
     done = api.client.get(f"/api/batches/{response.json()['id']}", headers=bearer(api.factory_a)).json()
     assert [r["deviceId"] for r in done["results"]] == ["lines-only-0", "odd\u2028\x85\x0cid"]
     assert done["results"][0]["status"] == "issued" and done["results"][1]["status"] == "failed"
+
+
+def test_a_csr_that_is_not_printable_ascii_fails_alone_and_the_largest_chunk_is_stored(api):
+    """A CSR is PEM: other characters fail the item at once. As JSON, U+20AC or U+0000 takes 6 bytes, so a chunk
+    of 8,000 of them an item was over Table Storage's 4 MiB transaction and the whole request a 500; a chunk of
+    the longest ASCII CSRs that JSON doubles (quotes, backslashes) is stored."""
+    head = "-----BEGIN CERTIFICATE REQUEST-----\n"
+    odd = [{"deviceId": f"odd-{n}", "csr": head + ("\u20ac", "\x00")[n % 2] * 8000} for n in range(100)]
+    worst = [{"deviceId": f"quoted-{n}", "csr": head + '"\\' * 4000} for n in range(100)]
+    for items, failed in ((odd, 100), (worst, 0)):
+        response = _submit(api, api.factory_a, {"items": [*items, *_items(f"fine-{failed}", 1)]})
+        assert response.status_code == 202, response.text
+        assert response.json()["counts"]["failed"] == failed
+    deliver_chunks(api.service)
+    results = api.client.get(f"/api/batches/{response.json()['id']}?limit=1000", headers=bearer(api.factory_a)).json()
+    assert results["status"] == "done-with-failures" and results["counts"]["issued"] == 1
+    first = api.service.batch_results(api.service.batches().items[0].record.id).results[0]
+    assert first.error == (
+        "invalid-item",
+        "item 0: " + "csr is not PEM text: it holds characters other than printable ASCII and line breaks",
+    )

@@ -54,6 +54,9 @@ CHUNK_SIZE = MAX_CHUNK_ITEMS
 QUEUE_SENDS_AT_ONCE = 8  # chunk messages sent in parallel when a batch is submitted
 MAX_ITEM_CSR = 8 * 1024  # characters of one item's CSR, as for POST /api/devices/{id}/certificate
 MAX_ITEM_DEVICE_ID = 128  # characters; DPS registration IDs are at most 128 (64 for X.509)
+# PEM is printable ASCII: anything else could never be a CSR, and would swell a chunk's Table Storage transaction
+# past its 4 MiB (a character like U+20AC or U+0000 takes 6 bytes as JSON) before the item could fail
+_PEM_TEXT = re.compile(r"[\x20-\x7e\t\r\n]*")
 _BATCH_ID = re.compile(r"[0-9a-f]{16}")
 
 
@@ -124,11 +127,11 @@ class BatchUseCases:
         """Store a batch of `{"deviceId", "csr"}` items (1 to MAX_BATCH_ITEMS) and queue its chunks.
 
         The intermediate is chosen now, by the rules of one CSR (Forbidden, NotFound, Conflict as there); an
-        item that is not an object with a device ID and a CSR (PEM text, at most MAX_ITEM_CSR characters) is
-        that item's failure ("invalid-item"). Every item is in the ledger before this returns. With `enqueue`
-        False the chunks are not queued (the CLI signs them itself with `sign_batch_chunk`). BackendUnavailable
-        when a chunk cannot be queued: its items are then failed, so that nothing waits for a message that
-        never came."""
+        item that is not an object with a device ID and a CSR (PEM text: printable ASCII, at most MAX_ITEM_CSR
+        characters) is that item's failure ("invalid-item"). Every item is in the ledger before this returns.
+        With `enqueue` False the chunks are not queued (the CLI signs them itself with `sign_batch_chunk`).
+        BackendUnavailable when a chunk cannot be queued: its items are then failed, so that nothing waits for
+        a message that never came."""
         if not items:
             raise CaError("a batch needs at least one item", "empty-batch")
         if len(items) > MAX_BATCH_ITEMS:
@@ -397,6 +400,8 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any) -> BatchItem:
             problem = "csr is missing or not a string (PEM)"
         elif len(csr) > MAX_ITEM_CSR:
             problem = f"csr is longer than {MAX_ITEM_CSR} characters"
+        elif not _PEM_TEXT.fullmatch(csr):
+            problem = "csr is not PEM text: it holds characters other than printable ASCII and line breaks"
         elif unknown:
             problem = f"unknown field(s): {', '.join(repr(name)[:40] for name in unknown[:3])}"
     shown_id = device_id if isinstance(device_id, str) and len(device_id) <= MAX_ITEM_DEVICE_ID else ""
