@@ -201,6 +201,7 @@ def _prepare(args: argparse.Namespace) -> None:
         args.items = _read_batch_input(args.source)
         if args.results is None:
             args.results = args.source.with_name(args.source.name.removesuffix(".jsonl") + ".results.jsonl")
+        _check_results_apart(args.source, args.results)
         _check_output_file(args.results)
         if args.pem_dir is not None:
             _check_output_folder(args.pem_dir, (), parents=False)
@@ -229,6 +230,19 @@ def _read_input(path: Path) -> bytes:
     if path.is_dir():
         raise CaError(f"cannot read {path}: it is a folder, not a CSR file", "cannot-read")
     return path.read_bytes()
+
+
+def _check_results_apart(source: Path, results: Path) -> None:
+    """sign-batch's results file must not be its input (appending results to it spoils the next run's
+    input), nor a CSR file in its input folder (the next run would read it as a device's CSR)."""
+    target, origin = results.resolve(), source.resolve()
+    inside = source.is_dir() and target.parent == origin and target.suffix.lower() in CSR_SUFFIXES
+    if target == origin or inside:
+        raise CaError(
+            f"cannot write the results to {results}: it is {'the input' if target == origin else 'in the input folder'}"
+            "; name another file with --results",
+            "cannot-write",
+        )
 
 
 def _check_output_file(path: Path) -> None:
@@ -1005,7 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--results",
         type=Path,
-        help="the results file, appended to (default: SOURCE's name with .results.jsonl, beside it)",
+        help="the results file, appended to (default: SOURCE's name with .results.jsonl, beside it; not SOURCE)",
     )
     sub.add_argument(
         "--pem-dir",

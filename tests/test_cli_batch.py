@@ -148,3 +148,24 @@ def test_a_results_file_torn_or_damaged_by_a_killed_run_is_resumed_from(scene, c
     third = json.loads(capsys.readouterr().out)
     assert (third["issued"], third["skipped"], third["failed"]) == (0, 3, 1)
     assert len(_certificates(service)) == 3
+
+
+def test_the_results_file_cannot_be_the_input_or_a_csr_file_beside_the_inputs(scene, capsys, monkeypatch):
+    service, folder = scene
+    monkeypatch.chdir(folder)
+    source = folder / "same.jsonl"
+    original = _lines([_item("same-0")])
+    source.write_text(original)
+    csrs = folder / "csrs"
+    csrs.mkdir()
+    (csrs / "csr-0.csr").write_bytes(make_csr("csr-0"))
+    for args, where in (
+        (["same.jsonl", "--results", "./same.jsonl"], "the input"),
+        ([str(csrs), "--results", str(csrs / "out.pem")], "in the input folder"),
+    ):
+        assert cli.main(["sign-batch", *args]) == 1
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("error: cannot write the results to ") and f"it is {where}; name another" in line
+    assert source.read_text() == original
+    assert sorted(p.name for p in csrs.iterdir()) == ["csr-0.csr"]
+    assert service.batches().items == [] and _certificates(service) == []
