@@ -121,3 +121,24 @@ def test_the_inventory_lists_active_expiring_certificates_unless_a_status_is_ask
         assert client.get("/api/certificates?expiringWithinDays=30", headers=headers).json()["items"] == []
         wrong = client.get("/api/certificates?status=lapsed", headers=headers)
         assert wrong.status_code == 400 and "expired" in wrong.json()["error"]["message"]
+
+
+def test_a_scan_whose_claims_fail_still_reports_what_is_expiring(short_lived):
+    """The gate must not say "nothing expires" because the ledger could not record a stage: the findings are
+    listed (not announced), with the failures, and the exit status is 3."""
+    import sqlite3
+
+    home, serials = short_lived
+    with sqlite3.connect(home / "ledger.sqlite3") as db:
+        db.execute("CREATE TRIGGER broken BEFORE INSERT ON expiry_notices BEGIN SELECT RAISE(ABORT, 'disk'); END")
+    done = run_cli("check-expiring", "--announce", "--json", home=home)
+    assert done.returncode == 3, done.stderr
+    report = json.loads(done.stdout)
+    assert {f.get("deviceId") or f.get("caId") for f in report["findings"]} == {"short", "dev-1"}
+    assert report["announced"] == 0 and len(report["failures"]) == 2
+    assert "disk" not in done.stdout.decode()  # the ledger's own words stay in the log
+    assert next(f["serial"] for f in report["findings"] if f.get("deviceId") == "dev-1") == serials["dev-1"]
+    with sqlite3.connect(home / "ledger.sqlite3") as db:
+        db.execute("DROP TRIGGER broken")
+    repaired = json.loads(run_cli("check-expiring", "--announce", "--json", home=home).stdout)
+    assert repaired["announced"] == 2 and repaired["failures"] == []

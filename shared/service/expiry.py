@@ -210,15 +210,18 @@ class ExpiryUseCases:
     def _consider(self, scan: _Scan, watch: ExpiryWatch, stage: str | None, detail: str | None = None) -> None:
         """Add the finding; with `announce`, claim its stage if new, announce it, and mark an expired
         device certificate. A ledger that fails here, or anything unexpected, fails this finding only (in
-        `failures`): the scan goes on to the next."""
+        `failures`, and listed unannounced): the scan goes on to the next."""
         if stage is None:
             return
+        listed = len(scan.findings)
         try:
             self._settle(scan, watch, stage, detail)
         except Exception as error:
             public = error if isinstance(error, CaError) else unexpected(error, "settling an expiry stage")
             scan.failures.append(f"{watch.kind} {watch.subject} ({watch.serial}) at {stage}: {public.message}")
             log.error("the expiry stage of %s %s could not be settled: %s", watch.kind, watch.serial, public.message)
+            if len(scan.findings) == listed:  # still a finding (not announced): a gate must not pass it
+                scan.findings.append(self._finding(scan, watch, stage, detail))
 
     def _settle(self, scan: _Scan, watch: ExpiryWatch, stage: str, detail: str | None) -> None:
         if not scan.announce or watch.stage == stage:
