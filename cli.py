@@ -53,6 +53,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's status for a command line it cannot take
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_EXPIRING = 3  # check-expiring: something is inside its threshold (a pipeline's gate)
+EXIT_ITEMS_FAILED = 4  # sign-batch: the batch ran, and some of its items failed (their errors are in the results)
 MAX_WORKERS = 64
 
 Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str | None]]
@@ -79,7 +80,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0, 1 for an error, 2 for a usage error, 130 for Ctrl-C)."""
+    """Run one command; returns the exit status (0, 1 for an error, 2 for a usage error, 3 and 4 for
+    check-expiring's and sign-batch's findings, 130 for Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
@@ -198,7 +200,7 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.handler is sign_csr:
         args.csr = _read_input(args.file)
     if args.handler is sign_batch:
-        args.items = _read_batch_input(args.source)
+        args.items, args.lines = _read_batch_input(args.source)
         if args.results is None:
             args.results = args.source.with_name(args.source.name.removesuffix(".jsonl") + ".results.jsonl")
         _check_output_file(args.results)
@@ -721,8 +723,9 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     from shared.service.batches import CHUNK_SIZE, MAX_BATCH_ITEMS, ChunkMessage
 
     items, done = args.items, _issued_devices(args.results)
-    remaining = [(n, item) for n, item in enumerate(items) if _device_of(item) not in done]
-    counts = {"issued": 0, "created": 0, "failed": 0, "skipped": len(items) - len(remaining)}
+    unreadable = [n for n, item in enumerate(items) if item is _NOT_JSON]
+    remaining = [(n, item) for n, item in enumerate(items) if item is not _NOT_JSON and _device_of(item) not in done]
+    counts = {"issued": 0, "created": 0, "failed": 0, "skipped": len(items) - len(remaining) - len(unreadable)}
     batch_ids: list[str] = []
     console = _stderr_console()  # a bar where stderr is a terminal (or FORCE_COLOR is set), else nothing
     progress = Progress(
@@ -735,7 +738,13 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     )
     results = _Appender(args.results)
     with progress, results:
-        task = progress.add_task("sign-batch", total=len(remaining))
+        for n in unreadable:  # failed here: the batch would only know it as "not an object"
+            line = args.lines[n]
+            error = {"code": "invalid-item", "message": f"line {line} of {args.source.name} is not JSON"}
+            results.write(json.dumps({"item": n, "line": line, "deviceId": "", "status": "failed", "error": error}))
+            results.write("\n")
+            counts["failed"] += 1
+        task = progress.add_task("sign-batch", total=len(remaining) + len(unreadable), completed=len(unreadable))
         for start in range(0, len(remaining), MAX_BATCH_ITEMS):
             part = remaining[start : start + MAX_BATCH_ITEMS]
             batch = service.submit_batch(
@@ -747,7 +756,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
                     service.sign_batch_chunk(ChunkMessage(batchId=batch.record.id, chunk=chunk).text())
                     page = service.batch_results(batch.record.id, limit=CHUNK_SIZE, cursor=str(chunk * CHUNK_SIZE))
                     for result in page.results:
-                        line = {"item": part[result.index][0], **batch_result_view(result)}
+                        line = _result_line(part[result.index][0], args.lines, result)
                         counts[result.status] += 1
                         if result.issued is not None:
                             counts["created"] += result.issued.created
@@ -763,7 +772,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
                 raise
     document = {"batches": batch_ids, "results": str(args.results), **counts}
     lines = [
-        f"Signed {counts['issued']} of {len(remaining)} item(s): {counts['created']} new, "
+        f"Signed {counts['issued']} of {len(remaining) + len(unreadable)} item(s): {counts['created']} new, "
         f"{counts['issued'] - counts['created']} given back from the ledger (the same CSR); {counts['failed']} failed.",
         f"Results (one JSON line an item): {args.results}",
     ]
@@ -772,8 +781,23 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     if args.pem_dir:
         lines.append(f"Certificate chains (device, intermediate): {args.pem_dir}/DEVICE_ID.pem")
     if counts["failed"]:
-        lines.append("Failed items have an 'error' in the results; run the command again to retry them.")
+        lines.append(
+            "Failed items have an 'error' in the results. Running the command again tries them again: fix the "
+            "items whose error is about the request (its CSR, its device ID) first."
+        )
+        args.exit_status = EXIT_ITEMS_FAILED
     return document, "\n".join(lines)
+
+
+def _result_line(item: int, lines: list[int] | None, result: Any) -> dict[str, Any]:
+    """One results-file line: the item's position in SOURCE (and its line in a JSON Lines file), then its
+    result; an error's "item N:" prefix (its place in the batch, not in SOURCE) is left out."""
+    view = batch_result_view(result)
+    error = view.get("error")
+    if error and error["message"].startswith(f"item {result.index}: "):
+        view["error"] = {**error, "message": error["message"].split(": ", 1)[1]}
+    located = {"item": item, "line": lines[item]} if lines is not None else {"item": item}
+    return {**located, **view}
 
 
 class _Appender:
@@ -808,23 +832,28 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-def _read_batch_input(source: Path) -> list[Any]:
+_NOT_JSON = object()  # a JSON Lines line that is not JSON
+
+
+def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None]:
     """The items of a JSON Lines file (one {"deviceId", "csr"} a line; a line that is not JSON is that
-    item's failure) or of a folder of CSR files named DEVICE_ID.csr or DEVICE_ID.pem (PEM or DER)."""
+    item's failure) with their line numbers, or of a folder of CSR files named DEVICE_ID.csr or
+    DEVICE_ID.pem (PEM or DER), with None."""
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in CSR_SUFFIXES and p.is_file())
         if not files:
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
-        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files]
+        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None
     text = _read_input(source).decode("utf-8-sig", errors="replace")
-    items = [_json_line(line) for line in text.splitlines() if line.strip()]
+    numbered = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    items = [_json_line(line) for _, line in numbered]
     if not any(isinstance(item, dict) for item in items):
         raise CaError(
             f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr); "
             "for CSR files, name a folder of them",
             "cannot-read",
         )
-    return items
+    return items, [number for number, _ in numbered]
 
 
 def _csr_text(data: bytes) -> str:
@@ -839,7 +868,7 @@ def _json_line(line: str) -> Any:
     try:
         return json.loads(line)
     except ValueError:
-        return None
+        return _NOT_JSON
 
 
 def _device_of(item: Any) -> Any:
@@ -871,7 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Run 'python cli.py COMMAND --help' for a command's options. Exit status: 0 done, 1 an error "
-            "(one line on stderr), 2 a usage error (an unknown option, a missing or malformed value)."
+            "(one line on stderr), 2 a usage error (an unknown option, a missing or malformed value), 3 "
+            "check-expiring found certificates inside their thresholds, 4 sign-batch ran but some items failed "
+            "(their errors are in the results file), 130 interrupted (Ctrl-C)."
         ),
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -985,7 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DEVICE_ID.csr or DEVICE_ID.pem. Each item's result (its device bundle, or its error) is appended to the "
         "results file as one JSON line as soon as its chunk is done. Run again after an interruption: devices "
         "already issued there are skipped, and one signed but not yet written gets its certificate back (the "
-        "same CSR), never a second one; failed items are tried again.",
+        "same CSR), never a second one; failed items are tried again. Exit status 4 when any item failed.",
     )
     sub.add_argument("source", type=Path, metavar="SOURCE", help="a JSON Lines file, or a folder of CSR files")
     sub.add_argument(

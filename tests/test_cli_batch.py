@@ -51,19 +51,21 @@ def test_a_json_lines_file_is_signed_with_results_and_chains(scene, capsys, monk
     source = folder / "line-7.jsonl"
     source.write_text(_lines([_item("cli-0"), "{broken", _item("cli-1"), {"deviceId": "cli-2"}, _item("cli-3")]))
     monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal: the progress bar is drawn on stderr
-    assert cli.main(["sign-batch", str(source), "--pem-dir", "chains"]) == 0
+    assert cli.main(["sign-batch", str(source), "--pem-dir", "chains"]) == cli.EXIT_ITEMS_FAILED
     out, err = capsys.readouterr()
     assert "signing" in err and "5/5" in err
     assert "Signed 3 of 5 item(s): 3 new, 0 given back from the ledger (the same CSR); 2 failed." in out
     results = _results(folder / "line-7.results.jsonl")
-    assert [(r["item"], r["status"]) for r in results] == [
-        (0, "issued"),
-        (1, "failed"),
-        (2, "issued"),
-        (3, "failed"),
-        (4, "issued"),
+    assert [(r["item"], r["line"], r["status"]) for r in results] == [
+        (1, 2, "failed"),  # not JSON: failed before the batch, which would only see "not an object"
+        (0, 1, "issued"),
+        (2, 3, "issued"),
+        (3, 4, "failed"),
+        (4, 5, "issued"),
     ]
-    assert results[3]["error"]["code"] == "invalid-item" and results[3]["deviceId"] == "cli-2"
+    assert results[0]["error"] == {"code": "invalid-item", "message": "line 2 of line-7.jsonl is not JSON"}
+    assert results[3]["error"] == {"code": "invalid-item", "message": "csr is missing or not a string (PEM)"}
+    assert results[3]["deviceId"] == "cli-2"
     intermediate = load(service.intermediate("factory-a").certificate_pem)
     for result in results:
         if result["status"] == "issued":
