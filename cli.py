@@ -26,7 +26,7 @@ from shared import parameters
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, unexpected
-from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
+from shared.ledger.models import CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
 from shared.queues import InProcessQueue
@@ -355,8 +355,8 @@ def create_device_cert(service: DeviceCA, args: argparse.Namespace) -> tuple[Any
         csr.public_bytes(serialization.Encoding.PEM),
         device_id,
         intermediate_id=args.intermediate,
-        requested_by=_who(),
         renew=args.renew,
+        **_signer(service, args),
     )
     files = _write_device_bundle(args.out_dir, key, issued)
     lines = [_describe_issued(issued), *(f"wrote {name}: {path}" for name, path in files.items())]
@@ -368,7 +368,7 @@ def sign_csr(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     source = "standard input" if str(args.file) == "-" else str(args.file)
     try:
         issued = service.sign_csr(
-            args.csr, args.device_id, intermediate_id=args.intermediate, requested_by=_who(), renew=args.renew
+            args.csr, args.device_id, intermediate_id=args.intermediate, renew=args.renew, **_signer(service, args)
         )
     except CaError as error:
         if error.message.startswith("the body "):  # the CSR parser speaks of a request body; here it is a file
@@ -666,6 +666,17 @@ def _written(path: Path | None, what: str) -> list[str]:
     return [f"wrote {what}: {path}"] if path else []
 
 
+def _signer(service: DeviceCA, args: argparse.Namespace) -> dict[str, Any]:
+    """Who a signing command signs as: the CLI's user (an admin: any intermediate, any device, owned by
+    this host's admins), or with --factory that factory, by its rules (its intermediates, its devices)."""
+    if getattr(args, "factory", None) is None:
+        return {"requested_by": _who()}
+    principal = service.principals.principal(args.factory)
+    if principal.role != FACTORY:
+        raise CaError(f"{args.factory!r} is an admin, not a factory; leave out --factory", "not-a-factory")
+    return {"requested_by": principal.id, "allowed_intermediates": principal.intermediates}
+
+
 def _who() -> str:
     try:
         return f"cli:{getpass.getuser()}"
@@ -722,6 +733,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
 
     from shared.service.batches import CHUNK_SIZE, MAX_BATCH_ITEMS, ChunkMessage
 
+    signer = _signer(service, args)
     items, done = args.items, _issued_devices(args.results)
     unreadable = [n for n, item in enumerate(items) if item is _NOT_JSON]
     remaining = [(n, item) for n, item in enumerate(items) if item is not _NOT_JSON and _device_of(item) not in done]
@@ -748,7 +760,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
         for start in range(0, len(remaining), MAX_BATCH_ITEMS):
             part = remaining[start : start + MAX_BATCH_ITEMS]
             batch = service.submit_batch(
-                [item for _, item in part], requested_by=_who(), intermediate_id=args.intermediate, enqueue=False
+                [item for _, item in part], intermediate_id=args.intermediate, enqueue=False, **signer
             )
             batch_ids.append(batch.record.id)
             try:
@@ -983,6 +995,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--device-id", help="device ID = DPS registration ID = certificate CN (default: random)")
     sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument(
+        "--factory",
+        metavar="NAME",
+        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
+        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
+        "whose devices no factory may certify afterwards",
+    )
     sub.add_argument("--curve", choices=sorted(CA_CURVES), type=str.upper, default="P-256", help="device key curve")
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
     sub.add_argument(
@@ -1001,6 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("file", type=Path, help="CSR file, or - for standard input")
     sub.add_argument("--device-id", required=True, help="device ID; must equal the CSR's CN")
     sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument(
+        "--factory",
+        metavar="NAME",
+        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
+        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
+        "whose devices no factory may certify afterwards",
+    )
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
     sub.add_argument(
         "--out", type=Path, help="write the chain (device, intermediate) as PEM to this file (its folder must exist)"
@@ -1030,6 +1056,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write each chain (device, intermediate) as DIR/DEVICE_ID.pem (made if missing)",
     )
     sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument(
+        "--factory",
+        metavar="NAME",
+        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
+        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
+        "whose devices no factory may certify afterwards",
+    )
 
     sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
     sub.add_argument("--device-id", help="only this device")

@@ -125,3 +125,42 @@ def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):
         "error: intermediate 'factory-a' is disabled; enable it or use another"
     ]
     assert not (folder / "stop.results.jsonl").exists() and service.batches().items == []
+
+
+def test_the_cli_signs_on_a_factorys_behalf_by_its_rules(scene, capsys):
+    """--factory: the factory's intermediates and ownership, so the factory can renew its devices itself;
+    without it the device is the admins' and a factory hears that it was certified by someone else."""
+    service, folder = scene
+    service.create_intermediate("factory-b")
+    service.principals.create_factory("line-1", ["factory-a"])
+    csr = folder / "f-1.csr"
+    csr.write_bytes(make_csr("f-1"))
+    assert cli.main(["sign-csr", str(csr), "--device-id", "f-1", "--factory", "line-1", "--json"]) == 0
+    issued = json.loads(capsys.readouterr().out)
+    assert issued["intermediateId"] == "factory-a"  # not the newest (factory-b): the factory's own
+    record = service.certificate(issued["serialNumber"])
+    assert record.requested_by == "line-1"
+    assert service.ledger.device_owners(["f-1"]) == {"f-1": "line-1"}
+    renewed = service.sign_csr(
+        make_csr("f-1"), "f-1", requested_by="line-1", renew=True, allowed_intermediates=["factory-a"]
+    )
+    assert renewed.created
+
+    source = folder / "batch.jsonl"
+    source.write_text(_lines([_item("f-2")]))
+    assert cli.main(["sign-batch", str(source), "--factory", "line-1", "--intermediate", "factory-b"]) == 1
+    assert "may not sign with intermediate 'factory-b'" in capsys.readouterr().err
+    assert cli.main(["sign-batch", str(source), "--factory", "line-1", "--json"]) == 0
+    assert service.ledger.device_owners(["f-2"]) == {"f-2": "line-1"}
+
+    admins = folder / "a-1.csr"
+    admins.write_bytes(make_csr("a-1"))
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "line-1", "--renew"]) == 1
+    assert "first certified by another factory or by a CA admin" in capsys.readouterr().err
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "nobody"]) == 1
+    assert "no principal called 'nobody'" in capsys.readouterr().err
+    service.principals.create_admin_key("ops")
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "ops"]) == 1
+    assert "'ops' is an admin, not a factory" in capsys.readouterr().err
