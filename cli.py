@@ -26,7 +26,7 @@ from shared import parameters
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, unexpected
-from shared.ledger.models import CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
+from shared.ledger.models import CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
 from shared.queues import InProcessQueue
@@ -108,12 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(args, "interrupted", "interrupted", EXIT_INTERRUPTED)
     except (CaError, PkiError) as error:
-        return _fail(args, error.code, error.message)
+        return _fail(args, error.code, error.message + _which_ca(error.code))
     except OSError as error:
         return _fail(args, "os-error", _os_error(error))
     except Exception as error:  # the operator gets one line; the error ID finds the details in the log
         return _fail(args, "internal-error", unexpected(error, f"running {args.handler.__name__}").message)
     return 0
+
+
+def _which_ca(code: str) -> str:
+    """For "there is no CA here" errors: which CA this command read, since PKI_HOME is relative to the
+    current folder and a command run elsewhere finds an empty one."""
+    if code not in ("root-not-found", "no-active-intermediate", "intermediate-not-found", "ca-not-found"):
+        return ""
+    from shared.config import Settings
+
+    settings = Settings.load()
+    if settings.ledger_tables:
+        return f" (the CA in Table Storage, tables {settings.ledger_table_prefix}*)"
+    return f" (the CA under PKI_HOME={settings.pki_home.resolve()})"
 
 
 class _Stderr(logging.StreamHandler):
@@ -429,9 +442,16 @@ def check_expiring(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, st
 
 
 def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    already = service.certificate(args.serial).status == CERT_REVOKED  # revoking again changes nothing
     revocation, dps_state = service.revoke(args.serial, args.reason)
     record = revocation.record
-    lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
+    if already:
+        lines = [
+            f"Certificate {record.serial} of device {record.device_id} was already revoked "
+            f"({record.status_reason}); the ledger is unchanged."
+        ]
+    else:
+        lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
     lines += [f"Also revoked {other.serial}: it holds the same key." for other in revocation.also_revoked]
     lines += _dps_note(dps_state)
     return revocation_view(revocation, dps_state), "\n".join(lines)
