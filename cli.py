@@ -686,6 +686,18 @@ def _written(path: Path | None, what: str) -> list[str]:
     return [f"wrote {what}: {path}"] if path else []
 
 
+def _signer_options(sub: argparse.ArgumentParser) -> None:
+    """--intermediate and --factory, as every signing command takes them."""
+    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument(
+        "--factory",
+        metavar="NAME",
+        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
+        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
+        "whose devices no factory may certify afterwards",
+    )
+
+
 def _signer(service: DeviceCA, args: argparse.Namespace) -> dict[str, Any]:
     """Who a signing command signs as: the CLI's user (an admin: any intermediate, any device, owned by
     this host's admins), or with --factory that factory, by its rules (its intermediates, its devices)."""
@@ -1014,14 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
         "device and use sign-csr instead.",
     )
     sub.add_argument("--device-id", help="device ID = DPS registration ID = certificate CN (default: random)")
-    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
-    sub.add_argument(
-        "--factory",
-        metavar="NAME",
-        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
-        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
-        "whose devices no factory may certify afterwards",
-    )
+    _signer_options(sub)
     sub.add_argument("--curve", choices=sorted(CA_CURVES), type=str.upper, default="P-256", help="device key curve")
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
     sub.add_argument(
@@ -1039,14 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("file", type=Path, help="CSR file, or - for standard input")
     sub.add_argument("--device-id", required=True, help="device ID; must equal the CSR's CN")
-    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
-    sub.add_argument(
-        "--factory",
-        metavar="NAME",
-        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
-        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
-        "whose devices no factory may certify afterwards",
-    )
+    _signer_options(sub)
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
     sub.add_argument(
         "--out", type=Path, help="write the chain (device, intermediate) as PEM to this file (its folder must exist)"
@@ -1075,14 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also write each chain (device, intermediate) as DIR/DEVICE_ID.pem (made if missing)",
     )
-    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
-    sub.add_argument(
-        "--factory",
-        metavar="NAME",
-        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
-        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
-        "whose devices no factory may certify afterwards",
-    )
+    _signer_options(sub)
 
     sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
     sub.add_argument("--device-id", help="only this device")
