@@ -26,7 +26,7 @@ from shared import parameters
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, unexpected
-from shared.ledger.models import CERT_STATUSES, CaRecord, CertificateQuery
+from shared.ledger.models import CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
 from shared.queues import InProcessQueue
@@ -53,6 +53,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's status for a command line it cannot take
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_EXPIRING = 3  # check-expiring: something is inside its threshold (a pipeline's gate)
+EXIT_ITEMS_FAILED = 4  # sign-batch: the batch ran, and some of its items failed (their errors are in the results)
 MAX_WORKERS = 64
 
 Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str | None]]
@@ -79,7 +80,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0, 1 for an error, 2 for a usage error, 130 for Ctrl-C)."""
+    """Run one command; returns the exit status (0, 1 for an error, 2 for a usage error, 3 and 4 for
+    check-expiring's and sign-batch's findings, 130 for Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
@@ -106,12 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(args, "interrupted", "interrupted", EXIT_INTERRUPTED)
     except (CaError, PkiError) as error:
-        return _fail(args, error.code, error.message)
+        return _fail(args, error.code, error.message + _which_ca(error.code))
     except OSError as error:
         return _fail(args, "os-error", _os_error(error))
     except Exception as error:  # the operator gets one line; the error ID finds the details in the log
         return _fail(args, "internal-error", unexpected(error, f"running {args.handler.__name__}").message)
     return 0
+
+
+def _which_ca(code: str) -> str:
+    """For "there is no CA here" errors: which CA this command read, since PKI_HOME is relative to the
+    current folder and a command run elsewhere finds an empty one."""
+    if code not in ("root-not-found", "no-active-intermediate", "intermediate-not-found", "ca-not-found"):
+        return ""
+    from shared.config import Settings
+
+    settings = Settings.load()
+    if settings.ledger_tables:
+        return f" (the CA in Table Storage, tables {settings.ledger_table_prefix}*)"
+    return f" (the CA under PKI_HOME={settings.pki_home.resolve()})"
 
 
 class _Stderr(logging.StreamHandler):
@@ -198,7 +213,7 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.handler is sign_csr:
         args.csr = _read_input(args.file)
     if args.handler is sign_batch:
-        args.items = _read_batch_input(args.source)
+        args.items, args.lines = _read_batch_input(args.source)
         if args.results is None:
             args.results = args.source.with_name(args.source.name.removesuffix(".jsonl") + ".results.jsonl")
         _check_results_apart(args.source, args.results)
@@ -367,8 +382,8 @@ def create_device_cert(service: DeviceCA, args: argparse.Namespace) -> tuple[Any
         csr.public_bytes(serialization.Encoding.PEM),
         device_id,
         intermediate_id=args.intermediate,
-        requested_by=_who(),
         renew=args.renew,
+        **_signer(service, args),
     )
     files = _write_device_bundle(args.out_dir, key, issued)
     lines = [_describe_issued(issued), *(f"wrote {name}: {path}" for name, path in files.items())]
@@ -380,7 +395,7 @@ def sign_csr(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     source = "standard input" if str(args.file) == "-" else str(args.file)
     try:
         issued = service.sign_csr(
-            args.csr, args.device_id, intermediate_id=args.intermediate, requested_by=_who(), renew=args.renew
+            args.csr, args.device_id, intermediate_id=args.intermediate, renew=args.renew, **_signer(service, args)
         )
     except CaError as error:
         if error.message.startswith("the body "):  # the CSR parser speaks of a request body; here it is a file
@@ -441,9 +456,16 @@ def check_expiring(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, st
 
 
 def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    already = service.certificate(args.serial).status == CERT_REVOKED  # revoking again changes nothing
     revocation, dps_state = service.revoke(args.serial, args.reason)
     record = revocation.record
-    lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
+    if already:
+        lines = [
+            f"Certificate {record.serial} of device {record.device_id} was already revoked "
+            f"({record.status_reason}); the ledger is unchanged."
+        ]
+    else:
+        lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
     lines += [f"Also revoked {other.serial}: it holds the same key." for other in revocation.also_revoked]
     lines += _dps_note(dps_state)
     return revocation_view(revocation, dps_state), "\n".join(lines)
@@ -678,6 +700,29 @@ def _written(path: Path | None, what: str) -> list[str]:
     return [f"wrote {what}: {path}"] if path else []
 
 
+def _signer_options(sub: argparse.ArgumentParser) -> None:
+    """--intermediate and --factory, as every signing command takes them."""
+    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument(
+        "--factory",
+        metavar="NAME",
+        help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
+        "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
+        "whose devices no factory may certify afterwards",
+    )
+
+
+def _signer(service: DeviceCA, args: argparse.Namespace) -> dict[str, Any]:
+    """Who a signing command signs as: the CLI's user (an admin: any intermediate, any device, owned by
+    this host's admins), or with --factory that factory, by its rules (its intermediates, its devices)."""
+    if getattr(args, "factory", None) is None:
+        return {"requested_by": _who()}
+    principal = service.principals.principal(args.factory)
+    if principal.role != FACTORY:
+        raise CaError(f"{args.factory!r} is an admin, not a factory; leave out --factory", "not-a-factory")
+    return {"requested_by": principal.id, "allowed_intermediates": principal.intermediates}
+
+
 def _who() -> str:
     try:
         return f"cli:{getpass.getuser()}"
@@ -734,9 +779,11 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
 
     from shared.service.batches import CHUNK_SIZE, MAX_BATCH_ITEMS, ChunkMessage
 
+    signer = _signer(service, args)
     items, done = args.items, _issued_devices(args.results)
-    remaining = [(n, item) for n, item in enumerate(items) if _device_of(item) not in done]
-    counts = {"issued": 0, "created": 0, "failed": 0, "skipped": len(items) - len(remaining)}
+    unreadable = [n for n, item in enumerate(items) if item is _NOT_JSON]
+    remaining = [(n, item) for n, item in enumerate(items) if item is not _NOT_JSON and _device_of(item) not in done]
+    counts = {"issued": 0, "created": 0, "failed": 0, "skipped": len(items) - len(remaining) - len(unreadable)}
     batch_ids: list[str] = []
     console = _stderr_console()  # a bar where stderr is a terminal (or FORCE_COLOR is set), else nothing
     progress = Progress(
@@ -749,11 +796,17 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     )
     results = _Appender(args.results)
     with progress, results:
-        task = progress.add_task("sign-batch", total=len(remaining))
+        for n in unreadable:  # failed here: the batch would only know it as "not an object"
+            line = args.lines[n]
+            error = {"code": "invalid-item", "message": f"line {line} of {args.source.name} is not JSON"}
+            results.write(json.dumps({"item": n, "line": line, "deviceId": "", "status": "failed", "error": error}))
+            results.write("\n")
+            counts["failed"] += 1
+        task = progress.add_task("sign-batch", total=len(remaining) + len(unreadable), completed=len(unreadable))
         for start in range(0, len(remaining), MAX_BATCH_ITEMS):
             part = remaining[start : start + MAX_BATCH_ITEMS]
             batch = service.submit_batch(
-                [item for _, item in part], requested_by=_who(), intermediate_id=args.intermediate, enqueue=False
+                [item for _, item in part], intermediate_id=args.intermediate, enqueue=False, **signer
             )
             batch_ids.append(batch.record.id)
             try:
@@ -761,7 +814,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
                     service.sign_batch_chunk(ChunkMessage(batchId=batch.record.id, chunk=chunk).text())
                     page = service.batch_results(batch.record.id, limit=CHUNK_SIZE, cursor=str(chunk * CHUNK_SIZE))
                     for result in page.results:
-                        line = {"item": part[result.index][0], **batch_result_view(result)}
+                        line = _result_line(part[result.index][0], args.lines, result)
                         counts[result.status] += 1
                         if result.issued is not None:
                             counts["created"] += result.issued.created
@@ -777,7 +830,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
                 raise
     document = {"batches": batch_ids, "results": str(args.results), **counts}
     lines = [
-        f"Signed {counts['issued']} of {len(remaining)} item(s): {counts['created']} new, "
+        f"Signed {counts['issued']} of {len(remaining) + len(unreadable)} item(s): {counts['created']} new, "
         f"{counts['issued'] - counts['created']} given back from the ledger (the same CSR); {counts['failed']} failed.",
         f"Results (one JSON line an item): {args.results}",
     ]
@@ -786,8 +839,23 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     if args.pem_dir:
         lines.append(f"Certificate chains (device, intermediate): {args.pem_dir}/DEVICE_ID.pem")
     if counts["failed"]:
-        lines.append("Failed items have an 'error' in the results; run the command again to retry them.")
+        lines.append(
+            "Failed items have an 'error' in the results. Running the command again tries them again: fix the "
+            "items whose error is about the request (its CSR, its device ID) first."
+        )
+        args.exit_status = EXIT_ITEMS_FAILED
     return document, "\n".join(lines)
+
+
+def _result_line(item: int, lines: list[int] | None, result: Any) -> dict[str, Any]:
+    """One results-file line: the item's position in SOURCE (and its line in a JSON Lines file), then its
+    result; an error's "item N:" prefix (its place in the batch, not in SOURCE) is left out."""
+    view = batch_result_view(result)
+    error = view.get("error")
+    if error and error["message"].startswith(f"item {result.index}: "):
+        view["error"] = {**error, "message": error["message"].split(": ", 1)[1]}
+    located = {"item": item, "line": lines[item]} if lines is not None else {"item": item}
+    return {**located, **view}
 
 
 class _Appender:
@@ -835,23 +903,29 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-def _read_batch_input(source: Path) -> list[Any]:
+_NOT_JSON = object()  # a JSON Lines line that is not JSON
+
+
+def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None]:
     """The items of a JSON Lines file (one {"deviceId", "csr"} a line; a line that is not JSON is that
-    item's failure) or of a folder of CSR files named DEVICE_ID.csr or DEVICE_ID.pem (PEM or DER)."""
+    item's failure) with their line numbers, or of a folder of CSR files named DEVICE_ID.csr or
+    DEVICE_ID.pem (PEM or DER), with None."""
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in CSR_SUFFIXES and p.is_file())
         if not files:
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
-        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files]
+        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None
     text = _read_input(source).decode("utf-8-sig", errors="replace")
-    items = [_json_line(line) for line in text.split("\n") if line.strip()]  # as POST /api/batches
+    # lines end at LF (CRLF too), as for POST /api/batches: not str.splitlines, which also breaks at U+2028
+    numbered = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    items = [_json_line(line) for _, line in numbered]
     if not any(isinstance(item, dict) for item in items):
         raise CaError(
             f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr); "
             "for CSR files, name a folder of them",
             "cannot-read",
         )
-    return items
+    return items, [number for number, _ in numbered]
 
 
 def _csr_text(data: bytes) -> str:
@@ -866,7 +940,7 @@ def _json_line(line: str) -> Any:
     try:
         return json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deeply
-        return None
+        return _NOT_JSON
 
 
 def _device_of(item: Any) -> Any:
@@ -899,7 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Run 'python cli.py COMMAND --help' for a command's options. Exit status: 0 done, 1 an error "
-            "(one line on stderr), 2 a usage error (an unknown option, a missing or malformed value)."
+            "(one line on stderr), 2 a usage error (an unknown option, a missing or malformed value), 3 "
+            "check-expiring found certificates inside their thresholds, 4 sign-batch ran but some items failed "
+            "(their errors are in the results file), 130 interrupted (Ctrl-C)."
         ),
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -979,7 +1055,7 @@ def build_parser() -> argparse.ArgumentParser:
         "device and use sign-csr instead.",
     )
     sub.add_argument("--device-id", help="device ID = DPS registration ID = certificate CN (default: random)")
-    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    _signer_options(sub)
     sub.add_argument("--curve", choices=sorted(CA_CURVES), type=str.upper, default="P-256", help="device key curve")
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
     sub.add_argument(
@@ -997,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("file", type=Path, help="CSR file, or - for standard input")
     sub.add_argument("--device-id", required=True, help="device ID; must equal the CSR's CN")
-    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    _signer_options(sub)
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
     sub.add_argument(
         "--out", type=Path, help="write the chain (device, intermediate) as PEM to this file (its folder must exist)"
@@ -1013,7 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DEVICE_ID.csr or DEVICE_ID.pem. Each item's result (its device bundle, or its error) is appended to the "
         "results file as one JSON line as soon as its chunk is done. Run again after an interruption: devices "
         "already issued there are skipped, and one signed but not yet written gets its certificate back (the "
-        "same CSR), never a second one; failed items are tried again.",
+        "same CSR), never a second one; failed items are tried again. Exit status 4 when any item failed.",
     )
     sub.add_argument("source", type=Path, metavar="SOURCE", help="a JSON Lines file, or a folder of CSR files")
     sub.add_argument(
@@ -1026,7 +1102,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also write each chain (device, intermediate) as DIR/DEVICE_ID.pem (made if missing)",
     )
-    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    _signer_options(sub)
 
     sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
     sub.add_argument("--device-id", help="only this device")

@@ -126,3 +126,18 @@ def test_application_ids_must_be_guids(service, app_id):
     assert service.ledger.get_principal("acme") is None
     stored = service.principals.create_factory("acme", ["factory-a"], app_id=" 6F2A3C1E-0000-4000-8000-00000000A11C ")
     assert stored.principal.app_id == "6f2a3c1e-0000-4000-8000-00000000a11c"
+
+
+@pytest.mark.parametrize("name", ["Plant_C", "-edge", "x" * 49])
+def test_a_principal_name_is_refused_as_a_name_not_as_a_ca_id(service, name):
+    from shared.pki import PkiError
+
+    for create in (
+        lambda: service.principals.create_factory(name, ["factory-a"]),
+        lambda: service.principals.create_admin_key(name),
+    ):
+        with pytest.raises(PkiError) as refused:
+            create()
+        assert refused.value.code == "invalid-principal-name"
+        assert refused.value.message.startswith(f"principal name {name!r} is not valid")
+    assert service.ledger.get_principal(name) is None

@@ -51,19 +51,21 @@ def test_a_json_lines_file_is_signed_with_results_and_chains(scene, capsys, monk
     source = folder / "line-7.jsonl"
     source.write_text(_lines([_item("cli-0"), "{broken", _item("cli-1"), {"deviceId": "cli-2"}, _item("cli-3")]))
     monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal: the progress bar is drawn on stderr
-    assert cli.main(["sign-batch", str(source), "--pem-dir", "chains"]) == 0
+    assert cli.main(["sign-batch", str(source), "--pem-dir", "chains"]) == cli.EXIT_ITEMS_FAILED
     out, err = capsys.readouterr()
     assert "signing" in err and "5/5" in err
     assert "Signed 3 of 5 item(s): 3 new, 0 given back from the ledger (the same CSR); 2 failed." in out
     results = _results(folder / "line-7.results.jsonl")
-    assert [(r["item"], r["status"]) for r in results] == [
-        (0, "issued"),
-        (1, "failed"),
-        (2, "issued"),
-        (3, "failed"),
-        (4, "issued"),
+    assert [(r["item"], r["line"], r["status"]) for r in results] == [
+        (1, 2, "failed"),  # not JSON: failed before the batch, which would only see "not an object"
+        (0, 1, "issued"),
+        (2, 3, "issued"),
+        (3, 4, "failed"),
+        (4, 5, "issued"),
     ]
-    assert results[3]["error"]["code"] == "invalid-item" and results[3]["deviceId"] == "cli-2"
+    assert results[0]["error"] == {"code": "invalid-item", "message": "line 2 of line-7.jsonl is not JSON"}
+    assert results[3]["error"] == {"code": "invalid-item", "message": "csr is missing or not a string (PEM)"}
+    assert results[3]["deviceId"] == "cli-2"
     intermediate = load(service.intermediate("factory-a").certificate_pem)
     for result in results:
         if result["status"] == "issued":
@@ -125,6 +127,45 @@ def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):
     assert not (folder / "stop.results.jsonl").exists() and service.batches().items == []
 
 
+def test_the_cli_signs_on_a_factorys_behalf_by_its_rules(scene, capsys):
+    """--factory: the factory's intermediates and ownership, so the factory can renew its devices itself;
+    without it the device is the admins' and a factory hears that it was certified by someone else."""
+    service, folder = scene
+    service.create_intermediate("factory-b")
+    service.principals.create_factory("line-1", ["factory-a"])
+    csr = folder / "f-1.csr"
+    csr.write_bytes(make_csr("f-1"))
+    assert cli.main(["sign-csr", str(csr), "--device-id", "f-1", "--factory", "line-1", "--json"]) == 0
+    issued = json.loads(capsys.readouterr().out)
+    assert issued["intermediateId"] == "factory-a"  # not the newest (factory-b): the factory's own
+    record = service.certificate(issued["serialNumber"])
+    assert record.requested_by == "line-1"
+    assert service.ledger.device_owners(["f-1"]) == {"f-1": "line-1"}
+    renewed = service.sign_csr(
+        make_csr("f-1"), "f-1", requested_by="line-1", renew=True, allowed_intermediates=["factory-a"]
+    )
+    assert renewed.created
+
+    source = folder / "batch.jsonl"
+    source.write_text(_lines([_item("f-2")]))
+    assert cli.main(["sign-batch", str(source), "--factory", "line-1", "--intermediate", "factory-b"]) == 1
+    assert "may not sign with intermediate 'factory-b'" in capsys.readouterr().err
+    assert cli.main(["sign-batch", str(source), "--factory", "line-1", "--json"]) == 0
+    assert service.ledger.device_owners(["f-2"]) == {"f-2": "line-1"}
+
+    admins = folder / "a-1.csr"
+    admins.write_bytes(make_csr("a-1"))
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "line-1", "--renew"]) == 1
+    assert "first certified by another factory or by a CA admin" in capsys.readouterr().err
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "nobody"]) == 1
+    assert "no principal called 'nobody'" in capsys.readouterr().err
+    service.principals.create_admin_key("ops")
+    assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "ops"]) == 1
+    assert "'ops' is an admin, not a factory" in capsys.readouterr().err
+
+
 def test_a_results_file_torn_or_damaged_by_a_killed_run_is_resumed_from(scene, capsys):
     """A run killed mid-line leaves a line without its end, or a disk leaves bytes that are not UTF-8: the
     next run starts its lines on a line of their own and still skips what was issued."""
@@ -139,12 +180,18 @@ def test_a_results_file_torn_or_damaged_by_a_killed_run_is_resumed_from(scene, c
         file.write(b"\xff\xfe not utf-8\n")
         file.write(b'{"item": 1, "deviceId": "torn-1", "status": "iss')  # killed here
     source.write_text(_lines([*items, " " + "[" * 100_000 + "]" * 100_000]))
-    assert cli.main(["sign-batch", str(source), "--json"]) == 0
+    assert cli.main(["sign-batch", str(source), "--json"]) == 4  # an item failed: the line nested too deeply
     second = json.loads(capsys.readouterr().out)
     assert (second["issued"], second["skipped"], second["failed"]) == (2, 1, 1)
     lines = results.read_bytes().split(b"\n")
-    assert lines[-1] == b"" and [json.loads(line)["deviceId"] for line in lines[-4:-1]] == ["torn-1", "torn-2", ""]
-    assert cli.main(["sign-batch", str(source), "--json"]) == 0  # the torn line spoils only itself
+    tail = [json.loads(line) for line in lines[-4:-1]]
+    assert lines[-1] == b"" and [(r["deviceId"], r["status"]) for r in tail] == [
+        ("", "failed"),
+        ("torn-1", "issued"),
+        ("torn-2", "issued"),
+    ]
+    assert tail[0]["error"] == {"code": "invalid-item", "message": "line 4 of devices.jsonl is not JSON"}
+    assert cli.main(["sign-batch", str(source), "--json"]) == 4  # the torn line spoils only itself
     third = json.loads(capsys.readouterr().out)
     assert (third["issued"], third["skipped"], third["failed"]) == (0, 3, 1)
     assert len(_certificates(service)) == 3

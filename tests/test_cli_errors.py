@@ -290,3 +290,20 @@ def test_usage_errors_in_a_real_process(scene):
         "error: argument --expiring-within-days: must be more than 0 and at most 36500, not '-5' "
         "(see 'python cli.py list-certificates --help')"
     ]
+
+
+def test_a_command_that_finds_no_ca_says_which_ca_it_read(tmp_path, capsys, monkeypatch):
+    """PKI_HOME is relative to the current folder: a command run elsewhere reads an empty CA, and says where."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PKI_HOME", raising=False)
+    monkeypatch.delenv("LEDGER_TABLES", raising=False)
+    (tmp_path / "d-1.csr").write_bytes(make_csr("d-1"))
+    assert cli.main(["sign-csr", "d-1.csr", "--device-id", "d-1"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no active intermediate" in error
+    assert f"(the CA under PKI_HOME={tmp_path.resolve() / '.pki'})" in error
+    assert cli.main(["show-ca-root"]) == 1
+    assert f"PKI_HOME={tmp_path.resolve() / '.pki'}" in capsys.readouterr().err
+    monkeypatch.setenv("LEDGER_TABLES", "UseDevelopmentStorage=true")
+    assert cli._which_ca("root-not-found") == " (the CA in Table Storage, tables deviceca*)"
+    assert cli._which_ca("invalid-csr") == ""

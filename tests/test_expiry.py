@@ -108,6 +108,11 @@ def test_a_device_certificate_is_announced_once_per_stage(service, clock, caplog
     assert [r.levelno for r in lines] == [logging.WARNING, logging.WARNING]
     assert [r.expiry for r in lines] == messages
     assert json.loads(lines[0].getMessage().split(": ", 1)[1]) == messages[0]
+    # a look reads the owners again; a repeat of an announced stage leaves them out rather than say None
+    look = {f.subject: f.view() for f in service.scan_expiring(announce=False).findings}
+    assert look["dev-2"]["ownerFactory"] == "line-1" and look["dev-1"]["ownerFactory"] is None
+    repeat = {f.subject: f.view() for f in service.scan_expiring().findings}
+    assert "ownerFactory" not in repeat["dev-2"] and not repeat["dev-2"]["announced"]
 
     # the same day again, and the day after: nothing new
     assert service.scan_expiring().announced == ()
@@ -267,6 +272,8 @@ def test_intermediates_and_the_root_against_their_own_thresholds(make_service, c
     messages = {m["caId"]: m for m in _messages(service)}
     assert messages["short"]["factories"] == ["line-1", "line-2"] and messages["short"]["kind"] == "intermediate"
     assert messages["root"]["action"].startswith("the root ends")
+    looked = {f.subject: f.view() for f in service.scan_expiring(announce=False).findings}
+    assert looked["short"]["factories"] == ["line-1", "line-2"] and looked["root"]["factories"] == []
 
     clock.now = device.not_after - timedelta(days=10)
     later = service.scan_expiring()

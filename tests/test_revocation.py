@@ -103,6 +103,10 @@ def test_revoke_on_the_cli_lists_what_went_with_the_key(service, clock):
     assert as_json["status"] == "revoked" and as_json["alsoRevoked"] == []
     bad = run_cli("revoke", first, "--reason", "stolen", home=home, env=env)
     assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1 and b"RFC 5280" in bad.stderr
+    again = run_cli("revoke", first, home=home, env=env)
+    assert again.returncode == 0
+    assert b"was already revoked (keyCompromise); the ledger is unchanged" in again.stdout
+    assert service.certificate(first).status_reason == "keyCompromise"
 
 
 def _recorded(service, device: str) -> dict | None:

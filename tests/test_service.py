@@ -262,3 +262,7 @@ def test_a_factory_bound_to_several_intermediates_uses_its_newest_active_one(ser
     with pytest.raises(Conflict) as refused:
         service.sign_csr(make_csr("dev-3"), "dev-3", allowed_intermediates=bound)
     assert refused.value.code == "no-active-intermediate"
+    assert "ask a CA admin" in refused.value.message and "create-ca-intermediate" not in refused.value.message
+    service.set_intermediate_enabled("elsewhere", False)
+    with pytest.raises(Conflict, match="create one with create-ca-intermediate"):  # what an admin can do
+        service.sign_csr(make_csr("dev-3"), "dev-3")

@@ -261,7 +261,7 @@ def _query_flag(request: Request, name: str) -> bool:
         return False
     if value.lower() in ("true", "1", "yes"):
         return True
-    raise CaError(f"query parameter {name} must be true or false, not {value!r}", "invalid-request")
+    raise CaError(f"query parameter {name} must be true or false (also 1/0, yes/no), not {value!r}", "invalid-request")
 
 
 async def _read_csr(request: Request) -> tuple[bytes, models.CsrRequest]:

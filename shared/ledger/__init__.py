@@ -255,7 +255,8 @@ def key_in_use(device_id: str | None) -> Conflict:
 def device_owned_elsewhere(device_id: str) -> Forbidden:
     """A factory asked for a device another principal owns. Names nothing of the owner's (DESIGN)."""
     return Forbidden(
-        f"device {device_id!r} belongs to another factory; only its owner or an admin may certify it",
+        f"device {device_id!r} was first certified by another factory or by a CA admin, and only its owner or an "
+        "admin may certify it",
         "device-owned-by-another-factory",
     )
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from ..errors import CaError, Forbidden, NotFound, Unauthorized
 from ..ledger import Ledger
 from ..ledger.models import ADMIN, FACTORY, INTERMEDIATE, ApiKey, Principal
-from ..pki import check_ca_id
+from ..pki import PkiError, check_ca_id
 
 KEY_PREFIX = "dca"
 _KEY = re.compile(r"dca_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -86,7 +86,7 @@ class Principals:
         self._now = clock
 
     def create_factory(self, name: str, intermediates: Sequence[str], app_id: str | None = None) -> NewApiKey:
-        check_ca_id(name)
+        _check_principal_name(name)
         principal = Principal(
             id=name,
             role=FACTORY,
@@ -117,7 +117,7 @@ class Principals:
         return tuple(dict.fromkeys(intermediates))
 
     def create_admin_key(self, name: str = "admin") -> NewApiKey:
-        check_ca_id(name)
+        _check_principal_name(name)
         principal = self.ledger.get_principal(name)
         if principal is None:
             principal = Principal(id=name, role=ADMIN, intermediates=(), created_at=self._now())
@@ -176,3 +176,12 @@ class Principals:
     def _caller(principal: Principal, via: str) -> Caller:
         intermediates = None if principal.role == ADMIN else principal.intermediates
         return Caller(principal.id, principal.role, intermediates, via)
+
+
+def _check_principal_name(name: str) -> None:
+    """Principal names follow CA IDs' rule (they appear in the same URLs and tables)."""
+    try:
+        check_ca_id(name)
+    except PkiError as error:
+        message = error.message.replace(f"CA ID {name!r}", f"principal name {name!r}", 1)
+        raise PkiError("invalid-principal-name", message) from None

@@ -168,6 +168,12 @@ class CaUseCases:
         else:  # a factory is bound to a few intermediates: read just those
             records = sorted(filter(None, map(self.ledger.get_ca, allowed)), key=lambda ca: (ca.created_at, ca.id))
         candidates = [ca for ca in records if ca.kind == INTERMEDIATE and ca.status == CA_ACTIVE]
+        if not candidates and allowed is not None:
+            raise Conflict(
+                "none of the intermediates this factory may sign with is active; ask a CA admin to enable one "
+                "or bind the factory to another",
+                "no-active-intermediate",
+            )
         if not candidates:
             raise Conflict(
                 "there is no active intermediate to sign with; create one with create-ca-intermediate",

@@ -89,7 +89,9 @@ class ExpiryFinding:
 
     `kind` is "device", "intermediate" or "root"; `subject` the device ID or CA ID. `owner_factory` is the
     device's owner when it is a factory (None for admins' devices and for CAs); `factories` those bound to
-    an intermediate. `announced` is True when this scan announced it (its stage was new)."""
+    an intermediate; both are left out of the message (`detailed` False) where the scan did not read them
+    (a stage announced by an earlier scan). `announced` is True when this scan announced it (its stage
+    was new)."""
 
     kind: str
     serial: str
@@ -103,6 +105,7 @@ class ExpiryFinding:
     factories: tuple[str, ...] = ()
     action: str | None = None
     detail: str | None = None
+    detailed: bool = True
 
     def message(self) -> dict[str, Any]:
         """The queue message and the log line's JSON (camelCase, as the HTTP API)."""
@@ -110,13 +113,14 @@ class ExpiryFinding:
             "kind": self.kind,
             "serial": self.serial,
             ("deviceId" if self.kind == DEVICE else "caId"): self.subject,
-            "ownerFactory": self.owner_factory,
             "notAfter": iso(self.not_after),
             "stage": self.stage,
             "daysLeft": self.days_left,
         }
-        if self.kind != DEVICE:
-            body["factories"] = list(self.factories)
+        if self.detailed:
+            body["ownerFactory"] = self.owner_factory
+            if self.kind != DEVICE:
+                body["factories"] = list(self.factories)
         if self.topic != EXPIRY_TOPIC:
             body["topic"] = self.topic
         for name, value in (("action", self.action), ("detail", self.detail)):
@@ -224,8 +228,8 @@ class ExpiryUseCases:
                 scan.findings.append(self._finding(scan, watch, stage, detail))
 
     def _settle(self, scan: _Scan, watch: ExpiryWatch, stage: str, detail: str | None) -> None:
-        if not scan.announce or watch.stage == stage:
-            scan.findings.append(self._finding(scan, watch, stage, detail))
+        if not scan.announce or watch.stage == stage:  # a look reads the details; a repeat does not
+            scan.findings.append(self._finding(scan, watch, stage, detail, details=not scan.announce))
             if scan.announce and watch.kind == DEVICE and stage == EXPIRED:
                 self.ledger.mark_expired(watch, scan.now)  # announced by an earlier scan that stopped short
             return
@@ -267,6 +271,7 @@ class ExpiryUseCases:
             factories=factories,
             action=_action(watch, stage, factories) if watch.topic == EXPIRY_TOPIC else None,
             detail=detail,
+            detailed=details,
         )
 
     def _announce(self, finding: ExpiryFinding) -> None:
