@@ -20,7 +20,24 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
     settings = settings or Settings.load()
     keys = key_store(settings)
     ledger, dps = ledger_and_dps(settings)
-    return DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
+    if settings.dps_configured:
+        dps = azure_dps(settings)
+    service = DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
+    if settings.storage_queues:
+        from .queues import DPS_REGISTRATIONS, storage_queue
+
+        service.dps_registrations = storage_queue(settings, DPS_REGISTRATIONS)
+    return service
+
+
+def azure_dps(settings: Settings) -> Dps:
+    """The real DPS the settings name; DefaultAzureCredential for ARM (and for the service API unless
+    DPS_CONNECTION_STRING gives a shared access policy)."""
+    from azure.identity import DefaultAzureCredential
+
+    from .dps.azure import AzureDps
+
+    return AzureDps(settings.dps_config(), DefaultAzureCredential())
 
 
 def key_store(settings: Settings) -> KeyStore:

@@ -90,8 +90,8 @@ class OfflineDps(Dps):
     def registration_info(self, device_id: str) -> dict[str, str] | None:
         return None
 
-    def register_root(self, root_id: str, certificate_pem: str) -> dict[str, Any]:
-        document = {"certificateName": root_id, "certificate": certificate_pem, "isVerified": False}
+    def register_root(self, root_id: str, certificate_pem: str, verified: bool = False) -> dict[str, Any]:
+        document = {"certificateName": root_id, "certificate": certificate_pem, "isVerified": verified}
         return self._record("ca-certificates", root_id, document)
 
     def verify_root(self, root_id: str, verification_code: str, certificate_pem: str) -> dict[str, Any]:

@@ -35,9 +35,10 @@ from .common import (
     utcnow,
 )
 from .devices import DeviceUseCases, _SignOptions
+from .dps import DpsUseCases
 
 
-class DeviceCA(CaUseCases, DeviceUseCases):
+class DeviceCA(CaUseCases, DeviceUseCases, DpsUseCases):
     def __init__(
         self,
         keys: KeyStore,
@@ -54,6 +55,7 @@ class DeviceCA(CaUseCases, DeviceUseCases):
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
         self.principals = Principals(ledger, clock)
+        self.dps_registrations = None  # a MessageQueue for DPS registrations (composition sets it)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
         self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
             self._sign_batch_async

@@ -58,9 +58,13 @@ class CaResult:
 
 @dataclass(frozen=True)
 class ProofOfPossession:
-    verification_code: str
-    certificate_pem: str
+    """A proof of possession: the code and the certificate signed for it (None for a root verified on
+    upload, or one DPS already held verified: `already_verified`), and the root's DPS state."""
+
+    verification_code: str | None
+    certificate_pem: str | None
     dps: dict[str, Any]
+    already_verified: bool = False
 
 
 @dataclass(frozen=True)
