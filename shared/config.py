@@ -110,7 +110,9 @@ class Settings:
         }
         missing = [name for name, value in named.items() if not value]
         if missing and len(missing) < len(named):
-            raise Misconfigured(f"DPS is half configured: set {', '.join(missing)} too (or none of them)", "invalid-setting")
+            raise Misconfigured(
+                f"DPS is half configured: set {', '.join(missing)} too (or none of them)", "invalid-setting"
+            )
         return not missing
 
     def dps_config(self) -> "AzureDpsConfig":
@@ -122,9 +124,13 @@ class Settings:
         policies = ("hashed", "geoLatency", "static", "custom")
         policy = self.dps_allocation_policy
         if policy is not None and policy not in policies:
-            raise Misconfigured(f"setting DPS_ALLOCATION_POLICY={policy!r} must be one of: {', '.join(policies)}", "invalid-setting")
+            raise Misconfigured(
+                f"setting DPS_ALLOCATION_POLICY={policy!r} must be one of: {', '.join(policies)}", "invalid-setting"
+            )
         if self.dps_iot_hubs and policy is None:
-            raise Misconfigured("setting DPS_IOT_HUBS needs DPS_ALLOCATION_POLICY too (DPS requires it)", "invalid-setting")
+            raise Misconfigured(
+                "setting DPS_IOT_HUBS needs DPS_ALLOCATION_POLICY too (DPS requires it)", "invalid-setting"
+            )
         twin = None
         if self.dps_initial_twin is not None:
             try:
@@ -132,7 +138,9 @@ class Settings:
             except ValueError:
                 twin = None
             if not isinstance(twin, dict):
-                raise Misconfigured("setting DPS_INITIAL_TWIN must be a JSON object (tags, properties.desired)", "invalid-setting")
+                raise Misconfigured(
+                    "setting DPS_INITIAL_TWIN must be a JSON object (tags, properties.desired)", "invalid-setting"
+                )
         return AzureDpsConfig(
             subscription_id=self.dps_subscription_id or "",
             resource_group=self.dps_resource_group or "",

@@ -252,7 +252,11 @@ class AzureDps(Dps):
         if etag is None:
             return {}
         if bare:
-            return {"etag": etag, "match_condition": MatchConditions.Unconditionally, "headers": {"If-Match": etag.strip('"')}}
+            return {
+                "etag": etag,
+                "match_condition": MatchConditions.Unconditionally,
+                "headers": {"If-Match": etag.strip('"')},
+            }
         return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
 
     def _root_state(self, root_id: str, answer: Any) -> dict[str, Any]:
@@ -363,7 +367,10 @@ class AzureDps(Dps):
         current = self._service_call("GET", path, doing=f"reading the enrollment of {device_id}", missing_ok=True)
         body = {
             "registrationId": device_id,
-            "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": certificate_pem}}}},
+            "attestation": {
+                "type": "x509",
+                "x509": {"clientCertificates": {"primary": {"certificate": certificate_pem}}},
+            },
             "provisioningStatus": _group_status(enabled),
             "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": True},
         }
@@ -372,7 +379,11 @@ class AzureDps(Dps):
         if self.config.iot_hubs:
             body["iotHubs"] = list(self.config.iot_hubs)
         answer = self._service_call(
-            "PUT", path, body, etag=current.get("etag") if current else None, doing=f"writing the enrollment of {device_id}"
+            "PUT",
+            path,
+            body,
+            etag=current.get("etag") if current else None,
+            doing=f"writing the enrollment of {device_id}",
         )
         what = "admits only its active certificate" if enabled else "is blocked"
         return {

@@ -45,7 +45,6 @@ from .common import (
     serial_text,
 )
 
-
 DPS_CONFLICT_ATTEMPTS = 3  # writes of one device's enrollment that may meet another writer's newer etag
 
 

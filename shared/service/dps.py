@@ -30,7 +30,7 @@ def read_registration_message(text: str) -> str:
         document = json.loads(text)
         ca_id = document[MESSAGE_FIELD]
     except (ValueError, TypeError, KeyError):
-        raise CaError("a DPS registration message must be JSON {\"intermediateId\": ...}", "invalid-message") from None
+        raise CaError('a DPS registration message must be JSON {"intermediateId": ...}', "invalid-message") from None
     if not isinstance(ca_id, str) or not ca_id:
         raise CaError("a DPS registration message must name an intermediate", "invalid-message")
     return ca_id
@@ -55,7 +55,10 @@ class DpsUseCases:
             failed = {**record.dps, "state": "failed", "error": error.message}
             record = self.ledger.set_ca_dps(ca_id, failed)
             return record, (f"the DPS registration could not be queued ({error.code}); run retry-dps {ca_id}",)
-        note = f"the enrollment group of {ca_id} is queued for DPS (state pending); list-intermediates shows when it is registered"
+        note = (
+            f"the enrollment group of {ca_id} is queued for DPS (state pending); "
+            "list-intermediates shows when it is registered"
+        )
         return record, (note,)
 
     def register_intermediate(self, ca_id: str, inline: bool = False) -> CaRecord:
@@ -70,7 +73,9 @@ class DpsUseCases:
             if inline:
                 return self._registration_failed(record, error.message)
             attempts = int(record.dps.get("attempts", 0)) + 1
-            self.ledger.set_ca_dps(ca_id, {**record.dps, "state": "pending", "lastError": error.message, "attempts": attempts})
+            self.ledger.set_ca_dps(
+                ca_id, {**record.dps, "state": "pending", "lastError": error.message, "attempts": attempts}
+            )
             raise
         except CaError as error:
             return self._registration_failed(record, error.message)
@@ -127,5 +132,3 @@ def _registration_warnings(state: dict[str, Any]) -> tuple[str, ...]:
     if state.get("mode") in ("offline",) or state.get("state") == "failed":
         return (state["message"],) if state.get("message") else ()
     return ()
-
-

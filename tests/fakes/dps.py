@@ -18,6 +18,7 @@ n-th call of an operation with a status instead. `admits(chain)` answers as DPS 
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import secrets
 import ssl
@@ -48,6 +49,10 @@ POLICY = "provisioningserviceowner"
 ARM_API_VERSIONS = {"2026-11-01", "2025-02-01", "2022-12-12", "2022-02-05"}
 SERVICE_API_VERSIONS = {"2021-10-01", "2026-04-01"}
 MAX_GROUPS = 100
+ARM_PATH = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
+    f"/providers/Microsoft.Devices/provisioningServices/{DPS_NAME}"
+)
 OPERATIONS = (
     "token",
     "arm-resource",
@@ -194,7 +199,7 @@ class FakeDps:
     def _route(self, method: str, path: str, query: dict, headers: dict, raw: bytes) -> tuple:
         if path == "/msi/token":
             return self._token(query, headers)
-        arm = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Devices/provisioningServices/{DPS_NAME}"
+        arm = ARM_PATH
         if path.startswith("/subscriptions/"):
             if headers.get("authorization") != f"Bearer {TOKEN}":
                 return 401, {"error": {"code": "AuthenticationFailed", "message": "no valid token"}}, None
@@ -288,7 +293,7 @@ class FakeDps:
         return (
             200,
             {
-                "id": f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Devices/provisioningServices/{DPS_NAME}",
+                "id": ARM_PATH,
                 "name": DPS_NAME,
                 "type": "Microsoft.Devices/provisioningServices",
                 "location": "westeurope",
@@ -327,7 +332,7 @@ class FakeDps:
             "etag": certificate.etag,
             "properties": {
                 "subject": parsed.subject.rfc4514_string(),
-                "thumbprint": hashlib.sha1(certificate.der).hexdigest().upper(),
+                "thumbprint": hashlib.sha1(certificate.der).hexdigest().upper(),  # noqa: S324 (what DPS shows)
                 "isVerified": certificate.verified,
                 "created": "Mon, 30 Nov 2026 00:00:00 GMT",
                 "updated": "Mon, 30 Nov 2026 00:00:00 GMT",
@@ -346,7 +351,9 @@ class FakeDps:
         try:
             data = base64.b64decode(properties["certificate"], validate=True)
             der = (
-                x509.load_pem_x509_certificate(data) if data.startswith(b"-----") else x509.load_der_x509_certificate(data)
+                x509.load_pem_x509_certificate(data)
+                if data.startswith(b"-----")
+                else x509.load_der_x509_certificate(data)
             ).public_bytes(serialization.Encoding.DER)
         except (KeyError, TypeError, ValueError):
             return 400, {"code": "IH400001", "message": "properties.certificate must be a base64 certificate"}, None
@@ -405,11 +412,17 @@ class FakeDps:
         items = list(store.values())[start : start + self.page_size]
         kind = "enrollmentGroups" if store is self.groups else "enrollments"
         more = start + self.page_size < len(store)
-        return 200, [_answer(item, kind) for item in items], ({"x-ms-continuation": str(start + self.page_size)} if more else None)
+        return (
+            200,
+            [_answer(item, kind) for item in items],
+            ({"x-ms-continuation": str(start + self.page_size)} if more else None),
+        )
 
     def _put(self, kind: str, store: dict, item: str, headers: dict, body: dict | None) -> tuple:
         group = kind == "enrollmentGroups"
-        id_field, certificates_field = ("enrollmentGroupId", "signingCertificates") if group else ("registrationId", "clientCertificates")
+        id_field, certificates_field = (
+            ("enrollmentGroupId", "signingCertificates") if group else ("registrationId", "clientCertificates")
+        )
         problem = _shape_problem(body, id_field, certificates_field, item)
         if problem:
             return 400, _service_error(400004 if "allocationPolicy" in problem else 400000, problem), None
@@ -437,7 +450,12 @@ def _etag() -> str:
 
 
 def _service_error(code: int, message: str) -> dict:
-    return {"errorCode": code, "trackingId": secrets.token_hex(8), "message": message, "timestampUtc": datetime.now(UTC).isoformat()}
+    return {
+        "errorCode": code,
+        "trackingId": secrets.token_hex(8),
+        "message": message,
+        "timestampUtc": datetime.now(UTC).isoformat(),
+    }
 
 
 def _ih400053() -> dict:
@@ -476,7 +494,7 @@ def _answer(enrollment: Enrollment, kind: str) -> dict:
     document["attestation"]["x509"][field_name]["primary"] = {
         "info": {
             "subjectName": certificate.subject.rfc4514_string(),
-            "sha1Thumbprint": certificate.fingerprint(hashes.SHA1()).hex().upper(),
+            "sha1Thumbprint": certificate.fingerprint(hashes.SHA1()).hex().upper(),  # noqa: S303 (what DPS shows)
             "sha256Thumbprint": certificate.fingerprint(hashes.SHA256()).hex().upper(),
             "issuerName": certificate.issuer.rfc4514_string(),
             "notBeforeUtc": certificate.not_valid_before_utc.isoformat(),
@@ -485,7 +503,9 @@ def _answer(enrollment: Enrollment, kind: str) -> dict:
             "version": 3,
         }
     }
-    document.update(etag=enrollment.etag, createdDateTimeUtc=enrollment.created, lastUpdatedDateTimeUtc=enrollment.created)
+    document.update(
+        etag=enrollment.etag, createdDateTimeUtc=enrollment.created, lastUpdatedDateTimeUtc=enrollment.created
+    )
     return document
 
 
@@ -504,4 +524,4 @@ def _signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 def _chain_ok(chain: list[x509.Certificate]) -> bool:
     """Each certificate signed by the next, as the TLS handshake DPS runs checks."""
-    return all(_signed_by(child, parent) for child, parent in zip(chain, chain[1:], strict=False)) and len(chain) > 1
+    return all(_signed_by(child, parent) for child, parent in itertools.pairwise(chain)) and len(chain) > 1
