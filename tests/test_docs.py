@@ -10,7 +10,9 @@ HOST_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsStorage"}  # the Funct
 
 def _settings_read_by_the_code() -> set[str]:
     source = (REPO / "shared" / "config.py").read_text()
-    return set(re.findall(r'"((?:PKI|CA|ROOT|INTERMEDIATE|DEVICE|KEY_VAULT)_[A-Z_]+)"', source))
+    return set(
+        re.findall(r'"((?:PKI|CA|ROOT|INTERMEDIATE|DEVICE|KEY_VAULT|LEDGER|QUEUE|DPS|AZURE|RESOURCE)_[A-Z_]+)"', source)
+    )
 
 
 def test_the_example_lists_exactly_the_settings_the_code_reads():
