@@ -394,3 +394,26 @@ def test_a_sas_token_names_its_host_and_expiry():
     token = sas_token("Example.azure-devices-provisioning.net", "owner", key, 1700000000)
     assert token.startswith("SharedAccessSignature sr=example.azure-devices-provisioning.net&sig=")
     assert token.endswith("&se=1700000000&skn=owner")
+
+
+def test_a_root_dps_did_not_take_is_uploaded_by_the_proof(make_service, fake_dps):
+    service = make_service(**dps_settings(fake_dps))
+    fake_dps.failures["arm-certificate-put"] = lambda n: 503 if n <= 4 else None  # ARM's client retries 3 times
+    result = service.create_root()
+    assert result.record.dps["state"] == "failed" and "run proof-ca-root-possession" in result.warnings[0]
+    assert "root" not in fake_dps.certificates
+    proof = service.prove_root_possession()
+    assert proof.dps["isVerified"] and fake_dps.certificates["root"].verified
+
+
+def test_dps_out_of_reach_is_a_backend_error_and_registration_says_so(make_service, fake_dps):
+    service = make_service(**dps_settings(fake_dps, connection_string=False))
+    fake_dps.failures["token"] = lambda n: 500
+    result = service.create_root()
+    assert result.record.dps["state"] == "failed" and "dps-credential" in result.warnings[0]
+    fake_dps.failures.clear()
+    service = make_service("second", **dps_settings(fake_dps))  # a new process: the credential gave up on it
+    service.create_root()
+    fake_dps.failures["group-put"] = lambda n: 500
+    created = service.create_intermediate("factory-z")
+    assert created.record.dps["state"] == "failed" and "DPS answered 500" in created.record.dps["error"]

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from azure.core import MatchConditions, PipelineClient
-from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 from azure.core.pipeline.policies import (
     BearerTokenCredentialPolicy,
     ContentDecodePolicy,
@@ -283,6 +283,8 @@ class AzureDps(Dps):
             if missing_ok:
                 raise
             raise DpsRefused(f"DPS {self.config.name!r} was not found while {doing}", "dps-not-found") from None
+        except ClientAuthenticationError as error:
+            raise _no_token(error, doing) from None
         except HttpResponseError as error:
             raise _dps_error(error, doing) from None
         except AzureError as error:
@@ -423,6 +425,8 @@ class AzureDps(Dps):
                 method, client.format_url(path), params={"api-version": SERVICE_API_VERSION}, json=body, headers=headers
             )
             response = client.send_request(request)
+        except ClientAuthenticationError as error:
+            raise _no_token(error, doing) from None
         except AzureError as error:
             raise BackendUnavailable(f"DPS is unreachable while {doing}: {type(error).__name__}") from None
         if response.status_code == 404 and missing_ok:
@@ -453,6 +457,15 @@ class AzureDps(Dps):
         with self._lock:
             self._service = self._service or client
             return self._service
+
+
+def _no_token(error: ClientAuthenticationError, doing: str) -> Misconfigured:
+    """No token for DPS: the app's identity (or developer login) is missing or has no role there."""
+    return Misconfigured(
+        f"no Azure token for DPS while {doing} (check the managed identity or login and its DPS role): "
+        f"{type(error).__name__}",
+        "dps-credential",
+    )
 
 
 def _text(error: HttpResponseError) -> str:

@@ -177,7 +177,9 @@ def _days(days: float | None, default: float) -> float:
 
 
 def _dps_warnings(state: dict[str, Any]) -> tuple[str, ...]:
-    return (state["message"],) if state.get("mode") == "offline" and state.get("message") else ()
+    """What a caller is told of DPS: offline (nothing was sent), or what failed and how to mend it."""
+    telling = state.get("mode") == "offline" or state.get("state") == "failed"
+    return (state["message"],) if telling and state.get("message") else ()
 
 
 def _common_name(name: x509.Name) -> str:
