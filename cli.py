@@ -252,6 +252,8 @@ def create_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, st
     record = result.record
     lines = [f"Created the CA root {record.common_name!r} ({record.curve}, serial {record.serial}).", _valid(record)]
     lines += _written(args.out, "root certificate") + [f"warning: {w}" for w in result.warnings]
+    if record.dps.get("state") == "uploaded":
+        lines.append("Uploaded the root to DPS; prove possession next: proof-ca-root-possession.")
     return ca_view(record, result.warnings), "\n".join(lines)
 
 
@@ -301,6 +303,8 @@ def create_ca_intermediate(service: DeviceCA, args: argparse.Namespace) -> tuple
         *_written(args.out, "intermediate certificate"),
         *[f"warning: {w}" for w in result.warnings],
     ]
+    if record.dps.get("state") == "registered":
+        lines.append(f"Registered in DPS as enrollment group {record.id} ({record.dps.get('provisioningStatus')}).")
     return ca_view(record, result.warnings), "\n".join(lines)
 
 

@@ -71,6 +71,7 @@ def test_the_seeds_whole_flow_through_the_cli(fake_dps, tmp_path):
     home, env = tmp_path / "pki", fake_dps.environment()
     created = run_cli("create-ca-root", home=home, env=env)
     assert created.returncode == 0, created.stderr
+    assert b"Uploaded the root to DPS" in created.stdout
     assert fake_dps.certificates["root"].verified is False
     proof = run_cli("proof-ca-root-possession", "--json", home=home, env=env)
     assert proof.returncode == 0, proof.stderr
@@ -81,6 +82,8 @@ def test_the_seeds_whole_flow_through_the_cli(fake_dps, tmp_path):
     assert again.returncode == 0 and "already verified in DPS; nothing was changed" in again.stdout.decode()
     root_again = run_cli("create-ca-root", home=home, env=env)
     assert root_again.returncode == 1 and b"verified in DPS" in root_again.stderr
+    said = run_cli("create-ca-intermediate", "--id", "line-0", home=home, env=env)
+    assert b"Registered in DPS as enrollment group line-0 (enabled)." in said.stdout, said.stderr
     intermediate = run_cli("create-ca-intermediate", "--id", "line-1", "--json", home=home, env=env)
     assert intermediate.returncode == 0, intermediate.stderr
     assert json.loads(intermediate.stdout)["dps"]["state"] == "registered"
@@ -417,3 +420,58 @@ def test_dps_out_of_reach_is_a_backend_error_and_registration_says_so(make_servi
     fake_dps.failures["group-put"] = lambda n: 500
     created = service.create_intermediate("factory-z")
     assert created.record.dps["state"] == "failed" and "DPS answered 500" in created.record.dps["error"]
+
+
+def test_a_registration_that_cannot_be_queued_is_failed_and_says_retry(dps_ca, queue_settings):
+    settings = Settings.from_values(queue_settings)
+    dps_ca.dps_registrations = storage_queue(settings, "Not_A_Queue_Name")  # a name Queue Storage refuses
+    result = dps_ca.create_intermediate("factory-q")
+    assert result.record.dps["state"] == "failed" and "retry-dps factory-q" in result.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("operation", "status", "plain", "expected"),
+    [
+        ("group-put", 412, False, "kept changing"),  # every write meets a newer etag
+        ("group-put", 400, True, "400"),  # an error body that is not JSON
+        ("group-get", None, False, "not a JSON object"),  # a 200 that is not DPS's answer
+    ],
+    ids=["etag-always-stale", "plain-text-error", "not-json"],
+)
+def test_dps_answers_that_are_not_a_registration(dps_ca, fake_dps, operation, status, plain, expected):
+    if status is None:
+        fake_dps.garbage.add(operation)
+    else:
+        fake_dps.failures[operation] = lambda n: status
+    fake_dps.plain_failures = plain
+    result = dps_ca.create_intermediate("factory-x")
+    assert result.record.dps["state"] == "failed" and expected in result.record.dps["error"]
+
+
+def test_a_dps_that_is_not_there(make_service, fake_dps, tmp_path):
+    service = make_service(**{**dps_settings(fake_dps), "dps_name": "no-such-dps"})
+    result = service.create_root()
+    assert result.record.dps["state"] == "failed" and "was not found" in result.record.dps["error"]
+    assert service.sign_csr  # the CA itself works: DPS is kept in step, not in the way
+    with pytest.raises(DpsRefused, match="no CA certificate named"):
+        service.dps.verification_code("root")
+    assert service.dps.registration_info("dev-1") is None
+    assert service.backends()["dps"] == {
+        "backend": "azure",
+        "subscription": dps_settings(fake_dps)["dps_subscription_id"],
+        "resourceGroup": dps_settings(fake_dps)["dps_resource_group"],
+        "name": "no-such-dps",
+    }
+    assert service.dps.backup_into(tmp_path) is None
+
+
+def test_individual_enrollments_carry_the_allocation_settings(make_service, fake_dps):
+    settings = dps_settings(fake_dps, DPS_ALLOCATION_POLICY="static", DPS_IOT_HUBS="hub-a.azure-devices.net")
+    service = make_service(**settings)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    issued = service.sign_csr(make_csr("dev-7"), "dev-7")
+    service.revoke(issued.record.serial)
+    body = fake_dps.enrollments["dev-7"].body
+    assert body["allocationPolicy"] == "static" and body["iotHubs"] == ["hub-a.azure-devices.net"]
+    assert body["provisioningStatus"] == "disabled"

@@ -74,9 +74,10 @@ class Dps(ABC):
         """Upload the root CA certificate (`verified`: marked verified on upload). Returns the state to keep
         in the ledger."""
 
+    @abstractmethod
     def verification_code(self, root_id: str) -> str:
-        """A new proof-of-possession code for the root, from DPS. Only a configured DPS has one."""
-        raise NotImplementedError("only a configured DPS issues verification codes")
+        """A new proof-of-possession code for the root, from DPS. CaError "verification-code-required"
+        where there is no DPS to ask."""
 
     @abstractmethod
     def verify_root(self, root_id: str, verification_code: str, certificate_pem: str) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from azure.core import MatchConditions, PipelineClient
 from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 from azure.core.pipeline.policies import (
     BearerTokenCredentialPolicy,
-    ContentDecodePolicy,
     HeadersPolicy,
     NetworkTraceLoggingPolicy,
     RetryPolicy,
@@ -408,7 +407,15 @@ class AzureDps(Dps):
     ) -> dict[str, Any] | None:
         headers = {"If-Match": etag} if etag else {}
         response = self._send(method, path, body, headers, doing, missing_ok)
-        return None if response is None else response.json()
+        if response is None:
+            return None
+        try:
+            document = response.json()
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise BackendUnavailable(f"DPS answered {doing} with something that is not a JSON object")
+        return document
 
     def _send(
         self,
@@ -450,7 +457,6 @@ class AzureDps(Dps):
             UserAgentPolicy("device-ca"),
             RetryPolicy(retry_total=3, retry_backoff_factor=0.5),
             auth,
-            ContentDecodePolicy(),
             NetworkTraceLoggingPolicy(),
         ]
         client = PipelineClient(f"https://{host}", policies=policies, **self._transport)

@@ -113,11 +113,6 @@ class CaUseCases:
             if verified_on_upload:
                 return ProofOfPossession(None, None, state)
         if verification_code is None:
-            if not self.dps.configured:
-                raise CaError(
-                    "DPS is not configured: give the verification code DPS shows for the root",
-                    "verification-code-required",
-                )
             verification_code = self.dps.verification_code(ROOT_ID)
         verification_code = check_verification_code(verification_code)
         certificate = self._issuer(root).issue_proof_of_possession(verification_code, self._now())

@@ -12,7 +12,7 @@ With the offline adapter the group document is recorded at once, as before. Mixe
 import json
 from typing import Any
 
-from ..errors import BackendUnavailable, CaError, unexpected
+from ..errors import BackendUnavailable, CaError
 from ..ledger.models import CA_ACTIVE, CaRecord
 
 # A queued registration's message: {"intermediateId": "<id>"} (an ID, never a certificate).
@@ -65,7 +65,8 @@ class DpsUseCases:
         """Create or update intermediate `ca_id`'s enrollment group (enabled as the intermediate is) and
         record the state. DPS refusing it (the 100-group limit, say) is permanent: state `failed`, nothing
         raised. DPS unavailable: state stays `pending` with `lastError`, and the error is raised so that
-        the queue delivers the message again; `inline` (no queue) records `failed` instead and returns."""
+        the queue delivers the message again; `inline` (no queue) records `failed` instead and returns.
+        Anything unexpected is raised as it is (the queue delivers the message again)."""
         record = self.intermediate(ca_id)
         try:
             state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=record.status == CA_ACTIVE)
@@ -79,12 +80,6 @@ class DpsUseCases:
             raise
         except CaError as error:
             return self._registration_failed(record, error.message)
-        except Exception as error:
-            logged = unexpected(error, f"registering intermediate {ca_id} with DPS")
-            if inline:
-                return self._registration_failed(record, logged.message)
-            self.ledger.set_ca_dps(ca_id, {**record.dps, "state": "pending", "lastError": logged.message})
-            raise logged from None
         return self.ledger.set_ca_dps(ca_id, state)
 
     def dps_registration_failed(self, ca_id: str) -> CaRecord:

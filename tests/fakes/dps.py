@@ -68,6 +68,10 @@ OPERATIONS = (
 )
 
 
+class PlainText(str):
+    """A body sent as it is, not as JSON."""
+
+
 @dataclass
 class ArmCertificate:
     name: str
@@ -96,6 +100,8 @@ class FakeDps:
         self.page_size = page_size
         self.key = base64.b64encode(secrets.token_bytes(32)).decode()
         self.failures: dict[str, Callable[[int], int | None]] = {}
+        self.plain_failures = False  # injected failures answer text/plain instead of DPS's JSON error
+        self.garbage: set[str] = set()  # operations that answer 200 with a body that is not JSON
         self.calls: dict[str, int] = dict.fromkeys(OPERATIONS, 0)
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers) of each call
         self.certificates: dict[str, ArmCertificate] = {}
@@ -188,8 +194,11 @@ class FakeDps:
             self.requests.append((handler.command, url.path, headers))
         status, document, extra = self._route(handler.command, url.path, query, headers, raw)
         content = json.dumps(document).encode() if document is not None else b""
+        if isinstance(document, PlainText):
+            content = document.encode()
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json; charset=utf-8")
+        plain = isinstance(document, PlainText)
+        handler.send_header("Content-Type", "text/html" if plain else "application/json; charset=utf-8")
         handler.send_header("Content-Length", str(len(content)))
         for name, value in (extra or {}).items():
             handler.send_header(name, value)
@@ -249,10 +258,14 @@ class FakeDps:
         with self.lock:
             self.calls[operation] += 1
             call = self.calls[operation]
+        if operation in self.garbage:
+            return 200, PlainText("<html>a proxy's page</html>"), None
         failing = self.failures.get(operation)
         status = failing(call) if failing else None
         if not status:
             return None
+        if self.plain_failures:
+            return status, PlainText(f"answering {status}"), None
         if operation.startswith("arm"):
             return status, {"error": {"code": f"Injected{status}", "message": f"answering {status}"}}, None
         return status, _service_error(status * 1000, f"answering {status}"), None
