@@ -107,6 +107,7 @@ bench: $(STAMP) tools $(AZURITE_STAMP)
 	$(BIN)/python bench/http_sign.py
 	$(BIN)/python bench/keyvault_sign.py
 	$(BIN)/python bench/ledger_tables.py
+	$(BIN)/python bench/expiry_scan.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) tools/azurite/node_modules .pytest_cache .ruff_cache .coverage .coverage.* .coverage.json htmlcov mutants

@@ -42,6 +42,7 @@ from shared.views import api_key_view, ca_view, certificate_view, new_api_key_vi
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's status for a command line it cannot take
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_EXPIRING = 3  # check-expiring: something is inside its threshold (a pipeline's gate)
 MAX_WORKERS = 64
 
 Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str | None]]
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             service.close()
         if text is not None:  # None: the command printed as it went (serve)
             _emit(json.dumps(document, indent=2, sort_keys=False) if args.json else text)
+        if getattr(args, "exit_status", 0):  # a command whose answer is also its status (check-expiring)
+            return args.exit_status
     except OutputClosed:
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -402,6 +405,29 @@ def list_certificates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any,
     if page.next_cursor:
         text += f"\nMore: --cursor {page.next_cursor}"
     return document, text
+
+
+def check_expiring(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    report = service.scan_expiring(within_days=args.within, announce=args.announce)
+    t = report.thresholds
+    limits = f"devices {t.device:g}, intermediates {t.intermediate:g}, root {t.root:g} days"
+    if report.expiring:
+        args.exit_status = EXIT_EXPIRING
+    if not report.findings:
+        lines = [f"Nothing expires within the thresholds ({limits})."]
+    else:
+        rows = [("KIND", "ID", "SERIAL", "NOT AFTER", "DAYS LEFT", "STAGE")]
+        rows += [
+            (f.kind, f.subject, f.serial, _day(f.not_after), f"{f.days_left:g}", f.stage + (" (new)" * f.announced))
+            for f in report.findings
+        ]
+        lines = [f"{len(report.findings)} certificate(s) inside the thresholds ({limits}):", _table(rows)]
+        lines += [f"{f.kind} {f.subject}: {f.detail}" for f in report.findings if f.detail]
+        lines += [f"{f.kind} {f.subject}: {f.action}" for f in report.findings if f.action and f.kind != "device"]
+    if args.announce:
+        lines.append(f"Announced {len(report.announced)} new stage(s).")
+    lines += [f"warning: not announced, retried by the next scan: {failure}" for failure in report.failures]
+    return report.view(), "\n".join(lines)
 
 
 def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
@@ -836,6 +862,26 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"at most this many (1-{parameters.MAX_PAGE}, default 100)",
     )
     sub.add_argument("--cursor", type=_rule(parameters.cursor), help="continue after a previous page (its nextCursor)")
+
+    sub = command(
+        "check-expiring",
+        check_expiring,
+        "list the certificates nearing their end; exit status 3 when there are any",
+        "List the device certificates, intermediates and root inside their expiry thresholds (EXPIRY_DEVICE_DAYS, "
+        "EXPIRY_INTERMEDIATE_DAYS, EXPIRY_ROOT_DAYS: 30, 90, 365 days by default), and, where Key Vault holds the "
+        "CA keys, CA certificates whose expiry in Key Vault differs from the ledger's. Exit status 0 when nothing "
+        "is found, 3 when something is (a pipeline's gate), 1 on an error. With --announce it also does what the "
+        "timer does: each new stage is recorded and announced once (the expiring-certificates queue, a warning "
+        "line) and expired device certificates get the status expired.",
+    )
+    either = sub.add_mutually_exclusive_group()
+    either.add_argument(
+        "--within",
+        type=_rule(lambda text: parameters.days(text, "within")),
+        metavar="DAYS",
+        help="one threshold for every kind instead of the settings' (a look: not with --announce)",
+    )
+    either.add_argument("--announce", action="store_true", help="record and announce new stages, as the timer does")
 
     sub = command(
         "create-factory",

@@ -1,13 +1,20 @@
-"""The Azure Functions (Python v2) entry point: the HTTP API as one ASGI function.
+"""The Azure Functions (Python v2) entry point: the HTTP API as one ASGI function, the expiry timer, and
+the DPS registration queue's functions.
 
 The auth level is anonymous because the API checks every caller itself (API keys, or App Service
 authentication with PKI_AUTH=easyauth); a function key on top would be a second shared secret to hand
 to every factory. host.json sets the route prefix to "" since the API's routes carry /api themselves.
 """
 
+import logging
+import threading
+
 import azure.functions as func
 
 from shared.api import create_app
+from shared.composition import build_service
+from shared.config import Settings
+from shared.queues import CONNECTION_SETTING, DPS_REGISTRATIONS, poison_queue
 
 app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANONYMOUS)
 
@@ -17,11 +24,6 @@ app = func.AsgiFunctionApp(app=create_app(), http_auth_level=func.AuthLevel.ANON
 # instead of losing it: a failed delivery raises, the host delivers it again (host.json maxDequeueCount),
 # and the message that keeps failing lands on the poison queue, whose function marks the intermediate
 # `failed` with DPS's last error (`retry-dps` queues it again).
-
-import threading  # noqa: E402
-
-from shared.composition import build_service  # noqa: E402
-from shared.queues import CONNECTION_SETTING, DPS_REGISTRATIONS, poison_queue  # noqa: E402
 
 _queue_service: list = []
 _queue_service_lock = threading.Lock()
@@ -45,3 +47,36 @@ def dps_registration(message: func.QueueMessage) -> None:
 def dps_registration_poisoned(message: func.QueueMessage) -> None:
     """A registration whose every delivery failed: the intermediate's DPS state becomes `failed`."""
     queue_service().handle_dps_registration_poisoned(message.get_body().decode())
+
+
+# -- the expiry scan ---------------------------------------------------------------------------------------
+
+EXPIRY_SCHEDULE_SETTING = "EXPIRY_SCAN_SCHEDULE"
+EXPIRY_DAILY = "0 0 6 * * *"  # NCRONTAB (second minute hour day month weekday): every day at 06:00 UTC
+
+
+def expiry_schedule(settings: Settings | None = None) -> str:
+    """%EXPIRY_SCAN_SCHEDULE% when that setting is given (the host reads the expression from it), else
+    daily at 06:00: the host refuses a %SETTING% that is missing, so the default is written out here."""
+    settings = settings or Settings.load()
+    return f"%{EXPIRY_SCHEDULE_SETTING}%" if settings.expiry_scan_schedule else EXPIRY_DAILY
+
+
+@app.timer_trigger(schedule=expiry_schedule(), arg_name="timer", run_on_startup=False, use_monitor=True)
+def expiry_scan(timer: func.TimerRequest) -> None:
+    """Scan for certificates nearing their end and announce each new stage once (shared/service/expiry.py).
+    A run whose notices could not all be sent fails (the host records it); their stages wait for the next."""
+    service = build_service()
+    try:
+        report = service.scan_expiring()
+    finally:
+        service.close()
+    logging.getLogger("device_ca.expiry").info(
+        "expiry scan%s: %d finding(s), %d announced, %d failed",
+        " (past due)" if timer.past_due else "",
+        len(report.findings),
+        len(report.announced),
+        len(report.failures),
+    )
+    if report.failures:
+        raise RuntimeError(f"{len(report.failures)} expiry notice(s) not sent: {'; '.join(report.failures)}")

@@ -12,6 +12,7 @@ from .config import Settings
 from .dps import Dps
 from .keys import KeyStore
 from .ledger import Ledger
+from .queues import EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue, storage_queue
 from .service import DeviceCA, utcnow
 
 
@@ -22,9 +23,11 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
     ledger, dps = ledger_and_dps(settings)
     if settings.dps_configured:
         dps = azure_dps(settings)
-    service = DeviceCA(keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow)
+    service = DeviceCA(
+        keys=keys, ledger=ledger, dps=dps, settings=settings, clock=clock or utcnow, expiry_queue=expiry_queue(settings)
+    )
     if settings.storage_queues:
-        from .queues import DPS_REGISTRATIONS, storage_queue
+        from .queues import DPS_REGISTRATIONS
 
         service.dps_registrations = storage_queue(settings, DPS_REGISTRATIONS)
     return service
@@ -52,6 +55,14 @@ def key_store(settings: Settings) -> KeyStore:
     from .keys.local import LocalKeyStore
 
     return LocalKeyStore(settings.pki_home, settings.key_passphrase)
+
+
+def expiry_queue(settings: Settings) -> MessageQueue:
+    """Where expiry notices go: the `expiring-certificates` Storage queue with QUEUE_STORAGE (or its
+    queueServiceUri), else an in-process queue that nothing reads, and the warning log line is the notice."""
+    if settings.storage_queues:
+        return storage_queue(settings, EXPIRING_CERTIFICATES)
+    return InProcessQueue(EXPIRING_CERTIFICATES)
 
 
 def ledger_and_dps(settings: Settings) -> tuple[Ledger, Dps]:

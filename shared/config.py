@@ -52,6 +52,12 @@ class Settings:
     dps_allocation_policy: str | None = None
     dps_iot_hubs: tuple[str, ...] = ()
     dps_initial_twin: str | None = None  # JSON
+    # The expiry scan (shared/service/expiry.py): days before notAfter from which each kind is a finding,
+    # and the timer's NCRONTAB schedule (None: function_app.py's daily default)
+    expiry_device_days: int = 30
+    expiry_intermediate_days: int = 90
+    expiry_root_days: int = 365
+    expiry_scan_schedule: str | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, settings_file: Path | None = None) -> "Settings":
@@ -92,6 +98,10 @@ class Settings:
             dps_allocation_policy=text("DPS_ALLOCATION_POLICY"),
             dps_iot_hubs=tuple(hub.strip() for hub in (text("DPS_IOT_HUBS") or "").split(",") if hub.strip()),
             dps_initial_twin=text("DPS_INITIAL_TWIN"),
+            expiry_device_days=_positive_int(values, "EXPIRY_DEVICE_DAYS", cls.expiry_device_days),
+            expiry_intermediate_days=_positive_int(values, "EXPIRY_INTERMEDIATE_DAYS", cls.expiry_intermediate_days),
+            expiry_root_days=_positive_int(values, "EXPIRY_ROOT_DAYS", cls.expiry_root_days),
+            expiry_scan_schedule=_ncrontab(values, "EXPIRY_SCAN_SCHEDULE"),
         )
 
     @property
@@ -177,6 +187,19 @@ def _positive_int(values: Mapping[str, str], name: str, default: int) -> int:
     if number <= 0:
         raise Misconfigured(f"setting {name}={raw!r} must be a positive whole number", "invalid-setting")
     return number
+
+
+def _ncrontab(values: Mapping[str, str], name: str) -> str | None:
+    """A timer trigger's NCRONTAB expression: six fields (second minute hour day month day-of-week)."""
+    raw = values.get(name)
+    if raw in (None, ""):
+        return None
+    if len(raw.split()) != 6:
+        raise Misconfigured(
+            f"setting {name}={raw!r} must be an NCRONTAB expression of six fields, like '0 0 6 * * *'",
+            "invalid-setting",
+        )
+    return raw
 
 
 def _sign_rate(values: Mapping[str, str]) -> float | None:

@@ -59,7 +59,7 @@ def cursor(value: Any, name: str = "cursor") -> str:
 
 
 def status(value: Any, name: str = "status") -> str:
-    """A certificate status: active, superseded or revoked."""
+    """A certificate status: active, superseded, revoked or expired."""
     if value not in CERT_STATUSES:
         raise InvalidParameter(name, f"must be one of {', '.join(CERT_STATUSES)}, not {_shown(value)}")
     return value

@@ -23,6 +23,7 @@ COMMANDS = [
     "create-device-cert",
     "sign-csr",
     "list-certificates",
+    "check-expiring",
     "revoke",
     "create-factory",
     "bind-factory",

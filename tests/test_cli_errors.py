@@ -101,6 +101,12 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             (["--status", "lost"], USAGE),
             (["--days", "nan"], USAGE),
         ],
+        "check-expiring": [
+            (["--within", "0"], USAGE),
+            (["--within", "nan"], USAGE),
+            (["--within", "5", "--announce"], USAGE),
+            (["extra"], USAGE),
+        ],
         "revoke": [([], USAGE), (["nothex"], ERROR), (["0A0B"], ERROR), (["0A0B", "--reason", "stolen"], ERROR)],
         "create-factory": [
             (["plant-1"], USAGE),

@@ -144,6 +144,22 @@ def test_newest_active_intermediate_is_the_default(service):
     assert service.sign_csr(make_csr("dev-3"), "dev-3", intermediate_id="factory-b").created
 
 
+def test_a_same_csr_retry_answers_from_the_ledger_even_once_its_intermediate_is_disabled(service):
+    """Handing back a certificate on record signs nothing, so it needs no active intermediate (and costs no
+    CA read); anything to sign still needs one, and a caller's binding is checked before anything else."""
+    csr = make_csr("dev-1")
+    first = service.sign_csr(csr, "dev-1", intermediate_id="factory-a")
+    service.set_intermediate_enabled("factory-a", False)
+    again = service.sign_csr(csr, "dev-1", intermediate_id="factory-a")
+    assert not again.created and again.record == first.record
+    assert again.intermediate_pem == service.intermediate("factory-a").certificate_pem
+    with pytest.raises(Conflict, match="disabled"):
+        service.sign_csr(make_csr("dev-2"), "dev-2", intermediate_id="factory-a")
+    with pytest.raises(Forbidden) as refused:
+        service.sign_csr(csr, "dev-1", intermediate_id="factory-a", allowed_intermediates=["factory-b"])
+    assert refused.value.code == "intermediate-not-allowed"
+
+
 def test_caller_bound_to_intermediates(service):
     service.create_intermediate("factory-b")
     with pytest.raises(Forbidden):

@@ -429,6 +429,7 @@ def retry_dps(
     response_model=models.CertificateList,
     tags=["certificates"],
     summary="the inventory (admin: all; factory: the certificates it asked for)",
+    description="With expiringWithinDays, only active certificates are listed unless a status is asked for.",
 )
 def list_certificates(
     caller: AnyCaller,

@@ -25,7 +25,7 @@ def _rule(rule: Callable[[Any], Any]) -> BeforeValidator:
 Days = Annotated[float, _rule(parameters.days), Field(gt=0, le=parameters.MAX_DAYS)]
 PageLimit = Annotated[int, _rule(parameters.page_limit), Field(ge=1, le=parameters.MAX_PAGE)]
 Cursor = Annotated[str, _rule(parameters.cursor), Field(pattern=parameters.CURSOR_PATTERN)]
-Status = Annotated[Literal["active", "superseded", "revoked"], _rule(parameters.status)]
+Status = Annotated[Literal["active", "superseded", "revoked", "expired"], _rule(parameters.status)]
 Curve = Literal["P-256", "P-384"]
 
 
@@ -153,7 +153,7 @@ class IssuedCertificateView(BaseModel):
     serialNumber: str
     deviceId: str
     intermediateId: str
-    status: Literal["active", "superseded", "revoked"]
+    status: Literal["active", "superseded", "revoked", "expired"]
     notBefore: str
     notAfter: str
     requestedBy: str

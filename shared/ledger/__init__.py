@@ -19,6 +19,7 @@ from .models import (
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
+    ExpiryWatch,
     Issuance,
     Precheck,
     Principal,
@@ -29,6 +30,7 @@ from .models import (
 class Ledger(ABC):
     backend: str = "abstract"
     remote: bool = False  # True when reads are network calls (keep them off the event loop)
+    expiry_rows_read: int = 0  # rows the expiry reads returned, counted by each store (bench/expiry_scan.py)
 
     # CA certificates
     @abstractmethod
@@ -107,6 +109,41 @@ class Ledger(ABC):
         """Revoke a certificate and its key in one commit: the key is never certified again, and every
         active certificate that holds it is revoked with it (DESIGN "Revocation and DPS").
         NotFound for an unknown serial; a certificate already revoked keeps its first reason."""
+
+    # The expiry scan (shared/service/expiry.py): stage records, claimed with a conditional write
+    @abstractmethod
+    def expiry_watch(self, before: datetime) -> list[ExpiryWatch]:
+        """The active device certificates that end at or before `before` (UTC), each with the stage last
+        recorded for it (and its record). Reads about one row per certificate returned, however large the
+        fleet: an index of active certificates by notAfter on SQLite; on Tables the expiry index and the
+        certificate each row points at (two), where a certificate found no longer active has its index
+        row retired, so that it is read once."""
+
+    @abstractmethod
+    def ca_expiry_watch(self, topic: str = "expiry") -> list[ExpiryWatch]:
+        """Every CA certificate (root and intermediates), with the stage last recorded for `topic`."""
+
+    @abstractmethod
+    def claim_expiry_stage(self, watch: ExpiryWatch, stage: str, at: datetime) -> ExpiryWatch | None:
+        """Record `stage` for the watch's certificate, on condition that its record still holds
+        `watch.stage` (insert-if-absent, or compare-and-set): of scans racing, exactly one gets the
+        watch as recorded (to release it with), the others None. A device certificate that is no longer
+        active is never claimed (None)."""
+
+    @abstractmethod
+    def release_expiry_stage(self, claimed: ExpiryWatch, previous: str | None) -> None:
+        """Put back `previous` where `claimed` recorded a stage that could not be announced, unless the
+        record has changed since (the next scan then announces it)."""
+
+    @abstractmethod
+    def mark_expired(self, watch: ExpiryWatch, at: datetime) -> CertificateRecord | None:
+        """Give an active device certificate whose notAfter is at or before `at` the status expired
+        (its device then has no active certificate), and stop watching it. The record as now stored, or
+        None when it was not active (nothing changes but the watch)."""
+
+    @abstractmethod
+    def retire_expiry_watch(self, watch: ExpiryWatch) -> None:
+        """Stop watching a certificate the scan found no longer active (superseded, revoked, expired)."""
 
     # Principals and their API keys
     @abstractmethod

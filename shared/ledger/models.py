@@ -6,6 +6,9 @@ from typing import Any
 
 ROOT = "root"
 INTERMEDIATE = "intermediate"
+DEVICE = "device"  # a device certificate, for the expiry scan (beside ROOT and INTERMEDIATE)
+EXPIRY_TOPIC = "expiry"  # an ExpiryWatch's stage is about its notAfter
+KEY_VAULT_TOPIC = "key-vault"  # ... about Key Vault's expiry of a CA certificate against the ledger's
 
 CA_ACTIVE = "active"
 CA_DISABLED = "disabled"
@@ -13,7 +16,8 @@ CA_DISABLED = "disabled"
 CERT_ACTIVE = "active"
 CERT_SUPERSEDED = "superseded"
 CERT_REVOKED = "revoked"
-CERT_STATUSES = (CERT_ACTIVE, CERT_SUPERSEDED, CERT_REVOKED)
+CERT_EXPIRED = "expired"  # set by the expiry scan once notAfter has passed (shared/service/expiry.py)
+CERT_STATUSES = (CERT_ACTIVE, CERT_SUPERSEDED, CERT_REVOKED, CERT_EXPIRED)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,26 @@ class CertificateQuery:
 class CertificatePage:
     items: list[CertificateRecord]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ExpiryWatch:
+    """A certificate the expiry scan looks at, as the ledger lists it, with the stage last recorded for it.
+
+    `kind` is "device", ROOT or INTERMEDIATE; `subject` the device ID or the CA ID. `topic` names what the
+    stage is about: "expiry" (its notAfter), or "key-vault" (Key Vault's expiry of a CA certificate
+    against the ledger's). `stage` is the stage last recorded ("30d", "expired", ...; None: none yet).
+    `version` is the store's own handle for a conditional write (None on SQLite; an etag on Tables);
+    `record` the CertificateRecord (device) or CaRecord (CA) it watches."""
+
+    serial: str
+    kind: str
+    subject: str
+    not_after: datetime
+    stage: str | None = None
+    topic: str = EXPIRY_TOPIC
+    version: Any = None
+    record: Any = None
 
 
 ADMIN = "admin"

@@ -6,11 +6,13 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,21 +23,25 @@ from .groupcommit import GroupCommit
 from .models import (
     CA_ACTIVE,
     CERT_ACTIVE,
+    CERT_EXPIRED,
     CERT_REVOKED,
     CERT_SUPERSEDED,
+    DEVICE,
+    EXPIRY_TOPIC,
     ROOT,
     ApiKey,
     CaRecord,
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
+    ExpiryWatch,
     Issuance,
     Precheck,
     Principal,
     Revocation,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cas (
   id TEXT PRIMARY KEY,
@@ -79,7 +85,7 @@ CREATE TABLE IF NOT EXISTS certificates (
   not_after TEXT NOT NULL,
   certificate_pem TEXT NOT NULL,
   created_at TEXT NOT NULL,
-  status TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'revoked')),
+  status TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'revoked', 'expired')),
   status_changed_at TEXT,
   status_reason TEXT
 );
@@ -104,6 +110,16 @@ CREATE TABLE IF NOT EXISTS api_keys (
   created_at TEXT NOT NULL,
   revoked_at TEXT
 );
+
+-- The expiry scan (schema 4): the stage last announced for each certificate (by serial; a CA's Key Vault
+-- check as '<serial>:key-vault'), and the active certificates by notAfter, so that the scan reads about as
+-- many rows as it finds (superseded, revoked and expired certificates leave this index).
+CREATE TABLE IF NOT EXISTS expiry_notices (
+  serial TEXT PRIMARY KEY,
+  stage TEXT NOT NULL,
+  recorded_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS active_certificates_by_not_after ON certificates(not_after) WHERE status = 'active';
 
 -- A certificate's key must be bound to its device and not revoked: the store refuses anything else.
 CREATE TRIGGER IF NOT EXISTS certificate_key_bound_to_device BEFORE INSERT ON certificates
@@ -151,6 +167,7 @@ class SqliteLedger(Ledger):
         self._local = threading.local()
         self._writer = threading.Lock()
         self._inline_commit_seconds = inline_commit_seconds
+        self.expiry_rows_read = 0  # rows the expiry scan's reads returned (bench/expiry_scan.py)
         self._commit_seconds = 0.0  # a moving average of the event loop's commits
         self._lock_file = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._issuances: GroupCommit[Issuance, CertificateRecord | CaError] = GroupCommit(
@@ -173,15 +190,22 @@ class SqliteLedger(Ledger):
 
     def _create_schema(self) -> None:
         db = self._connection()
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        migration = OWNERS_FROM_FIRST_CERTIFICATES if version < 2 else ""
+        db.execute("PRAGMA foreign_keys = OFF")  # a table rebuilt (schema 4) is dropped and made again
         try:
-            db.executescript(
-                f"BEGIN IMMEDIATE;\n{SCHEMA}\n{migration}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
-            )
+            db.execute("BEGIN IMMEDIATE")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            _allow_expired_status(db)
+            migration = OWNERS_FROM_FIRST_CERTIFICATES if version < 2 else ""
+            for statement in _statements(f"{SCHEMA}\n{migration}\nPRAGMA user_version = {SCHEMA_VERSION};"):
+                db.execute(statement)
+            if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                raise sqlite3.IntegrityError("the ledger's foreign keys do not hold after its migration")
+            db.execute("COMMIT")
         except sqlite3.Error:
             _roll_back(db)
             raise
+        finally:
+            db.execute("PRAGMA foreign_keys = ON")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -702,9 +726,122 @@ class SqliteLedger(Ledger):
         assert record is not None
         return Revocation(record, tuple(filter(None, map(self.get_certificate, also))))
 
+    # -- the expiry scan ------------------------------------------------------------------------------
+
+    def expiry_watch(self, before: datetime) -> list[ExpiryWatch]:
+        """Active certificates ending by `before`, through the partial index of active certificates by
+        notAfter (INDEXED BY: the planner must not pick the one-active-per-device index and scan it)."""
+        rows = self._read(
+            f"SELECT {_prefixed('c', _CERT_COLUMNS)}, n.stage AS notice_stage FROM certificates c "
+            "INDEXED BY active_certificates_by_not_after LEFT JOIN expiry_notices n ON n.serial = c.serial "
+            "WHERE c.status = 'active' AND c.not_after <= ? ORDER BY c.not_after",
+            (_ts(before),),
+        )
+        self.expiry_rows_read += len(rows)
+        watches = []
+        for row in rows:
+            record = _certificate(row)
+            watches.append(
+                ExpiryWatch(
+                    record.serial, DEVICE, record.device_id, record.not_after, row["notice_stage"], record=record
+                )
+            )
+        return watches
+
+    def ca_expiry_watch(self, topic: str = EXPIRY_TOPIC) -> list[ExpiryWatch]:
+        rows = self._read(
+            f"SELECT {_prefixed('c', _CA_COLUMNS)}, n.stage AS notice_stage FROM cas c "
+            "LEFT JOIN expiry_notices n ON n.serial = c.serial || ? ORDER BY c.created_at, c.rowid",
+            (_notice_suffix(topic),),
+        )
+        self.expiry_rows_read += len(rows)
+        watches = []
+        for row in rows:
+            ca = _ca(row)
+            watches.append(ExpiryWatch(ca.serial, ca.kind, ca.id, ca.not_after, row["notice_stage"], topic, record=ca))
+        return watches
+
+    def claim_expiry_stage(self, watch: ExpiryWatch, stage: str, at: datetime) -> ExpiryWatch | None:
+        """One transaction: the certificate still active (for a device), and the notice row inserted, or
+        changed only where it still holds the stage the scan read (compare-and-set)."""
+        key = watch.serial + _notice_suffix(watch.topic)
+        with self._write() as db:
+            if watch.kind == DEVICE:
+                row = db.execute("SELECT status FROM certificates WHERE serial = ?", (watch.serial,)).fetchone()
+                if row is None or row["status"] != CERT_ACTIVE:
+                    return None
+            if watch.stage is None:
+                changed = db.execute(
+                    "INSERT INTO expiry_notices (serial, stage, recorded_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    (key, stage, _ts(at)),
+                ).rowcount
+            else:
+                changed = db.execute(
+                    "UPDATE expiry_notices SET stage = ?, recorded_at = ? WHERE serial = ? AND stage = ?",
+                    (stage, _ts(at), key, watch.stage),
+                ).rowcount
+        return replace(watch, stage=stage) if changed else None
+
+    def release_expiry_stage(self, claimed: ExpiryWatch, previous: str | None) -> None:
+        key = claimed.serial + _notice_suffix(claimed.topic)
+        with self._write() as db:
+            if previous is None:
+                db.execute("DELETE FROM expiry_notices WHERE serial = ? AND stage = ?", (key, claimed.stage))
+            else:
+                db.execute(
+                    "UPDATE expiry_notices SET stage = ? WHERE serial = ? AND stage = ?", (previous, key, claimed.stage)
+                )
+
+    def mark_expired(self, watch: ExpiryWatch, at: datetime) -> CertificateRecord | None:
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE certificates SET status = ?, status_changed_at = ?, status_reason = ? "
+                "WHERE serial = ? AND status = 'active' AND not_after <= ?",
+                (CERT_EXPIRED, _ts(at), "expired", watch.serial, _ts(at)),
+            ).rowcount
+        return self.get_certificate(watch.serial) if changed else None
+
+    def retire_expiry_watch(self, watch: ExpiryWatch) -> None:
+        """Nothing to do: a certificate that is not active is not in the index the scan reads."""
+
 
 PRINCIPAL_COLUMNS = "id, role, intermediates, app_id, created_at"
 API_KEY_COLUMNS = "id, principal_id, secret_sha256, created_at, revoked_at"
+
+
+def _allow_expired_status(db: sqlite3.Connection) -> None:
+    """Schema 4: a certificates table whose status CHECK predates 'expired' is rebuilt with it (SQLite
+    cannot alter a CHECK: a new table, the rows copied, the old one dropped, the new one renamed; its
+    indexes and triggers are then made again by SCHEMA). Runs inside the schema's transaction."""
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'certificates'").fetchone()
+    if row is None or "'expired'" in row[0]:
+        return
+    old = row[0]
+    new = re.sub(r"^CREATE TABLE\s+(IF NOT EXISTS\s+)?\"?certificates\"?", "CREATE TABLE certificates_v4", old)
+    new = new.replace("'revoked')", "'revoked', 'expired')", 1)
+    if new == old or "'expired'" not in new:
+        raise sqlite3.DatabaseError("the ledger's certificates table is not one this version can migrate")
+    db.execute(new)
+    db.execute("INSERT INTO certificates_v4 SELECT * FROM certificates")
+    db.execute("DROP TABLE certificates")
+    db.execute("ALTER TABLE certificates_v4 RENAME TO certificates")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one by one (executescript would commit the open transaction)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        yield pending.strip()
+
+
+def _notice_suffix(topic: str) -> str:
+    """Where a topic's stage is kept: a certificate's serial for its expiry, '<serial>:<topic>' otherwise."""
+    return "" if topic == EXPIRY_TOPIC else f":{topic}"
 
 
 def _roll_back(db: sqlite3.Connection) -> None:

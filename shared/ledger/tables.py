@@ -16,8 +16,8 @@ Tables (each named `<prefix><name>`):
 | keys | `<public key SHA-256>` / `binding` | the device a key is bound to, and whether it is revoked |
 | index | `ser-<last hex digit of serial>` / `<serial>` | unique serials; serial → device and row |
 | index | `req-<requester>` / `<created>-<serial>` | a requester's certificates, oldest first |
-| index | `exp-<yyyy-mm-dd of notAfter>` / `<notAfter>-<serial>` | the expiry window, day partitions |
-| cas | `ca` / `<id>`, `~root` | CA records; the root marker |
+| index | `exp-<yyyy-mm-dd of notAfter>` / `<notAfter>-<serial>` | the expiry window, days; `expiry_stage` announced |
+| cas | `ca` / `<id>`, `~root` | CA records (with `expiry_stage`, `key_vault_stage` once announced); the root marker |
 | principals | `principal` / `<id>`, `~app-<appId>`; `apikey` / `<key id>` | principals, app ID markers, API keys |
 
 Which write holds each rule:
@@ -35,6 +35,8 @@ Which write holds each rule:
   partition: one commit) and adds the key to the head's revoked keys; the binding is then marked. Every
   issuance checks the head it commits against, so the head alone holds the rule.
 - **Unique serials**: the serial index row, inserted (fails if it exists) before the certificate.
+- **An expiry stage announced once**: a merge of the stage onto the row the scan read (the expiry index row,
+  or the CA record), on that read's etag: of scans racing, one write succeeds and that scan announces.
 - **One root**: the `~root` marker, created in the same transaction (partition `ca`) as the root record.
 - **Unique CA IDs, principal IDs, application IDs**: inserts in the `ca` / `principal` partitions (the
   app ID marker in the same transaction as its principal).
@@ -97,14 +99,19 @@ from ..tablestore import TableStore, storage_errors, storage_failure
 from . import Ledger, device_has_certificate, device_owned_elsewhere, invalid_cursor, key_in_use, key_revoked
 from .models import (
     CA_ACTIVE,
+    CERT_ACTIVE,
+    CERT_EXPIRED,
     CERT_REVOKED,
     CERT_SUPERSEDED,
+    DEVICE,
+    EXPIRY_TOPIC,
     ROOT,
     ApiKey,
     CaRecord,
     CertificatePage,
     CertificateQuery,
     CertificateRecord,
+    ExpiryWatch,
     Issuance,
     Precheck,
     Principal,
@@ -128,6 +135,7 @@ PARALLEL_CALLS = 16
 _HEAD_CACHE = 4096
 IF_NOT_MODIFIED = MatchConditions.IfNotModified
 _FORBIDDEN_KEY_CHARACTERS = set("/\\#?%")  # Table Storage: not in keys ('%' is the escape here)
+EXPIRY_TABLES = {True: INDEX, False: CAS}  # where a watch's stage is kept: device certificates, CAs
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,7 @@ class TableLedger(Ledger):
         self._pool = ThreadPoolExecutor(max_workers=PARALLEL_CALLS, thread_name_prefix="ledger-tables")
         self._heads: OrderedDict[str, _Head] = OrderedDict()
         self._heads_lock = threading.Lock()
+        self.expiry_rows_read = 0  # entities the expiry scan's reads returned (bench/expiry_scan.py)
 
     def _table(self, name: str):
         return self.store.table(name)
@@ -571,7 +580,8 @@ class TableLedger(Ledger):
         elif query.requested_by is not None:
             table, where, params = INDEX, "PartitionKey eq @p", {"p": _key(f"req-{query.requested_by}")}
             resolve = self._through_index
-        elif query.expiring_before is not None:
+        elif query.expiring_before is not None and query.status == CERT_ACTIVE:
+            # the expiry scan retires other certificates' rows from the index: only active ones are all there
             table, where = INDEX, "PartitionKey gt @lo and PartitionKey le @hi"
             params = {"lo": "exp-", "hi": f"exp-{query.expiring_before.astimezone(UTC):%Y-%m-%d}"}
             resolve = self._through_index
@@ -629,6 +639,135 @@ class TableLedger(Ledger):
     def _through_index(self, rows: list[dict[str, Any]]) -> list[CertificateRecord | None]:
         entities = self._parallel(lambda row: self._get(DEVICES, _key(row["device_id"]), row["cert_row"]), rows)
         return [_certificate(entity) if entity else None for entity in entities]
+
+    # -- the expiry scan ---------------------------------------------------------------------------------
+
+    def expiry_watch(self, before: datetime) -> list[ExpiryWatch]:
+        """The expiry index's day partitions up to `before`'s day (one range query, paged by Storage), and
+        each row's certificate by the pointer it holds (a point read): two rows per certificate. The
+        index keeps every certificate ever issued until the scan retires it, so a certificate found no
+        longer active (superseded, revoked, expired) has its row deleted here, and is read once. A row
+        whose certificate is missing (an issuance in flight, or one a crash cut short) is left alone. The
+        stage last announced is kept on the index row itself (`expiry_stage`)."""
+        bound = _ts(before)
+        where = "PartitionKey gt @lo and PartitionKey le @hi"
+        params = {"lo": "exp-", "hi": f"exp-{before.astimezone(UTC):%Y-%m-%d}"}
+        with storage_errors("read the expiry index"):
+            returned = list(self._table(INDEX).query_entities(where, parameters=params, results_per_page=1000))
+            self.expiry_rows_read += len(returned)  # the last day's rows after `before` too: Storage read them
+            rows = [row for row in returned if _ts(_expiry_row_not_after(row["RowKey"])) <= bound]
+            entities = self._parallel(lambda row: self._get(DEVICES, _key(row["device_id"]), row["cert_row"]), rows)
+        self.expiry_rows_read += sum(1 for entity in entities if entity)
+        watches = []
+        for row, entity in zip(rows, entities, strict=True):
+            if entity is None:
+                continue
+            record = _certificate(entity)
+            watch = ExpiryWatch(
+                record.serial,
+                DEVICE,
+                record.device_id,
+                record.not_after,
+                row.get("expiry_stage") or None,
+                version=(row["PartitionKey"], row["RowKey"], row.metadata["etag"]),
+                record=record,
+            )
+            if record.status == CERT_ACTIVE:
+                watches.append(watch)
+            else:
+                self.retire_expiry_watch(watch)
+        return sorted(watches, key=lambda w: w.not_after)
+
+    def ca_expiry_watch(self, topic: str = EXPIRY_TOPIC) -> list[ExpiryWatch]:
+        """The CA records, each with the stage kept on it for `topic` (the `ca` partition: a few rows)."""
+        entities = self._query(
+            CAS, "PartitionKey eq @p and RowKey lt @marker", {"p": CA_PARTITION, "marker": "~"}, "list CAs"
+        )
+        self.expiry_rows_read += len(entities)
+        prop = _stage_property(topic)
+        return [
+            ExpiryWatch(
+                e["serial"],
+                e["kind"],
+                e["id"],
+                _dt(e["not_after"]),
+                e.get(prop) or None,
+                topic,
+                (e["PartitionKey"], e["RowKey"], e.metadata["etag"]),
+                _ca(e),
+            )
+            for e in sorted(entities, key=lambda e: (e["created_at"], e["seq"]))
+        ]
+
+    def claim_expiry_stage(self, watch: ExpiryWatch, stage: str, at: datetime) -> ExpiryWatch | None:
+        """A merge of the stage onto the row the watch was read from, on that read's etag: a concurrent
+        scan's claim changed the etag, so this one fails (412) and announces nothing. A device certificate
+        is read first: one that is no longer active is not claimed."""
+        if watch.kind == DEVICE:
+            entity = self._get(DEVICES, _key(watch.subject), _cert_row(watch.record))
+            self.expiry_rows_read += entity is not None
+            if entity is None or entity["status"] != CERT_ACTIVE:
+                return None
+        table = EXPIRY_TABLES[watch.kind == DEVICE]
+        partition, row, etag = watch.version
+        changes = {"PartitionKey": partition, "RowKey": row, _stage_property(watch.topic): stage}
+        with storage_errors("record an expiry stage"):
+            try:
+                answer = self._table(table).update_entity(
+                    changes, mode=UpdateMode.MERGE, etag=etag, match_condition=IF_NOT_MODIFIED
+                )
+            except (ResourceModifiedError, ResourceNotFoundError):
+                return None
+        return replace(watch, stage=stage, version=(partition, row, answer["etag"]))
+
+    def release_expiry_stage(self, claimed: ExpiryWatch, previous: str | None) -> None:
+        table = EXPIRY_TABLES[claimed.kind == DEVICE]
+        partition, row, etag = claimed.version
+        changes = {"PartitionKey": partition, "RowKey": row, _stage_property(claimed.topic): previous or ""}
+        with storage_errors("release an expiry stage"), suppress(ResourceModifiedError, ResourceNotFoundError):
+            self._table(table).update_entity(changes, mode=UpdateMode.MERGE, etag=etag, match_condition=IF_NOT_MODIFIED)
+
+    def mark_expired(self, watch: ExpiryWatch, at: datetime) -> CertificateRecord | None:
+        """The device's transaction on its head's etag: the head loses its active certificate and the
+        certificate's row gets the status expired, together (as a revocation does). Then the index row goes."""
+        stamp = _ts(at)
+        marked: CertificateRecord | None = None
+        with storage_errors("mark a certificate expired"):
+            for _ in range(MAX_ATTEMPTS):
+                record = self.get_certificate(watch.serial)
+                if record is not None and record.status == CERT_ACTIVE and record.not_after > at:
+                    return None  # not over yet: still watched
+                if record is None or record.status != CERT_ACTIVE:
+                    break
+                head = self._read_head(record.device_id)
+                expired = {"status": CERT_EXPIRED, "status_changed_at": stamp, "status_reason": "expired"}
+                keys = {"PartitionKey": _key(record.device_id), "RowKey": _cert_row(record)}
+                operations: list[Any] = [("update", {**keys, **expired}, {"mode": UpdateMode.MERGE})]
+                new_head = head
+                if head.active is not None and head.active.serial == record.serial:
+                    new_head = replace(head, active=None)
+                conditions = {"mode": UpdateMode.REPLACE, "etag": head.etag, "match_condition": IF_NOT_MODIFIED}
+                operations.insert(0, ("update", _head_entity(new_head), conditions))
+                try:
+                    answers = self._table(DEVICES).submit_transaction(operations)
+                except TableTransactionError as error:
+                    if error.status_code in (409, 412):
+                        continue
+                    raise
+                self._remember(replace(new_head, etag=answers[0]["etag"]))
+                marked = replace(record, status=CERT_EXPIRED, status_changed_at=_dt(stamp), status_reason="expired")
+                break
+            else:
+                raise BackendUnavailable("the device is being changed by many requests at once; retry", "ledger-busy")
+        self.retire_expiry_watch(watch)
+        return marked
+
+    def retire_expiry_watch(self, watch: ExpiryWatch) -> None:
+        """Delete the certificate's expiry index row (a listing of expiring certificates that are not
+        active then scans the devices table: see `list_certificates`)."""
+        partition, row, _ = watch.version
+        with storage_errors("retire an expiry index row"), suppress(ResourceNotFoundError):
+            self._table(INDEX).delete_entity(partition, row)
 
     # -- principals and API keys -----------------------------------------------------------------------
 
@@ -852,6 +991,16 @@ def _head_entity(head: _Head) -> dict[str, Any]:
         "revoked_keys": json.dumps(sorted(head.revoked_keys)),
         "active": json.dumps(_record_fields(head.active)) if head.active else "",
     }
+
+
+def _expiry_row_not_after(row_key: str) -> datetime:
+    """The notAfter an expiry index row's RowKey (`<yyyymmddhhmmss>-<serial>`) starts with."""
+    return datetime.strptime(row_key[:14], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+
+
+def _stage_property(topic: str) -> str:
+    """The property that keeps a topic's stage: `expiry_stage`, `key_vault_stage`."""
+    return f"{topic.replace('-', '_')}_stage"
 
 
 def _retried(issuance: Issuance, active: CertificateRecord) -> bool:

@@ -16,6 +16,7 @@ from ..keys import KeyStore
 from ..ledger import Ledger
 from ..ledger.models import CA_ACTIVE
 from ..pki import Issuer
+from ..queues import EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue
 from .access import Principals
 from .ca import CaUseCases
 from .common import (
@@ -36,9 +37,10 @@ from .common import (
 )
 from .devices import DeviceUseCases, _SignOptions
 from .dps import DpsUseCases
+from .expiry import ExpiryFinding, ExpiryReport, ExpiryThresholds, ExpiryUseCases
 
 
-class DeviceCA(CaUseCases, DeviceUseCases, DpsUseCases):
+class DeviceCA(CaUseCases, DeviceUseCases, DpsUseCases, ExpiryUseCases):
     def __init__(
         self,
         keys: KeyStore,
@@ -46,6 +48,7 @@ class DeviceCA(CaUseCases, DeviceUseCases, DpsUseCases):
         dps: Dps,
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
+        expiry_queue: MessageQueue | None = None,
     ) -> None:
         self.keys = keys
         self.ledger = ledger
@@ -54,9 +57,12 @@ class DeviceCA(CaUseCases, DeviceUseCases, DpsUseCases):
         self._now = clock
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
+        self._ca_pems: dict[str, str] = {}  # CA ID -> its certificate: IDs are never reused (unique CA IDs)
         self.principals = Principals(ledger, clock)
         self.dps_registrations = None  # a MessageQueue for DPS registrations (composition sets it)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
+        # where the expiry scan's notices go (composition.py: Storage with QUEUE_STORAGE, else in-process)
+        self.expiry_queue = expiry_queue or InProcessQueue(EXPIRING_CERTIFICATES)
         self._coalescer: Coalescer[_SignOptions, SignRequest, IssuedCertificate | CaError] = Coalescer(
             self._sign_batch_async
         )
@@ -130,6 +136,9 @@ __all__ = [
     "CaChain",
     "CaResult",
     "DeviceCA",
+    "ExpiryFinding",
+    "ExpiryReport",
+    "ExpiryThresholds",
     "HealthReport",
     "IssuedCertificate",
     "ProofOfPossession",

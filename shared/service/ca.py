@@ -184,6 +184,20 @@ class CaUseCases:
             raise NotFound(f"no intermediate with ID {ca_id!r}", "intermediate-not-found")
         return record
 
+    def ca_certificate_pem(self, ca_id: str) -> str:
+        """The PEM certificate of CA `ca_id`, read from the ledger once per process: a CA's certificate
+        never changes and its ID is never reused. NotFound for an unknown ID."""
+        with self._issuers_lock:
+            cached = self._ca_pems.get(ca_id)
+        if cached is not None:
+            return cached
+        record = self.ledger.get_ca(ca_id)
+        if record is None:
+            raise NotFound(f"no CA with ID {ca_id!r}", "ca-not-found")
+        with self._issuers_lock:
+            self._ca_pems[ca_id] = record.certificate_pem
+        return record.certificate_pem
+
     def default_intermediate(self, allowed: Sequence[str] | None = None) -> CaRecord:
         """The newest active intermediate (among `allowed`, when given)."""
         if allowed is None:

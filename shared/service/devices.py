@@ -18,6 +18,7 @@ from ..errors import CaError, Conflict, Forbidden, NotFound, unexpected
 from ..ledger import device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
 from ..ledger.models import (
     CA_ACTIVE,
+    CERT_ACTIVE,
     CERT_REVOKED,
     CaRecord,
     CertificatePage,
@@ -80,12 +81,16 @@ class _Run:
     """One signing run: its results so far, and the certificates signed but not yet committed."""
 
     now: datetime
-    intermediate: CaRecord
+    intermediate: CaRecord | None  # read only when the run has something to sign
     requested_by: str
     owner: str | None  # the owner the ledger must find (or make) for each device: see _SignOptions
     results: list["IssuedCertificate | CaError | None"]
     signed: list[_Plan] = field(default_factory=list)
     issuances: list[Issuance] = field(default_factory=list)
+
+
+def _intermediate_not_allowed(ca_id: str) -> Forbidden:
+    return Forbidden(f"this caller may not sign with intermediate {ca_id!r}", "intermediate-not-allowed")
 
 
 def _single(results: list["IssuedCertificate | CaError"]) -> "IssuedCertificate":
@@ -166,9 +171,10 @@ class DeviceUseCases:
     def _sign_run(self, requests: Sequence[SignRequest], options: "_SignOptions") -> "_Run":
         """Check every request, decide against the ledger, and sign what may be signed."""
         now = self._now()
-        intermediate = self._signing_intermediate(options.intermediate_id, options.allowed_intermediates)
-        issuer = self._issuer(intermediate)
-        run = _Run(now, intermediate, options.requested_by, options.claimed_owner, [None] * len(requests))
+        allowed = options.allowed_intermediates
+        if options.intermediate_id is not None and allowed is not None and options.intermediate_id not in allowed:
+            raise _intermediate_not_allowed(options.intermediate_id)
+        run = _Run(now, None, options.requested_by, options.claimed_owner, [None] * len(requests))
         devices: list[tuple[int, DeviceRequest]] = []
         for index, request in enumerate(requests):
             try:
@@ -191,7 +197,6 @@ class DeviceUseCases:
                     known.owners.get(device.device_id),
                     known.bindings.get(device.public_key_sha256),
                     known.actives.get(device.device_id),
-                    intermediate,
                 )
             except CaError as error:
                 run.results[index] = error
@@ -203,7 +208,12 @@ class DeviceUseCases:
                 run.results[index] = outcome
             else:
                 plans.append(outcome)
-        self._sign_all(issuer, plans, now, run.results)
+        if not plans:  # only answers from the ledger: a same-CSR retry costs no CA read
+            return run
+        # The intermediate's record is read fresh for every run that signs: a disable takes effect at once
+        # on every instance.
+        run.intermediate = self._signing_intermediate(options.intermediate_id, allowed)
+        self._sign_all(self._issuer(run.intermediate), plans, now, run.results)
         run.signed = [plan for plan in plans if run.results[plan.index] is None]
         run.issuances = [self._issuance(plan, run) for plan in run.signed]
         return run
@@ -237,9 +247,12 @@ class DeviceUseCases:
         ]
 
     def certificates(self, query: CertificateQuery) -> CertificatePage:
-        """A page of the inventory. InvalidParameter for a status, limit or cursor that breaks its rule."""
+        """A page of the inventory. InvalidParameter for a status, limit or cursor that breaks its rule.
+        A listing of expiring certificates holds only active ones unless a status is asked for."""
         if query.status is not None:
             parameters.status(query.status)
+        elif query.expiring_before is not None:
+            query = replace(query, status=CERT_ACTIVE)
         parameters.page_limit(query.limit)
         if query.cursor is not None:
             parameters.cursor(query.cursor)
@@ -319,7 +332,7 @@ class DeviceUseCases:
             return self.default_intermediate(allowed)
         record = self.intermediate(intermediate_id)
         if allowed is not None and record.id not in allowed:
-            raise Forbidden(f"this caller may not sign with intermediate {record.id!r}", "intermediate-not-allowed")
+            raise _intermediate_not_allowed(record.id)
         if record.status != CA_ACTIVE:
             raise Conflict(f"intermediate {record.id!r} is disabled; enable it or use another", "intermediate-disabled")
         return record
@@ -333,7 +346,6 @@ class DeviceUseCases:
         owner: str | None,
         binding: tuple[str, bool] | None,
         active: CertificateRecord | None,
-        intermediate: CaRecord | None = None,
     ) -> "_Plan | IssuedCertificate":
         """Decide before signing (a Key Vault signature is not free); the ledger decides again on commit.
 
@@ -349,14 +361,14 @@ class DeviceUseCases:
             raise key_revoked()
         supersede = options.renew
         if active is not None and options.renew and _renewal_retry(active, device, now):
-            return self._issued(active, created=False, intermediate=intermediate)  # what the first attempt got
+            return self._issued(active, created=False)  # what the first attempt got
         if active is not None and not options.renew:
             if active.not_after <= now:
                 supersede = True  # an expired certificate never blocks its device
             elif active.public_key_sha256 != device.public_key_sha256:
                 raise device_has_certificate(active)
             else:  # the same CSR again: its notes too, so every answer says how it was read
-                return self._issued(active, created=False, warnings=tuple(device.notes), intermediate=intermediate)
+                return self._issued(active, created=False, warnings=tuple(device.notes))
         return _Plan(index, device, supersede, warnings=list(device.notes))
 
     def _sign_all(
@@ -388,7 +400,7 @@ class DeviceUseCases:
         record = CertificateRecord(
             serial=serial_text(certificate.serial_number),
             device_id=plan.request.device_id,
-            intermediate_id=run.intermediate.id,
+            intermediate_id=run.intermediate.id,  # type: ignore[union-attr]  # set whenever anything is signed
             requested_by=run.requested_by,
             public_key_sha256=plan.request.public_key_sha256,
             not_before=certificate.not_valid_before_utc,
@@ -406,11 +418,15 @@ class DeviceUseCases:
         warnings: tuple[str, ...] = (),
         intermediate: CaRecord | None = None,
     ) -> IssuedCertificate:
-        if intermediate is None or intermediate.id != record.intermediate_id:
-            intermediate = self.intermediate(record.intermediate_id)
+        if intermediate is not None and intermediate.id == record.intermediate_id:
+            intermediate_pem = intermediate.certificate_pem
+            with self._issuers_lock:
+                self._ca_pems.setdefault(intermediate.id, intermediate_pem)
+        else:
+            intermediate_pem = self.ca_certificate_pem(record.intermediate_id)
         return IssuedCertificate(
             record=record,
-            intermediate_pem=intermediate.certificate_pem,
+            intermediate_pem=intermediate_pem,
             created=created,
             warnings=warnings,
             dps=self.dps.registration_info(record.device_id),

@@ -1,0 +1,94 @@
+"""The expiry timer as the Functions host sees it: indexed from function_app.py with its schedule, invoked
+through the registered function, its notices read back from Azurite's Queue service."""
+
+import importlib
+import json
+from dataclasses import replace
+
+import pytest
+from azure.functions.timer import TimerRequest
+
+from shared.composition import build_service
+from shared.config import Settings
+from shared.errors import Misconfigured
+from shared.queues import EXPIRING_CERTIFICATES, storage_queue
+
+from .conftest import settings_environment
+from .csrs import make_csr
+
+
+@pytest.fixture
+def timer_app(tmp_path, monkeypatch, queue_settings, ledger_settings):
+    """function_app imported fresh on a CA whose intermediate ends in two days (a device signed by it too),
+    with QUEUE_STORAGE naming Azurite; returns (module, queue, serials by subject)."""
+    home = tmp_path / "pki"
+    settings = replace(Settings(pki_home=home), **ledger_settings)
+    environment = {"PKI_HOME": str(home), **queue_settings, **settings_environment(settings)}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("EXPIRY_SCAN_SCHEDULE", raising=False)
+    monkeypatch.chdir(tmp_path)  # no developer's local.settings.json
+    queue = storage_queue(Settings.from_values(queue_settings), EXPIRING_CERTIFICATES)
+    queue._ensure_created()
+    queue._client.clear_messages()  # the queue's name is the app's: other tests may have used it
+    ca = build_service(settings)
+    ca.create_root()
+    intermediate = ca.create_intermediate("short", days=2).record
+    device = ca.sign_csr(make_csr("dev-timer"), "dev-timer").record
+    ca.close()
+    import function_app as module
+
+    return importlib.reload(module), queue, {"short": intermediate.serial, "dev-timer": device.serial}
+
+
+def _timer(module):
+    (timer,) = [f for f in module.app.get_functions() if f.get_trigger().get_binding_name() == "timerTrigger"]
+    return timer
+
+
+def test_the_timer_is_indexed_daily_and_its_notices_reach_the_queue(timer_app):
+    module, queue, serials = timer_app
+    timer = _timer(module)
+    assert timer.get_function_name() == "expiry_scan"
+    trigger = timer.get_trigger()
+    assert trigger.schedule == "0 0 6 * * *" and trigger.run_on_startup is False and trigger.use_monitor is True
+
+    timer.get_user_function()(TimerRequest(past_due=False))
+    messages = [json.loads(m.content) for m in queue.receive()]
+    assert sorted((m["kind"], m["serial"], m["stage"]) for m in messages) == [
+        ("device", serials["dev-timer"], "7d"),
+        ("intermediate", serials["short"], "7d"),
+    ]
+    device = next(m for m in messages if m["kind"] == "device")
+    assert device["deviceId"] == "dev-timer" and device["ownerFactory"] is None
+    intermediate = next(m for m in messages if m["kind"] == "intermediate")
+    assert intermediate["caId"] == "short" and "create its successor" in intermediate["action"]
+    for message in queue.receive(visibility_timeout=1):
+        queue.delete(message)
+
+    # the next run (past due, say) has nothing new to say
+    timer.get_user_function()(TimerRequest(past_due=True))
+    assert queue.receive() == []
+
+
+def test_the_schedule_comes_from_its_setting_when_given(timer_app, monkeypatch):
+    monkeypatch.setenv("EXPIRY_SCAN_SCHEDULE", "0 30 2 * * 1-5")
+    import function_app as module
+
+    module = importlib.reload(module)
+    assert _timer(module).get_trigger().schedule == "%EXPIRY_SCAN_SCHEDULE%"
+    assert module.expiry_schedule(Settings()) == "0 0 6 * * *"
+
+
+def test_a_schedule_that_is_not_ncrontab_is_refused():
+    assert Settings.from_values({"EXPIRY_SCAN_SCHEDULE": "0 0 6 * * *"}).expiry_scan_schedule == "0 0 6 * * *"
+    with pytest.raises(Misconfigured, match="EXPIRY_SCAN_SCHEDULE='@daily' must be an NCRONTAB expression"):
+        Settings.from_values({"EXPIRY_SCAN_SCHEDULE": "@daily"})
+    with pytest.raises(Misconfigured, match="EXPIRY_DEVICE_DAYS"):
+        Settings.from_values({"EXPIRY_DEVICE_DAYS": "0"})
+    thresholds = Settings.from_values({"EXPIRY_DEVICE_DAYS": "14", "EXPIRY_ROOT_DAYS": "730"})
+    assert (thresholds.expiry_device_days, thresholds.expiry_intermediate_days, thresholds.expiry_root_days) == (
+        14,
+        90,
+        730,
+    )
