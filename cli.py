@@ -221,9 +221,11 @@ def _prepare(args: argparse.Namespace) -> None:
         if args.pem_dir is not None:
             _check_output_folder(args.pem_dir, (), parents=False)
             args.pem_dir.mkdir(exist_ok=True)
-    if args.handler is proof_ca_root_possession:
+    if args.handler is proof_ca_root_possession and args.verification_code is not None:
         check_verification_code(args.verification_code)  # it names the default output file
         args.out = args.out or Path(f"verification-{args.verification_code}.pem")
+    elif args.handler is proof_ca_root_possession and args.out is None:
+        _check_writable_folder(Path("."), Path("verification-CODE.pem"))  # DPS names the code
     if getattr(args, "out", None) is not None:
         _check_output_file(args.out)
     if args.handler is backup:
@@ -300,6 +302,8 @@ def create_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, st
     record = result.record
     lines = [f"Created the CA root {record.common_name!r} ({record.curve}, serial {record.serial}).", _valid(record)]
     lines += _written(args.out, "root certificate") + [f"warning: {w}" for w in result.warnings]
+    if record.dps.get("state") == "uploaded":
+        lines.append("Uploaded the root to DPS; prove possession next: proof-ca-root-possession.")
     return ca_view(record, result.warnings), "\n".join(lines)
 
 
@@ -312,8 +316,14 @@ def show_ca_root(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]
 
 
 def proof_ca_root_possession(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
-    proof = service.prove_root_possession(args.verification_code)
-    out = args.out  # _prepare named the default, verification-CODE.pem
+    proof = service.prove_root_possession(args.verification_code, args.verified_on_upload)
+    if proof.certificate_pem is None:  # verified on upload, or verified before: no certificate was made
+        if proof.already_verified:
+            line = "The root is already verified in DPS; nothing was changed."
+        else:
+            line = "Uploaded the root to DPS marked verified (verified on upload)."
+        return {"verificationCode": None, "certificate": None, "file": None, "dps": proof.dps}, line
+    out = args.out or Path(f"verification-{proof.verification_code}.pem")  # DPS named the code
     _write_if_asked(out, proof.certificate_pem)
     document = {
         "verificationCode": proof.verification_code,
@@ -326,6 +336,8 @@ def proof_ca_root_possession(service: DeviceCA, args: argparse.Namespace) -> tup
         *_written(out, "it"),
     ]
     lines += _dps_note(proof.dps)
+    if proof.dps.get("isVerified"):
+        lines.append("DPS verified the root: proof of possession is done.")
     if proof.dps.get("mode") == "offline":
         lines.append("Upload this file as the verification certificate of the root in the DPS portal.")
     return document, "\n".join(lines)
@@ -341,6 +353,8 @@ def create_ca_intermediate(service: DeviceCA, args: argparse.Namespace) -> tuple
         *_written(args.out, "intermediate certificate"),
         *[f"warning: {w}" for w in result.warnings],
     ]
+    if record.dps.get("state") == "registered":
+        lines.append(f"Registered in DPS as enrollment group {record.id} ({record.dps.get('provisioningStatus')}).")
     return ca_view(record, result.warnings), "\n".join(lines)
 
 
@@ -350,10 +364,11 @@ def list_intermediates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any
     document = [{**ca_view(r), "default": r.id == default} for r in records]
     if not records:
         return document, "No intermediates yet; create one with create-ca-intermediate."
-    rows = [("ID", "STATUS", "CURVE", "NOT AFTER", "COMMON NAME")]
+    rows = [("ID", "STATUS", "CURVE", "NOT AFTER", "DPS", "COMMON NAME")]
     for r in records:
         mark = " (default)" if r.id == default else ""
-        rows.append((r.id, r.status + mark, r.curve, _day(r.not_after), r.common_name))
+        dps = r.dps.get("state") or r.dps.get("mode") or "-"
+        rows.append((r.id, r.status + mark, r.curve, _day(r.not_after), dps, r.common_name))
     return document, _table(rows)
 
 
@@ -370,6 +385,13 @@ def _set_enabled(service: DeviceCA, ca_id: str, enabled: bool) -> tuple[Any, str
     verb = "Enabled" if enabled else "Disabled"
     lines = [f"{verb} intermediate {ca_id}.", *[f"warning: {w}" for w in result.warnings]]
     return ca_view(result.record, result.warnings), "\n".join(lines)
+
+
+def retry_dps(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    record, notes = service.retry_dps(args.id)
+    state = record.dps.get("state") or record.dps.get("mode", "unknown")
+    lines = [f"Intermediate {args.id}: DPS state {state}.", *[f"warning: {note}" for note in notes]]
+    return ca_view(record, notes), "\n".join(lines)
 
 
 def create_device_cert(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
@@ -1022,10 +1044,21 @@ def build_parser() -> argparse.ArgumentParser:
         "proof-ca-root-possession",
         proof_ca_root_possession,
         "sign DPS's verification code with the root key (the verification certificate)",
-        "Sign the verification certificate DPS asks for (CN = the verification code) with the root key. "
-        "If DPS says the certificate is not within its validity period, check this machine's clock.",
+        "Sign the verification certificate DPS asks for (CN = the verification code) with the root key. With "
+        "DPS configured this is the whole round trip: the code is asked of DPS, the certificate sent back and "
+        "the root verified; a root DPS already holds verified is left as it is. If DPS says the certificate "
+        "is not within its validity period, check this machine's clock.",
     )
-    sub.add_argument("--verification-code", required=True, help="the code DPS shows for the root certificate")
+    sub.add_argument(
+        "--verification-code",
+        help="the code DPS shows for the root certificate (needed when DPS is not configured; with DPS "
+        "configured, a new code is asked of DPS when this is left out)",
+    )
+    sub.add_argument(
+        "--verified-on-upload",
+        action="store_true",
+        help="upload the root marked verified instead (Microsoft's newer path; needs DPS configured)",
+    )
     sub.add_argument("--out", type=Path, help="where to write it (default: ./verification-CODE.pem)")
 
     sub = command(
@@ -1043,6 +1076,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("disable-intermediate", disable_intermediate, "stop signing with an intermediate (and its DPS group)")
     sub.add_argument("id", help="intermediate ID")
     sub = command("enable-intermediate", enable_intermediate, "resume signing with a disabled intermediate")
+    sub.add_argument("id", help="intermediate ID")
+    sub = command(
+        "retry-dps",
+        retry_dps,
+        "register an intermediate's DPS enrollment group again (after its state is failed)",
+        "Register an intermediate's enrollment group with DPS again: queued on the dps-registrations queue "
+        "when QUEUE_STORAGE is set (state pending until the queue function has done it), else at once.",
+    )
     sub.add_argument("id", help="intermediate ID")
 
     sub = command(

@@ -1,5 +1,6 @@
-"""The Azure Functions (Python v2) entry point: the HTTP API as one ASGI function, the batch queue's
-functions (shared/batch_functions.py) on the same app and the same service, and the expiry timer.
+"""The Azure Functions (Python v2) entry point: the HTTP API as one ASGI function, and on the same app and
+the same service the batch queue's functions (shared/batch_functions.py), the DPS registration queue's
+functions and the expiry timer.
 
 The auth level is anonymous because the API checks every caller itself (API keys, or App Service
 authentication with PKI_AUTH=easyauth); a function key on top would be a second shared secret to hand
@@ -14,10 +15,35 @@ from shared.api import create_app
 from shared.batch_functions import batch_functions
 from shared.composition import build_service
 from shared.config import Settings
+from shared.queues import CONNECTION_SETTING, DPS_REGISTRATIONS, poison_queue
 
 api = create_app()
 app = func.AsgiFunctionApp(app=api, http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(batch_functions(api.state.service))
+
+
+# -- DPS registrations (issue 12) ----------------------------------------------------------------------
+# An intermediate's enrollment group is registered from a queue message, so that a DPS outage delays it
+# instead of losing it: a failed delivery raises, the host delivers it again (host.json maxDequeueCount),
+# and the message that keeps failing lands on the poison queue, whose function marks the intermediate
+# `failed` with DPS's last error (`retry-dps` queues it again).
+
+
+def queue_service():
+    """The service the queue-triggered functions share with the HTTP API, built at first use."""
+    return api.state.service()
+
+
+@app.queue_trigger(arg_name="message", queue_name=DPS_REGISTRATIONS, connection=CONNECTION_SETTING)
+def dps_registration(message: func.QueueMessage) -> None:
+    """Register one intermediate's enrollment group; raises while DPS is unavailable (delivered again)."""
+    queue_service().handle_dps_registration(message.get_body().decode())
+
+
+@app.queue_trigger(arg_name="message", queue_name=poison_queue(DPS_REGISTRATIONS), connection=CONNECTION_SETTING)
+def dps_registration_poisoned(message: func.QueueMessage) -> None:
+    """A registration whose every delivery failed: the intermediate's DPS state becomes `failed`."""
+    queue_service().handle_dps_registration_poisoned(message.get_body().decode())
 
 
 # -- the expiry scan ---------------------------------------------------------------------------------------

@@ -14,7 +14,14 @@ from .dps import Dps
 from .errors import CaError
 from .keys import KeyStore
 from .ledger import Ledger
-from .queues import BATCH_CHUNKS, EXPIRING_CERTIFICATES, InProcessQueue, MessageQueue, storage_queue
+from .queues import (
+    BATCH_CHUNKS,
+    DPS_REGISTRATIONS,
+    EXPIRING_CERTIFICATES,
+    InProcessQueue,
+    MessageQueue,
+    storage_queue,
+)
 from .service import DeviceCA, utcnow
 
 log = logging.getLogger("device_ca.queues")
@@ -25,6 +32,8 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
     settings = settings or Settings.load()
     keys = key_store(settings)
     ledger, dps = ledger_and_dps(settings)
+    if settings.dps_configured:
+        dps = azure_dps(settings)
     queue = batch_queue(settings)
     service = DeviceCA(
         keys=keys,
@@ -35,6 +44,8 @@ def build_service(settings: Settings | None = None, clock: Callable[[], datetime
         expiry_queue=expiry_queue(settings),
         batch_queue=queue,
     )
+    if settings.storage_queues:
+        service.dps_registrations = storage_queue(settings, DPS_REGISTRATIONS)
     if isinstance(queue, InProcessQueue):  # the embedded default: this process signs what it queues
         queue.serve(_unless_unsignable(service.sign_batch_chunk), _unless_unsignable(service.fail_batch_chunk))
     return service
@@ -63,6 +74,16 @@ def batch_queue(settings: Settings) -> MessageQueue:
     if settings.storage_queues:
         return storage_queue(settings, BATCH_CHUNKS)
     return InProcessQueue(BATCH_CHUNKS)
+
+
+def azure_dps(settings: Settings) -> Dps:
+    """The real DPS the settings name; DefaultAzureCredential for ARM (and for the service API unless
+    DPS_CONNECTION_STRING gives a shared access policy)."""
+    from azure.identity import DefaultAzureCredential
+
+    from .dps.azure import AzureDps
+
+    return AzureDps(settings.dps_config(), DefaultAzureCredential())
 
 
 def key_store(settings: Settings) -> KeyStore:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import Misconfigured
 
 if TYPE_CHECKING:
+    from .dps.azure import AzureDpsConfig
     from .keys.keyvault import KeyVaultOptions
 
 LOCAL_SETTINGS_FILE = "local.settings.json"
@@ -42,6 +43,15 @@ class Settings:
     # QUEUE_STORAGE__queueServiceUri, https://<account>.queue.core.windows.net; neither: in-process queues.
     queue_storage: str | None = field(default=None, repr=False)
     queue_service_uri: str | None = None
+    # DPS (shared/dps/azure.py): on when all three of subscription, resource group and name are set.
+    dps_subscription_id: str | None = None
+    dps_resource_group: str | None = None
+    dps_name: str | None = None
+    dps_arm_endpoint: str = "https://management.azure.com"
+    dps_connection_string: str | None = field(default=None, repr=False)
+    dps_allocation_policy: str | None = None
+    dps_iot_hubs: tuple[str, ...] = ()
+    dps_initial_twin: str | None = None  # JSON
     # The expiry scan (shared/service/expiry.py): days before notAfter from which each kind is a finding,
     # and the timer's NCRONTAB schedule (None: function_app.py's daily default)
     expiry_device_days: int = 30
@@ -80,6 +90,14 @@ class Settings:
             ledger_retry_seconds=_positive_int(values, "LEDGER_RETRY_SECONDS", cls.ledger_retry_seconds),
             queue_storage=text("QUEUE_STORAGE"),
             queue_service_uri=text("QUEUE_STORAGE__queueServiceUri"),
+            dps_subscription_id=text("AZURE_SUBSCRIPTION_ID"),
+            dps_resource_group=text("RESOURCE_GROUP_NAME"),
+            dps_name=text("DPS_NAME"),
+            dps_arm_endpoint=text("DPS_ARM_ENDPOINT", cls.dps_arm_endpoint),
+            dps_connection_string=text("DPS_CONNECTION_STRING"),
+            dps_allocation_policy=text("DPS_ALLOCATION_POLICY"),
+            dps_iot_hubs=tuple(hub.strip() for hub in (text("DPS_IOT_HUBS") or "").split(",") if hub.strip()),
+            dps_initial_twin=text("DPS_INITIAL_TWIN"),
             expiry_device_days=_positive_int(values, "EXPIRY_DEVICE_DAYS", cls.expiry_device_days),
             expiry_intermediate_days=_positive_int(values, "EXPIRY_INTERMEDIATE_DAYS", cls.expiry_intermediate_days),
             expiry_root_days=_positive_int(values, "EXPIRY_ROOT_DAYS", cls.expiry_root_days),
@@ -90,6 +108,59 @@ class Settings:
     def storage_queues(self) -> bool:
         """Whether a Storage account is configured for queues (else the embedded in-process queues)."""
         return bool(self.queue_storage or self.queue_service_uri)
+
+    @property
+    def dps_configured(self) -> bool:
+        """Whether a real DPS is named (AZURE_SUBSCRIPTION_ID, RESOURCE_GROUP_NAME and DPS_NAME); Misconfigured
+        when only some of them are set, since a half-named DPS would silently stay offline."""
+        named = {
+            "AZURE_SUBSCRIPTION_ID": self.dps_subscription_id,
+            "RESOURCE_GROUP_NAME": self.dps_resource_group,
+            "DPS_NAME": self.dps_name,
+        }
+        missing = [name for name, value in named.items() if not value]
+        if missing and len(missing) < len(named):
+            raise Misconfigured(
+                f"DPS is half configured: set {', '.join(missing)} too (or none of them)", "invalid-setting"
+            )
+        return not missing
+
+    def dps_config(self) -> "AzureDpsConfig":
+        """The real DPS these settings name (see `dps_configured`). Misconfigured for DPS_IOT_HUBS without
+        DPS_ALLOCATION_POLICY (DPS refuses it: 400004), an unknown policy, or a DPS_INITIAL_TWIN that is not a
+        JSON object."""
+        from .dps.azure import AzureDpsConfig
+
+        policies = ("hashed", "geoLatency", "static", "custom")
+        policy = self.dps_allocation_policy
+        if policy is not None and policy not in policies:
+            raise Misconfigured(
+                f"setting DPS_ALLOCATION_POLICY={policy!r} must be one of: {', '.join(policies)}", "invalid-setting"
+            )
+        if self.dps_iot_hubs and policy is None:
+            raise Misconfigured(
+                "setting DPS_IOT_HUBS needs DPS_ALLOCATION_POLICY too (DPS requires it)", "invalid-setting"
+            )
+        twin = None
+        if self.dps_initial_twin is not None:
+            try:
+                twin = json.loads(self.dps_initial_twin)
+            except ValueError:
+                twin = None
+            if not isinstance(twin, dict):
+                raise Misconfigured(
+                    "setting DPS_INITIAL_TWIN must be a JSON object (tags, properties.desired)", "invalid-setting"
+                )
+        return AzureDpsConfig(
+            subscription_id=self.dps_subscription_id or "",
+            resource_group=self.dps_resource_group or "",
+            name=self.dps_name or "",
+            arm_endpoint=self.dps_arm_endpoint.rstrip("/"),
+            connection_string=self.dps_connection_string,
+            allocation_policy=policy,
+            iot_hubs=self.dps_iot_hubs,
+            initial_twin=twin,
+        )
 
     def key_vault_options(self) -> "KeyVaultOptions":
         from .keys.keyvault import KeyVaultOptions

@@ -77,6 +77,7 @@ ROUTES = [
     ("show intermediate", lambda api: ("GET", "/api/ca/intermediates/factory-a", {}), (*ADMIN_ONLY, 200)),
     ("disable intermediate", lambda api: ("POST", "/api/ca/intermediates/spare/disable", {}), (*ADMIN_ONLY, 200)),
     ("enable intermediate", lambda api: ("POST", "/api/ca/intermediates/spare/enable", {}), (*ADMIN_ONLY, 200)),
+    ("retry dps", lambda api: ("POST", "/api/ca/intermediates/spare/retry-dps", {}), (*ADMIN_ONLY, 200)),
     ("list certificates", lambda api: ("GET", "/api/certificates", {}), (401, 401, 401, 200, 200, 200)),
     (
         "show certificate",

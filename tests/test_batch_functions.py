@@ -55,7 +55,8 @@ class Host:
             trigger = function.get_trigger()
             if trigger.get_binding_name() == "queueTrigger":
                 assert trigger.connection == "QUEUE_STORAGE"
-                self.triggers[trigger.queue_name] = function.get_user_function()
+                if trigger.queue_name in self.queues:  # the app's other queues (DPS) are not this host's
+                    self.triggers[trigger.queue_name] = function.get_user_function()
         assert set(self.triggers) == set(self.queues)
         for queue in self.queues.values():
             try:

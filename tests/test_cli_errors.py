@@ -50,7 +50,7 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
         ],
         "show-ca-root": [(["--out", folder], ERROR), (["--out", MISSING], ERROR), (["extra"], USAGE)],
         "proof-ca-root-possession": [
-            ([], USAGE),
+            ([], ERROR),  # DPS offline: the code must be given
             (["--verification-code", "../../x"], ERROR),
             (["--verification-code", "ABC", "--out", folder], ERROR),
             (["--verification-code", "ABC", "--out", MISSING], ERROR),
@@ -68,6 +68,7 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
         "list-intermediates": [(["extra"], USAGE), (["--bogus"], USAGE)],
         "disable-intermediate": [([], USAGE), (["nope"], ERROR)],
         "enable-intermediate": [([], USAGE), (["nope"], ERROR)],
+        "retry-dps": [([], USAGE), (["nope"], ERROR)],
         "create-device-cert": [
             (["--device-id", "Bad Device"], ERROR),
             (["--device-id", "dev-\udcff"], ERROR),

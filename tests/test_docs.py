@@ -10,7 +10,8 @@ HOST_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsStorage"}  # the Funct
 
 def _settings_read_by_the_code() -> set[str]:
     source = (REPO / "shared" / "config.py").read_text()
-    return set(re.findall(r'"((?:PKI|CA|ROOT|INTERMEDIATE|DEVICE|KEY_VAULT|LEDGER|QUEUE|EXPIRY)_[A-Z_]+)"', source))
+    prefixes = "PKI|CA|ROOT|INTERMEDIATE|DEVICE|KEY_VAULT|LEDGER|QUEUE|EXPIRY|DPS|AZURE|RESOURCE"
+    return set(re.findall(rf'"((?:{prefixes})_[A-Z_]+)"', source))
 
 
 def test_the_example_lists_exactly_the_settings_the_code_reads():

@@ -330,9 +330,17 @@ def create_root(caller: AdminCaller, service: Service, body: models.CreateCa | N
     tags=["ca"],
     summary="sign DPS's verification code with the root key (admin)",
 )
-def prove_root_possession(caller: AdminCaller, service: Service, body: models.ProofRequest) -> dict[str, Any]:
-    proof = service.prove_root_possession(body.verificationCode)
-    document = {"verificationCode": proof.verification_code, "certificate": proof.certificate_pem, "dps": proof.dps}
+def prove_root_possession(
+    caller: AdminCaller, service: Service, body: models.ProofRequest | None = None
+) -> dict[str, Any]:
+    body = body or models.ProofRequest()
+    proof = service.prove_root_possession(body.verificationCode, body.verifiedOnUpload)
+    document = {
+        "verificationCode": proof.verification_code,
+        "certificate": proof.certificate_pem,
+        "alreadyVerified": proof.already_verified,
+        "dps": proof.dps,
+    }
     return {**document, "warnings": offline_warnings(proof.dps)} if offline_warnings(proof.dps) else document
 
 
@@ -402,6 +410,19 @@ def enable_intermediate(
 ) -> dict[str, Any]:
     result = service.set_intermediate_enabled(ca_id, True)
     return ca_view(result.record, result.warnings, default=result.record.id == service.default_intermediate_id())
+
+
+@router.post(
+    "/api/ca/intermediates/{intermediateId}/retry-dps",
+    response_model=models.CaCertificate,
+    tags=["ca"],
+    summary="register an intermediate's DPS enrollment group again (admin)",
+)
+def retry_dps(
+    ca_id: Annotated[str, Path(alias="intermediateId")], caller: AdminCaller, service: Service
+) -> dict[str, Any]:
+    record, notes = service.retry_dps(ca_id)
+    return ca_view(record, notes, default=record.id == service.default_intermediate_id())
 
 
 # -- the inventory -----------------------------------------------------------------------------------

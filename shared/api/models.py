@@ -135,12 +135,16 @@ class CaChain(BaseModel):
 
 
 class ProofRequest(Strict):
-    verificationCode: str = Field(description="the code DPS shows for the root certificate")
+    verificationCode: str | None = Field(
+        None, description="the code DPS shows for the root (required offline; with DPS configured, asked of DPS)"
+    )
+    verifiedOnUpload: bool = Field(False, description="upload the root marked verified instead (needs DPS)")
 
 
 class ProofResponse(BaseModel):
-    verificationCode: str
-    certificate: str = Field(description="CN = the code, signed by the root key")
+    verificationCode: str | None
+    certificate: str | None = Field(description="CN = the code, signed by the root key (None: nothing signed)")
+    alreadyVerified: bool = Field(False, description="DPS held the root verified already; nothing was changed")
     dps: dict[str, Any]
     warnings: list[str] | None = Field(None, description="while DPS is offline: that nothing was sent")
 

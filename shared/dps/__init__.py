@@ -11,7 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..errors import CaError, Conflict
+
 GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"  # where every device first connects
+# DPS is asked only when a device provisions: a session already open in IoT Hub is not ended by DPS.
+CONNECTED_DEVICES = "devices already connected keep their IoT Hub session until they are disabled in the hub"
 
 
 def device_registration(device_id: str, known: dict[str, str] | None) -> dict[str, Any]:
@@ -24,6 +28,20 @@ def device_registration(device_id: str, known: dict[str, str] | None) -> dict[st
         "idScope": None,
         "note": "DPS is not configured here: take the ID scope from your DPS instance's overview",
     }
+
+
+class DpsRefused(CaError):
+    """DPS refused a request (a 4xx other than an etag conflict): retrying the same request will not help.
+    The message carries DPS's error code and message, which describe the request, not the server."""
+
+    status = 409
+    code = "dps-refused"
+
+
+class DpsConflict(Conflict):
+    """An enrollment changed between our read and our write (412, or 409 "already exists"): read again."""
+
+    code = "dps-conflict"
 
 
 _DEVICE_LOCKS: dict[str, threading.Lock] = {}
@@ -52,8 +70,14 @@ class Dps(ABC):
         """What a device needs to provision itself (globalEndpoint, idScope, registrationId), if known."""
 
     @abstractmethod
-    def register_root(self, root_id: str, certificate_pem: str) -> dict[str, Any]:
-        """Upload the root CA certificate. Returns the state to keep in the ledger."""
+    def register_root(self, root_id: str, certificate_pem: str, verified: bool = False) -> dict[str, Any]:
+        """Upload the root CA certificate (`verified`: marked verified on upload). Returns the state to keep
+        in the ledger."""
+
+    @abstractmethod
+    def verification_code(self, root_id: str) -> str:
+        """A new proof-of-possession code for the root, from DPS. CaError "verification-code-required"
+        where there is no DPS to ask."""
 
     @abstractmethod
     def verify_root(self, root_id: str, verification_code: str, certificate_pem: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import CaError
 from . import Dps
 
 NOT_CONFIGURED = "DPS is not configured: nothing was sent; the document is recorded in {path}"
@@ -90,9 +91,14 @@ class OfflineDps(Dps):
     def registration_info(self, device_id: str) -> dict[str, str] | None:
         return None
 
-    def register_root(self, root_id: str, certificate_pem: str) -> dict[str, Any]:
-        document = {"certificateName": root_id, "certificate": certificate_pem, "isVerified": False}
+    def register_root(self, root_id: str, certificate_pem: str, verified: bool = False) -> dict[str, Any]:
+        document = {"certificateName": root_id, "certificate": certificate_pem, "isVerified": verified}
         return self._record("ca-certificates", root_id, document)
+
+    def verification_code(self, root_id: str) -> str:
+        raise CaError(
+            "DPS is not configured: give the verification code DPS shows for the root", "verification-code-required"
+        )
 
     def verify_root(self, root_id: str, verification_code: str, certificate_pem: str) -> dict[str, Any]:
         document = {"certificateName": root_id, "verificationCode": verification_code, "certificate": certificate_pem}

@@ -37,10 +37,11 @@ from .common import (
     utcnow,
 )
 from .devices import DeviceUseCases, _SignOptions
+from .dps import DpsUseCases
 from .expiry import ExpiryFinding, ExpiryReport, ExpiryThresholds, ExpiryUseCases
 
 
-class DeviceCA(CaUseCases, DeviceUseCases, ExpiryUseCases, BatchUseCases):
+class DeviceCA(CaUseCases, DeviceUseCases, DpsUseCases, ExpiryUseCases, BatchUseCases):
     def __init__(
         self,
         keys: KeyStore,
@@ -61,6 +62,7 @@ class DeviceCA(CaUseCases, DeviceUseCases, ExpiryUseCases, BatchUseCases):
         self._issuers_lock = threading.Lock()
         self._ca_pems: dict[str, str] = {}  # CA ID -> its certificate: IDs are never reused (unique CA IDs)
         self.principals = Principals(ledger, clock)
+        self.dps_registrations = None  # a MessageQueue for DPS registrations (composition sets it)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
         # where the expiry scan's notices go (composition.py: Storage with QUEUE_STORAGE, else in-process)
         self.expiry_queue = expiry_queue or InProcessQueue(EXPIRING_CERTIFICATES)

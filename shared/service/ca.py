@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from cryptography import x509
 
+from ..dps import CONNECTED_DEVICES
 from ..errors import CaError, Conflict, NotFound
 from ..ledger.models import (
     CA_ACTIVE,
@@ -21,6 +22,7 @@ from ..pki import (
     build_root,
     ca_name,
     check_ca_id,
+    check_verification_code,
     plan_validity,
     whole_seconds,
 )
@@ -54,9 +56,10 @@ class CaUseCases:
         with self._ca_creation:
             existing = self.ledger.get_root()
             if existing:
+                verified = " and verified in DPS" if existing.dps.get("isVerified") else ""
                 raise Conflict(
-                    f"a CA root already exists ({existing.common_name!r}, serial {existing.serial}); "
-                    "this CA keeps one root",
+                    f"a CA root already exists ({existing.common_name!r}, serial {existing.serial}{verified}); "
+                    "this CA keeps one root, nothing was changed",
                     "root-exists",
                 )
             curve = (curve or self.settings.ca_curve).upper()
@@ -69,8 +72,22 @@ class CaUseCases:
                 self.keys.install_ca_certificate(key_name, certificate, [])
                 record = self._ca_record(ROOT_ID, ROOT, certificate, curve, key_name, issuer_id=None)
                 self.ledger.add_ca(record)
-        dps_state = self.dps.register_root(ROOT_ID, record.certificate_pem)
+        dps_state = self._upload_root(record)
         return CaResult(self.ledger.set_ca_dps(ROOT_ID, dps_state), _dps_warnings(dps_state))
+
+    def _upload_root(self, record: CaRecord, verified: bool = False) -> dict:
+        """The root uploaded to DPS; its state, or (when DPS fails) a `failed` state that says what to do:
+        the root stands in the ledger either way."""
+        try:
+            return self.dps.register_root(ROOT_ID, record.certificate_pem, verified=verified)
+        except CaError as error:
+            return {
+                "mode": "azure",
+                "state": "failed",
+                "error": error.message,
+                "message": f"the root is created, but DPS did not take it ({error.code}): run "
+                "proof-ca-root-possession to upload and verify it",
+            }
 
     def root(self) -> CaRecord:
         record = self.ledger.get_root()
@@ -78,13 +95,33 @@ class CaUseCases:
             raise NotFound("there is no CA root yet; create it with create-ca-root", "root-not-found")
         return record
 
-    def prove_root_possession(self, verification_code: str) -> ProofOfPossession:
-        """Sign the DPS verification certificate (CN = the code) with the root key and hand it to DPS."""
+    def prove_root_possession(
+        self, verification_code: str | None = None, verified_on_upload: bool = False
+    ) -> ProofOfPossession:
+        """Prove to DPS that this CA holds the root key (the seed's round trip): DPS's verification code
+        (asked of DPS when none is given), a certificate with CN = the code signed by the root key wherever
+        it lives, sent back to DPS. `verified_on_upload` instead uploads the root marked verified
+        (Microsoft's newer path). A root DPS already holds verified is left as it is and the answer says so
+        (`already_verified`). Offline, the code must be given and the certificate is only recorded.
+        CaError "verification-code-required" offline without a code; DpsRefused when DPS refuses the proof."""
         root = self.root()
+        if self.dps.configured and root.dps.get("isVerified"):
+            return ProofOfPossession(None, None, root.dps, already_verified=True)
+        if self.dps.configured and (verified_on_upload or root.dps.get("state") in (None, "failed")):
+            state = self.dps.register_root(ROOT_ID, root.certificate_pem, verified=verified_on_upload)
+            root = self.ledger.set_ca_dps(ROOT_ID, state)
+            if verified_on_upload:
+                return ProofOfPossession(None, None, state)
+        if verification_code is None:
+            verification_code = self.dps.verification_code(ROOT_ID)
+        verification_code = check_verification_code(verification_code)
         certificate = self._issuer(root).issue_proof_of_possession(verification_code, self._now())
         certificate_pem = pem(certificate)
         dps_state = self.dps.verify_root(ROOT_ID, verification_code, certificate_pem)
-        self.ledger.set_ca_dps(ROOT_ID, {**root.dps, "proofOfPossession": dps_state})
+        if self.dps.configured:
+            self.ledger.set_ca_dps(ROOT_ID, dps_state)
+        else:
+            self.ledger.set_ca_dps(ROOT_ID, {**root.dps, "proofOfPossession": dps_state})
         return ProofOfPossession(verification_code, certificate_pem, dps_state)
 
     # -- intermediates -------------------------------------------------------------------------------
@@ -119,9 +156,9 @@ class CaUseCases:
                 self.keys.install_ca_certificate(key_name, certificate, [root_issuer.certificate])
                 record = self._ca_record(ca_id, INTERMEDIATE, certificate, curve, key_name, issuer_id=ROOT_ID)
                 self.ledger.add_ca(record)
-        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=True)
-        warnings = ([validity.clamped] if validity.clamped else []) + list(_dps_warnings(dps_state))
-        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), tuple(warnings))
+        record, notes = self._register_new_intermediate(record)
+        warnings = ([validity.clamped] if validity.clamped else []) + list(notes)
+        return CaResult(record, tuple(warnings))
 
     def intermediates(self) -> list[CaRecord]:
         return self.ledger.list_cas(INTERMEDIATE)
@@ -183,9 +220,26 @@ class CaUseCases:
 
     def set_intermediate_enabled(self, ca_id: str, enabled: bool) -> CaResult:
         self.intermediate(ca_id)  # NotFound for the root or an unknown ID
+        """Enable or disable signing with intermediate `ca_id` (in the ledger, at once) and its DPS enrollment
+        group's provisioningStatus (read first for its etag, the certificate sent again). When DPS cannot be
+        updated the ledger's change stands and the answer says to run the command again."""
         record = self.ledger.set_ca_status(ca_id, CA_ACTIVE if enabled else CA_DISABLED)
-        dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=enabled)
-        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), _dps_warnings(dps_state))
+        try:
+            dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=enabled)
+        except CaError as error:
+            verb = "enable" if enabled else "disable"
+            dps_state = {
+                **record.dps,
+                "provisioningStatus": None,
+                "error": error.message,
+                "message": f"signing is {verb}d, but DPS's enrollment group was not updated ({error.code}): "
+                f"run {verb}-intermediate {ca_id} again",
+            }
+            return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), (dps_state["message"],))
+        warnings = _dps_warnings(dps_state)
+        if self.dps.configured and not enabled:
+            warnings += (f"DPS no longer provisions devices of {ca_id}; {CONNECTED_DEVICES}",)
+        return CaResult(self.ledger.set_ca_dps(ca_id, dps_state), warnings)
 
     # -- internals -----------------------------------------------------------------------------------
 

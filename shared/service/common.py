@@ -58,9 +58,13 @@ class CaResult:
 
 @dataclass(frozen=True)
 class ProofOfPossession:
-    verification_code: str
-    certificate_pem: str
+    """A proof of possession: the code and the certificate signed for it (None for a root verified on
+    upload, or one DPS already held verified: `already_verified`), and the root's DPS state."""
+
+    verification_code: str | None
+    certificate_pem: str | None
     dps: dict[str, Any]
+    already_verified: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,9 @@ def _days(days: float | None, default: float) -> float:
 
 
 def _dps_warnings(state: dict[str, Any]) -> tuple[str, ...]:
-    return (state["message"],) if state.get("mode") == "offline" and state.get("message") else ()
+    """What a caller is told of DPS: offline (nothing was sent), or what failed and how to mend it."""
+    telling = state.get("mode") == "offline" or state.get("state") == "failed"
+    return (state["message"],) if telling and state.get("message") else ()
 
 
 def _common_name(name: x509.Name) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from cryptography import x509
 
 from .. import parameters
+from ..dps import DpsConflict
 from ..errors import CaError, Conflict, Forbidden, NotFound, unexpected
 from ..ledger import device_has_certificate, device_owned_elsewhere, key_in_use, key_revoked
 from ..ledger.models import (
@@ -44,6 +45,8 @@ from .common import (
     pem,
     serial_text,
 )
+
+DPS_CONFLICT_ATTEMPTS = 3  # writes of one device's enrollment that may meet another writer's newer etag
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,16 @@ class DeviceUseCases:
         return states
 
     def _put_device_enrollment(self, device_id: str) -> dict[str, Any]:
+        """One device's enrollment written from the ledger as it is now. DPS's etag makes the write fail
+        (DpsConflict) when another process wrote it since we read it: the ledger is then read again."""
+        for _ in range(DPS_CONFLICT_ATTEMPTS - 1):
+            try:
+                return self._put_device_enrollment_once(device_id)
+            except DpsConflict:
+                continue
+        return self._put_device_enrollment_once(device_id)
+
+    def _put_device_enrollment_once(self, device_id: str) -> dict[str, Any]:
         with self.dps.device_lock(device_id):
             active = self.ledger.active_certificates([device_id]).get(device_id)
             if active is not None:
