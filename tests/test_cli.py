@@ -126,7 +126,9 @@ def test_errors_are_one_line(tmp_path):
     home = tmp_path / "pki"
     result = run_cli("create-ca-intermediate", home=home)
     assert result.returncode == 1
-    assert result.stderr.decode().splitlines() == ["error: there is no CA root yet; create it with create-ca-root"]
+    assert result.stderr.decode().splitlines() == [
+        f"error: there is no CA root yet; create it with create-ca-root (the CA under PKI_HOME={home.resolve()})"
+    ]
     result = run_cli("revoke", "nothex", "--json", home=home)
     assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "invalid-serial"
 
@@ -151,7 +153,9 @@ def test_a_factory_is_rebound_to_new_intermediates_and_keeps_its_key(tmp_path):
     assert [k["principalId"] for k in keys] == ["plant-7"] and key.split("_")[1] == keys[0]["id"]
     result = run_cli("bind-factory", "plant-7", "--intermediate", "line-9", home=home)
     assert result.returncode == 1
-    assert result.stderr.decode().splitlines() == ["error: no intermediate with ID 'line-9'"]
+    assert result.stderr.decode().splitlines() == [
+        f"error: no intermediate with ID 'line-9' (the CA under PKI_HOME={home.resolve()})"
+    ]
 
 
 def test_bad_setting_is_one_line(tmp_path):
