@@ -460,6 +460,8 @@ def check_expiring(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, st
     limits = f"devices {t.device:g}, intermediates {t.intermediate:g}, root {t.root:g} days"
     if report.expiring:
         args.exit_status = EXIT_EXPIRING
+    elif report.failures:  # a scan that could not look everywhere must not pass a pipeline's gate
+        args.exit_status = EXIT_ERROR
     if not report.findings:
         lines = [f"Nothing expires within the thresholds ({limits})."]
     else:
@@ -473,7 +475,9 @@ def check_expiring(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, st
         lines += [f"{f.kind} {f.subject}: {f.action}" for f in report.findings if f.action and f.kind != "device"]
     if args.announce:
         lines.append(f"Announced {len(report.announced)} new stage(s).")
-    lines += [f"warning: not announced, retried by the next scan: {failure}" for failure in report.failures]
+    lines += [f"warning: {failure}" for failure in report.failures]
+    if report.failures:
+        lines.append("What failed above is tried again by the next scan (or run this command again).")
     return report.view(), "\n".join(lines)
 
 

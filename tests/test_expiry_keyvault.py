@@ -84,3 +84,21 @@ def test_a_vault_that_cannot_be_listed_is_a_failure_not_a_crash(vault_service):
     assert len(report.failures) == 1 and report.failures[0].startswith(
         "Key Vault's certificate expiries could not be read"
     )
+
+
+def test_check_expiring_fails_the_gate_when_the_vault_could_not_be_read(vault_service, capsys):
+    """Nothing found is not "nothing expiring" when Key Vault could not be looked at: exit status 1."""
+    import argparse
+
+    import cli
+
+    service, vault = vault_service
+    args = argparse.Namespace(within=None, announce=True, json=False)
+    document, text = cli.check_expiring(service, args)
+    assert getattr(args, "exit_status", 0) == 0 and "Nothing expires" in text
+    vault.failures["list"] = lambda call: 403
+    args = argparse.Namespace(within=None, announce=True, json=False)
+    document, text = cli.check_expiring(service, args)
+    assert args.exit_status == cli.EXIT_ERROR
+    assert "warning: Key Vault's certificate expiries could not be read" in text
+    assert "not announced" not in text and document["failures"]
