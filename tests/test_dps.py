@@ -475,3 +475,44 @@ def test_individual_enrollments_carry_the_allocation_settings(make_service, fake
     body = fake_dps.enrollments["dev-7"].body
     assert body["allocationPolicy"] == "static" and body["iotHubs"] == ["hub-a.azure-devices.net"]
     assert body["provisioningStatus"] == "disabled"
+
+
+def another_process(make_service, fake_dps, first):
+    """A second service on the same PKI home and ledger as `first`, with its own DPS adapter: another process."""
+    return make_service(**dps_settings(fake_dps), ledger_table_prefix=first.settings.ledger_table_prefix)
+
+
+def test_two_processes_keeping_one_device_in_step_end_as_the_ledger_says(dps_ca, fake_dps, make_service):
+    """Process A puts DPS in step from the ledger as it read it; process B revokes the active certificate in
+    between. The enrollment's etag must make A's stale write fail and A decide again: DPS ends blocked."""
+    other = another_process(make_service, fake_dps, dps_ca)
+    first = dps_ca.sign_csr(make_csr("dev-race"), "dev-race")
+    dps_ca.revoke(first.record.serial)
+    second = dps_ca.sign_csr(make_csr("dev-race", key=device_key()), "dev-race")
+    assert fake_dps.admits(second.chain_pem)
+    reads = fake_dps.calls["enrollment-get"]
+
+    def b_revokes_in_between(n: int) -> None:
+        if n == reads + 1:  # A's read: B revokes the active certificate and writes DPS, all of it now
+            other.revoke(second.record.serial)
+
+    fake_dps.failures["enrollment-get"] = b_revokes_in_between
+    dps_ca.revoke(first.record.serial)  # A: revoking again puts DPS in step
+    assert dps_ca.certificate(second.record.serial).status == "revoked"
+    assert not fake_dps.admits(second.chain_pem) and fake_dps.enrollments["dev-race"].enabled is False
+
+
+def test_a_queued_registration_never_undoes_a_disable(dps_ca, fake_dps, make_service):
+    """The registration message of an intermediate is handled while an admin disables it in another process:
+    the group must end disabled, as the ledger says."""
+    other = another_process(make_service, fake_dps, dps_ca)
+    reads = fake_dps.calls["group-get"]
+
+    def disabled_in_between(n: int) -> None:
+        if n == reads + 1:
+            other.set_intermediate_enabled("factory-a", False)
+
+    fake_dps.failures["group-get"] = disabled_in_between
+    dps_ca.handle_dps_registration(json.dumps({"intermediateId": "factory-a"}))
+    assert dps_ca.intermediate("factory-a").status == "disabled"
+    assert fake_dps.group_status("factory-a") == "disabled"

@@ -361,11 +361,29 @@ class AzureDps(Dps):
     def admit_only(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
         return self._individual_enrollment(device_id, certificate_pem, enabled=True)
 
+    def keep_device(self, device_id: str, decide: Callable[[], tuple[str, bool]]) -> dict[str, Any]:
+        """The enrollment is read (its etag) before `decide` reads the ledger: another process that changes the
+        ledger after our read also writes DPS after it, so our write then meets a stale etag (DpsConflict) and
+        the caller decides again; the last write is always one decided from the newest ledger."""
+        with self.device_lock(device_id):
+            etag = self._enrollment_etag(device_id)
+            certificate_pem, enabled = decide()
+            return self._write_individual(device_id, certificate_pem, enabled, etag)
+
+    def _enrollment_etag(self, device_id: str) -> str | None:
+        path = f"/enrollments/{quote(device_id, safe='')}"
+        current = self._service_call("GET", path, doing=f"reading the enrollment of {device_id}", missing_ok=True)
+        return current.get("etag") if current else None
+
     def _individual_enrollment(self, device_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
         """Create or update (with its etag) the device's individual enrollment. DpsConflict when it changed
         between our read and write: the caller reads the ledger again and decides again."""
+        return self._write_individual(device_id, certificate_pem, enabled, self._enrollment_etag(device_id))
+
+    def _write_individual(
+        self, device_id: str, certificate_pem: str, enabled: bool, etag: str | None
+    ) -> dict[str, Any]:
         path = f"/enrollments/{quote(device_id, safe='')}"
-        current = self._service_call("GET", path, doing=f"reading the enrollment of {device_id}", missing_ok=True)
         body = {
             "registrationId": device_id,
             "attestation": {
@@ -383,7 +401,7 @@ class AzureDps(Dps):
             "PUT",
             path,
             body,
-            etag=current.get("etag") if current else None,
+            etag=etag,
             doing=f"writing the enrollment of {device_id}",
         )
         what = "admits only its active certificate" if enabled else "is blocked"

@@ -316,14 +316,15 @@ class DeviceUseCases:
         return self._put_device_enrollment_once(device_id)
 
     def _put_device_enrollment_once(self, device_id: str) -> dict[str, Any]:
-        with self.dps.device_lock(device_id):
-            active = self.ledger.active_certificates([device_id]).get(device_id)
-            if active is not None:
-                return self.dps.admit_only(device_id, active.certificate_pem)
-            revoked = self.ledger.list_certificates(
-                CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1)
-            ).items
-            return self.dps.disable_device(device_id, revoked[0].certificate_pem)
+        return self.dps.keep_device(device_id, lambda: self._device_in_dps(device_id))
+
+    def _device_in_dps(self, device_id: str) -> tuple[str, bool]:
+        """What DPS should hold for a device with a revocation, from the ledger now: (certificate PEM, enabled)."""
+        active = self.ledger.active_certificates([device_id]).get(device_id)
+        if active is not None:
+            return active.certificate_pem, True
+        revoked = self.ledger.list_certificates(CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1))
+        return revoked.items[0].certificate_pem, False
 
     # -- internals -----------------------------------------------------------------------------------
 
