@@ -95,8 +95,12 @@ class Dps(ABC):
         """Send the proof-of-possession certificate. Returns the state to keep in the ledger."""
 
     @abstractmethod
-    def put_enrollment_group(self, group_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
-        """Create or update the enrollment group of an intermediate."""
+    def put_enrollment_group(
+        self, group_id: str, certificate_pem: str, enabled: bool | Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Create or update the enrollment group of an intermediate. `enabled` may be a callable that reads
+        the ledger: adapters with etags call it after reading the group, so that a write decided from a
+        ledger read another process has since overtaken fails and is decided again."""
 
     @abstractmethod
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:

@@ -310,13 +310,18 @@ class AzureDps(Dps):
             body["initialTwin"] = self.config.initial_twin
         return body
 
-    def put_enrollment_group(self, group_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
-        """Create the group, or update it with the etag of a GET (the certificate sent again). DpsRefused
-        names the 100-group limit when DPS refuses a new group while 100 exist."""
+    def put_enrollment_group(
+        self, group_id: str, certificate_pem: str, enabled: bool | Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Create the group, or update it with the etag of a GET (the certificate sent again); a callable
+        `enabled` is asked after the GET (see the port). DpsRefused names the 100-group limit when DPS
+        refuses a new group while 100 exist."""
         path = f"/enrollmentGroups/{quote(group_id, safe='')}"
+        decide = enabled if callable(enabled) else lambda: enabled
         for _ in range(3):
             current = self._service_call("GET", path, doing=f"reading enrollment group {group_id}", missing_ok=True)
             etag = current.get("etag") if current else None
+            enabled = decide()
             try:
                 answer = self._service_call(
                     "PUT",

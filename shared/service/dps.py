@@ -10,6 +10,7 @@ With the offline adapter the group document is recorded at once, as before. Mixe
 """
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import BackendUnavailable, CaError
@@ -69,7 +70,7 @@ class DpsUseCases:
         Anything unexpected is raised as it is (the queue delivers the message again)."""
         record = self.intermediate(ca_id)
         try:
-            state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=record.status == CA_ACTIVE)
+            state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=self._enabled_now(ca_id))
         except BackendUnavailable as error:
             if inline:
                 return self._registration_failed(record, error.message)
@@ -81,6 +82,11 @@ class DpsUseCases:
         except CaError as error:
             return self._registration_failed(record, error.message)
         return self.ledger.set_ca_dps(ca_id, state)
+
+    def _enabled_now(self, ca_id: str) -> Callable[[], bool]:
+        """Whether intermediate `ca_id` is active, read from the ledger when asked: the DPS adapter asks after
+        reading the group's etag, so a disable committed meanwhile by another process is never undone."""
+        return lambda: self.intermediate(ca_id).status == CA_ACTIVE
 
     def dps_registration_failed(self, ca_id: str) -> CaRecord:
         """Every delivery of `ca_id`'s registration failed (its message is poisoned): state `failed` with
