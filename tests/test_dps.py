@@ -386,8 +386,7 @@ def test_registration_through_the_queue_function(tmp_path, monkeypatch, fake_dps
 
 
 def test_registration_messages_are_checked(dps_ca):
-    with pytest.raises(Exception, match="intermediateId"):
-        dps_ca.handle_dps_registration("not json")
+    assert dps_ca.handle_dps_registration("not json") is None
     assert dps_ca.handle_dps_registration_poisoned('{"intermediateId": ""}') is None
     assert dps_ca.handle_dps_registration_poisoned('{"intermediateId": "factory-a"}').dps["state"] == "registered"
 
@@ -516,3 +515,22 @@ def test_a_queued_registration_never_undoes_a_disable(dps_ca, fake_dps, make_ser
     dps_ca.handle_dps_registration(json.dumps({"intermediateId": "factory-a"}))
     assert dps_ca.intermediate("factory-a").status == "disabled"
     assert fake_dps.group_status("factory-a") == "disabled"
+
+
+def test_dps_failing_during_a_revocation_leaves_the_revocation_and_revoking_again_repairs(dps_ca, fake_dps):
+    issued = dps_ca.sign_csr(make_csr("dev-down"), "dev-down")
+    fake_dps.failures["enrollment-put"] = lambda n: 503
+    revocation, state = dps_ca.revoke(issued.record.serial)
+    assert revocation.record.status == "revoked" and state["mode"] == "failed"
+    assert "DPS was not updated" in state["message"] and "revoke the certificate again" in state["message"]
+    assert POLICY not in json.dumps(state) and fake_dps.key not in json.dumps(state)
+    assert fake_dps.admits(issued.chain_pem)  # DPS's group still admits it: what the answer warns of
+    del fake_dps.failures["enrollment-put"]
+    _, repaired = dps_ca.revoke(issued.record.serial)
+    assert repaired["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
+
+
+@pytest.mark.parametrize("body", ["not json", '{"intermediateId": "no-such"}', '{"intermediateId": "root"}', "[]"])
+def test_a_registration_message_that_can_never_succeed_is_dropped_at_once(dps_ca, body):
+    """Delivering it again cannot help: it is dropped (logged) instead of failing five times into poison."""
+    assert dps_ca.handle_dps_registration(body) is None

@@ -10,11 +10,14 @@ With the offline adapter the group document is recorded at once, as before. Mixe
 """
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import BackendUnavailable, CaError
 from ..ledger.models import CA_ACTIVE, CaRecord
+
+LOG = logging.getLogger("device_ca.dps")
 
 # A queued registration's message: {"intermediateId": "<id>"} (an ID, never a certificate).
 MESSAGE_FIELD = "intermediateId"
@@ -114,10 +117,19 @@ class DpsUseCases:
         }
         return self.ledger.set_ca_dps(record.id, state)
 
-    def handle_dps_registration(self, text: str) -> CaRecord:
+    def handle_dps_registration(self, text: str) -> CaRecord | None:
         """The queue-triggered function's work: one message. Raises (so the host delivers it again) while
-        DPS is unavailable."""
-        return self.register_intermediate(read_registration_message(text))
+        DPS is unavailable. A message that can never succeed (not a registration, or naming no intermediate:
+        an unknown ID, the root) is logged and dropped (None) instead of failing every delivery into poison."""
+        try:
+            ca_id = read_registration_message(text)
+            self.intermediate(ca_id)
+        except CaError as error:
+            if error.code not in ("invalid-message", "intermediate-not-found"):
+                raise
+            LOG.warning("DPS registration message dropped: %s", error.message)
+            return None
+        return self.register_intermediate(ca_id)
 
     def handle_dps_registration_poisoned(self, text: str) -> CaRecord | None:
         """The poison queue's function: the intermediate is marked `failed`. A message that is not a
