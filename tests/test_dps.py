@@ -297,10 +297,18 @@ def test_group_settings_reach_dps(make_service, fake_dps):
         ({"AZURE_SUBSCRIPTION_ID": "s", "DPS_NAME": "d"}, "RESOURCE_GROUP_NAME"),
         ({"DPS_IOT_HUBS": "h"}, "DPS_ALLOCATION_POLICY"),
         ({"DPS_ALLOCATION_POLICY": "random"}, "must be one of"),
+        ({"DPS_ALLOCATION_POLICY": "custom"}, "webhook"),
         ({"DPS_INITIAL_TWIN": "[1]"}, "JSON object"),
         ({"DPS_INITIAL_TWIN": "{"}, "JSON object"),
     ],
-    ids=["half-named", "hubs-without-policy", "unknown-policy", "twin-not-object", "twin-not-json"],
+    ids=[
+        "half-named",
+        "hubs-without-policy",
+        "unknown-policy",
+        "custom-without-webhook",
+        "twin-not-object",
+        "twin-not-json",
+    ],
 )
 def test_dps_settings_are_checked(values, problem):
     named = {"AZURE_SUBSCRIPTION_ID": "s", "RESOURCE_GROUP_NAME": "r", "DPS_NAME": "d"}

@@ -496,6 +496,10 @@ def _shape_problem(body: dict | None, id_field: str, certificates_field: str, it
         return "provisioningStatus must be enabled or disabled"
     if body.get("iotHubs") and not body.get("allocationPolicy"):
         return "allocationPolicy is required when iotHubs is given"
+    if body.get("allocationPolicy") not in (None, "hashed", "geoLatency", "static", "custom"):
+        return "allocationPolicy must be hashed, geoLatency, static or custom"
+    if body.get("allocationPolicy") == "custom" and not body.get("customAllocationDefinition"):
+        return "customAllocationDefinition is required when allocationPolicy is custom"
     return None
 
 
