@@ -530,7 +530,7 @@ def test_dps_failing_during_a_revocation_leaves_the_revocation_and_revoking_agai
     fake_dps.failures["enrollment-put"] = lambda n: 503
     revocation, state = dps_ca.revoke(issued.record.serial)
     assert revocation.record.status == "revoked" and state["mode"] == "failed"
-    assert "DPS was not updated" in state["message"] and "revoke the certificate again" in state["message"]
+    assert "DPS was not updated" in state["message"] and f"revoke {issued.record.serial} again" in state["message"]
     assert POLICY not in json.dumps(state) and fake_dps.key not in json.dumps(state)
     assert fake_dps.admits(issued.chain_pem)  # DPS's group still admits it: what the answer warns of
     del fake_dps.failures["enrollment-put"]
@@ -542,3 +542,18 @@ def test_dps_failing_during_a_revocation_leaves_the_revocation_and_revoking_agai
 def test_a_registration_message_that_can_never_succeed_is_dropped_at_once(dps_ca, body):
     """Delivering it again cannot help: it is dropped (logged) instead of failing five times into poison."""
     assert dps_ca.handle_dps_registration(body) is None
+
+
+def test_dps_failing_when_a_revoked_device_is_recertified_says_how_to_repair(dps_ca, fake_dps):
+    """The new certificate is issued (the ledger holds it) but DPS still blocks the device: the warning names
+    the serial whose revocation, run again, writes DPS from the ledger, and doing so admits the new one."""
+    first = dps_ca.sign_csr(make_csr("dev-again"), "dev-again")
+    dps_ca.revoke(first.record.serial)
+    fake_dps.failures["enrollment-put"] = lambda n: 503
+    second = dps_ca.sign_csr(make_csr("dev-again", key=device_key()), "dev-again")
+    assert not fake_dps.admits(second.chain_pem)
+    (warning,) = [w for w in second.warnings if "DPS was not updated" in w]
+    assert f"run revoke {first.record.serial} again" in warning
+    del fake_dps.failures["enrollment-put"]
+    dps_ca.revoke(first.record.serial)
+    assert fake_dps.admits(second.chain_pem) and not fake_dps.admits(first.chain_pem)

@@ -301,9 +301,19 @@ class DeviceUseCases:
                     "mode": "failed",
                     "error": code,
                     "message": f"the ledger holds the change, but DPS was not updated for device {device_id!r} "
-                    f"({code}, {reference}); revoke the certificate again to put DPS in step",
+                    f"({code}, {reference}); {self._dps_repair(device_id)}",
                 }
         return states
+
+    def _dps_repair(self, device_id: str) -> str:
+        """How to put a device's enrollment in step later: revoking any of its revoked certificates again
+        changes nothing in the ledger and writes DPS from the ledger as it is then."""
+        try:
+            revoked = self.ledger.list_certificates(CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1))
+            serial = revoked.items[0].serial
+        except Exception:  # the repair is still the same; only its serial could not be named
+            return "revoke a revoked certificate of the device again to put DPS in step"
+        return f"run revoke {serial} again (it changes nothing else) to put DPS in step"
 
     def _put_device_enrollment(self, device_id: str) -> dict[str, Any]:
         """One device's enrollment written from the ledger as it is now. DPS's etag makes the write fail
