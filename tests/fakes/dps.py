@@ -246,10 +246,13 @@ class FakeDps:
             if path.startswith(f"/{kind}/"):
                 item = unquote(path[len(kind) + 2 :]).lower()
                 if method == "GET":
+                    injected = self._failing(f"{operation}-get")  # first: a hook's writes show in this answer
+                    if injected:
+                        return injected
                     found = store.get(item)
                     if found is None:
-                        return self._failing(f"{operation}-get") or (404, _service_error(404201, "not found"), None)
-                    return self._failing(f"{operation}-get") or (200, _answer(found, kind), None)
+                        return 404, _service_error(404201, "not found"), None
+                    return 200, _answer(found, kind), None
                 if method == "PUT":
                     return self._failing(f"{operation}-put") or self._put(kind, store, item, headers, body)
         return 404, _service_error(404000, f"no route {method} {path}"), None
