@@ -557,3 +557,9 @@ def test_dps_failing_when_a_revoked_device_is_recertified_says_how_to_repair(dps
     del fake_dps.failures["enrollment-put"]
     dps_ca.revoke(first.record.serial)
     assert fake_dps.admits(second.chain_pem) and not fake_dps.admits(first.chain_pem)
+
+
+def test_the_dps_shared_access_key_is_never_shown(dps_ca, fake_dps):
+    """The connection string's key stays out of every repr that a log or traceback could print."""
+    assert fake_dps.key not in repr(dps_ca.dps.config) and fake_dps.key not in repr(dps_ca.settings)
+    assert fake_dps.key not in json.dumps(dps_ca.dps.describe())

@@ -23,7 +23,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -65,7 +65,8 @@ class AzureDpsConfig:
     resource_group: str
     name: str
     arm_endpoint: str = "https://management.azure.com"
-    connection_string: str | None = None  # a shared access policy's; None: the token credential
+    # a shared access policy's (a secret: kept out of repr); None: the token credential
+    connection_string: str | None = field(default=None, repr=False)
     allocation_policy: str | None = None  # hashed, geoLatency, static, custom
     iot_hubs: tuple[str, ...] = ()
     initial_twin: dict[str, Any] | None = None
