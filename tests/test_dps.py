@@ -563,3 +563,11 @@ def test_the_dps_shared_access_key_is_never_shown(dps_ca, fake_dps):
     """The connection string's key stays out of every repr that a log or traceback could print."""
     assert fake_dps.key not in repr(dps_ca.dps.config) and fake_dps.key not in repr(dps_ca.settings)
     assert fake_dps.key not in json.dumps(dps_ca.dps.describe())
+
+
+def test_the_ports_device_calls_write_an_individual_enrollment(dps_ca, fake_dps):
+    issued = dps_ca.sign_csr(make_csr("dev-port"), "dev-port")
+    assert dps_ca.dps.disable_device("dev-port", issued.record.certificate_pem)["provisioningStatus"] == "disabled"
+    assert not fake_dps.admits(issued.chain_pem)
+    assert dps_ca.dps.admit_only("dev-port", issued.record.certificate_pem)["provisioningStatus"] == "enabled"
+    assert fake_dps.admits(issued.chain_pem)

@@ -362,10 +362,10 @@ class AzureDps(Dps):
                 return count
 
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
-        return self._individual_enrollment(device_id, certificate_pem, enabled=False)
+        return self.keep_device(device_id, lambda: (certificate_pem, False))
 
     def admit_only(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
-        return self._individual_enrollment(device_id, certificate_pem, enabled=True)
+        return self.keep_device(device_id, lambda: (certificate_pem, True))
 
     def keep_device(self, device_id: str, decide: Callable[[], tuple[str, bool]]) -> dict[str, Any]:
         """The enrollment is read (its etag) before `decide` reads the ledger: another process that changes the
@@ -381,14 +381,11 @@ class AzureDps(Dps):
         current = self._service_call("GET", path, doing=f"reading the enrollment of {device_id}", missing_ok=True)
         return current.get("etag") if current else None
 
-    def _individual_enrollment(self, device_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
-        """Create or update (with its etag) the device's individual enrollment. DpsConflict when it changed
-        between our read and write: the caller reads the ledger again and decides again."""
-        return self._write_individual(device_id, certificate_pem, enabled, self._enrollment_etag(device_id))
-
     def _write_individual(
         self, device_id: str, certificate_pem: str, enabled: bool, etag: str | None
     ) -> dict[str, Any]:
+        """Create or update the device's individual enrollment with `etag` (None: it did not exist).
+        DpsConflict when it changed since: the caller reads the ledger again and decides again."""
         path = f"/enrollments/{quote(device_id, safe='')}"
         body = {
             "registrationId": device_id,
