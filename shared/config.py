@@ -128,11 +128,18 @@ class Settings:
     def dps_config(self) -> "AzureDpsConfig":
         """The real DPS these settings name (see `dps_configured`). Misconfigured for DPS_IOT_HUBS without
         DPS_ALLOCATION_POLICY (DPS refuses it: 400004), an unknown policy, or a DPS_INITIAL_TWIN that is not a
-        JSON object."""
+        JSON object. "custom" is refused too: DPS requires a webhook (customAllocationDefinition) with it,
+        which no setting gives, so every enrollment would be refused."""
         from .dps.azure import AzureDpsConfig
 
-        policies = ("hashed", "geoLatency", "static", "custom")
+        policies = ("hashed", "geoLatency", "static")
         policy = self.dps_allocation_policy
+        if policy == "custom":
+            raise Misconfigured(
+                "setting DPS_ALLOCATION_POLICY=custom is not supported: DPS requires an Azure Function webhook "
+                "with it, which this CA does not configure; use hashed, geoLatency or static",
+                "invalid-setting",
+            )
         if policy is not None and policy not in policies:
             raise Misconfigured(
                 f"setting DPS_ALLOCATION_POLICY={policy!r} must be one of: {', '.join(policies)}", "invalid-setting"

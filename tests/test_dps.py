@@ -297,10 +297,18 @@ def test_group_settings_reach_dps(make_service, fake_dps):
         ({"AZURE_SUBSCRIPTION_ID": "s", "DPS_NAME": "d"}, "RESOURCE_GROUP_NAME"),
         ({"DPS_IOT_HUBS": "h"}, "DPS_ALLOCATION_POLICY"),
         ({"DPS_ALLOCATION_POLICY": "random"}, "must be one of"),
+        ({"DPS_ALLOCATION_POLICY": "custom"}, "webhook"),
         ({"DPS_INITIAL_TWIN": "[1]"}, "JSON object"),
         ({"DPS_INITIAL_TWIN": "{"}, "JSON object"),
     ],
-    ids=["half-named", "hubs-without-policy", "unknown-policy", "twin-not-object", "twin-not-json"],
+    ids=[
+        "half-named",
+        "hubs-without-policy",
+        "unknown-policy",
+        "custom-without-webhook",
+        "twin-not-object",
+        "twin-not-json",
+    ],
 )
 def test_dps_settings_are_checked(values, problem):
     named = {"AZURE_SUBSCRIPTION_ID": "s", "RESOURCE_GROUP_NAME": "r", "DPS_NAME": "d"}
@@ -386,8 +394,7 @@ def test_registration_through_the_queue_function(tmp_path, monkeypatch, fake_dps
 
 
 def test_registration_messages_are_checked(dps_ca):
-    with pytest.raises(Exception, match="intermediateId"):
-        dps_ca.handle_dps_registration("not json")
+    assert dps_ca.handle_dps_registration("not json") is None
     assert dps_ca.handle_dps_registration_poisoned('{"intermediateId": ""}') is None
     assert dps_ca.handle_dps_registration_poisoned('{"intermediateId": "factory-a"}').dps["state"] == "registered"
 
@@ -475,3 +482,92 @@ def test_individual_enrollments_carry_the_allocation_settings(make_service, fake
     body = fake_dps.enrollments["dev-7"].body
     assert body["allocationPolicy"] == "static" and body["iotHubs"] == ["hub-a.azure-devices.net"]
     assert body["provisioningStatus"] == "disabled"
+
+
+def another_process(make_service, fake_dps, first):
+    """A second service on the same PKI home and ledger as `first`, with its own DPS adapter: another process."""
+    return make_service(**dps_settings(fake_dps), ledger_table_prefix=first.settings.ledger_table_prefix)
+
+
+def test_two_processes_keeping_one_device_in_step_end_as_the_ledger_says(dps_ca, fake_dps, make_service):
+    """Process A puts DPS in step from the ledger as it read it; process B revokes the active certificate in
+    between. The enrollment's etag must make A's stale write fail and A decide again: DPS ends blocked."""
+    other = another_process(make_service, fake_dps, dps_ca)
+    first = dps_ca.sign_csr(make_csr("dev-race"), "dev-race")
+    dps_ca.revoke(first.record.serial)
+    second = dps_ca.sign_csr(make_csr("dev-race", key=device_key()), "dev-race")
+    assert fake_dps.admits(second.chain_pem)
+    reads = fake_dps.calls["enrollment-get"]
+
+    def b_revokes_in_between(n: int) -> None:
+        if n == reads + 1:  # A's read: B revokes the active certificate and writes DPS, all of it now
+            other.revoke(second.record.serial)
+
+    fake_dps.failures["enrollment-get"] = b_revokes_in_between
+    dps_ca.revoke(first.record.serial)  # A: revoking again puts DPS in step
+    assert dps_ca.certificate(second.record.serial).status == "revoked"
+    assert not fake_dps.admits(second.chain_pem) and fake_dps.enrollments["dev-race"].enabled is False
+
+
+def test_a_queued_registration_never_undoes_a_disable(dps_ca, fake_dps, make_service):
+    """The registration message of an intermediate is handled while an admin disables it in another process:
+    the group must end disabled, as the ledger says."""
+    other = another_process(make_service, fake_dps, dps_ca)
+    reads = fake_dps.calls["group-get"]
+
+    def disabled_in_between(n: int) -> None:
+        if n == reads + 1:
+            other.set_intermediate_enabled("factory-a", False)
+
+    fake_dps.failures["group-get"] = disabled_in_between
+    dps_ca.handle_dps_registration(json.dumps({"intermediateId": "factory-a"}))
+    assert dps_ca.intermediate("factory-a").status == "disabled"
+    assert fake_dps.group_status("factory-a") == "disabled"
+
+
+def test_dps_failing_during_a_revocation_leaves_the_revocation_and_revoking_again_repairs(dps_ca, fake_dps):
+    issued = dps_ca.sign_csr(make_csr("dev-down"), "dev-down")
+    fake_dps.failures["enrollment-put"] = lambda n: 503
+    revocation, state = dps_ca.revoke(issued.record.serial)
+    assert revocation.record.status == "revoked" and state["mode"] == "failed"
+    assert "DPS was not updated" in state["message"] and f"revoke {issued.record.serial} again" in state["message"]
+    assert POLICY not in json.dumps(state) and fake_dps.key not in json.dumps(state)
+    assert fake_dps.admits(issued.chain_pem)  # DPS's group still admits it: what the answer warns of
+    del fake_dps.failures["enrollment-put"]
+    _, repaired = dps_ca.revoke(issued.record.serial)
+    assert repaired["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
+
+
+@pytest.mark.parametrize("body", ["not json", '{"intermediateId": "no-such"}', '{"intermediateId": "root"}', "[]"])
+def test_a_registration_message_that_can_never_succeed_is_dropped_at_once(dps_ca, body):
+    """Delivering it again cannot help: it is dropped (logged) instead of failing five times into poison."""
+    assert dps_ca.handle_dps_registration(body) is None
+
+
+def test_dps_failing_when_a_revoked_device_is_recertified_says_how_to_repair(dps_ca, fake_dps):
+    """The new certificate is issued (the ledger holds it) but DPS still blocks the device: the warning names
+    the serial whose revocation, run again, writes DPS from the ledger, and doing so admits the new one."""
+    first = dps_ca.sign_csr(make_csr("dev-again"), "dev-again")
+    dps_ca.revoke(first.record.serial)
+    fake_dps.failures["enrollment-put"] = lambda n: 503
+    second = dps_ca.sign_csr(make_csr("dev-again", key=device_key()), "dev-again")
+    assert not fake_dps.admits(second.chain_pem)
+    (warning,) = [w for w in second.warnings if "DPS was not updated" in w]
+    assert f"run revoke {first.record.serial} again" in warning
+    del fake_dps.failures["enrollment-put"]
+    dps_ca.revoke(first.record.serial)
+    assert fake_dps.admits(second.chain_pem) and not fake_dps.admits(first.chain_pem)
+
+
+def test_the_dps_shared_access_key_is_never_shown(dps_ca, fake_dps):
+    """The connection string's key stays out of every repr that a log or traceback could print."""
+    assert fake_dps.key not in repr(dps_ca.dps.config) and fake_dps.key not in repr(dps_ca.settings)
+    assert fake_dps.key not in json.dumps(dps_ca.dps.describe())
+
+
+def test_the_ports_device_calls_write_an_individual_enrollment(dps_ca, fake_dps):
+    issued = dps_ca.sign_csr(make_csr("dev-port"), "dev-port")
+    assert dps_ca.dps.disable_device("dev-port", issued.record.certificate_pem)["provisioningStatus"] == "disabled"
+    assert not fake_dps.admits(issued.chain_pem)
+    assert dps_ca.dps.admit_only("dev-port", issued.record.certificate_pem)["provisioningStatus"] == "enabled"
+    assert fake_dps.admits(issued.chain_pem)

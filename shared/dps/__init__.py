@@ -6,7 +6,7 @@ DPS is not configured.
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,18 +44,29 @@ class DpsConflict(Conflict):
     code = "dps-conflict"
 
 
-_DEVICE_LOCKS: dict[str, threading.Lock] = {}
-
-
 class Dps(ABC):
     configured: bool = False
 
     @contextmanager
     def device_lock(self, device_id: str) -> Iterator[None]:
         """Held while a device's individual enrollment is read from the ledger and written here, so that two
-        updates for one device never cross. This one holds in this process; adapters widen it as they can."""
-        with _DEVICE_LOCKS.setdefault(device_id, threading.Lock()):  # setdefault is atomic under the GIL
+        updates for one device through this adapter never cross (one adapter per process). Across processes
+        the adapters' own means hold: a file lock offline, the enrollment's etag read before the ledger in
+        Azure (`keep_device`)."""
+        locks: dict[str, threading.Lock] = self.__dict__.setdefault("_device_locks", {})  # atomic under the GIL
+        with locks.setdefault(device_id, threading.Lock()):
             yield
+
+    def keep_device(self, device_id: str, decide: Callable[[], tuple[str, bool]]) -> dict[str, Any]:
+        """Write device `device_id`'s individual enrollment as `decide()` says now: (the certificate PEM it
+        holds, whether it is enabled), `decide` reading the ledger under the device lock. Adapters whose
+        writes carry etags read the enrollment before calling `decide`, so a write decided from a ledger read
+        that another process has since overtaken fails (DpsConflict) instead of undoing that process's write."""
+        with self.device_lock(device_id):
+            certificate_pem, enabled = decide()
+            if enabled:
+                return self.admit_only(device_id, certificate_pem)
+            return self.disable_device(device_id, certificate_pem)
 
     @abstractmethod
     def describe(self) -> dict[str, str]: ...
@@ -84,8 +95,12 @@ class Dps(ABC):
         """Send the proof-of-possession certificate. Returns the state to keep in the ledger."""
 
     @abstractmethod
-    def put_enrollment_group(self, group_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
-        """Create or update the enrollment group of an intermediate."""
+    def put_enrollment_group(
+        self, group_id: str, certificate_pem: str, enabled: bool | Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Create or update the enrollment group of an intermediate. `enabled` may be a callable that reads
+        the ledger: adapters with etags call it after reading the group, so that a write decided from a
+        ledger read another process has since overtaken fails and is decided again."""
 
     @abstractmethod
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:

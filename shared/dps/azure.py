@@ -23,7 +23,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -65,7 +65,8 @@ class AzureDpsConfig:
     resource_group: str
     name: str
     arm_endpoint: str = "https://management.azure.com"
-    connection_string: str | None = None  # a shared access policy's; None: the token credential
+    # a shared access policy's (a secret: kept out of repr); None: the token credential
+    connection_string: str | None = field(default=None, repr=False)
     allocation_policy: str | None = None  # hashed, geoLatency, static, custom
     iot_hubs: tuple[str, ...] = ()
     initial_twin: dict[str, Any] | None = None
@@ -310,13 +311,18 @@ class AzureDps(Dps):
             body["initialTwin"] = self.config.initial_twin
         return body
 
-    def put_enrollment_group(self, group_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
-        """Create the group, or update it with the etag of a GET (the certificate sent again). DpsRefused
-        names the 100-group limit when DPS refuses a new group while 100 exist."""
+    def put_enrollment_group(
+        self, group_id: str, certificate_pem: str, enabled: bool | Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Create the group, or update it with the etag of a GET (the certificate sent again); a callable
+        `enabled` is asked after the GET (see the port). DpsRefused names the 100-group limit when DPS
+        refuses a new group while 100 exist."""
         path = f"/enrollmentGroups/{quote(group_id, safe='')}"
+        decide = enabled if callable(enabled) else lambda: enabled
         for _ in range(3):
             current = self._service_call("GET", path, doing=f"reading enrollment group {group_id}", missing_ok=True)
             etag = current.get("etag") if current else None
+            enabled = decide()
             try:
                 answer = self._service_call(
                     "PUT",
@@ -356,16 +362,31 @@ class AzureDps(Dps):
                 return count
 
     def disable_device(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
-        return self._individual_enrollment(device_id, certificate_pem, enabled=False)
+        return self.keep_device(device_id, lambda: (certificate_pem, False))
 
     def admit_only(self, device_id: str, certificate_pem: str) -> dict[str, Any]:
-        return self._individual_enrollment(device_id, certificate_pem, enabled=True)
+        return self.keep_device(device_id, lambda: (certificate_pem, True))
 
-    def _individual_enrollment(self, device_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
-        """Create or update (with its etag) the device's individual enrollment. DpsConflict when it changed
-        between our read and write: the caller reads the ledger again and decides again."""
+    def keep_device(self, device_id: str, decide: Callable[[], tuple[str, bool]]) -> dict[str, Any]:
+        """The enrollment is read (its etag) before `decide` reads the ledger: another process that changes the
+        ledger after our read also writes DPS after it, so our write then meets a stale etag (DpsConflict) and
+        the caller decides again; the last write is always one decided from the newest ledger."""
+        with self.device_lock(device_id):
+            etag = self._enrollment_etag(device_id)
+            certificate_pem, enabled = decide()
+            return self._write_individual(device_id, certificate_pem, enabled, etag)
+
+    def _enrollment_etag(self, device_id: str) -> str | None:
         path = f"/enrollments/{quote(device_id, safe='')}"
         current = self._service_call("GET", path, doing=f"reading the enrollment of {device_id}", missing_ok=True)
+        return current.get("etag") if current else None
+
+    def _write_individual(
+        self, device_id: str, certificate_pem: str, enabled: bool, etag: str | None
+    ) -> dict[str, Any]:
+        """Create or update the device's individual enrollment with `etag` (None: it did not exist).
+        DpsConflict when it changed since: the caller reads the ledger again and decides again."""
+        path = f"/enrollments/{quote(device_id, safe='')}"
         body = {
             "registrationId": device_id,
             "attestation": {
@@ -383,7 +404,7 @@ class AzureDps(Dps):
             "PUT",
             path,
             body,
-            etag=current.get("etag") if current else None,
+            etag=etag,
             doing=f"writing the enrollment of {device_id}",
         )
         what = "admits only its active certificate" if enabled else "is blocked"

@@ -5,7 +5,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -104,7 +104,10 @@ class OfflineDps(Dps):
         document = {"certificateName": root_id, "verificationCode": verification_code, "certificate": certificate_pem}
         return self._record("verifications", root_id, document)
 
-    def put_enrollment_group(self, group_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
+    def put_enrollment_group(
+        self, group_id: str, certificate_pem: str, enabled: bool | Callable[[], bool]
+    ) -> dict[str, Any]:
+        enabled = enabled() if callable(enabled) else enabled
         document = {
             "enrollmentGroupId": group_id,
             "attestation": {

@@ -219,13 +219,15 @@ class CaUseCases:
         return candidates[-1]
 
     def set_intermediate_enabled(self, ca_id: str, enabled: bool) -> CaResult:
-        self.intermediate(ca_id)  # NotFound for the root or an unknown ID
         """Enable or disable signing with intermediate `ca_id` (in the ledger, at once) and its DPS enrollment
-        group's provisioningStatus (read first for its etag, the certificate sent again). When DPS cannot be
-        updated the ledger's change stands and the answer says to run the command again."""
+        group's provisioningStatus (read first for its etag, then the ledger's status, the certificate sent
+        again: two admins racing end with DPS as the ledger's last write says). When DPS cannot be updated the
+        ledger's change stands and the answer says to run the command again. NotFound for the root or an
+        unknown ID."""
+        self.intermediate(ca_id)
         record = self.ledger.set_ca_status(ca_id, CA_ACTIVE if enabled else CA_DISABLED)
         try:
-            dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=enabled)
+            dps_state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=self._enabled_now(ca_id))
         except CaError as error:
             verb = "enable" if enabled else "disable"
             dps_state = {

@@ -301,9 +301,19 @@ class DeviceUseCases:
                     "mode": "failed",
                     "error": code,
                     "message": f"the ledger holds the change, but DPS was not updated for device {device_id!r} "
-                    f"({code}, {reference}); revoke the certificate again to put DPS in step",
+                    f"({code}, {reference}); {self._dps_repair(device_id)}",
                 }
         return states
+
+    def _dps_repair(self, device_id: str) -> str:
+        """How to put a device's enrollment in step later: revoking any of its revoked certificates again
+        changes nothing in the ledger and writes DPS from the ledger as it is then."""
+        try:
+            revoked = self.ledger.list_certificates(CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1))
+            serial = revoked.items[0].serial
+        except Exception:  # the repair is still the same; only its serial could not be named
+            return "revoke a revoked certificate of the device again to put DPS in step"
+        return f"run revoke {serial} again (it changes nothing else) to put DPS in step"
 
     def _put_device_enrollment(self, device_id: str) -> dict[str, Any]:
         """One device's enrollment written from the ledger as it is now. DPS's etag makes the write fail
@@ -316,14 +326,15 @@ class DeviceUseCases:
         return self._put_device_enrollment_once(device_id)
 
     def _put_device_enrollment_once(self, device_id: str) -> dict[str, Any]:
-        with self.dps.device_lock(device_id):
-            active = self.ledger.active_certificates([device_id]).get(device_id)
-            if active is not None:
-                return self.dps.admit_only(device_id, active.certificate_pem)
-            revoked = self.ledger.list_certificates(
-                CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1)
-            ).items
-            return self.dps.disable_device(device_id, revoked[0].certificate_pem)
+        return self.dps.keep_device(device_id, lambda: self._device_in_dps(device_id))
+
+    def _device_in_dps(self, device_id: str) -> tuple[str, bool]:
+        """What DPS should hold for a device with a revocation, from the ledger now: (certificate PEM, enabled)."""
+        active = self.ledger.active_certificates([device_id]).get(device_id)
+        if active is not None:
+            return active.certificate_pem, True
+        revoked = self.ledger.list_certificates(CertificateQuery(device_id=device_id, status=CERT_REVOKED, limit=1))
+        return revoked.items[0].certificate_pem, False
 
     # -- internals -----------------------------------------------------------------------------------
 

@@ -10,10 +10,14 @@ With the offline adapter the group document is recorded at once, as before. Mixe
 """
 
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import BackendUnavailable, CaError
 from ..ledger.models import CA_ACTIVE, CaRecord
+
+LOG = logging.getLogger("device_ca.dps")
 
 # A queued registration's message: {"intermediateId": "<id>"} (an ID, never a certificate).
 MESSAGE_FIELD = "intermediateId"
@@ -69,7 +73,7 @@ class DpsUseCases:
         Anything unexpected is raised as it is (the queue delivers the message again)."""
         record = self.intermediate(ca_id)
         try:
-            state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=record.status == CA_ACTIVE)
+            state = self.dps.put_enrollment_group(ca_id, record.certificate_pem, enabled=self._enabled_now(ca_id))
         except BackendUnavailable as error:
             if inline:
                 return self._registration_failed(record, error.message)
@@ -81,6 +85,11 @@ class DpsUseCases:
         except CaError as error:
             return self._registration_failed(record, error.message)
         return self.ledger.set_ca_dps(ca_id, state)
+
+    def _enabled_now(self, ca_id: str) -> Callable[[], bool]:
+        """Whether intermediate `ca_id` is active, read from the ledger when asked: the DPS adapter asks after
+        reading the group's etag, so a disable committed meanwhile by another process is never undone."""
+        return lambda: self.intermediate(ca_id).status == CA_ACTIVE
 
     def dps_registration_failed(self, ca_id: str) -> CaRecord:
         """Every delivery of `ca_id`'s registration failed (its message is poisoned): state `failed` with
@@ -108,10 +117,19 @@ class DpsUseCases:
         }
         return self.ledger.set_ca_dps(record.id, state)
 
-    def handle_dps_registration(self, text: str) -> CaRecord:
+    def handle_dps_registration(self, text: str) -> CaRecord | None:
         """The queue-triggered function's work: one message. Raises (so the host delivers it again) while
-        DPS is unavailable."""
-        return self.register_intermediate(read_registration_message(text))
+        DPS is unavailable. A message that can never succeed (not a registration, or naming no intermediate:
+        an unknown ID, the root) is logged and dropped (None) instead of failing every delivery into poison."""
+        try:
+            ca_id = read_registration_message(text)
+            self.intermediate(ca_id)
+        except CaError as error:
+            if error.code not in ("invalid-message", "intermediate-not-found"):
+                raise
+            LOG.warning("DPS registration message dropped: %s", error.message)
+            return None
+        return self.register_intermediate(ca_id)
 
     def handle_dps_registration_poisoned(self, text: str) -> CaRecord | None:
         """The poison queue's function: the intermediate is marked `failed`. A message that is not a

@@ -246,10 +246,13 @@ class FakeDps:
             if path.startswith(f"/{kind}/"):
                 item = unquote(path[len(kind) + 2 :]).lower()
                 if method == "GET":
+                    injected = self._failing(f"{operation}-get")  # first: a hook's writes show in this answer
+                    if injected:
+                        return injected
                     found = store.get(item)
                     if found is None:
-                        return self._failing(f"{operation}-get") or (404, _service_error(404201, "not found"), None)
-                    return self._failing(f"{operation}-get") or (200, _answer(found, kind), None)
+                        return 404, _service_error(404201, "not found"), None
+                    return 200, _answer(found, kind), None
                 if method == "PUT":
                     return self._failing(f"{operation}-put") or self._put(kind, store, item, headers, body)
         return 404, _service_error(404000, f"no route {method} {path}"), None
@@ -496,6 +499,10 @@ def _shape_problem(body: dict | None, id_field: str, certificates_field: str, it
         return "provisioningStatus must be enabled or disabled"
     if body.get("iotHubs") and not body.get("allocationPolicy"):
         return "allocationPolicy is required when iotHubs is given"
+    if body.get("allocationPolicy") not in (None, "hashed", "geoLatency", "static", "custom"):
+        return "allocationPolicy must be hashed, geoLatency, static or custom"
+    if body.get("allocationPolicy") == "custom" and not body.get("customAllocationDefinition"):
+        return "customAllocationDefinition is required when allocationPolicy is custom"
     return None
 
 
