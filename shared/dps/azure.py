@@ -292,14 +292,11 @@ class AzureDps(Dps):
 
     # -- enrollments (service API) -------------------------------------------------------------------
 
-    def enrollment_group_body(self, group_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
-        """The X.509 enrollment group of an intermediate (DPS REST "Enrollment Group - Create Or Update")."""
+    def _enrollment(self, certificates: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
+        """What a group (`signingCertificates`) and an individual enrollment (`clientCertificates`) share:
+        X.509 attestation with the one certificate, status, reprovisioning, allocation from the settings."""
         body: dict[str, Any] = {
-            "enrollmentGroupId": group_id,
-            "attestation": {
-                "type": "x509",
-                "x509": {"signingCertificates": {"primary": {"certificate": certificate_pem}}},
-            },
+            "attestation": {"type": "x509", "x509": {certificates: {"primary": {"certificate": certificate_pem}}}},
             "provisioningStatus": _group_status(enabled),
             "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": True},
         }
@@ -307,6 +304,11 @@ class AzureDps(Dps):
             body["allocationPolicy"] = self.config.allocation_policy
         if self.config.iot_hubs:
             body["iotHubs"] = list(self.config.iot_hubs)
+        return body
+
+    def enrollment_group_body(self, group_id: str, certificate_pem: str, enabled: bool) -> dict[str, Any]:
+        """The X.509 enrollment group of an intermediate (DPS REST "Enrollment Group - Create Or Update")."""
+        body = {"enrollmentGroupId": group_id, **self._enrollment("signingCertificates", certificate_pem, enabled)}
         if self.config.initial_twin is not None:
             body["initialTwin"] = self.config.initial_twin
         return body
@@ -387,19 +389,7 @@ class AzureDps(Dps):
         """Create or update the device's individual enrollment with `etag` (None: it did not exist).
         DpsConflict when it changed since: the caller reads the ledger again and decides again."""
         path = f"/enrollments/{quote(device_id, safe='')}"
-        body = {
-            "registrationId": device_id,
-            "attestation": {
-                "type": "x509",
-                "x509": {"clientCertificates": {"primary": {"certificate": certificate_pem}}},
-            },
-            "provisioningStatus": _group_status(enabled),
-            "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": True},
-        }
-        if self.config.allocation_policy:
-            body["allocationPolicy"] = self.config.allocation_policy
-        if self.config.iot_hubs:
-            body["iotHubs"] = list(self.config.iot_hubs)
+        body = {"registrationId": device_id, **self._enrollment("clientCertificates", certificate_pem, enabled)}
         answer = self._service_call(
             "PUT",
             path,
