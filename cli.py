@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from shared import parameters
 from shared.composition import build_service
 from shared.dps import device_registration
-from shared.errors import CaError, unexpected
+from shared.errors import CaError, NotFound, unexpected
 from shared.ledger.models import CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
@@ -160,6 +160,8 @@ def _log_to_stderr(tracebacks: bool) -> None:
     logger = logging.getLogger("device_ca")
     logger.handlers = [handler]
     logger.propagate = False
+    # DefaultAzureCredential logs each credential it tried; the command's one error line says what failed
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)
 
 
 def _fail(args: argparse.Namespace, code: str, message: str, status: int = EXIT_ERROR) -> int:
@@ -391,6 +393,8 @@ def retry_dps(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     record, notes = service.retry_dps(args.id)
     state = record.dps.get("state") or record.dps.get("mode", "unknown")
     lines = [f"Intermediate {args.id}: DPS state {state}.", *[f"warning: {note}" for note in notes]]
+    if state == "failed":  # the command did not do what it was run for: a script must see it
+        args.exit_status = EXIT_ERROR
     return ca_view(record, notes), "\n".join(lines)
 
 
@@ -653,6 +657,11 @@ def _serve_banner(
         f"Device CA: serving on {base} with {_where_state_lives(service, home)}",
         f"OpenAPI document: {base}/api/openapi.json   docs page: {base}/api/docs",
     ]
+    if service.settings.storage_queues:
+        lines.append(
+            "Batches are queued on Storage (QUEUE_STORAGE) for the Functions host's queue functions to sign; "
+            "this server does not sign them (unset QUEUE_STORAGE to have it do so)."
+        )
     if setup:
         document["created"] = {
             "intermediateId": setup.intermediate_id,
@@ -743,7 +752,9 @@ def _signer(service: DeviceCA, args: argparse.Namespace) -> dict[str, Any]:
     this host's admins), or with --factory that factory, by its rules (its intermediates, its devices)."""
     if getattr(args, "factory", None) is None:
         return {"requested_by": _who()}
-    principal = service.principals.principal(args.factory)
+    principal = service.ledger.get_principal(args.factory)
+    if principal is None:
+        raise NotFound(f"no factory called {args.factory!r} (list-factories lists them)", "principal-not-found")
     if principal.role != FACTORY:
         raise CaError(f"{args.factory!r} is an admin, not a factory; leave out --factory", "not-a-factory")
     return {"requested_by": principal.id, "allowed_intermediates": principal.intermediates}
@@ -859,6 +870,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
         f"Signed {counts['issued']} of {len(remaining) + len(unreadable)} item(s): {counts['created']} new, "
         f"{counts['issued'] - counts['created']} given back from the ledger (the same CSR); {counts['failed']} failed.",
         f"Results (one JSON line an item): {args.results}",
+        f"Batch(es) in the ledger (GET /api/batches/ID): {', '.join(batch_ids) or 'none'}",
     ]
     if counts["skipped"]:
         lines.insert(1, f"Skipped {counts['skipped']} item(s) already issued in {args.results}.")

@@ -6,7 +6,8 @@ reach the same queues:
 
 - `QUEUE_STORAGE`: a Storage connection string (Azurite's, or an account key's), or
 - `QUEUE_STORAGE__queueServiceUri`: `https://<account>.queue.core.windows.net`, reached with
-  DefaultAzureCredential (a managed identity in Azure; role "Storage Queue Data Message Sender").
+  DefaultAzureCredential (a managed identity in Azure; role "Storage Queue Data Contributor", since
+  the producer creates the queue on first use).
 
 With neither, there is no Storage queue: each feature says what it does in the embedded default
 (batches run on an in-process queue, for example). Messages are sent in the encoding host.json's

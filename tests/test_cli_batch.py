@@ -55,6 +55,8 @@ def test_a_json_lines_file_is_signed_with_results_and_chains(scene, capsys, monk
     out, err = capsys.readouterr()
     assert "signing" in err and "5/5" in err
     assert "Signed 3 of 5 item(s): 3 new, 0 given back from the ledger (the same CSR); 2 failed." in out
+    (batch_id,) = [b.record.id for b in service.batches().items]
+    assert f"Batch(es) in the ledger (GET /api/batches/ID): {batch_id}" in out
     results = _results(folder / "line-7.results.jsonl")
     assert [(r["item"], r["line"], r["status"]) for r in results] == [
         (1, 2, "failed"),  # not JSON: failed before the batch, which would only see "not an object"
@@ -160,7 +162,7 @@ def test_the_cli_signs_on_a_factorys_behalf_by_its_rules(scene, capsys):
     assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "line-1", "--renew"]) == 1
     assert "first certified by another factory or by a CA admin" in capsys.readouterr().err
     assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "nobody"]) == 1
-    assert "no principal called 'nobody'" in capsys.readouterr().err
+    assert "no factory called 'nobody'" in capsys.readouterr().err
     service.principals.create_admin_key("ops")
     assert cli.main(["sign-csr", str(admins), "--device-id", "a-1", "--factory", "ops"]) == 1
     assert "'ops' is an admin, not a factory" in capsys.readouterr().err

@@ -427,6 +427,17 @@ def test_dps_out_of_reach_is_a_backend_error_and_registration_says_so(make_servi
     fake_dps.failures["group-put"] = lambda n: 500
     created = service.create_intermediate("factory-z")
     assert created.record.dps["state"] == "failed" and "DPS answered 500" in created.record.dps["error"]
+    import argparse
+
+    import cli
+
+    args = argparse.Namespace(id="factory-z")  # retry-dps while DPS still fails: the CLI must not exit 0
+    _, text = cli.retry_dps(service, args)
+    assert args.exit_status == cli.EXIT_ERROR and "DPS state failed" in text
+    fake_dps.failures.clear()
+    args = argparse.Namespace(id="factory-z")
+    _, text = cli.retry_dps(service, args)
+    assert getattr(args, "exit_status", 0) == 0 and "DPS state registered" in text
 
 
 def test_a_registration_that_cannot_be_queued_is_failed_and_says_retry(dps_ca, queue_settings):
