@@ -4,8 +4,10 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -176,3 +178,13 @@ def test_hash_follows_the_issuer_curve():
     check_root(root)
     with pytest.raises(PkiError):
         _root(ec.SECP521R1())
+
+
+def test_issuer_errors_name_the_issuer():
+    """An issuer that cannot sign is named by its CN in the error, or as having none."""
+    expired = _Cert(NOW - timedelta(days=10), NOW - timedelta(days=1))
+    with pytest.raises(ValidityError, match=r"^the issuer 'Issuer' expired at 2026-05-31 12:00:00Z$"):
+        plan_validity(NOW, 1, expired)
+    expired.subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Org")])
+    with pytest.raises(ValidityError, match=r"^the issuer \(no CN\) expired at "):
+        plan_validity(NOW, 1, expired)
