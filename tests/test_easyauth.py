@@ -166,3 +166,30 @@ def test_a_factory_found_by_application_is_an_easyauth_caller(easy):
         ("factory-a",),
         "easyauth",
     )
+
+
+def test_an_admin_is_recorded_by_its_name_claim(easy):
+    """What an Easy Auth admin signs is recorded as requested by `entra:<name>`, or `entra:unnamed`."""
+    ca, client = easy
+    nameless = _encoded({"claims": [{"typ": "roles", "val": "PKI.Admin"}]})
+    for device, headers, expected in (
+        ("dev-1", principal(["PKI.Admin"]), "entra:Alice Admin"),
+        ("dev-2", nameless, "entra:unnamed"),
+    ):
+        response = client.post(
+            f"/api/devices/{device}/certificate?intermediateId=factory-a",
+            content=make_csr(device),
+            headers={**headers, "Content-Type": "application/pkcs10"},
+        )
+        assert response.status_code == 201, response.text
+        assert ca.certificate(response.json()["serialNumber"]).requested_by == expected
+
+
+def test_role_refusals_say_what_is_missing(easy):
+    _, client = easy
+    for headers, words in (
+        (principal(["PKI.Factory"]), "no application ID claim"),
+        (principal(["PKI.Reader"]), "neither the PKI.Admin nor the PKI.Factory app role"),
+    ):
+        message = client.get("/api/ca/root", headers=headers).json()["error"]["message"]
+        assert isinstance(message, str) and words in message

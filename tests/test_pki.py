@@ -18,6 +18,7 @@ from shared.pki import (
     build_root,
     ca_name,
     check_ca_id,
+    check_verification_code,
     plan_validity,
     registration_id_problem,
     whole_seconds,
@@ -188,3 +189,19 @@ def test_issuer_errors_name_the_issuer():
     expired.subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Org")])
     with pytest.raises(ValidityError, match=r"^the issuer \(no CN\) expired at "):
         plan_validity(NOW, 1, expired)
+
+
+@pytest.mark.parametrize("code", ["", None, "a" * 65, "ab_c"])
+def test_verification_codes_outside_dps_form_are_refused(code):
+    with pytest.raises(PkiError) as refused:
+        check_verification_code(code)
+    assert refused.value.code == "invalid-verification-code"
+    assert "verification code" in refused.value.message
+
+
+def test_proof_of_possession_is_backdated_ten_minutes():
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_root(ca_name("Root"), key.public_key(), key, plan_validity(NOW - timedelta(days=1), 3650))
+    proof = Issuer(cert, key).issue_proof_of_possession("ABC-123", NOW)
+    assert proof.not_valid_before_utc == NOW - timedelta(minutes=10)
+    assert proof.not_valid_after_utc == NOW + timedelta(days=1)
