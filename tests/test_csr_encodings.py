@@ -560,3 +560,14 @@ def test_the_pem_block_ends_at_its_own_end_line(wrap):
     pem = make_csr("device-1", key)
     request = check_device_csr(wrap(pem), "device-1")
     assert request.public_key.public_numbers() == key.public_key().public_numbers()
+
+
+@pytest.mark.parametrize("width", [64, 10_000])
+def test_bare_base64_with_the_modem_ok_line(width):
+    """Wrapped base64 DER followed by the modem's final `OK` line: the OK line is dropped, nothing else."""
+    key = device_key()
+    der = load_csr(make_csr("device-1", key)).public_bytes(serialization.Encoding.DER)
+    text = base64.b64encode(der)
+    body = b"\r\n".join(text[i : i + width] for i in range(0, len(text), width)) + b"\r\nOK\r\n"
+    request = check_device_csr(body, "device-1")
+    assert request.public_key.public_numbers() == key.public_key().public_numbers()
