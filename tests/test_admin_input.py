@@ -123,6 +123,7 @@ def test_application_ids_must_be_guids(service, app_id):
     with pytest.raises(CaError) as refused:
         service.principals.create_factory("acme", ["factory-a"], app_id=app_id)
     assert refused.value.code == "invalid-app-id"
+    assert "a GUID" in refused.value.message
     assert service.ledger.get_principal("acme") is None
     stored = service.principals.create_factory("acme", ["factory-a"], app_id=" 6F2A3C1E-0000-4000-8000-00000000A11C ")
     assert stored.principal.app_id == "6f2a3c1e-0000-4000-8000-00000000a11c"

@@ -544,3 +544,30 @@ def test_mutated_csrs_are_signed_by_their_key_or_refused(case):
     assert signed_part in der
     public_key = der_encoder.encode(decoded["certificationRequestInfo"]["subjectPKInfo"])
     assert request.public_key_sha256 == hashlib.sha256(public_key).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda pem: b"-----END CERTIFICATE REQUEST-----\n" + pem,  # a stray END line before the block
+        lambda pem: pem + b"-----END CERTIFICATE REQUEST-----\nOK\n",  # and one after its own END line
+    ],
+    ids=["end-before", "end-after"],
+)
+def test_the_pem_block_ends_at_its_own_end_line(wrap):
+    """The CSR block runs from its BEGIN line to the first END line after it, whatever else is around."""
+    key = device_key()
+    pem = make_csr("device-1", key)
+    request = check_device_csr(wrap(pem), "device-1")
+    assert request.public_key.public_numbers() == key.public_key().public_numbers()
+
+
+@pytest.mark.parametrize("width", [64, 10_000])
+def test_bare_base64_with_the_modem_ok_line(width):
+    """Wrapped base64 DER followed by the modem's final `OK` line: the OK line is dropped, nothing else."""
+    key = device_key()
+    der = load_csr(make_csr("device-1", key)).public_bytes(serialization.Encoding.DER)
+    text = base64.b64encode(der)
+    body = b"\r\n".join(text[i : i + width] for i in range(0, len(text), width)) + b"\r\nOK\r\n"
+    request = check_device_csr(body, "device-1")
+    assert request.public_key.public_numbers() == key.public_key().public_numbers()

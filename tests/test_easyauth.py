@@ -101,3 +101,95 @@ def test_the_header_is_ignored_in_apikey_mode(service):
     client = TestClient(create_app(service), raise_server_exceptions=False)
     response = client.get("/api/ca/root", headers=principal(["PKI.Admin"]))
     assert response.status_code == 401 and response.json()["error"]["code"] == "missing-credentials"
+
+
+def _encoded(document: dict) -> dict[str, str]:
+    return {"X-MS-CLIENT-PRINCIPAL": base64.b64encode(json.dumps(document).encode()).decode()}
+
+
+def test_refusals_say_what_is_wrong_with_the_principal(easy):
+    _, client = easy
+    for headers in ({}, {"X-MS-CLIENT-PRINCIPAL": "not base64!"}):
+        message = client.get("/api/ca/root", headers=headers).json()["error"]["message"]
+        assert isinstance(message, str) and "X-MS-CLIENT-PRINCIPAL" in message
+    message = client.get("/api/ca/root", headers=principal(["PKI.Factory"], FACTORY_APP.replace("a11c", "0000")))
+    assert message.json()["error"]["message"] == (
+        f"no factory is bound to application ID {FACTORY_APP.replace('a11c', '0000')}"
+    )
+
+
+def test_the_principal_must_be_strict_base64(easy):
+    """A header with characters outside the base64 alphabet is refused, not read with them skipped."""
+    _, client = easy
+    good = principal(["PKI.Admin"])["X-MS-CLIENT-PRINCIPAL"]
+    assert client.get("/api/ca/root", headers={"X-MS-CLIENT-PRINCIPAL": good}).status_code == 200
+    response = client.get("/api/ca/root", headers={"X-MS-CLIENT-PRINCIPAL": good[:8] + "*" + good[8:]})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid-principal"
+
+
+def test_the_role_claim_type_is_the_one_the_principal_names(easy):
+    """role_typ names the claim that carries roles: a custom one counts, and only for its own document."""
+    _, client = easy
+    claims = [{"typ": "app-roles", "val": "PKI.Admin"}]
+    assert client.get("/api/ca/root", headers=_encoded({"role_typ": "app-roles", "claims": claims})).status_code == 200
+    response = client.get("/api/ca/root", headers=_encoded({"claims": claims}))
+    assert response.status_code == 403 and response.json()["error"]["code"] == "no-role"
+
+
+def test_principal_limits_are_inclusive(easy):
+    """A header of exactly MAX_PRINCIPAL_BYTES and claims of exactly MAX_CLAIM_CHARACTERS are read."""
+    from shared.api.auth import MAX_CLAIM_CHARACTERS, MAX_PRINCIPAL_BYTES
+
+    _, client = easy
+    claims = [{"typ": "roles", "val": "PKI.Admin"}, {"typ": "name", "val": "n" * MAX_CLAIM_CHARACTERS}]
+    text = json.dumps({"claims": claims})
+    assert client.get("/api/ca/root", headers=_encoded({"claims": claims})).status_code == 200
+    filler = {"typ": "filler", "val": "f" * 400}
+    while len(text) < MAX_PRINCIPAL_BYTES * 3 // 4 - 500:
+        claims.append(filler)
+        text = json.dumps({"claims": claims})
+    text = text.ljust(MAX_PRINCIPAL_BYTES * 3 // 4)  # JSON allows trailing whitespace
+    header = base64.b64encode(text.encode()).decode()
+    assert len(header) == MAX_PRINCIPAL_BYTES
+    assert client.get("/api/ca/root", headers={"X-MS-CLIENT-PRINCIPAL": header}).status_code == 200
+    header = base64.b64encode((text + "    ").encode()).decode()
+    response = client.get("/api/ca/root", headers={"X-MS-CLIENT-PRINCIPAL": header})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid-principal"
+
+
+def test_a_factory_found_by_application_is_an_easyauth_caller(easy):
+    ca, _ = easy
+    caller = ca.principals.factory_for_app(FACTORY_APP)
+    assert (caller.id, caller.role, caller.intermediates, caller.via) == (
+        "line-1",
+        "factory",
+        ("factory-a",),
+        "easyauth",
+    )
+
+
+def test_an_admin_is_recorded_by_its_name_claim(easy):
+    """What an Easy Auth admin signs is recorded as requested by `entra:<name>`, or `entra:unnamed`."""
+    ca, client = easy
+    nameless = _encoded({"claims": [{"typ": "roles", "val": "PKI.Admin"}]})
+    for device, headers, expected in (
+        ("dev-1", principal(["PKI.Admin"]), "entra:Alice Admin"),
+        ("dev-2", nameless, "entra:unnamed"),
+    ):
+        response = client.post(
+            f"/api/devices/{device}/certificate?intermediateId=factory-a",
+            content=make_csr(device),
+            headers={**headers, "Content-Type": "application/pkcs10"},
+        )
+        assert response.status_code == 201, response.text
+        assert ca.certificate(response.json()["serialNumber"]).requested_by == expected
+
+
+def test_role_refusals_say_what_is_missing(easy):
+    _, client = easy
+    for headers, words in (
+        (principal(["PKI.Factory"]), "no application ID claim"),
+        (principal(["PKI.Reader"]), "neither the PKI.Admin nor the PKI.Factory app role"),
+    ):
+        message = client.get("/api/ca/root", headers=headers).json()["error"]["message"]
+        assert isinstance(message, str) and words in message

@@ -4,8 +4,10 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +18,7 @@ from shared.pki import (
     build_root,
     ca_name,
     check_ca_id,
+    check_verification_code,
     plan_validity,
     registration_id_problem,
     whole_seconds,
@@ -176,3 +179,29 @@ def test_hash_follows_the_issuer_curve():
     check_root(root)
     with pytest.raises(PkiError):
         _root(ec.SECP521R1())
+
+
+def test_issuer_errors_name_the_issuer():
+    """An issuer that cannot sign is named by its CN in the error, or as having none."""
+    expired = _Cert(NOW - timedelta(days=10), NOW - timedelta(days=1))
+    with pytest.raises(ValidityError, match=r"^the issuer 'Issuer' expired at 2026-05-31 12:00:00Z$"):
+        plan_validity(NOW, 1, expired)
+    expired.subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Org")])
+    with pytest.raises(ValidityError, match=r"^the issuer \(no CN\) expired at "):
+        plan_validity(NOW, 1, expired)
+
+
+@pytest.mark.parametrize("code", ["", None, "a" * 65, "ab_c"])
+def test_verification_codes_outside_dps_form_are_refused(code):
+    with pytest.raises(PkiError) as refused:
+        check_verification_code(code)
+    assert refused.value.code == "invalid-verification-code"
+    assert "verification code" in refused.value.message
+
+
+def test_proof_of_possession_is_backdated_ten_minutes():
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_root(ca_name("Root"), key.public_key(), key, plan_validity(NOW - timedelta(days=1), 3650))
+    proof = Issuer(cert, key).issue_proof_of_possession("ABC-123", NOW)
+    assert proof.not_valid_before_utc == NOW - timedelta(minutes=10)
+    assert proof.not_valid_after_utc == NOW + timedelta(days=1)
