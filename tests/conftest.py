@@ -1,3 +1,5 @@
+import gc
+import importlib
 import os
 import subprocess
 import sys
@@ -151,3 +153,14 @@ def run_cli(*args: str, home: Path, cwd: Path | None = None, stdin: bytes | None
         capture_output=True,
         check=False,
     )
+
+
+def reload_function_app():
+    """function_app.py imported afresh (its settings are read at import). The app object it replaces is
+    collected here, outside any event loop: AsgiFunctionApp.__del__ calls asyncio.run(), which fails when
+    the garbage collector happens to run inside a running loop (a TestClient's), in whatever test is on."""
+    import function_app
+
+    module = importlib.reload(function_app)
+    gc.collect()
+    return module

@@ -4,7 +4,7 @@ in QueueMessage with its dequeue count, retried, moved to the poison queue after
 
 import asyncio
 import base64
-import importlib
+import gc
 import json
 import os
 from dataclasses import replace
@@ -30,7 +30,7 @@ from shared.queues import BATCH_CHUNKS, MAX_MESSAGE_BYTES, host_message_encoding
 from shared.service import DeviceCA
 
 from .certrules import check_device, check_ledger, load_chain
-from .conftest import close_checked
+from .conftest import close_checked, reload_function_app
 from .csrs import make_csr
 from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
 
@@ -115,9 +115,7 @@ def function_app(tmp_path, monkeypatch, queue_settings):
     ca.create_intermediate("factory-a")
     keys = {name: ca.principals.create_factory(name, ["factory-a"]).secret for name in ("line-1", "line-2")}
     ca.close()
-    import function_app as module
-
-    module = importlib.reload(module)
+    module = reload_function_app()
     functions = {f.get_function_name(): f for f in module.app.get_functions()}  # once per app object
     yield module, functions, keys
     module.api.state.service.close_built()
@@ -189,6 +187,8 @@ def vault_functions(tmp_path, queue_settings):
     host = Host(queue_settings["QUEUE_STORAGE"], {f.get_function_name(): f for f in app.get_functions()})
     yield service, vault, host
     close_checked([service])
+    del app, host
+    gc.collect()  # the app object goes now, outside any event loop (see reload_function_app)
 
 
 def test_a_key_vault_outage_delays_the_batch_until_the_vault_recovers(vault_functions):

@@ -2,7 +2,6 @@
 API, DefaultAzureCredential's managed identity) against the HTTPS fake of ARM and the DPS service API."""
 
 import base64
-import importlib
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,7 @@ from shared.dps.azure import parse_connection_string, sas_token
 from shared.errors import Conflict, Misconfigured
 from shared.queues import DPS_REGISTRATIONS, poison_queue, storage_queue
 
-from .conftest import run_cli
+from .conftest import reload_function_app, run_cli
 from .csrs import device_key, make_csr
 from .fakes.dps import ARM_PATH, MAX_GROUPS, POLICY, TOKEN, Enrollment, FakeDps
 
@@ -350,9 +349,7 @@ def test_registration_through_the_queue_function(tmp_path, monkeypatch, fake_dps
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
-    import function_app
-
-    module = importlib.reload(function_app)
+    module = reload_function_app()
     functions = {f.get_function_name(): f for f in module.app.get_functions()}
     trigger = functions["dps_registration"].get_trigger()
     assert trigger.queue_name == DPS_REGISTRATIONS and trigger.connection == "QUEUE_STORAGE"

@@ -1,7 +1,6 @@
 """The expiry timer as the Functions host sees it: indexed from function_app.py with its schedule, invoked
 through the registered function, its notices read back from Azurite's Queue service."""
 
-import importlib
 import json
 from dataclasses import replace
 
@@ -13,7 +12,7 @@ from shared.config import Settings
 from shared.errors import Misconfigured
 from shared.queues import EXPIRING_CERTIFICATES, storage_queue
 
-from .conftest import settings_environment
+from .conftest import reload_function_app, settings_environment
 from .csrs import make_csr
 
 
@@ -36,9 +35,7 @@ def timer_app(tmp_path, monkeypatch, queue_settings, ledger_settings):
     intermediate = ca.create_intermediate("short", days=2).record
     device = ca.sign_csr(make_csr("dev-timer"), "dev-timer").record
     ca.close()
-    import function_app as module
-
-    return importlib.reload(module), queue, {"short": intermediate.serial, "dev-timer": device.serial}
+    return reload_function_app(), queue, {"short": intermediate.serial, "dev-timer": device.serial}
 
 
 def _timer(module):
@@ -73,9 +70,7 @@ def test_the_timer_is_indexed_daily_and_its_notices_reach_the_queue(timer_app):
 
 def test_the_schedule_comes_from_its_setting_when_given(timer_app, monkeypatch):
     monkeypatch.setenv("EXPIRY_SCAN_SCHEDULE", "0 30 2 * * 1-5")
-    import function_app as module
-
-    module = importlib.reload(module)
+    module = reload_function_app()
     assert _timer(module).get_trigger().schedule == "%EXPIRY_SCAN_SCHEDULE%"
     assert module.expiry_schedule(Settings()) == "0 0 6 * * *"
 

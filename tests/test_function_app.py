@@ -1,7 +1,6 @@
 """function_app.py as the Functions host sees it: indexed functions, and a request through the HTTP function."""
 
 import asyncio
-import importlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ from shared.config import Settings
 from shared.ledger.sqlite import SqliteLedger
 
 from .certrules import check_ledger
+from .conftest import reload_function_app
 from .csrs import make_csr
 
 
@@ -28,9 +28,7 @@ def function_app(tmp_path, monkeypatch):
     ca.create_intermediate("factory-a")
     key = ca.principals.create_factory("line-1", ["factory-a"]).secret
     ca.close()
-    import function_app as module
-
-    return importlib.reload(module), key
+    return reload_function_app(), key
 
 
 def test_the_host_indexes_one_anonymous_http_function_on_every_route(function_app):
