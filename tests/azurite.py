@@ -38,14 +38,24 @@ def table_prefix() -> str:
 
 
 class Azurite:
-    """One Azurite service ("table" or "queue"), started in memory on a free port; stop() ends it."""
+    """One Azurite service ("table" or "queue"), started in memory on a free port; stop() ends it.
+
+    With AZURITE_TABLE_PORT set, the Table service already listening on that port is used and left
+    running: `make mutation` starts one Azurite for its thousands of short pytest sessions instead of one
+    per session. Every test names its own tables (table_prefix), so sessions never meet; queue tests use
+    the app's fixed queue names, so the Queue service is always a session's own.
+    """
 
     def __init__(self, service: str = "table") -> None:
         self.service = service
+        self.process: subprocess.Popen | None = None
+        running = os.environ.get("AZURITE_TABLE_PORT") if service == "table" else None
+        if running:
+            self.port = int(running)
+            return
         binary = BINARIES[service]
         if not binary.exists():
             raise RuntimeError(f"Azurite is not installed at {binary}: `make test` installs it")
-        self.process: subprocess.Popen | None = None
         self.port = 0
         for _ in range(5):  # a free port may be taken between choosing it and Azurite binding it
             self.port = _free_port()
