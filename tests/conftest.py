@@ -1,5 +1,6 @@
 import gc
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -38,6 +39,19 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def cli_logging_restored(monkeypatch):
+    """cli.main sets up the service's log (and quiets azure.identity) for a command run in this process;
+    the process's other tests get both back."""
+    logger = logging.getLogger("device_ca")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    identity = logging.getLogger("azure.identity")
+    level = identity.level
+    yield
+    identity.setLevel(level)  # setLevel, not an attribute, so the loggers' level cache is cleared
 
 
 @pytest.fixture

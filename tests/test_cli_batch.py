@@ -2,7 +2,6 @@
 run after an interruption that signs only what is left, never twice."""
 
 import json
-import logging
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -13,13 +12,7 @@ from shared.ledger.models import CertificateQuery
 from .certrules import check_device, load, load_chain
 from .csrs import make_csr
 
-
-@pytest.fixture(autouse=True)
-def _log_as_before(monkeypatch):
-    """cli.main sets up the service's log for a command; this process's other tests get theirs back."""
-    logger = logging.getLogger("device_ca")
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
-    monkeypatch.setattr(logger, "propagate", logger.propagate)
+pytestmark = pytest.mark.usefixtures("cli_logging_restored")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ run `python cli.py`.
 
 import hashlib
 import json
-import logging
 import os
 import sqlite3
 import subprocess
@@ -151,12 +150,7 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
 COMMANDS = sorted(_bad_options(Path("/")))
 
 
-@pytest.fixture(autouse=True)
-def _log_as_before(monkeypatch):
-    """cli.main sets up the service's log for a command; this process's other tests get theirs back."""
-    logger = logging.getLogger("device_ca")
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
-    monkeypatch.setattr(logger, "propagate", logger.propagate)
+pytestmark = pytest.mark.usefixtures("cli_logging_restored")
 
 
 @pytest.fixture

@@ -190,11 +190,8 @@ class AzureDps(Dps):
         answer = self._call_arm(
             "uploading the root certificate",
             lambda bare: self._arm.dps_certificate.create_or_update(
-                resource_group_name=self.config.resource_group,
-                provisioning_service_name=self.config.name,
-                certificate_name=root_id,
                 certificate_description=description,
-                **self._if_match(existing, bare),
+                **self._certificate(root_id, existing, bare),
             ),
         )
         return self._root_state(root_id, answer)
@@ -207,10 +204,7 @@ class AzureDps(Dps):
         answer = self._call_arm(
             "asking DPS for a verification code",
             lambda bare: self._arm.dps_certificate.generate_verification_code(
-                certificate_name=root_id,
-                resource_group_name=self.config.resource_group,
-                provisioning_service_name=self.config.name,
-                **self._if_match(etag, bare),
+                **self._certificate(root_id, etag, bare),
             ),
         )
         return answer.properties.verification_code
@@ -222,11 +216,8 @@ class AzureDps(Dps):
         answer = self._call_arm(
             "verifying the root with DPS",
             lambda bare: self._arm.dps_certificate.verify_certificate(
-                certificate_name=root_id,
-                resource_group_name=self.config.resource_group,
-                provisioning_service_name=self.config.name,
                 request=VerificationCodeRequest(certificate=certificate_pem),
-                **self._if_match(etag, bare),
+                **self._certificate(root_id, etag, bare),
             ),
         )
         return self._root_state(root_id, answer)
@@ -235,29 +226,31 @@ class AzureDps(Dps):
         try:
             found = self._call_arm(
                 "reading the root certificate in DPS",
-                lambda bare: self._arm.dps_certificate.get(
-                    certificate_name=root_id,
-                    resource_group_name=self.config.resource_group,
-                    provisioning_service_name=self.config.name,
-                ),
+                lambda bare: self._arm.dps_certificate.get(**self._certificate(root_id)),
                 missing_ok=True,
             )
         except ResourceNotFoundError:
             return None
         return found.etag
 
-    @staticmethod
-    def _if_match(etag: str | None, bare: bool) -> dict[str, Any]:
-        """ARM's etag: quoted by the SDK (IfNotModified), or `bare` in our own If-Match header."""
+    def _certificate(self, root_id: str, etag: str | None = None, bare: bool = False) -> dict[str, Any]:
+        """The dps_certificate operations' arguments naming the root's CA certificate, with its etag when
+        given: quoted by the SDK (IfNotModified), or `bare` in our own If-Match header."""
+        names = {
+            "resource_group_name": self.config.resource_group,
+            "provisioning_service_name": self.config.name,
+            "certificate_name": root_id,
+        }
         if etag is None:
-            return {}
+            return names
         if bare:
             return {
+                **names,
                 "etag": etag,
                 "match_condition": MatchConditions.Unconditionally,
                 "headers": {"If-Match": etag.strip('"')},
             }
-        return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+        return {**names, "etag": etag, "match_condition": MatchConditions.IfNotModified}
 
     def _root_state(self, root_id: str, answer: Any) -> dict[str, Any]:
         verified = bool(answer.properties.is_verified)

@@ -384,14 +384,18 @@ class FakeDps:
             self.certificates[name] = certificate
         return 200, self._certificate_answer(certificate), None  # ARM answers 200 to a create too
 
+    def _certificate_for_update(self, name: str, headers: dict) -> tuple:
+        """(the CA certificate, None), or (None, the refusal) when it is missing or If-Match is absent or stale."""
+        certificate = self.certificates.get(name)
+        if certificate is None:
+            return None, (404, {"error": {"code": "NotFound", "message": f"no certificate {name}"}}, None)
+        if "if-match" not in headers:
+            return None, (412, {"code": "IH412003", "message": "If-Match is required"}, None)
+        return certificate, self._arm_etag_refusal(headers["if-match"], certificate)
+
     def _code(self, name: str, headers: dict) -> tuple:
         with self.lock:
-            certificate = self.certificates.get(name)
-            if certificate is None:
-                return 404, {"error": {"code": "NotFound", "message": f"no certificate {name}"}}, None
-            if "if-match" not in headers:
-                return 412, {"code": "IH412003", "message": "If-Match is required"}, None
-            refusal = self._arm_etag_refusal(headers["if-match"], certificate)
+            certificate, refusal = self._certificate_for_update(name, headers)
             if refusal:
                 return refusal
             certificate.code = secrets.token_hex(16).upper()
@@ -400,12 +404,7 @@ class FakeDps:
 
     def _verify(self, name: str, headers: dict, body: dict | None) -> tuple:
         with self.lock:
-            certificate = self.certificates.get(name)
-            if certificate is None:
-                return 404, {"error": {"code": "NotFound", "message": f"no certificate {name}"}}, None
-            if "if-match" not in headers:
-                return 412, {"code": "IH412003", "message": "If-Match is required"}, None
-            refusal = self._arm_etag_refusal(headers["if-match"], certificate)
+            certificate, refusal = self._certificate_for_update(name, headers)
             if refusal:
                 return refusal
             try:
