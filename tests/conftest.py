@@ -1,5 +1,6 @@
 import gc
 import importlib
+import json
 import logging
 import os
 import subprocess
@@ -26,6 +27,37 @@ REPO = Path(__file__).resolve().parent.parent
 hypothesis_settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `make mutation` (mutmut sets MUTANT_UNDER_TEST), a mutant's tests run quickest first, so a
+    killed mutant is found by its quickest failing test, and the Table Storage runs of the ledger-
+    parametrised tests are left to the mutants of the Table ledger: for any other module they repeat
+    what the SQLite runs already decide, at twice the cost. Leaving tests out can only let more mutants
+    survive, never kill one that the whole suite would not."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if not mutant.startswith("shared."):  # not a mutant run (mutmut's statistics run says "stats")
+        return
+    if not mutant.startswith("shared.ledger.tables"):
+        kept = [item for item in items if _ledger_backend(item) != "tables"]
+        if kept:
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = kept
+    durations = _mutmut_durations()
+    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
+def _ledger_backend(item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("ledger_backend") if callspec else None
+
+
+def _mutmut_durations() -> dict[str, float]:
+    """Each test's duration in mutmut's statistics run (mutmut runs the tests inside mutants/)."""
+    try:
+        return json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 class Clock:
