@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -27,6 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 JUSTIFIED = REPO / "tools" / "mutation-survivors.toml"
 # mutmut's exit codes as it classifies them (mutmut.stats.status_by_exit_code, mutmut 3.8)
 KILLED_STATUSES = {"killed", "timeout", "segfault", "caught by type check"}
+_STRING = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'""")
+_PROSE = re.compile(r"[a-z].* |.* .*[a-z]")
+_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|WHERE|FROM|VALUES|TRIGGER|PRAGMA|ROLLBACK|BEGIN|COMMIT)\b")
+_PARSES = re.compile(r"==|!=|\bin\b|\bmatch\b|\bcase\b|startswith|endswith|split|partition|replace|find|index|strip")
+SQL_CASE = "equivalent: an SQL statement in another case (SQLite keywords and names are case-insensitive)"
+WORDING = (
+    "message wording: only the words of a human-readable text changed (XX added, or case); the error code, "
+    "status and behaviour are unchanged, and tests check that a message names what is wrong, not its letters"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,52 @@ class Mutant:
     @property
     def change(self) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         return self.function, self.removed, self.added
+
+
+def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
+    """Whether a change only rewrites prose: one string literal that reads as words (a space, a lower-case
+    letter; no SQL, not bytes) wrapped in XX or put in lower or upper case (mutmut's string operators), the
+    rest of the line the same, and the line compares or parses nothing."""
+    if len(removed) != 1 or len(added) != 1:
+        return False
+    before, after = removed[0], added[0]
+    if _PARSES.search(before):
+        return False
+    for match in _STRING.finditer(before):
+        literal, text = match.group(), match.group()[1:-1]
+        if before[match.start() - 1 : match.start()].isalpha() or not _PROSE.search(text) or _SQL.search(text):
+            continue  # a prefixed (bytes, raw) literal, a token or a statement
+        quote = literal[0]
+        for rewritten in (f"XX{text}XX", text.lower(), text.upper()):
+            if rewritten != text and before.replace(literal, quote + rewritten + quote, 1) == after:
+                return True
+    return False
+
+
+def sql_case_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
+    """Whether a change only puts an SQL statement without quoted values in lower or upper case: SQLite's
+    keywords and identifiers are case-insensitive (only quoted literals are not), so the mutant is equivalent."""
+    if len(removed) != 1 or len(added) != 1:
+        return False
+    before, after = removed[0], added[0]
+    for match in _STRING.finditer(before):
+        literal, text = match.group(), match.group()[1:-1]
+        if not _SQL.search(text) or "'" in text or before[match.start() - 1 : match.start()].isalpha():
+            continue
+        quote = literal[0]
+        for rewritten in (text.lower(), text.upper()):
+            if rewritten != text and before.replace(literal, quote + rewritten + quote, 1) == after:
+                return True
+    return False
+
+
+def rule_for(mutant: Mutant) -> str | None:
+    """The reason a survivor is equivalent or wording-only by one of the two general rules, or None."""
+    if sql_case_only(mutant.removed, mutant.added):
+        return SQL_CASE
+    if wording_only(mutant.removed, mutant.added):
+        return WORDING
+    return None
 
 
 def changed_lines(diff: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -77,7 +133,7 @@ def load_mutants() -> list[Mutant]:
         for name, exit_code in sorted(data.exit_code_by_key.items()):
             status = status_by_exit_code[exit_code]
             removed = added = ()
-            if status not in KILLED_STATUSES:
+            if status not in KILLED_STATUSES and status != "not checked":
                 removed, added = changed_lines(get_diff_for_mutant(name, path=path))
             mutants.append(Mutant(name, module, function_of(name), status, removed, added))
     return mutants
@@ -127,7 +183,7 @@ def report(mutants: list[Mutant], justified: dict[tuple, str], floor: float, dra
             counts["killed"] += 1
         elif mutant.status == "not checked":
             counts["not run"] += 1
-        elif mutant.change in justified:
+        elif mutant.change in justified or rule_for(mutant):
             counts["justified"] += 1
             justified_survivors.append(mutant)
             used.add(mutant.change)
@@ -141,7 +197,7 @@ def report(mutants: list[Mutant], justified: dict[tuple, str], floor: float, dra
         print(row(module, counts))
     print(row("all", total))
     for mutant in justified_survivors:
-        print(f"justified  {mutant.name}: {justified[mutant.change]}")
+        print(f"justified  {mutant.name}: {justified.get(mutant.change) or rule_for(mutant)}")
     for mutant in open_survivors:
         print(f"OPEN       {mutant.name} ({mutant.status}): {' / '.join(mutant.removed)} -> {' / '.join(mutant.added)}")
         if drafts:
