@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -229,6 +230,7 @@ def run(children: int, names: list[str]) -> int:
     from tests.azurite import Azurite
 
     azurite = Azurite()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Azurite when the run is stopped
     try:
         environment = {**os.environ, "AZURITE_TABLE_PORT": str(azurite.port)}
         command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
