@@ -294,6 +294,21 @@ REFUSED = [
         "unsupported-key",
         "the CSR's key is RSA",
     ),
+    (
+        "a key algorithm cryptography does not know (SM2), read by the tolerant reader",
+        lambda k: signed(
+            k,
+            request_info(
+                k,
+                public_key=tlv(
+                    SEQUENCE, algorithm("1.2.156.10197.1.301") + tlv(BIT_STRING, b"\x00\x04" + b"\x01" * 64)
+                ),
+            ),
+            algorithm(parameters=b"\x05\x00"),
+        ),
+        "unsupported-key",
+        "key type is not supported",
+    ),
     ("indefinite length never ended", lambda k: b"\x30\x80" + plain(k)[3:], "truncated-csr", "end-of-contents"),
     ("two %KEYGEN answers", lambda k: b'%KEYGEN: "a.b"\r\n%KEYGEN: "c.d"\r\nOK\r\n', "multiple-csrs", "2 %KEYGEN"),
     ("%KEYGEN without quotes", lambda k: b"%KEYGEN: MIIB.abc\r\nOK\r\n", "not-a-csr", "not a PKCS#10"),

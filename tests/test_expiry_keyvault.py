@@ -82,7 +82,7 @@ def test_a_vault_that_cannot_be_listed_is_a_failure_not_a_crash(vault_service):
     report = service.scan_expiring()
     assert report.findings == ()
     assert len(report.failures) == 1 and report.failures[0].startswith(
-        "Key Vault's certificate expiries could not be read"
+        "Key Vault's certificate expiries could not be read: Key Vault refused to list certificates"
     )
 
 

@@ -110,11 +110,11 @@ def test_the_private_keys_stay_in_the_vault(vault_ca):
     _hierarchy(service)
     signer = service.keys.signing_key(service.root().key_name)
     assert isinstance(signer, KeyVaultSigningKey)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="never leaves the vault"):
         signer.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="never leaves the vault"):
         signer.private_numbers()
     assert not list(service.settings.pki_home.glob("keys/*"))  # nothing of the CA keys on this machine
     statuses = {path for _, path, _ in vault.statuses}
@@ -392,6 +392,22 @@ def test_a_lost_creation_in_key_vault_says_what_was_left_and_how_to_remove_it(va
         service.create_intermediate("line-1")
     assert "left in the vault" in failed.value.message
     assert "az keyvault certificate delete --vault-name device-ca-test --name device-ca-line-1-" in failed.value.message
+
+
+def test_a_key_left_by_a_lost_creation_is_not_kept_for_signing(vault_ca):
+    service, _, _ = vault_ca()
+    service.create_root()
+    name = service.root().key_name
+    signer = service.keys.signing_key(name)
+    assert service.keys.signing_key(name) is signer  # one client per key while it is in use
+    service.keys.delete_ca_key(name)
+    assert service.keys.signing_key(name) is not signer
+
+
+@pytest.mark.parametrize("hardware_protected, key_type", [(False, "EC"), (True, "EC-HSM")])
+def test_health_names_the_vault_and_its_key_type(vault_ca, hardware_protected, key_type):
+    service, _, _ = vault_ca(options=replace(QUICK, hardware_protected=hardware_protected))
+    assert service.keys.describe() == {"backend": "keyvault", "vault": VAULT_URL, "keyType": key_type}
 
 
 def test_creating_a_certificate_that_is_pending_is_a_conflict(vault_ca):
