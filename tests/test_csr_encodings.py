@@ -260,7 +260,24 @@ REFUSED = [
         "bad-signature",
         "does not verify",
     ),
-    ("hybrid EC point", lambda k: plain(k, public_key=spki(k, hybrid_point(k))), "invalid-public-key", "RFC 5480 §2.2"),
+    (
+        "hybrid EC point",
+        lambda k: plain(k, public_key=spki(k, hybrid_point(k))),
+        "invalid-public-key",
+        "RFC 5480 §2.2",
+    ),
+    (
+        "EC point of an unknown form",
+        lambda k: plain(k, public_key=spki(k, b"\x05" + b"\x01" * 64)),
+        "invalid-public-key",
+        "EC public key starts with 0x05",
+    ),
+    (
+        "EC point of 7 bits",
+        lambda k: plain(k, public_key=_spki_bits(spki(k), tlv(BIT_STRING, b"\x01\x04"))),
+        "invalid-public-key",
+        "is not whole octets; RFC 5480 §2.2",
+    ),
     (
         "EC point not on the curve",
         lambda k: plain(k, public_key=spki(k, b"\x04" + b"\x01" * 64)),
@@ -352,6 +369,12 @@ REFUSED = [
         "RFC 5480 §2.2 allows only",
     ),
 ]
+
+
+def _spki_bits(info: bytes, bit_string: bytes) -> bytes:
+    """`info` (a SubjectPublicKeyInfo) with its BIT STRING replaced by `bit_string` as it is."""
+    algorithm_end = 2 + info[3] + 2  # SEQUENCE header, then the AlgorithmIdentifier's TLV
+    return tlv(SEQUENCE, info[2:algorithm_end] + bit_string)
 
 
 def _attribute_holding(octets: bytes) -> bytes:
