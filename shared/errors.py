@@ -16,6 +16,10 @@ class CaError(Exception):
     error_id: str | None = None  # under which the log has the details, for a 5xx
 
     def __init__(self, message: str, code: str | None = None) -> None:
+        """`message` says what is wrong, for a person; `code` (default: the class's) is the stable code.
+        TypeError when either is not text: every answer names what is wrong, and a code is a contract."""
+        if not isinstance(message, str) or not (code is None or isinstance(code, str)):
+            raise TypeError(f"{type(self).__name__} needs a message and a code that are text")
         super().__init__(message)
         self.message = message
         if code:

@@ -7,6 +7,9 @@ class PkiError(ValueError):
     code = "pki-error"
 
     def __init__(self, code: str, message: str) -> None:
+        """TypeError when `code` or `message` is not text: the API and CLI answer with both."""
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise TypeError(f"{type(self).__name__} needs a code and a message that are text")
         super().__init__(message)
         self.code = code
         self.message = message
