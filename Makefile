@@ -89,7 +89,7 @@ test: $(STAMP) tools $(AZURITE_STAMP)
 
 # Mutation testing of the security-critical modules ([tool.mutmut] in pyproject.toml): mutmut with one
 # Azurite for the whole run, then the score and every survivor (tools/mutation.py; justified survivors are
-# in tools/mutation-survivors.toml). Slow, so not part of make test. MUTANTS="shared.pki* ..." runs only
+# in tools/mutation-survivors/). Slow, so not part of make test. MUTANTS="shared.pki* ..." runs only
 # the mutants whose names match, in a fresh mutants/ too; `.venv/bin/python tools/mutation.py report`
 # prints the last run's report again.
 mutation: $(STAMP) $(AZURITE_STAMP)

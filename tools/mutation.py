@@ -6,7 +6,7 @@ report. `python tools/mutation.py report` prints the report of the last run agai
 
 The report gives, per module, mutants killed (a test failed; a timeout counts, since the mutant made the
 suite hang), survived and not run, and lists each survivor with its change. A survivor is *justified*
-when `tools/mutation-survivors.toml` holds an entry with the same function and the same changed lines,
+when a file of `tools/mutation-survivors/` holds an entry with the same function and the same changed lines,
 and a reason; entries are matched by the change, not by mutmut's numbering, so they outlive edits
 elsewhere in the function. Exit status: 0 when at least --floor percent of the mutants are killed and
 every survivor is justified, 1 otherwise, 2 when there is no run to report on.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-JUSTIFIED = REPO / "tools" / "mutation-survivors.toml"
+JUSTIFIED = REPO / "tools" / "mutation-survivors"  # one TOML file per module: shared.<module>.toml
 # mutmut's exit codes as it classifies them (mutmut.stats.status_by_exit_code, mutmut 3.8)
 KILLED_STATUSES = {"killed", "timeout", "segfault", "caught by type check"}
 _STRING = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'""")
@@ -63,7 +63,7 @@ def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
     if len(removed) != 1 or len(added) != 1:
         return False
     before, after = removed[0], added[0]
-    if _PARSES.search(before):
+    if _PARSES.search(_STRING.sub('""', before)):
         return False
     for match in _STRING.finditer(before):
         literal, text = match.group(), match.group()[1:-1]
@@ -140,17 +140,17 @@ def load_mutants() -> list[Mutant]:
     return mutants
 
 
-def load_justified(path: Path = JUSTIFIED) -> dict[tuple, str]:
-    """{(function, removed lines, added lines): reason} from the survivors file; ValueError when malformed."""
-    with open(path, "rb") as handle:
-        entries = tomllib.load(handle).get("survivor", [])
+def load_justified(folder: Path = JUSTIFIED) -> dict[tuple, str]:
+    """{(function, removed lines, added lines): reason} from the survivors files; ValueError when malformed."""
     justified = {}
-    for number, entry in enumerate(entries, 1):
-        missing = {"function", "removed", "added", "reason"} - entry.keys()
-        if missing or not str(entry.get("reason", "")).strip():
-            raise ValueError(f"{path.name}: survivor {number} needs function, removed, added and a reason")
-        key = (entry["function"], tuple(entry["removed"]), tuple(entry["added"]))
-        justified[key] = entry["reason"]
+    for path in sorted(folder.glob("*.toml")):
+        with open(path, "rb") as handle:
+            entries = tomllib.load(handle).get("survivor", [])
+        for number, entry in enumerate(entries, 1):
+            missing = {"function", "removed", "added", "reason"} - entry.keys()
+            if missing or not str(entry.get("reason", "")).strip():
+                raise ValueError(f"{path.name}: survivor {number} needs function, removed, added and a reason")
+            justified[(entry["function"], tuple(entry["removed"]), tuple(entry["added"]))] = entry["reason"]
     return justified
 
 
@@ -205,7 +205,7 @@ def report(mutants: list[Mutant], justified: dict[tuple, str], floor: float, dra
             print(draft(mutant))
     stale = len(justified) - len(used)
     if stale and not total["not run"]:
-        print(f"{stale} entries of {JUSTIFIED.name} match no survivor of this run (killed now, or the code changed)")
+        print(f"{stale} entries of {JUSTIFIED.name}/ match no survivor of this run (killed now, or the code changed)")
     score = 100 * total["killed"] / max(total["mutants"], 1)
     passed = score >= floor and not open_survivors and not total["not run"]
     print(
@@ -246,6 +246,7 @@ def main() -> int:
     parser.add_argument("--floor", type=float, default=90.0, help="least percentage of mutants killed (90)")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants run at once (CPUs)")
     parser.add_argument("--draft", action="store_true", help="print a survivors-file entry for each open survivor")
+    parser.add_argument("--module", action="append", help="report only modules starting with this (repeatable)")
     args = parser.parse_args()
     os.chdir(REPO)
     if args.command == "run" and run(args.children, args.mutants) != 0:
@@ -253,7 +254,8 @@ def main() -> int:
     if not (REPO / "mutants").is_dir():
         print("no mutation run to report on: make mutation", file=sys.stderr)
         return 2
-    return report(load_mutants(), load_justified(), args.floor, args.draft)
+    mutants = [m for m in load_mutants() if not args.module or m.module.startswith(tuple(args.module))]
+    return report(mutants, load_justified(), args.floor, args.draft)
 
 
 if __name__ == "__main__":
