@@ -247,15 +247,18 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants run at once (CPUs)")
     parser.add_argument("--draft", action="store_true", help="print a survivors-file entry for each open survivor")
     parser.add_argument("--module", action="append", help="report only modules starting with this (repeatable)")
+    parser.add_argument("--survivors", type=Path, default=JUSTIFIED, help="folder of justified survivors' files")
+    parser.add_argument("--mutants", type=Path, default=REPO, help="folder holding the run's mutants/ (this project)")
     args = parser.parse_args()
-    os.chdir(REPO)
+    survivors = args.survivors.resolve()
+    os.chdir(args.mutants)
     if args.command == "run" and run(args.children, args.mutants) != 0:
         print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
-    if not (REPO / "mutants").is_dir():
+    if not Path("mutants").is_dir():
         print("no mutation run to report on: make mutation", file=sys.stderr)
         return 2
     mutants = [m for m in load_mutants() if not args.module or m.module.startswith(tuple(args.module))]
-    return report(mutants, load_justified(), args.floor, args.draft)
+    return report(mutants, load_justified(survivors), args.floor, args.draft)
 
 
 if __name__ == "__main__":
