@@ -128,12 +128,15 @@ class Settings:
     def dps_config(self) -> "AzureDpsConfig":
         """The real DPS these settings name (see `dps_configured`). Misconfigured for DPS_IOT_HUBS without
         DPS_ALLOCATION_POLICY (DPS refuses it: 400004), an unknown policy, or a DPS_INITIAL_TWIN that is not a
-        JSON object. "custom" is refused too: DPS requires a webhook (customAllocationDefinition) with it,
+        JSON object. The policy is matched without regard to case and written as DPS spells it. "custom" is
+        refused too: DPS requires a webhook (customAllocationDefinition) with it,
         which no setting gives, so every enrollment would be refused."""
         from .dps.azure import AzureDpsConfig
 
         policies = ("hashed", "geoLatency", "static")
         policy = self.dps_allocation_policy
+        if policy is not None:  # DPS spells them so; a setting in another case means the same policy
+            policy = {known.lower(): known for known in (*policies, "custom")}.get(policy.lower(), policy)
         if policy == "custom":
             raise Misconfigured(
                 "setting DPS_ALLOCATION_POLICY=custom is not supported: DPS requires an Azure Function webhook "

@@ -290,6 +290,13 @@ def test_group_settings_reach_dps(make_service, fake_dps):
     )
 
 
+@pytest.mark.parametrize("given, spelled", [("GEOLATENCY", "geoLatency"), ("Hashed", "hashed"), ("static", "static")])
+def test_the_allocation_policy_is_read_in_any_case_and_sent_as_dps_spells_it(given, spelled):
+    named = {"AZURE_SUBSCRIPTION_ID": "s", "RESOURCE_GROUP_NAME": "r", "DPS_NAME": "d"}
+    settings = Settings.from_values({**named, "DPS_ALLOCATION_POLICY": given, "DPS_IOT_HUBS": "hub-a"})
+    assert settings.dps_config().allocation_policy == spelled
+
+
 @pytest.mark.parametrize(
     "values, problem",
     [
