@@ -29,22 +29,75 @@ if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
 
+# Under `make mutation`, the test files that judge each module's mutants: the module's own tests and those
+# of its direct users. A survivor runs every test that reaches its function; without this, a survivor in
+# a function every request passes through would run most of the suite (DPS's, the API's) each time.
+MUTATION_TESTS = {
+    "shared.pki.": (
+        "test_pki",
+        "test_csr_policy",
+        "test_csr_encodings",
+        "test_field_devices",
+        "test_isolation",
+        "test_service",
+    ),
+    "shared.api.auth": ("test_easyauth", "test_api", "test_authorization", "test_api_hardening"),
+    "shared.service.access": (
+        "test_easyauth",
+        "test_authorization",
+        "test_admin_input",
+        "test_api",
+        "test_device_ownership",
+        "test_service",
+    ),
+    "shared.keys.keyvault": ("test_keyvault", "test_expiry_keyvault"),
+    "shared.ledger.": (
+        "test_ledger",
+        "test_ledger_sqlite",
+        "test_ledger_tables",
+        "test_ledger_batches",
+        "test_expiry_ledger",
+        "test_concurrency",
+        "test_backup",
+        "test_service",
+        "test_device_ownership",
+        "test_revocation",
+        "test_batches",
+    ),
+}
+
+
 def pytest_collection_modifyitems(config, items):
     """Under `make mutation` (mutmut sets MUTANT_UNDER_TEST), a mutant's tests run quickest first, so a
-    killed mutant is found by its quickest failing test, and the Table Storage runs of the ledger-
-    parametrised tests are left to the mutants of the Table ledger: for any other module they repeat
-    what the SQLite runs already decide, at twice the cost. Leaving tests out can only let more mutants
-    survive, never kill one that the whole suite would not."""
+    killed mutant is found by its quickest failing test; they are the test files MUTATION_TESTS names for
+    its module (all of mutmut's choice for the device and CA use cases, DPS's tests only where DPS is kept
+    in step: DPS_WORDS); and the Table Storage runs of
+    ledger-parametrised tests are left to the mutants of the Table ledger: for any other module they
+    repeat what the SQLite runs already decide, at twice the cost. Leaving tests out can only let more
+    mutants survive, never kill one that the whole suite would not."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if not mutant.startswith("shared."):  # not a mutant run (mutmut's statistics run says "stats")
         return
-    if not mutant.startswith("shared.ledger.tables"):
-        kept = [item for item in items if _ledger_backend(item) != "tables"]
-        if kept:
-            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-            items[:] = kept
+    kept = [item for item in items if _judges(item, mutant)] or items
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
     durations = _mutmut_durations()
     items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
+# DPS's tests (the slowest) judge the use cases' mutants only in the functions that keep DPS in step.
+DPS_WORDS = ("dps", "root", "intermediate", "revoke", "enrollment", "finish", "possession")
+
+
+def _judges(item, mutant: str) -> bool:
+    if _ledger_backend(item) == "tables" and not mutant.startswith("shared.ledger.tables"):
+        return False
+    if mutant.startswith("shared.service.") and item.path.stem == "test_dps":
+        function = mutant.partition("__mutmut_")[0].rpartition(".")[2].lower()
+        return any(word in function for word in DPS_WORDS)
+    files = next((names for prefix, names in MUTATION_TESTS.items() if mutant.startswith(prefix)), None)
+    return files is None or item.path.stem in files
 
 
 def _ledger_backend(item) -> str | None:
