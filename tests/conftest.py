@@ -32,6 +32,20 @@ if os.environ.get("CI"):
 # Under `make mutation`, the test files that judge each module's mutants: the module's own tests and those
 # of its direct users. A survivor runs every test that reaches its function; without this, a survivor in
 # a function every request passes through would run most of the suite (DPS's, the API's) each time.
+_USE_CASE_TESTS = (
+    "test_service",
+    "test_device_ownership",
+    "test_revocation",
+    "test_isolation",
+    "test_admin_input",
+    "test_keyvault",
+    "test_batches",
+    "test_field_devices",
+    "test_concurrency",
+    "test_api",
+    "test_api_hardening",
+    "test_dps",
+)
 MUTATION_TESTS = {
     "shared.pki.": (
         "test_pki",
@@ -50,6 +64,8 @@ MUTATION_TESTS = {
         "test_device_ownership",
         "test_service",
     ),
+    "shared.service.devices": _USE_CASE_TESTS,
+    "shared.service.ca": _USE_CASE_TESTS,
     "shared.keys.keyvault": ("test_keyvault", "test_expiry_keyvault"),
     "shared.ledger.": (
         "test_ledger",
@@ -70,11 +86,10 @@ MUTATION_TESTS = {
 def pytest_collection_modifyitems(config, items):
     """Under `make mutation` (mutmut sets MUTANT_UNDER_TEST), a mutant's tests run quickest first, so a
     killed mutant is found by its quickest failing test; they are the test files MUTATION_TESTS names for
-    its module (all of mutmut's choice for the device and CA use cases, DPS's tests only where DPS is kept
-    in step: DPS_WORDS); and the Table Storage runs of
-    ledger-parametrised tests are left to the mutants of the Table ledger: for any other module they
-    repeat what the SQLite runs already decide, at twice the cost. Leaving tests out can only let more
-    mutants survive, never kill one that the whole suite would not."""
+    its module (DPS's tests judge the use cases only where they keep DPS in step: DPS_WORDS); and the
+    Table Storage runs of ledger-parametrised tests are left to the mutants of the Table ledger: for any
+    other module they repeat what the SQLite runs already decide, at twice the cost. Leaving tests out can
+    only let more mutants survive, never kill one that the whole suite would not."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if not mutant.startswith("shared."):  # not a mutant run (mutmut's statistics run says "stats")
         return
