@@ -52,6 +52,8 @@ class Azurite:
         running = os.environ.get("AZURITE_TABLE_PORT") if service == "table" else None
         if running:
             self.port = int(running)
+            if not self.answers():
+                raise RuntimeError(f"no Azurite answers on AZURITE_TABLE_PORT={running}")
             return
         binary = BINARIES[service]
         if not binary.exists():
@@ -83,6 +85,18 @@ class Azurite:
     @property
     def connection_string(self) -> str:
         return connection_string(self.port, self.service)
+
+    def answers(self) -> bool:
+        """Whether something listens on the service's port now."""
+        return self.listening(self.port)
+
+    @staticmethod
+    def listening(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return True
+        except OSError:
+            return False
 
     def _wait_until_listening(self) -> bool:
         assert self.process is not None

@@ -83,6 +83,14 @@ MUTATION_TESTS = {
 }
 
 
+def pytest_sessionstart(session):
+    """Under `make mutation`, a shared Azurite that no longer answers ends the session at once with status 2,
+    which the report counts as "not run": its connection errors must not pass for tests killing a mutant."""
+    port = os.environ.get("AZURITE_TABLE_PORT")
+    if port and os.environ.get("MUTANT_UNDER_TEST", "").startswith("shared.") and not Azurite.listening(int(port)):
+        pytest.exit(f"no Azurite answers on AZURITE_TABLE_PORT={port}", returncode=2)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under `make mutation` (mutmut sets MUTANT_UNDER_TEST), a mutant's tests run quickest first, so a
     killed mutant is found by its quickest failing test; they are the test files MUTATION_TESTS names for
@@ -93,12 +101,15 @@ def pytest_collection_modifyitems(config, items):
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if not mutant.startswith("shared."):  # not a mutant run (mutmut's statistics run says "stats")
         return
-    kept = [item for item in items if _judges(item, mutant)] or items
+    try:
+        kept = [item for item in items if _judges(item, mutant)] or items
+        durations = _mutmut_durations()
+        kept.sort(key=lambda item: float(durations.get(item.nodeid) or 0.0))
+    except Exception:  # an error here would end pytest with status 3, which mutmut calls a kill
+        return
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
-    durations = _mutmut_durations()
-    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+    items[:] = kept
 
 
 # DPS's tests (the slowest) judge the use cases' mutants only in the functions that keep DPS in step.
@@ -123,9 +134,10 @@ def _ledger_backend(item) -> str | None:
 def _mutmut_durations() -> dict[str, float]:
     """Each test's duration in mutmut's statistics run (mutmut runs the tests inside mutants/)."""
     try:
-        return json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
-    except (OSError, ValueError, KeyError):
+        durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
+    return durations if isinstance(durations, dict) else {}
 
 
 class Clock:

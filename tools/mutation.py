@@ -15,6 +15,7 @@ every survivor is justified, 1 otherwise, 2 when there is no run to report on.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import signal
@@ -27,11 +28,36 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 JUSTIFIED = REPO / "tools" / "mutation-survivors"  # one TOML file per module: shared.<module>.toml
-# mutmut's exit codes as it classifies them (mutmut.stats.status_by_exit_code, mutmut 3.8)
-KILLED_STATUSES = {"killed", "timeout", "segfault", "caught by type check"}
+# mutmut's exit codes (mutmut/stats.py, 3.8), decided here rather than by mutmut's status names, which
+# call a crashed runner (255) a timeout: 1 a test failed, 3 pytest's internal error (mutated code that
+# breaks collection), 37 the type checker; SIGXCPU (or the SIGKILL after it) a timeout; None, 2 (stopped)
+# and 255 (the runner crashed) not run. Only 0, "every test passed", is a survivor a reason can justify;
+# anything else (no tests, skipped, suspicious, segfault) stays open.
+KILLED_CODES = {1, 3, 37}
+TIMEOUT_CODES = {-24, 24, 152, -9}
+NOT_RUN_CODES = {None, 2, 255}
+SURVIVED_CODE = 0
+
+
+def status_of(exit_code: int | None) -> str:
+    """killed, timeout, not run, survived, or "untested (exit N)"."""
+    if exit_code in KILLED_CODES:
+        return "killed"
+    if exit_code in TIMEOUT_CODES:
+        return "timeout"
+    if exit_code in NOT_RUN_CODES:
+        return "not run"
+    return "survived" if exit_code == SURVIVED_CODE else f"untested (exit {exit_code})"
+
+
 _STRING = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'""")
 _PROSE = re.compile(r"[a-z].* |.* .*[a-z]")
-_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|WHERE|FROM|VALUES|TRIGGER|PRAGMA|ROLLBACK|BEGIN|COMMIT)\b")
+_SQL = re.compile(
+    r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|RENAME|WHERE|FROM|JOIN|SET|VALUES|TRIGGER|PRAGMA|ROLLBACK|"
+    r"BEGIN|COMMIT|SAVEPOINT|RELEASE)\b|\?"
+)
+_NAMES_OBJECTS = re.compile(r"\b(CREATE|ALTER|RENAME|DROP)\b", re.IGNORECASE)  # stores the name as written
+_ODATA = re.compile(r"\b(eq|ne|gt|ge|lt|le)\b|@\w")  # Table Storage filters: property names are case-sensitive
 _PARSES = re.compile(r"==|!=|\bin\b|\bmatch\b|\bcase\b|startswith|endswith|split|partition|replace|find|index|strip")
 SQL_CASE = "equivalent: an SQL statement in another case (SQLite keywords and names are case-insensitive)"
 WORDING = (
@@ -42,18 +68,20 @@ WORDING = (
 
 @dataclass(frozen=True)
 class Mutant:
-    """One mutant: mutmut's name, the module and function it changes, its status and its changed lines."""
+    """One mutant: mutmut's name, its module and function, its status, its changed lines (stripped) and which
+    of the function's lines reading like the first removed one it changes (0: the first)."""
 
     name: str
     module: str
     function: str
     status: str
-    removed: tuple[str, ...]
-    added: tuple[str, ...]
+    removed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    occurrence: int = 0
 
     @property
-    def change(self) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-        return self.function, self.removed, self.added
+    def change(self) -> tuple[str, tuple[str, ...], tuple[str, ...], int]:
+        return self.function, self.removed, self.added, self.occurrence
 
 
 def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
@@ -67,8 +95,13 @@ def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
         return False
     for match in _STRING.finditer(before):
         literal, text = match.group(), match.group()[1:-1]
-        if before[match.start() - 1 : match.start()].isalpha() or not _PROSE.search(text) or _SQL.search(text):
-            continue  # a prefixed (bytes, raw) literal, a token or a statement
+        if (
+            before[match.start() - 1 : match.start()].isalpha()
+            or not _PROSE.search(text)
+            or _SQL.search(text)
+            or _ODATA.search(text)
+        ):
+            continue  # a prefixed (bytes, raw) literal, a token, a statement or a filter
         quote = literal[0]
         for rewritten in (f"XX{text}XX", text.lower(), text.upper()):
             if rewritten != text and before.replace(literal, quote + rewritten + quote, 1) == after:
@@ -78,13 +111,20 @@ def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
 
 def sql_case_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
     """Whether a change only puts an SQL statement without quoted values in lower or upper case: SQLite's
-    keywords and identifiers are case-insensitive (only quoted literals are not), so the mutant is equivalent."""
+    keywords and identifiers are case-insensitive (only quoted literals are not), so the mutant is equivalent.
+    Not a statement that creates, renames or drops: SQLite stores the name as written, and sqlite_master
+    lookups compare it exactly."""
     if len(removed) != 1 or len(added) != 1:
         return False
     before, after = removed[0], added[0]
     for match in _STRING.finditer(before):
         literal, text = match.group(), match.group()[1:-1]
-        if not _SQL.search(text) or "'" in text or before[match.start() - 1 : match.start()].isalpha():
+        if (
+            not _SQL.search(text)
+            or "'" in text
+            or _NAMES_OBJECTS.search(text)
+            or before[match.start() - 1 : match.start()].isalpha()
+        ):
             continue
         quote = literal[0]
         for rewritten in (text.lower(), text.upper()):
@@ -102,12 +142,39 @@ def rule_for(mutant: Mutant) -> str | None:
     return None
 
 
-def changed_lines(diff: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The removed and added lines of a unified diff, stripped of indentation."""
-    lines = [line for line in diff.splitlines() if not line.startswith(("---", "+++", "@@"))]
-    removed = tuple(line[1:].strip() for line in lines if line.startswith("-"))
-    added = tuple(line[1:].strip() for line in lines if line.startswith("+"))
-    return removed, added
+def changed_lines(original: str, mutant: str) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """The lines the mutant removes and adds (stripped) and the occurrence of the first removed line among
+    the original function's lines that read the same."""
+    before, after = original.splitlines(), mutant.splitlines()
+    changes = [
+        op for op in difflib.SequenceMatcher(None, before, after, autojunk=False).get_opcodes() if op[0] != "equal"
+    ]
+    if not changes:
+        return (), (), 0
+    first, last = changes[0], changes[-1]
+    removed = tuple(line.strip() for line in before[first[1] : last[2]])
+    added = tuple(line.strip() for line in after[first[3] : last[4]])
+    anchor = before[first[1]].strip() if first[1] < len(before) else ""
+    occurrence = sum(1 for line in before[: first[1]] if line.strip() == anchor)
+    return removed, added, occurrence
+
+
+def function_sources(name: str, path: Path) -> tuple[str, str]:
+    """The original function and the mutant, as mutmut wrote them into mutants/ (mutmut's own readers)."""
+    import libcst as cst
+    from mutmut.mutation.diff_apply import (
+        read_functions_from_index,
+        read_mutant_function,
+        read_mutants_module,
+        read_original_function,
+    )
+
+    functions = read_functions_from_index(name, path)
+    if functions is None:
+        module = read_mutants_module(path)
+        functions = (read_original_function(module, name), read_mutant_function(module, name))
+    original, mutant = (cst.Module([function]).code for function in functions)
+    return original, mutant
 
 
 def function_of(name: str) -> str:
@@ -119,29 +186,33 @@ def function_of(name: str) -> str:
     return f"{module}.{class_name}.{function}" if class_name else f"{module}.{function}"
 
 
-def load_mutants() -> list[Mutant]:
-    """Every mutant of the last run, read from `mutants/` with mutmut's own readers (run in REPO)."""
+def load_mutants() -> tuple[list[Mutant], list[str]]:
+    """Every mutant of the last run, read from `mutants/` (run in the project), and the configured modules
+    that have no mutants there (not generated: the run is incomplete)."""
     from mutmut.mutation.data import SourceFileMutationData
-    from mutmut.mutation.diff_apply import get_diff_for_mutant
-    from mutmut.stats import status_by_exit_code
     from mutmut.utils.file_utils import walk_mutatable_files
 
-    mutants = []
+    mutants, missing = [], []
     for path in walk_mutatable_files():
         data = SourceFileMutationData(path=path)
-        data.load()
         module = ".".join(Path(path).with_suffix("").parts)
+        if not data.meta_path.exists():
+            missing.append(module)
+            continue
+        data.load()
         for name, exit_code in sorted(data.exit_code_by_key.items()):
-            status = status_by_exit_code[exit_code]
-            removed = added = ()
-            if status not in KILLED_STATUSES and status != "not checked":
-                removed, added = changed_lines(get_diff_for_mutant(name, path=path))
-            mutants.append(Mutant(name, module, function_of(name), status, removed, added))
-    return mutants
+            status = status_of(exit_code)
+            mutant = Mutant(name, module, function_of(name), status)
+            if status not in ("killed", "timeout", "not run"):
+                removed, added, occurrence = changed_lines(*function_sources(name, path))
+                mutant = Mutant(name, module, mutant.function, status, removed, added, occurrence)
+            mutants.append(mutant)
+    return mutants, missing
 
 
 def load_justified(folder: Path = JUSTIFIED) -> dict[tuple, str]:
-    """{(function, removed lines, added lines): reason} from the survivors files; ValueError when malformed."""
+    """{(function, removed lines, added lines, occurrence): reason} from the survivors files (`occurrence`,
+    0 when left out, tells apart identical lines of one function); ValueError when malformed."""
     justified = {}
     for path in sorted(folder.glob("*.toml")):
         with open(path, "rb") as handle:
@@ -150,7 +221,8 @@ def load_justified(folder: Path = JUSTIFIED) -> dict[tuple, str]:
             missing = {"function", "removed", "added", "reason"} - entry.keys()
             if missing or not str(entry.get("reason", "")).strip():
                 raise ValueError(f"{path.name}: survivor {number} needs function, removed, added and a reason")
-            justified[(entry["function"], tuple(entry["removed"]), tuple(entry["added"]))] = entry["reason"]
+            key = (entry["function"], tuple(entry["removed"]), tuple(entry["added"]), entry.get("occurrence", 0))
+            justified[key] = entry["reason"]
     return justified
 
 
@@ -167,24 +239,27 @@ def draft(mutant: Mutant) -> str:
             f"function = {toml_string(mutant.function)}",
             f"removed = [{', '.join(toml_string(line) for line in mutant.removed)}]",
             f"added = [{', '.join(toml_string(line) for line in mutant.added)}]",
+            *([f"occurrence = {mutant.occurrence}"] if mutant.occurrence else []),
             'reason = ""',
             "",
         ]
     )
 
 
-def report(mutants: list[Mutant], justified: dict[tuple, str], floor: float, drafts: bool) -> int:
-    """Print the per-module table and the survivors; 0 when the score and the survivors pass."""
+def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str], floor: float, drafts: bool) -> int:
+    """Print the per-module table and the survivors; 0 when the score and the survivors pass and every
+    configured module (`missing` lists those without mutants in mutants/) was mutated."""
     by_module: dict[str, Counter] = defaultdict(Counter)
     open_survivors, justified_survivors, used = [], [], set()
     for mutant in mutants:
         counts = by_module[mutant.module]
         counts["mutants"] += 1
-        if mutant.status in KILLED_STATUSES:
+        if mutant.status in ("killed", "timeout"):
             counts["killed"] += 1
-        elif mutant.status == "not checked":
+            counts["timeout"] += mutant.status == "timeout"
+        elif mutant.status == "not run":
             counts["not run"] += 1
-        elif mutant.change in justified or rule_for(mutant):
+        elif mutant.status == "survived" and (mutant.change in justified or rule_for(mutant)):
             counts["justified"] += 1
             justified_survivors.append(mutant)
             used.add(mutant.change)
@@ -203,11 +278,15 @@ def report(mutants: list[Mutant], justified: dict[tuple, str], floor: float, dra
         print(f"OPEN       {mutant.name} ({mutant.status}): {' / '.join(mutant.removed)} -> {' / '.join(mutant.added)}")
         if drafts:
             print(draft(mutant))
+    for module in missing:
+        print(f"NOT MUTATED {module}: mutants/ holds none of its mutants (run make mutation)")
+    if total["timeout"]:
+        print(f"{total['timeout']} of the killed mutants made their tests run out of time (counted as killed)")
     stale = len(justified) - len(used)
     if stale and not total["not run"]:
         print(f"{stale} entries of {JUSTIFIED.name}/ match no survivor of this run (killed now, or the code changed)")
     score = 100 * total["killed"] / max(total["mutants"], 1)
-    passed = score >= floor and not open_survivors and not total["not run"]
+    passed = score >= floor and not open_survivors and not total["not run"] and not missing
     print(
         f"mutation score {score:.1f}% killed ({total['killed']} of {total['mutants']}; floor {floor:g}%), "
         f"{total['justified']} survivors justified, {total['open']} open, {total['not run']} not run: "
@@ -234,12 +313,17 @@ def run(children: int, names: list[str]) -> int:
     try:
         environment = {**os.environ, "AZURITE_TABLE_PORT": str(azurite.port)}
         command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
-        return subprocess.run(command, cwd=REPO, env=environment, check=False).returncode
+        status = subprocess.run(command, cwd=REPO, env=environment, check=False).returncode
+        if not azurite.answers():
+            print("Azurite stopped answering during the run: rerun the Table ledger's mutants", file=sys.stderr)
+            return 1
+        return status
     finally:
         azurite.stop()
 
 
-def main() -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: `run [PATTERN ...]` or `report`, with the options below."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "report"], help="run mutmut then report, or report the last run")
     parser.add_argument("mutants", nargs="*", help="mutmut name patterns to run (all configured when none)")
@@ -248,17 +332,26 @@ def main() -> int:
     parser.add_argument("--draft", action="store_true", help="print a survivors-file entry for each open survivor")
     parser.add_argument("--module", action="append", help="report only modules starting with this (repeatable)")
     parser.add_argument("--survivors", type=Path, default=JUSTIFIED, help="folder of justified survivors' files")
-    parser.add_argument("--mutants", type=Path, default=REPO, help="folder holding the run's mutants/ (this project)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--from", dest="folder", type=Path, default=REPO, help="the project folder holding the run's mutants/"
+    )
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse()
     survivors = args.survivors.resolve()
-    os.chdir(args.mutants)
+    os.chdir(args.folder)
     if args.command == "run" and run(args.children, args.mutants) != 0:
         print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
     if not Path("mutants").is_dir():
         print("no mutation run to report on: make mutation", file=sys.stderr)
         return 2
-    mutants = [m for m in load_mutants() if not args.module or m.module.startswith(tuple(args.module))]
-    return report(mutants, load_justified(survivors), args.floor, args.draft)
+    wanted = tuple(args.module or ("",))
+    mutants, missing = load_mutants()
+    mutants = [mutant for mutant in mutants if mutant.module.startswith(wanted)]
+    missing = [module for module in missing if module.startswith(wanted)]
+    return report(mutants, missing, load_justified(survivors), args.floor, args.draft)
 
 
 if __name__ == "__main__":

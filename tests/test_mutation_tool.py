@@ -1,0 +1,134 @@
+"""tools/mutation.py, which decides what `make mutation` calls killed, justified and open: its rules must not
+excuse a mutant that changes behaviour, nor count a run that did not judge a mutant as a kill."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import mutation
+
+MESSAGE = 'raise NotImplementedError("a Key Vault key never leaves the vault")'
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        'raise NotImplementedError("XXa Key Vault key never leaves the vaultXX")',
+        'raise NotImplementedError("a key vault key never leaves the vault")',
+        'raise NotImplementedError("A KEY VAULT KEY NEVER LEAVES THE VAULT")',
+    ],
+)
+def test_a_reworded_message_is_wording(after):
+    assert mutation.wording_only((MESSAGE,), (after,))
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        (MESSAGE, "raise NotImplementedError(None)"),  # no message at all
+        ('x("empty-csr", "the CSR is empty")', 'x("XXempty-csrXX", "the CSR is empty")'),  # the code
+        ('if label == "NEW CERTIFICATE REQUEST":', 'if label == "new certificate request":'),  # compared
+        ('if "not a key" in text:', 'if "NOT A KEY" in text:'),  # compared
+        ('x = b"a b"', 'x = b"XXa bXX"'),  # bytes
+        ('query = "PartitionKey eq @p and RowKey lt @marker"', 'query = "partitionkey eq @p and rowkey lt @marker"'),
+        ('db.execute("ALTER TABLE certificates_v4 RENAME TO certificates")', 'db.execute("alter table c")'),
+        ('where.append("status = ?")', 'where.append("STATUS = ?")'),
+    ],
+)
+def test_what_is_not_prose_is_never_wording(before, after):
+    assert not mutation.wording_only((before,), (after,))
+
+
+def test_an_sql_statement_in_another_case_is_equivalent():
+    before = 'db.execute("INSERT INTO devices (device_id, owner) VALUES (?, ?)")'
+    assert mutation.sql_case_only(
+        (before,), (before.replace("INSERT INTO", "insert into").replace("VALUES", "values"),)
+    )
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        # SQLite stores the name a statement gives an object as written, and lookups compare it exactly
+        (
+            'db.execute("ALTER TABLE certificates_v4 RENAME TO certificates")',
+            'db.execute("ALTER TABLE CERTIFICATES_V4 RENAME TO CERTIFICATES")',
+        ),
+        ('db.execute("CREATE TABLE t (a)")', 'db.execute("create table t (a)")'),
+        # a quoted value is case-sensitive
+        ("q = \"SELECT a FROM t WHERE s = 'active'\"", "q = \"select a from t where s = 'active'\""),
+    ],
+)
+def test_sql_that_names_objects_or_values_is_not_equivalent(before, after):
+    assert not mutation.sql_case_only((before,), (after.replace("alter table", "ALTER TABLE"),))
+    assert not mutation.sql_case_only((before,), (after,))
+
+
+@pytest.mark.parametrize(
+    "exit_code, status",
+    [
+        (1, "killed"),
+        (3, "killed"),
+        (-24, "timeout"),
+        (-9, "timeout"),
+        (0, "survived"),
+        (None, "not run"),
+        (255, "not run"),  # mutmut's runner crashed: it calls this a timeout
+        (2, "not run"),
+        (33, "untested (exit 33)"),  # no tests: never a survivor a reason can excuse
+        (-11, "untested (exit -11)"),
+    ],
+)
+def test_exit_codes(exit_code, status):
+    assert mutation.status_of(exit_code) == status
+
+
+def test_identical_lines_of_a_function_are_told_apart():
+    original = "def f(a):\n    if a:\n        return 1\n    if a:\n        return 2\n"
+    first = original.replace("    if a:\n        return 1", "    if not a:\n        return 1")
+    second = original.replace("    if a:\n        return 2", "    if not a:\n        return 2")
+    assert mutation.changed_lines(original, first) == (("if a:",), ("if not a:",), 0)
+    assert mutation.changed_lines(original, second) == (("if a:",), ("if not a:",), 1)
+
+
+def _report(tmp_path, capsys, mutants, missing=(), justified=None) -> tuple[int, str]:
+    status = mutation.report(list(mutants), list(missing), justified or {}, floor=50, drafts=False)
+    return status, capsys.readouterr().out
+
+
+def _mutant(name: str, status: str, removed=("x = 1",), added=("x = 2",), occurrence=0) -> mutation.Mutant:
+    return mutation.Mutant(name, "shared.m", "shared.m.f", status, removed, added, occurrence)
+
+
+def test_the_report_passes_only_when_every_survivor_is_justified(tmp_path, capsys):
+    killed = _mutant("shared.m.x_f__mutmut_1", "killed", (), ())
+    survivor = _mutant("shared.m.x_f__mutmut_2", "survived")
+    assert _report(tmp_path, capsys, [killed, survivor])[0] == 1
+    status, out = _report(tmp_path, capsys, [killed, survivor], justified={survivor.change: "equivalent: because"})
+    assert status == 0 and "equivalent: because" in out
+    # an entry for the same lines at another occurrence excuses nothing
+    elsewhere = ("shared.m.f", ("x = 1",), ("x = 2",), 1)
+    assert _report(tmp_path, capsys, [killed, survivor], justified={elsewhere: "elsewhere"})[0] == 1
+
+
+def test_only_a_survivor_can_be_justified(tmp_path, capsys):
+    killed = _mutant("shared.m.x_f__mutmut_1", "killed", (), ())
+    untested = _mutant("shared.m.x_f__mutmut_2", "untested (exit 33)")
+    status, out = _report(tmp_path, capsys, [killed, untested], justified={untested.change: "a reason"})
+    assert status == 1 and "OPEN" in out
+
+
+def test_a_run_with_mutants_not_run_or_modules_not_mutated_fails(tmp_path, capsys):
+    killed = _mutant("shared.m.x_f__mutmut_1", "killed", (), ())
+    assert _report(tmp_path, capsys, [killed, _mutant("shared.m.x_f__mutmut_2", "not run", (), ())])[0] == 1
+    status, out = _report(tmp_path, capsys, [killed], missing=["shared.other"])
+    assert status == 1 and "NOT MUTATED shared.other" in out
+
+
+def test_the_command_line_takes_patterns_and_a_folder(tmp_path):
+    assert mutation.parse(["run"]).mutants == []
+    assert mutation.parse(["run", "shared.pki*", "shared.api*"]).mutants == ["shared.pki*", "shared.api*"]
+    args = mutation.parse(["report", "--from", str(tmp_path), "--module", "shared.pki"])
+    assert (args.folder, args.module, args.mutants) == (tmp_path, ["shared.pki"], [])
