@@ -66,6 +66,19 @@ def dps_ca(make_service, fake_dps):
     return service
 
 
+def test_an_issued_certificate_carries_the_devices_own_registration(dps_ca):
+    """What a factory line writes into the device beside its certificate: DPS's endpoint, ID scope and the
+    device's own registration ID (its CN)."""
+    issued = dps_ca.sign_csr(make_csr("sensor-7"), "sensor-7")
+    assert issued.dps == {
+        "globalEndpoint": "global.azure-devices-provisioning.net",
+        "idScope": "0ne00FAKE01",
+        "registrationId": "sensor-7",
+    }
+    again = dps_ca.sign_csr(make_csr("sensor-8"), "sensor-8")
+    assert again.dps["registrationId"] == "sensor-8"
+
+
 def test_the_seeds_whole_flow_through_the_cli(fake_dps, tmp_path):
     home, env = tmp_path / "pki", fake_dps.environment()
     created = run_cli("create-ca-root", home=home, env=env)
