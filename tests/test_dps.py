@@ -252,11 +252,21 @@ def test_disable_refuses_signing_until_enabled(dps_ca, fake_dps):
     assert all("if-match" in h for h in puts[1:])  # every update carries the etag of the GET before it
 
 
-def test_dps_failing_during_disable_leaves_signing_disabled_and_says_so(dps_ca, fake_dps):
+@pytest.mark.parametrize(("enabled", "status", "verb"), [(False, "disabled", "disable"), (True, "active", "enable")])
+def test_dps_failing_during_disable_or_enable_keeps_the_ledgers_change_and_says_so(
+    dps_ca, fake_dps, enabled, status, verb
+):
+    if enabled:
+        dps_ca.set_intermediate_enabled("factory-a", False)
     fake_dps.failures["group-put"] = lambda n: 503
-    result = dps_ca.set_intermediate_enabled("factory-a", False)
-    assert dps_ca.intermediate("factory-a").status == "disabled"
-    assert "run disable-intermediate factory-a again" in result.warnings[0]
+    result = dps_ca.set_intermediate_enabled("factory-a", enabled)
+    record = dps_ca.intermediate("factory-a")
+    assert record.status == status
+    (warning,) = result.warnings
+    assert warning.startswith(f"signing is {verb}d, but DPS's enrollment group was not updated")
+    assert warning.endswith(f"run {verb}-intermediate factory-a again")
+    assert record.dps["provisioningStatus"] is None  # DPS's state is unknown until the command runs again
+    assert "DPS answered 503" in record.dps["error"] and record.dps["message"] == warning
 
 
 def test_the_hundred_group_limit_is_named(dps_ca, fake_dps):
