@@ -261,7 +261,7 @@ def test_dps_failing_during_disable_or_enable_keeps_the_ledgers_change_and_says_
     fake_dps.failures["group-put"] = lambda n: 503
     result = dps_ca.set_intermediate_enabled("factory-a", enabled)
     record = dps_ca.intermediate("factory-a")
-    assert record.status == status
+    assert record.status == status and result.record == record
     (warning,) = result.warnings
     assert warning.startswith(f"signing is {verb}d, but DPS's enrollment group was not updated")
     assert warning.endswith(f"run {verb}-intermediate factory-a again")

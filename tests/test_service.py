@@ -144,6 +144,26 @@ def test_newest_active_intermediate_is_the_default(service):
     assert service.sign_csr(make_csr("dev-3"), "dev-3", intermediate_id="factory-b").created
 
 
+def test_the_default_intermediate_is_the_newest_active_one_of_those_given(service):
+    service.create_intermediate("factory-b")
+    records = service.intermediates()
+    assert [record.id for record in records] == ["factory-a", "factory-b"]
+    assert service.default_intermediate_id() == service.default_intermediate_id(records) == "factory-b"
+    assert service.default_intermediate_id(records[:1]) == "factory-a"  # of the records given, not the ledger's
+    assert service.default_intermediate_id([]) is None
+    for ca_id in ("factory-a", "factory-b"):
+        service.set_intermediate_enabled(ca_id, False)
+    assert service.default_intermediate_id() is None
+
+
+def test_disabling_without_dps_warns_only_that_dps_is_not_configured(service):
+    """Offline, DPS provisions nothing anyway: the one warning says the group document was only recorded."""
+    for enabled in (False, True):
+        result = service.set_intermediate_enabled("factory-a", enabled)
+        assert result.warnings == (result.record.dps["message"],)
+        assert result.warnings[0].startswith("DPS is not configured: nothing was sent")
+
+
 def test_a_same_csr_retry_answers_from_the_ledger_even_once_its_intermediate_is_disabled(service):
     """Handing back a certificate on record signs nothing, so it needs no active intermediate (and costs no
     CA read); anything to sign still needs one, and a caller's binding is checked before anything else."""
