@@ -556,6 +556,21 @@ def test_dps_failing_during_a_revocation_leaves_the_revocation_and_revoking_agai
     assert repaired["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
 
 
+def test_the_repair_names_a_revoked_certificate_of_the_device_itself(dps_ca, fake_dps):
+    """The serial to revoke again is the device's own revoked one: not another device's revoked certificate,
+    nor the device's superseded one."""
+    other = dps_ca.sign_csr(make_csr("dev-other"), "dev-other")
+    dps_ca.revoke(other.record.serial)
+    dps_ca.sign_csr(make_csr("dev-down"), "dev-down")
+    renewed = dps_ca.sign_csr(make_csr("dev-down", key=device_key()), "dev-down", renew=True)
+    fake_dps.failures["enrollment-put"] = lambda n: 503
+    _, state = dps_ca.revoke(renewed.record.serial)
+    assert state["mode"] == "failed"
+    assert state["message"].endswith(
+        f"run revoke {renewed.record.serial} again (it changes nothing else) to put DPS in step"
+    )
+
+
 @pytest.mark.parametrize("body", ["not json", '{"intermediateId": "no-such"}', '{"intermediateId": "root"}', "[]"])
 def test_a_registration_message_that_can_never_succeed_is_dropped_at_once(dps_ca, body):
     """Delivering it again cannot help: it is dropped (logged) instead of failing five times into poison."""
