@@ -238,6 +238,30 @@ def test_a_stale_device_enrollment_is_read_again(dps_ca, fake_dps):
     assert state["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
 
 
+@pytest.mark.parametrize(("stale", "written"), [(2, True), (3, False)])
+def test_a_device_enrollment_is_written_at_most_three_times_against_newer_etags(dps_ca, fake_dps, stale, written):
+    """Each write that meets a newer etag reads the ledger and DPS again and writes again: three writes in all."""
+    issued = dps_ca.sign_csr(make_csr("dev-3"), "dev-3")
+    before = fake_dps.calls["enrollment-put"]
+    fake_dps.failures["enrollment-put"] = lambda n: 412 if n - before <= stale else None
+    _, state = dps_ca.revoke(issued.record.serial)
+    assert fake_dps.calls["enrollment-put"] - before == 3
+    if written:
+        assert state["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
+    else:
+        assert state["mode"] == "failed" and state["error"] == "dps-conflict"
+
+
+def test_a_blocked_device_is_enrolled_with_its_own_revoked_certificate(dps_ca, fake_dps):
+    other = dps_ca.sign_csr(make_csr("dev-other"), "dev-other")
+    dps_ca.revoke(other.record.serial)
+    issued = dps_ca.sign_csr(make_csr("dev-1"), "dev-1")
+    dps_ca.revoke(issued.record.serial)
+    blocked = fake_dps.enrollments["dev-1"]
+    assert blocked.enabled is False
+    assert blocked.certificate == x509.load_pem_x509_certificate(issued.record.certificate_pem.encode())
+
+
 def test_disable_refuses_signing_until_enabled(dps_ca, fake_dps):
     issued = dps_ca.sign_csr(make_csr("dev-4"), "dev-4")
     result = dps_ca.set_intermediate_enabled("factory-a", False)
