@@ -253,9 +253,11 @@ def test_a_device_enrollment_is_written_at_most_three_times_against_newer_etags(
 
 
 def test_a_blocked_device_is_enrolled_with_its_own_revoked_certificate(dps_ca, fake_dps):
+    """Not another device's revoked certificate, nor the device's own superseded one."""
     other = dps_ca.sign_csr(make_csr("dev-other"), "dev-other")
     dps_ca.revoke(other.record.serial)
-    issued = dps_ca.sign_csr(make_csr("dev-1"), "dev-1")
+    dps_ca.sign_csr(make_csr("dev-1"), "dev-1")
+    issued = dps_ca.sign_csr(make_csr("dev-1", key=device_key()), "dev-1", renew=True)
     dps_ca.revoke(issued.record.serial)
     blocked = fake_dps.enrollments["dev-1"]
     assert blocked.enabled is False
