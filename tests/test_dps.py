@@ -101,12 +101,22 @@ def test_the_seeds_whole_flow_through_the_cli(fake_dps, tmp_path):
 def test_offline_proof_needs_the_code_and_verified_on_upload_needs_dps(make_service, tmp_path):
     offline = make_service()
     offline.create_root()
-    with pytest.raises(Exception, match="give the verification code"):
-        offline.prove_root_possession()
+    for verified_on_upload in (False, True):
+        with pytest.raises(Exception, match="give the verification code"):
+            offline.prove_root_possession(verified_on_upload=verified_on_upload)
     home = tmp_path / "cli-home"
     assert run_cli("create-ca-root", home=home).returncode == 0
     result = run_cli("proof-ca-root-possession", home=home)
     assert result.returncode == 1 and b"verification code" in result.stderr
+
+
+def test_the_proof_does_not_upload_a_registered_root_again(make_service, fake_dps):
+    """A root DPS holds unverified is proved as it is: only a root DPS did not take is uploaded by the proof."""
+    service = make_service(**dps_settings(fake_dps))
+    service.create_root()
+    uploads = fake_dps.calls["arm-certificate-put"]
+    assert service.prove_root_possession().dps["isVerified"]
+    assert fake_dps.calls["arm-certificate-put"] == uploads
 
 
 def test_verified_on_upload(make_service, fake_dps):

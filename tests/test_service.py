@@ -208,6 +208,19 @@ def test_proof_of_possession(service):
         service.prove_root_possession("not a code!")
 
 
+def test_offline_proof_of_possession_is_recorded(service):
+    """Offline, the code and the certificate are recorded for DPS, and the root's DPS state keeps the proof."""
+    before = service.root().dps
+    proof = service.prove_root_possession("3E5A2B0C9D8F")
+    assert service.root().dps == {**before, "proofOfPossession": proof.dps}
+    recorded = service.dps.documents.get("verifications", "root")
+    assert recorded == {
+        "certificateName": "root",
+        "verificationCode": "3E5A2B0C9D8F",
+        "certificate": proof.certificate_pem,
+    }
+
+
 def test_revoked_key_is_never_certified_again(service):
     key = device_key()
     issued = service.sign_csr(make_csr("dev-1", key=key), "dev-1")
