@@ -10,7 +10,6 @@ import pytest
 from shared.errors import BackendUnavailable
 from shared.ledger.models import CERT_ACTIVE, CERT_EXPIRED, CERT_REVOKED, CERT_SUPERSEDED, CertificateQuery
 from shared.parameters import InvalidParameter
-from shared.pki.validity import MAX_DAYS
 from shared.queues import InProcessQueue
 from shared.service.expiry import ExpiryThresholds, stage_of, stages
 
@@ -320,13 +319,6 @@ def test_the_inventory_lists_only_active_expiring_certificates_unless_a_status_i
     assert [c.serial for c in revoked_listed.items] == [revoked.serial]
     superseded = service.certificates(CertificateQuery(expiring_before=before, status=CERT_SUPERSEDED))
     assert [c.serial for c in superseded.items] == [old.serial]
-
-
-def test_an_expiry_window_out_of_range_names_expiring_within_days(service):
-    """The inventory's window is refused under its HTTP name, as the query parameter that carries it."""
-    for days in (0, -1, float("nan"), MAX_DAYS + 1, "soon"):
-        with pytest.raises(InvalidParameter, match=r"^expiringWithinDays must be "):
-            service.expiring_before(days)
 
 
 def test_ten_years_on_everything_has_expired_and_is_announced_once(service, clock):

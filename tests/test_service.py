@@ -4,7 +4,9 @@ import pytest
 
 from shared.errors import Conflict, Forbidden, NotFound
 from shared.ledger.models import CertificateQuery
+from shared.parameters import InvalidParameter
 from shared.pki import PkiError
+from shared.pki.validity import MAX_DAYS
 from shared.service import SignRequest, normalize_serial
 
 from .certrules import (
@@ -219,6 +221,13 @@ def test_offline_proof_of_possession_is_recorded(service):
         "verificationCode": "3E5A2B0C9D8F",
         "certificate": proof.certificate_pem,
     }
+
+
+def test_an_expiry_window_out_of_range_names_expiring_within_days(service):
+    """The inventory's window is refused under its HTTP name, as the query parameter that carries it."""
+    for days in (0, -1, float("nan"), MAX_DAYS + 1, "soon"):
+        with pytest.raises(InvalidParameter, match=r"^expiringWithinDays must be "):
+            service.expiring_before(days)
 
 
 def test_revoked_key_is_never_certified_again(service):
