@@ -9,6 +9,7 @@ from shared.coalesce import Coalescer
 from shared.errors import CaError, Conflict
 from shared.ledger.groupcommit import GroupCommit
 from shared.ledger.models import CertificateQuery
+from shared.service import SignRequest
 
 from .csrs import device_key, make_csr
 
@@ -198,3 +199,19 @@ def test_async_signing_errors_are_per_request(service):
     assert ok.created
     assert isinstance(bad, CaError) and bad.code == "cn-mismatch"
     assert isinstance(unknown, CaError) and unknown.code == "intermediate-not-found"
+
+
+def test_signing_without_a_requester_records_cli(service):
+    """Without requested_by a certificate is recorded as requested by "cli", however it is signed."""
+
+    async def main():
+        return await asyncio.gather(
+            service.sign_csr_async(make_csr("dev-1"), "dev-1"),
+            service.sign_csr_async(make_csr("dev-2"), "dev-2", requested_by="line-1"),
+        )
+
+    unnamed, named = asyncio.run(main())
+    assert [service.certificate(r.record.serial).requested_by for r in (unnamed, named)] == ["cli", "line-1"]
+    assert service.sign_csr(make_csr("dev-3"), "dev-3").record.requested_by == "cli"
+    (batched,) = service.sign_csrs([SignRequest(make_csr("dev-4"), "dev-4")])
+    assert service.certificate(batched.record.serial).requested_by == "cli"

@@ -114,12 +114,22 @@ def test_the_seeds_whole_flow_through_the_cli(fake_dps, tmp_path):
 def test_offline_proof_needs_the_code_and_verified_on_upload_needs_dps(make_service, tmp_path):
     offline = make_service()
     offline.create_root()
-    with pytest.raises(Exception, match="give the verification code"):
-        offline.prove_root_possession()
+    for verified_on_upload in (False, True):
+        with pytest.raises(Exception, match="give the verification code"):
+            offline.prove_root_possession(verified_on_upload=verified_on_upload)
     home = tmp_path / "cli-home"
     assert run_cli("create-ca-root", home=home).returncode == 0
     result = run_cli("proof-ca-root-possession", home=home)
     assert result.returncode == 1 and b"verification code" in result.stderr
+
+
+def test_the_proof_does_not_upload_a_registered_root_again(make_service, fake_dps):
+    """A root DPS holds unverified is proved as it is: only a root DPS did not take is uploaded by the proof."""
+    service = make_service(**dps_settings(fake_dps))
+    service.create_root()
+    uploads = fake_dps.calls["arm-certificate-put"]
+    assert service.prove_root_possession().dps["isVerified"]
+    assert fake_dps.calls["arm-certificate-put"] == uploads
 
 
 def test_verified_on_upload(make_service, fake_dps):
@@ -251,6 +261,32 @@ def test_a_stale_device_enrollment_is_read_again(dps_ca, fake_dps):
     assert state["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
 
 
+@pytest.mark.parametrize(("stale", "written"), [(2, True), (3, False)])
+def test_a_device_enrollment_is_written_at_most_three_times_against_newer_etags(dps_ca, fake_dps, stale, written):
+    """Each write that meets a newer etag reads the ledger and DPS again and writes again: three writes in all."""
+    issued = dps_ca.sign_csr(make_csr("dev-3"), "dev-3")
+    before = fake_dps.calls["enrollment-put"]
+    fake_dps.failures["enrollment-put"] = lambda n: 412 if n - before <= stale else None
+    _, state = dps_ca.revoke(issued.record.serial)
+    assert fake_dps.calls["enrollment-put"] - before == 3
+    if written:
+        assert state["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
+    else:
+        assert state["mode"] == "failed" and state["error"] == "dps-conflict"
+
+
+def test_a_blocked_device_is_enrolled_with_its_own_revoked_certificate(dps_ca, fake_dps):
+    """Not another device's revoked certificate, nor the device's own superseded one."""
+    other = dps_ca.sign_csr(make_csr("dev-other"), "dev-other")
+    dps_ca.revoke(other.record.serial)
+    dps_ca.sign_csr(make_csr("dev-1"), "dev-1")
+    issued = dps_ca.sign_csr(make_csr("dev-1", key=device_key()), "dev-1", renew=True)
+    dps_ca.revoke(issued.record.serial)
+    blocked = fake_dps.enrollments["dev-1"]
+    assert blocked.enabled is False
+    assert blocked.certificate == x509.load_pem_x509_certificate(issued.record.certificate_pem.encode())
+
+
 def test_disable_refuses_signing_until_enabled(dps_ca, fake_dps):
     issued = dps_ca.sign_csr(make_csr("dev-4"), "dev-4")
     result = dps_ca.set_intermediate_enabled("factory-a", False)
@@ -265,11 +301,21 @@ def test_disable_refuses_signing_until_enabled(dps_ca, fake_dps):
     assert all("if-match" in h for h in puts[1:])  # every update carries the etag of the GET before it
 
 
-def test_dps_failing_during_disable_leaves_signing_disabled_and_says_so(dps_ca, fake_dps):
+@pytest.mark.parametrize(("enabled", "status", "verb"), [(False, "disabled", "disable"), (True, "active", "enable")])
+def test_dps_failing_during_disable_or_enable_keeps_the_ledgers_change_and_says_so(
+    dps_ca, fake_dps, enabled, status, verb
+):
+    if enabled:
+        dps_ca.set_intermediate_enabled("factory-a", False)
     fake_dps.failures["group-put"] = lambda n: 503
-    result = dps_ca.set_intermediate_enabled("factory-a", False)
-    assert dps_ca.intermediate("factory-a").status == "disabled"
-    assert "run disable-intermediate factory-a again" in result.warnings[0]
+    result = dps_ca.set_intermediate_enabled("factory-a", enabled)
+    record = dps_ca.intermediate("factory-a")
+    assert record.status == status and result.record == record
+    (warning,) = result.warnings
+    assert warning.startswith(f"signing is {verb}d, but DPS's enrollment group was not updated")
+    assert warning.endswith(f"run {verb}-intermediate factory-a again")
+    assert record.dps["provisioningStatus"] is None  # DPS's state is unknown until the command runs again
+    assert "DPS answered 503" in record.dps["error"] and record.dps["message"] == warning
 
 
 def test_the_hundred_group_limit_is_named(dps_ca, fake_dps):
@@ -564,6 +610,21 @@ def test_dps_failing_during_a_revocation_leaves_the_revocation_and_revoking_agai
     del fake_dps.failures["enrollment-put"]
     _, repaired = dps_ca.revoke(issued.record.serial)
     assert repaired["provisioningStatus"] == "disabled" and not fake_dps.admits(issued.chain_pem)
+
+
+def test_the_repair_names_a_revoked_certificate_of_the_device_itself(dps_ca, fake_dps):
+    """The serial to revoke again is the device's own revoked one: not another device's revoked certificate,
+    nor the device's superseded one."""
+    other = dps_ca.sign_csr(make_csr("dev-other"), "dev-other")
+    dps_ca.revoke(other.record.serial)
+    dps_ca.sign_csr(make_csr("dev-down"), "dev-down")
+    renewed = dps_ca.sign_csr(make_csr("dev-down", key=device_key()), "dev-down", renew=True)
+    fake_dps.failures["enrollment-put"] = lambda n: 503
+    _, state = dps_ca.revoke(renewed.record.serial)
+    assert state["mode"] == "failed"
+    assert state["message"].endswith(
+        f"run revoke {renewed.record.serial} again (it changes nothing else) to put DPS in step"
+    )
 
 
 @pytest.mark.parametrize("body", ["not json", '{"intermediateId": "no-such"}', '{"intermediateId": "root"}', "[]"])

@@ -1,12 +1,15 @@
 """PKI_AUTH=easyauth: App Service authentication's X-MS-CLIENT-PRINCIPAL decides, and only then."""
 
+import asyncio
 import base64
 import json
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.requests import Request
 
 from shared.api import create_app
+from shared.api.auth import authenticate
 
 from .apiclient import bearer
 from .csrs import make_csr
@@ -166,6 +169,31 @@ def test_a_factory_found_by_application_is_an_easyauth_caller(easy):
         ("factory-a",),
         "easyauth",
     )
+
+
+def test_an_admin_is_an_easyauth_caller(easy):
+    """An admin that Easy Auth signed in is marked as such, as a factory found by its application is."""
+    _, client = easy
+    header = principal(["PKI.Admin"])["X-MS-CLIENT-PRINCIPAL"]
+    request = Request({"type": "http", "app": client.app, "headers": [(b"x-ms-client-principal", header.encode())]})
+    caller = asyncio.run(authenticate(request))
+    assert (caller.id, caller.role, caller.intermediates, caller.via) == (
+        "entra:Alice Admin",
+        "admin",
+        None,
+        "easyauth",
+    )
+
+
+def test_only_the_role_claim_types_carry_roles(easy):
+    """Claim types are compared exactly: without role_typ, only the standard role claims carry roles."""
+    _, client = easy
+    for kind in ("roles", "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"):
+        headers = _encoded({"claims": [{"typ": kind, "val": "PKI.Admin"}]})
+        assert client.get("/api/ca/root", headers=headers).status_code == 200, kind
+    for kind in ("ROLES", "Roles", "role"):
+        response = client.get("/api/ca/root", headers=_encoded({"claims": [{"typ": kind, "val": "PKI.Admin"}]}))
+        assert response.status_code == 403 and response.json()["error"]["code"] == "no-role", kind
 
 
 def test_an_admin_is_recorded_by_its_name_claim(easy):

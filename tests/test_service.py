@@ -4,7 +4,9 @@ import pytest
 
 from shared.errors import Conflict, Forbidden, NotFound
 from shared.ledger.models import CertificateQuery
+from shared.parameters import InvalidParameter
 from shared.pki import PkiError
+from shared.pki.validity import MAX_DAYS
 from shared.service import SignRequest, normalize_serial
 
 from .certrules import (
@@ -144,6 +146,26 @@ def test_newest_active_intermediate_is_the_default(service):
     assert service.sign_csr(make_csr("dev-3"), "dev-3", intermediate_id="factory-b").created
 
 
+def test_the_default_intermediate_is_the_newest_active_one_of_those_given(service):
+    service.create_intermediate("factory-b")
+    records = service.intermediates()
+    assert [record.id for record in records] == ["factory-a", "factory-b"]
+    assert service.default_intermediate_id() == service.default_intermediate_id(records) == "factory-b"
+    assert service.default_intermediate_id(records[:1]) == "factory-a"  # of the records given, not the ledger's
+    assert service.default_intermediate_id([]) is None
+    for ca_id in ("factory-a", "factory-b"):
+        service.set_intermediate_enabled(ca_id, False)
+    assert service.default_intermediate_id() is None
+
+
+def test_disabling_without_dps_warns_only_that_dps_is_not_configured(service):
+    """Offline, DPS provisions nothing anyway: the one warning says the group document was only recorded."""
+    for enabled in (False, True):
+        result = service.set_intermediate_enabled("factory-a", enabled)
+        assert result.warnings == (result.record.dps["message"],)
+        assert result.warnings[0].startswith("DPS is not configured: nothing was sent")
+
+
 def test_a_same_csr_retry_answers_from_the_ledger_even_once_its_intermediate_is_disabled(service):
     """Handing back a certificate on record signs nothing, so it needs no active intermediate (and costs no
     CA read); anything to sign still needs one, and a caller's binding is checked before anything else."""
@@ -186,6 +208,26 @@ def test_proof_of_possession(service):
     assert proof.dps["mode"] == "offline"
     with pytest.raises(PkiError):
         service.prove_root_possession("not a code!")
+
+
+def test_offline_proof_of_possession_is_recorded(service):
+    """Offline, the code and the certificate are recorded for DPS, and the root's DPS state keeps the proof."""
+    before = service.root().dps
+    proof = service.prove_root_possession("3E5A2B0C9D8F")
+    assert service.root().dps == {**before, "proofOfPossession": proof.dps}
+    recorded = service.dps.documents.get("verifications", "root")
+    assert recorded == {
+        "certificateName": "root",
+        "verificationCode": "3E5A2B0C9D8F",
+        "certificate": proof.certificate_pem,
+    }
+
+
+def test_an_expiry_window_out_of_range_names_expiring_within_days(service):
+    """The inventory's window is refused under its HTTP name, as the query parameter that carries it."""
+    for days in (0, -1, float("nan"), MAX_DAYS + 1, "soon"):
+        with pytest.raises(InvalidParameter, match=r"^expiringWithinDays must be "):
+            service.expiring_before(days)
 
 
 def test_revoked_key_is_never_certified_again(service):
