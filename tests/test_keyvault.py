@@ -1,5 +1,6 @@
 """The Key Vault backend: the real azure-keyvault clients against a fake vault at the HTTP level."""
 
+import asyncio
 import email.utils
 import json
 import subprocess
@@ -408,6 +409,16 @@ def test_a_key_left_by_a_lost_creation_is_not_kept_for_signing(vault_ca):
 def test_health_names_the_vault_and_its_key_type(vault_ca, hardware_protected, key_type):
     service, _, _ = vault_ca(options=replace(QUICK, hardware_protected=hardware_protected))
     assert service.keys.describe() == {"backend": "keyvault", "vault": VAULT_URL, "keyType": key_type}
+
+
+def test_key_vault_calls_never_hold_the_event_loop(vault_ca):
+    """The API signs on its event loop's worker threads when Key Vault holds the keys, even with a local
+    ledger: a vault round trip on the loop would stall every other request meanwhile."""
+    service, vault, _ = vault_ca()
+    _hierarchy(service)
+    issued = asyncio.run(service.sign_csr_async(make_csr("loop-1"), "loop-1"))
+    assert issued.record.device_id == "loop-1" and vault.calls["sign"] >= 1
+    assert vault.on_event_loop == []
 
 
 def test_creating_a_certificate_that_is_pending_is_a_conflict(vault_ca):

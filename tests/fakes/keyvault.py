@@ -12,6 +12,7 @@ creation is pending (409), a sign with a key that is disabled, outside its nbf/e
 operation (403); and it pages listings with `nextLink`.
 """
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -153,6 +154,7 @@ class FakeKeyVault(BaseAdapter):
         self.sign_calls = 0
         self.sign_algorithms: list[str] = []
         self.statuses: list[tuple[str, str, int]] = []  # (method, path, status) of every request
+        self.on_event_loop: list[str] = []  # the paths of requests made from a thread running an event loop
         self.unauthenticated = 0
 
     def session(self) -> requests.Session:
@@ -165,6 +167,11 @@ class FakeKeyVault(BaseAdapter):
 
     def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
         url = urlparse(request.url)
+        try:
+            asyncio.get_running_loop()
+            self.on_event_loop.append(url.path)  # a blocking call that holds every other request's coroutine
+        except RuntimeError:
+            pass
         versions = parse_qs(url.query or "").get("api-version", [])
         if not versions:
             return self._answer(request, 400, _error("BadParameter", "api-version is required"))
