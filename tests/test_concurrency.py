@@ -37,15 +37,16 @@ def test_group_commit_from_threads():
     store = RecordingStore()
     commit = GroupCommit(store.write, store.write_async)
     results: dict[int, list[str]] = {}
-    start = threading.Barrier(20)
+    go = threading.Event()  # not a Barrier: a thread lost before it (mutmut's forked runs lost one) would hang it
 
     def submit(n: int) -> None:
-        start.wait()
+        go.wait()
         results[n] = commit.submit([f"a{n}", f"b{n}"])
 
     threads = [threading.Thread(target=submit, args=(n,)) for n in range(20)]
     for thread in threads:
         thread.start()
+    go.set()
     for thread in threads:
         thread.join()
     commit.close()
