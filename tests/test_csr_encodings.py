@@ -419,6 +419,12 @@ REFUSED = [
         "subject attribute 2.5.4.97 is not valid UTF-8",
     ),
     (
+        "an empty RDN in the subject",
+        lambda k: plain(k, subject=_subject(name(), tlv(SEQUENCE, tlv(SET, b"")))),
+        "invalid-subject",
+        "the CSR's subject has an empty RDN",
+    ),
+    (
         "attributes not a SET OF Attribute",
         lambda k: plain(k, attributes=tlv(0xA0, VERSION_0)),
         "malformed-csr",
