@@ -376,6 +376,12 @@ REFUSED = [
     ("PEM body not base64", lambda k: _pem_around(b"@@ not base64 @@"), "malformed-csr", "not valid base64"),
     ("DER cut short", lambda k: plain(k)[:-10], "truncated-csr", "cut short"),
     ("a SEQUENCE cut short, not a CSR", lambda k: b"\x30\x03\x02\x01", "not-a-csr", "not a PKCS#10"),
+    (
+        "cut short, a SEQUENCE in a SEQUENCE opening with no INTEGER",
+        lambda k: b"\x30\x10\x30\x0e\x04\x01\x00",
+        "not-a-csr",
+        "not a PKCS#10",
+    ),
     ("hex", lambda k: plain(k).hex().encode(), "not-a-csr", "not a PKCS#10"),
     ("a DER certificate", lambda k: _certificate_der(k), "not-a-csr", "X.509 certificate"),
     ("an odd CSR over 8 KiB", lambda k: plain(k) + b"\x00" * 8192, "csr-too-large", "8192 bytes"),
