@@ -207,6 +207,13 @@ ACCEPTED = [
     ("CN long-form length", lambda k: plain(k, subject=name(encoded=tlv(UTF8, b"dev-1", 1))), "signed part was BER"),
     ("zero bytes after the DER", lambda k: plain(k) + b"\x00" * 16, "16 bytes of padding after the end"),
     ("newline after the DER", lambda k: plain(k) + b"\n", "1 byte of padding after the end"),
+    ("CRLF after the DER", lambda k: plain(k) + b"\r\n", "2 bytes of padding after the end"),
+    ("an odd CSR of exactly 8 KiB", lambda k: plain(k).ljust(8192, b"\x00"), "of padding after the end"),
+    (
+        "signature BIT STRING long-form length",
+        lambda k: _signature_length_octets(k, request_info(k), 1),
+        "outer SEQUENCE was BER",
+    ),
     ("compressed EC point", lambda k: plain(k, public_key=spki(k, compressed_point(k))), "compressed point"),
     (
         "CN PrintableString with '_'",
@@ -377,6 +384,24 @@ REFUSED = [
     ("DER cut short", lambda k: plain(k)[:-10], "truncated-csr", "cut short"),
     ("a SEQUENCE cut short, not a CSR", lambda k: b"\x30\x03\x02\x01", "not-a-csr", "not a PKCS#10"),
     (
+        "cut short as a CSR begins",
+        lambda k: b"\x30\x10\x30\x0e\x02\x01\x00",
+        "truncated-csr",
+        "its outer SEQUENCE declares 16 bytes, 5 follow",
+    ),
+    (
+        "a field cut short inside the certificationRequestInfo",
+        lambda k: signed(k, tlv(SEQUENCE, VERSION_0 + b"\x02\x05\x00")),
+        "malformed-csr",
+        "the CSR's certificationRequestInfo cannot be decoded",
+    ),
+    (
+        "a CSR in a SET, not a SEQUENCE, in PEM",
+        lambda k: pem(b"\x31" + plain(k)[1:]),
+        "not-a-csr",
+        "not a PKCS#10",
+    ),
+    (
         "cut short, a SEQUENCE in a SEQUENCE opening with no INTEGER",
         lambda k: b"\x30\x10\x30\x0e\x04\x01\x00",
         "not-a-csr",
@@ -504,6 +529,12 @@ def _base64_ending_in_x(key: ec.EllipticCurvePrivateKey) -> bytes:
             return text
 
 
+def _signature_length_octets(key: ec.EllipticCurvePrivateKey, info: bytes, length_octets: int) -> bytes:
+    """A CSR whose signature BIT STRING has its length in `length_octets` long-form octets (BER)."""
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    return tlv(SEQUENCE, info + algorithm() + tlv(BIT_STRING, b"\x00" + signature, length_octets))
+
+
 def _signed_in_octet_string(key: ec.EllipticCurvePrivateKey, length_octets: int | None = None) -> bytes:
     """A CSR whose valid signature is sent as an OCTET STRING (tag 0x04) instead of a BIT STRING."""
     info = request_info(key)
@@ -578,6 +609,15 @@ def test_compressed_points_of_either_parity_are_accepted(prefix):
     request = check_device_csr(plain(key, public_key=spki(key, compressed_point(key))), "dev-1")
     assert request.public_key_sha256 == _key_hash(key)
     assert len(request.notes) == 1 and "compressed point" in request.notes[0], request.notes
+
+
+def test_an_empty_subject_is_read_tolerantly():
+    """A subject of no RDNs (an empty SEQUENCE, not one of indefinite length) is read, then refused for its CN."""
+    data = plain(device_key(), subject=tlv(SEQUENCE, b""), attributes=b"")  # no attributes: the tolerant reader
+    assert load_csr(data).subject.rfc4514_string() == ""
+    with pytest.raises(CsrRejected) as raised:
+        check_device_csr(data, "dev-1")
+    assert raised.value.code == "missing-cn"
 
 
 def test_refusing_another_pem_kind_never_echoes_it():
