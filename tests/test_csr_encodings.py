@@ -32,6 +32,7 @@ UTF8, PRINTABLE, T61, IA5, UNIVERSAL, BMP = 0x0C, 0x13, 0x14, 0x16, 0x1C, 0x1E
 ECDSA_SHA256 = "1.2.840.10045.4.3.2"
 VERSION_0 = bytes([INTEGER, 1, 0])
 EMPTY_ATTRIBUTES = b"\xa0\x00"
+PRINTABLE_SET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 '()+,-./:=?"  # X.680 §41.4
 
 
 # ---- building CSRs byte by byte, so that each oddity is exactly the one under test --------------------------------
@@ -172,6 +173,8 @@ ACCEPTED = [
     ("base64 without armour", lambda k: base64.b64encode(plain(k)), None),
     ("base64 over lines", lambda k: base64.encodebytes(plain(k)), None),
     ("base64url without padding", lambda k: base64.urlsafe_b64encode(plain(k)).rstrip(b"="), None),
+    ("base64 with surplus '=' padding", lambda k: _base64_with_surplus_padding(k), None),
+    ("base64 ending in X", lambda k: _base64_ending_in_x(k), None),
     ("a certificate beside the CSR", lambda k: pem(plain(k)) + pem(b"\x30\x00", "CERTIFICATE"), "CERTIFICATE block"),
     ("CN as PrintableString", lambda k: plain(k, subject=name(tag=PRINTABLE)), None),
     ("CN as IA5String", lambda k: plain(k, subject=name(tag=IA5)), None),
@@ -204,8 +207,32 @@ ACCEPTED = [
     ("CN long-form length", lambda k: plain(k, subject=name(encoded=tlv(UTF8, b"dev-1", 1))), "signed part was BER"),
     ("zero bytes after the DER", lambda k: plain(k) + b"\x00" * 16, "16 bytes of padding after the end"),
     ("newline after the DER", lambda k: plain(k) + b"\n", "1 byte of padding after the end"),
+    ("CRLF after the DER", lambda k: plain(k) + b"\r\n", "2 bytes of padding after the end"),
+    ("an odd CSR of exactly 8 KiB", lambda k: plain(k).ljust(8192, b"\x00"), "of padding after the end"),
+    (
+        "signature BIT STRING long-form length",
+        lambda k: _signature_length_octets(k, request_info(k), 1),
+        "outer SEQUENCE was BER",
+    ),
     ("compressed EC point", lambda k: plain(k, public_key=spki(k, compressed_point(k))), "compressed point"),
-    ("CN PrintableString with '_'", lambda k: plain(k, subject=name(b"dev_1", PRINTABLE)), "PrintableString"),
+    (
+        "CN PrintableString with '_'",
+        lambda k: plain(k, subject=name(b"dev_1", PRINTABLE)),
+        "PrintableString holding '_'",
+    ),
+    (
+        "O PrintableString with '@' and an underscore",
+        lambda k: plain(k, subject=_subject(name(), name(b"a_b@c", PRINTABLE, attribute="2.5.4.10"))),
+        "PrintableString holding '@_'",
+    ),
+    (
+        "O PrintableString of every PrintableString character",
+        lambda k: plain(
+            k, subject=_subject(name(), name(PRINTABLE_SET, PRINTABLE, attribute="2.5.4.10")), attributes=b""
+        ),
+        "no attributes field",
+    ),
+    ("CN UTF8String with '_'", lambda k: plain(k, subject=name(b"dev_1"), attributes=b""), "no attributes field"),
     ("signature BIT STRING with unused zero bits", unused_bits_signature, None),
 ]
 
@@ -213,6 +240,24 @@ ACCEPTED = [
 REFUSED = [
     ("version 2", lambda k: plain(k, version=bytes([INTEGER, 1, 2])), "invalid-csr-version", "version is 2"),
     ("version -1", lambda k: plain(k, version=bytes([INTEGER, 1, 0xFF])), "invalid-csr-version", "version is -1"),
+    (
+        "version 2**31, a 32-bit number",
+        lambda k: plain(k, version=tlv(INTEGER, b"\x00\x80\x00\x00\x00")),
+        "invalid-csr-version",
+        "version is 2147483648;",
+    ),
+    (
+        "version 2**32, a 33-bit number",
+        lambda k: plain(k, version=tlv(INTEGER, b"\x01\x00\x00\x00\x00")),
+        "invalid-csr-version",
+        "too large",
+    ),
+    (
+        "version not an INTEGER",
+        lambda k: plain(k, version=tlv(0x04, b"\x00")),
+        "malformed-csr",
+        "the CSR's version cannot be decoded",
+    ),
     (
         "huge version",
         lambda k: plain(k, version=tlv(INTEGER, b"\x01" + b"\x00" * 3000)),
@@ -338,6 +383,30 @@ REFUSED = [
     ("PEM body not base64", lambda k: _pem_around(b"@@ not base64 @@"), "malformed-csr", "not valid base64"),
     ("DER cut short", lambda k: plain(k)[:-10], "truncated-csr", "cut short"),
     ("a SEQUENCE cut short, not a CSR", lambda k: b"\x30\x03\x02\x01", "not-a-csr", "not a PKCS#10"),
+    (
+        "cut short as a CSR begins",
+        lambda k: b"\x30\x10\x30\x0e\x02\x01\x00",
+        "truncated-csr",
+        "its outer SEQUENCE declares 16 bytes, 5 follow",
+    ),
+    (
+        "a field cut short inside the certificationRequestInfo",
+        lambda k: signed(k, tlv(SEQUENCE, VERSION_0 + b"\x02\x05\x00")),
+        "malformed-csr",
+        "the CSR's certificationRequestInfo cannot be decoded",
+    ),
+    (
+        "a CSR in a SET, not a SEQUENCE, in PEM",
+        lambda k: pem(b"\x31" + plain(k)[1:]),
+        "not-a-csr",
+        "not a PKCS#10",
+    ),
+    (
+        "cut short, a SEQUENCE in a SEQUENCE opening with no INTEGER",
+        lambda k: b"\x30\x10\x30\x0e\x04\x01\x00",
+        "not-a-csr",
+        "not a PKCS#10",
+    ),
     ("hex", lambda k: plain(k).hex().encode(), "not-a-csr", "not a PKCS#10"),
     ("a DER certificate", lambda k: _certificate_der(k), "not-a-csr", "X.509 certificate"),
     ("an odd CSR over 8 KiB", lambda k: plain(k) + b"\x00" * 8192, "csr-too-large", "8192 bytes"),
@@ -352,7 +421,75 @@ REFUSED = [
         "subject not a Name",
         lambda k: plain(k, subject=tlv(SEQUENCE, tlv(INTEGER, b"\x01"))),
         "malformed-csr",
-        "subject",
+        "the CSR's subject cannot be decoded",
+    ),
+    (
+        "subject a SET, not a SEQUENCE",
+        lambda k: plain(k, subject=tlv(SET, name()[2:])),
+        "malformed-csr",
+        "the CSR's subject cannot be decoded",
+    ),
+    (
+        "subject attribute a SET, not a SEQUENCE",
+        lambda k: plain(k, subject=tlv(SEQUENCE, tlv(SET, tlv(SET, oid("2.5.4.3") + tlv(UTF8, b"dev-1"))))),
+        "malformed-csr",
+        "the CSR's subject cannot be decoded",
+    ),
+    (
+        "subject attribute type not an OID",
+        lambda k: plain(
+            k, subject=_subject(name(), tlv(SEQUENCE, tlv(SET, tlv(SEQUENCE, VERSION_0 + tlv(UTF8, b"x")))))
+        ),
+        "malformed-csr",
+        "the CSR's subject cannot be decoded",
+    ),
+    (
+        "subject attribute unknown by name, not valid UTF-8",
+        lambda k: plain(k, subject=_subject(name(), name(b"\xc3(", attribute="2.5.4.97"))),
+        "invalid-subject",
+        "subject attribute 2.5.4.97 is not valid UTF-8",
+    ),
+    (
+        "an empty RDN in the subject",
+        lambda k: plain(k, subject=_subject(name(), tlv(SEQUENCE, tlv(SET, b"")))),
+        "invalid-subject",
+        "the CSR's subject has an empty RDN",
+    ),
+    (
+        "attributes not a SET OF Attribute",
+        lambda k: plain(k, attributes=tlv(0xA0, VERSION_0)),
+        "malformed-csr",
+        "the CSR's attributes cannot be decoded",
+    ),
+    (
+        "certificationRequestInfo a SET, not a SEQUENCE",
+        lambda k: signed(k, tlv(SET, request_info(k)[2:])),
+        "malformed-csr",
+        "the CSR's certificationRequestInfo cannot be decoded",
+    ),
+    (
+        "subjectPKInfo not a SubjectPublicKeyInfo",
+        lambda k: plain(k, public_key=tlv(SEQUENCE, VERSION_0)),
+        "malformed-csr",
+        "the CSR's subjectPKInfo cannot be decoded",
+    ),
+    (
+        "signatureAlgorithm not an AlgorithmIdentifier",
+        lambda k: signed(k, request_info(k), tlv(SEQUENCE, VERSION_0)),
+        "malformed-csr",
+        "the CSR's signatureAlgorithm cannot be decoded",
+    ),
+    (
+        "signature an OCTET STRING, not a BIT STRING",
+        lambda k: _signed_in_octet_string(k),
+        "malformed-csr",
+        "the CSR's signature cannot be decoded",
+    ),
+    (
+        "signature an OCTET STRING, in a BER outer SEQUENCE",
+        lambda k: _signed_in_octet_string(k, length_octets=2),
+        "malformed-csr",
+        "the CSR's signature cannot be decoded",
     ),
     ("a second CSR after the DER", lambda k: plain(k) + plain(k), "trailing-data", "not padding"),
     ("garbage after the DER", lambda k: plain(k) + b"\x05\x00junk", "trailing-data", "not padding"),
@@ -369,6 +506,40 @@ REFUSED = [
         "RFC 5480 §2.2 allows only",
     ),
 ]
+
+
+def _subject(*names: bytes) -> bytes:
+    """A subject of the RDNs of each of `names` (subjects made by `name`), in order."""
+    return tlv(SEQUENCE, b"".join(one[2:] for one in names))
+
+
+def _base64_with_surplus_padding(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Bare base64 of a CSR with one '=' more than its last, partial group needs (which base64 itself refuses)."""
+    while True:
+        der = plain(key)
+        if len(der) % 3:
+            return base64.b64encode(der) + b"="
+
+
+def _base64_ending_in_x(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Bare base64 of a CSR whose last character is X (no padding): only '=' is padding, not the letters."""
+    while True:
+        text = base64.b64encode(plain(key))
+        if text.endswith(b"X"):
+            return text
+
+
+def _signature_length_octets(key: ec.EllipticCurvePrivateKey, info: bytes, length_octets: int) -> bytes:
+    """A CSR whose signature BIT STRING has its length in `length_octets` long-form octets (BER)."""
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    return tlv(SEQUENCE, info + algorithm() + tlv(BIT_STRING, b"\x00" + signature, length_octets))
+
+
+def _signed_in_octet_string(key: ec.EllipticCurvePrivateKey, length_octets: int | None = None) -> bytes:
+    """A CSR whose valid signature is sent as an OCTET STRING (tag 0x04) instead of a BIT STRING."""
+    info = request_info(key)
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    return tlv(SEQUENCE, info + algorithm() + tlv(0x04, signature), length_octets)
 
 
 def _spki_bits(info: bytes, bit_string: bytes) -> bytes:
@@ -429,6 +600,24 @@ def test_refused(case, make, code, words):
     if code not in {"bad-signature", "unsupported-key"}:  # load_csr reads; check_device_csr judges key and signature
         with pytest.raises(CsrRejected):
             load_csr(data)
+
+
+@pytest.mark.parametrize("prefix", [b"\x02", b"\x03"], ids=["even y", "odd y"])
+def test_compressed_points_of_either_parity_are_accepted(prefix):
+    """RFC 5480 §2.2: 0x02 and 0x03 both start a compressed point (the parity of y)."""
+    key = next(key for key in iter(device_key, None) if compressed_point(key)[:1] == prefix)
+    request = check_device_csr(plain(key, public_key=spki(key, compressed_point(key))), "dev-1")
+    assert request.public_key_sha256 == _key_hash(key)
+    assert len(request.notes) == 1 and "compressed point" in request.notes[0], request.notes
+
+
+def test_an_empty_subject_is_read_tolerantly():
+    """A subject of no RDNs (an empty SEQUENCE, not one of indefinite length) is read, then refused for its CN."""
+    data = plain(device_key(), subject=tlv(SEQUENCE, b""), attributes=b"")  # no attributes: the tolerant reader
+    assert load_csr(data).subject.rfc4514_string() == ""
+    with pytest.raises(CsrRejected) as raised:
+        check_device_csr(data, "dev-1")
+    assert raised.value.code == "missing-cn"
 
 
 def test_refusing_another_pem_kind_never_echoes_it():

@@ -391,6 +391,11 @@ def _subject(raw: bytes) -> tuple[rfc2986.Name, list[str], bool]:
             pair, value_is_der = _attribute(pair_raw, notes)
             rdn.append(pair)
             values_are_der = values_are_der and value_is_der
+        if not len(rdn):  # pyasn1 decodes an empty SET but will not re-encode it
+            raise CsrRejected(
+                "invalid-subject",
+                "the CSR's subject has an empty RDN; RFC 5280 §4.1.2.4 requires one attribute or more",
+            )
         sequence.append(rdn)
     name = rfc2986.Name()
     name["rdnSequence"] = sequence
