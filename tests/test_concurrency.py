@@ -99,10 +99,17 @@ class GatedStore(RecordingStore):
         self.gate = asyncio.Event()
         self.writing = asyncio.Event()
 
+        self.active = self.most_active = 0
+
     async def write_async(self, items: list[str]) -> list[str]:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
         self.writing.set()
-        await self.gate.wait()
-        return self.write(items)
+        try:
+            await self.gate.wait()
+            return self.write(items)
+        finally:
+            self.active -= 1
 
 
 def test_group_commit_writes_what_is_submitted_while_a_group_is_written():
@@ -128,6 +135,50 @@ def test_group_commit_writes_what_is_submitted_while_a_group_is_written():
     assert first == ["A"] and not stranded, "submissions made during a write were never written"
     assert during == [["B0"], ["B1"], ["B2"]]
     assert store.groups == [["a"], ["b0", "b1", "b2"]]
+
+
+def test_a_loop_writes_one_group_at_a_time():
+    """While a group is written, what arrives waits for it: a second write on the same loop would be a second
+    transaction racing the first (SQLite has one writer)."""
+    store = GatedStore()
+    commit = GroupCommit(store.write, store.write_async)
+
+    async def main():
+        first = asyncio.ensure_future(commit.submit_async(["a"]))
+        await store.writing.wait()
+        during = [asyncio.ensure_future(commit.submit_async([f"b{n}"])) for n in range(3)]
+        for _ in range(10):  # turns of the loop in which a second write could start
+            await asyncio.sleep(0)
+        store.gate.set()
+        return await first, await asyncio.gather(*during)
+
+    first, during = asyncio.run(main())
+    assert store.most_active == 1
+    assert first == ["A"] and during == [["B0"], ["B1"], ["B2"]]
+    assert store.groups == [["a"], ["b0", "b1", "b2"]]
+
+
+def test_the_writer_thread_gathers_what_was_queued_and_never_keeps_a_process_alive():
+    """The thread writer takes everything queued behind a write as the next group, and is a daemon named
+    ledger-writer (a command that forgot to close its ledger still exits; a thread dump names it)."""
+    gate, writing = threading.Event(), threading.Event()
+    store = RecordingStore()
+
+    def write(items: list[str]) -> list[str]:
+        writing.set()
+        gate.wait()
+        return store.write(items)
+
+    commit = GroupCommit(write, store.write_async)
+    first = commit.submit_future(["a"])
+    writing.wait()
+    later = [commit.submit_future([f"b{n}"]) for n in range(4)]
+    writers = [thread for thread in threading.enumerate() if thread.name == "ledger-writer"]
+    gate.set()
+    assert first.result() == ["A"] and [future.result() for future in later] == [[f"B{n}"] for n in range(4)]
+    commit.close()
+    assert store.groups == [["a"], ["b0", "b1", "b2", "b3"]]
+    assert writers and all(thread.daemon for thread in writers)
 
 
 def test_coalescer_batches_by_kind_and_shares_errors():

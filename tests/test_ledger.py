@@ -147,6 +147,7 @@ def test_device_ownership(ledger):
     assert ledger.device_owners(["dev-2"]) == {"dev-2": "admin"}
     (key_elsewhere,) = ledger.record_issued([Issuance(_cert("05", "dev-3", "k1", by="factory-b"), owner="factory-b")])
     assert key_elsewhere.code == "key-in-use" and "dev-1" not in key_elsewhere.message
+    assert "certified for another device" in key_elsewhere.message
     (named,) = ledger.record_issued([Issuance(_cert("06", "dev-3", "k1", by="admin"))])
     assert named.code == "key-in-use" and "dev-1" in named.message
 
@@ -258,6 +259,7 @@ def test_principals_and_api_keys(ledger):
     key = ApiKey("0123456789abcdef", "factory-a", "ab" * 32, NOW)
     ledger.add_api_key(key)
     assert ledger.api_key_with_principal(key.id) == (key, ledger.get_principal("factory-a"))
+    assert ledger.api_key_with_principal("fedcba9876543210") is None  # no such key: no caller, not an error
     assert ledger.revoke_api_key(key.id, NOW).revoked_at == NOW
     assert ledger.revoke_api_key(key.id, NOW + timedelta(days=1)).revoked_at == NOW
     assert ledger.list_api_keys() == [replace(key, revoked_at=NOW)]
