@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from azure.keyvault.certificates._shared import http_challenge_cache as certificate_challenges
 from azure.keyvault.keys._shared import http_challenge_cache as keys_challenges
 from cryptography import x509
@@ -20,8 +21,9 @@ from shared.api import create_app
 from shared.composition import build_service
 from shared.config import Settings
 from shared.dps.offline import OfflineDps
-from shared.errors import BackendUnavailable, CaError, Misconfigured
-from shared.keys.keyvault import KeyVaultKeyStore, KeyVaultOptions, KeyVaultSigningKey, SignPacer
+from shared.errors import BackendUnavailable, CaError, Conflict, Misconfigured, NotFound
+from shared.keys import keyvault
+from shared.keys.keyvault import KeyVaultKeyStore, KeyVaultOptions, KeyVaultSigningKey, SignPacer, VaultGate
 from shared.ledger.models import CertificateQuery
 from shared.ledger.sqlite import SqliteLedger
 from shared.service import DeviceCA, SignRequest
@@ -451,3 +453,92 @@ def test_the_pacer_spaces_sign_calls():
     for _ in range(11):
         pacer.wait()
     assert time.monotonic() - started >= 10 / 50
+
+
+class _Answer:
+    """The parts of an HTTP response azure-core's HttpResponseError reads."""
+
+    def __init__(self, status: int | None, reason: str = "", headers: dict | None = None) -> None:
+        self.status_code, self.reason, self.headers, self.request = status, reason, headers or {}, None
+
+    def text(self) -> str:
+        return ""
+
+    def body(self) -> bytes:
+        return b""
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "code", "words"),
+    [
+        (401, Misconfigured, "key-vault-forbidden", "Key Vault refused to sign: denied;"),
+        (403, Misconfigured, "key-vault-forbidden", "Key Vault refused to sign: denied;"),
+        (404, NotFound, "key-vault-not-found", "Key Vault could not sign: not found (denied)"),
+        (409, Conflict, "key-vault-conflict", "Key Vault could not sign: denied"),
+        (503, BackendUnavailable, "key-vault-unavailable", "Key Vault unavailable: could not sign (503)"),
+        (402, Misconfigured, "key-vault-error", "Key Vault could not sign: 402 denied"),
+        (405, Misconfigured, "key-vault-error", "Key Vault could not sign: 405 denied"),
+        (None, Misconfigured, "key-vault-error", "Key Vault could not sign: 0 denied"),
+    ],
+)
+def test_what_each_vault_answer_means_for_the_caller(status, kind, code, words):
+    error = keyvault.vault_error(HttpResponseError(message="denied", response=_Answer(status)), "sign")
+    assert type(error) is kind and error.code == code and error.message.startswith(words), error.message
+
+
+def test_a_vault_error_gives_its_reason_when_it_has_no_message_and_at_most_300_characters():
+    without_message = HttpResponseError(response=_Answer(400, "Bad Request"))
+    without_message.message = None
+    assert keyvault.vault_error(without_message, "sign").message == "Key Vault could not sign: 400 Bad Request"
+    silent = HttpResponseError(response=_Answer(400, ""))
+    silent.message = None
+    assert keyvault.vault_error(silent, "sign").message == "Key Vault could not sign: 400 "
+    long = keyvault.vault_error(HttpResponseError(message="x" * 400, response=_Answer(400)), "sign")
+    assert long.message == "Key Vault could not sign: 400 " + "x" * 300
+
+
+def test_retry_after_without_a_response_or_in_the_past():
+    assert keyvault._retry_after(HttpResponseError(message="no answer")) is None
+    past = email.utils.format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
+    assert keyvault._retry_after(HttpResponseError(response=_Answer(503, headers={"Retry-After": past}))) == 0.0
+
+
+def test_backoff_doubles_from_the_first_delay_up_to_the_ceiling_with_jitter_of_half():
+    """Attempt n waits between half and all of min(max_retry_delay, first_retry_delay * 2**n)."""
+    gate = VaultGate(KeyVaultOptions(first_retry_delay=1.0, max_retry_delay=100.0))
+    for attempt, ceiling in [(0, 1.0), (3, 8.0), (9, 100.0)]:
+        waits = [gate._backoff(attempt) for _ in range(300)]
+        assert all(ceiling / 2 <= wait <= ceiling for wait in waits), (attempt, min(waits), max(waits))
+        assert min(waits) < ceiling * 0.6 and max(waits) > ceiling * 0.9  # the whole range is used
+
+
+def test_the_pacer_recovers_by_a_hundredth_of_its_maximum_per_success():
+    pacer = SignPacer(200)
+    pacer.throttled()
+    pacer.succeeded()
+    assert pacer.rate == pytest.approx(142)
+
+
+def test_the_pacer_gives_each_call_its_own_slot(monkeypatch):
+    """At 50 a second, 11 calls in a row take 10 slots of 20 ms (measured on a clock the test moves)."""
+    now = [1000.0]
+    monkeypatch.setattr(keyvault.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(keyvault.time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    pacer = SignPacer(50)
+    for _ in range(11):
+        pacer.wait()
+    assert now[0] - 1000.0 == pytest.approx(10 / 50)
+
+
+def test_the_first_retry_waits_at_most_the_first_delay_then_twice_as_long(vault_ca, monkeypatch):
+    """Two transient failures: the gate waits half to all of first_retry_delay, then half to all of twice it."""
+    waits: list[float] = []
+    monkeypatch.setattr(keyvault.time, "sleep", waits.append)
+    options = replace(QUICK, first_retry_delay=0.4, max_retry_delay=10, sign_rate=0)
+    service, vault, _ = vault_ca(options=options)
+    _hierarchy(service)
+    waits.clear()
+    failing = vault.sign_calls + 2  # the next two sign calls fail
+    vault.sign_failures = lambda n: 503 if n <= failing else None
+    service.sign_csr(make_csr("dev-retry"), "dev-retry")
+    assert len(waits) == 2 and 0.2 <= waits[0] <= 0.4 and 0.4 <= waits[1] <= 0.8, waits
