@@ -3,6 +3,7 @@
 import asyncio
 import email.utils
 import json
+import re
 import subprocess
 import time
 from dataclasses import replace
@@ -206,6 +207,8 @@ def test_a_vault_that_keeps_failing_gives_a_clear_error_and_no_ledger_row(vault_
     with pytest.raises(BackendUnavailable) as raised:
         service.sign_csr(make_csr("dev-1"), "dev-1")
     assert raised.value.code == "key-vault-unavailable" and "Key Vault unavailable" in raised.value.message
+    said = re.search(r"signing kept failing for (\d+\.\d) s \(last answer: 503 Error\)", raised.value.message)
+    assert said and float(said[1]) <= 0.3, raised.value.message  # how long, within the budget, and what it got
     assert _count(service) == 0
 
     admin = service.principals.create_admin_key().secret
@@ -225,7 +228,7 @@ def test_missing_permission_names_the_roles(vault_ca):
     service, vault, _ = vault_ca()
     _hierarchy(service)
     vault.sign_failures = lambda n: 403
-    with pytest.raises(Misconfigured, match="Key Vault Crypto User"):
+    with pytest.raises(Misconfigured, match=r"Key Vault refused to sign: .*Key Vault Crypto User"):
         service.sign_csr(make_csr("dev-1"), "dev-1")
     assert vault.sign_calls == 3  # root and intermediate, then one try: a refusal is not retried
     assert _count(service) == 0
@@ -393,6 +396,7 @@ def test_a_lost_creation_in_key_vault_says_what_was_left_and_how_to_remove_it(va
     vault.failures["merge"] = lambda n: 409
     with pytest.raises(CaError) as failed:
         service.create_intermediate("line-1")
+    assert failed.value.message.startswith("Key Vault could not merge certificate device-ca-line-1-")
     assert "left in the vault" in failed.value.message
     assert "az keyvault certificate delete --vault-name device-ca-test --name device-ca-line-1-" in failed.value.message
 
@@ -530,15 +534,22 @@ def test_the_pacer_gives_each_call_its_own_slot(monkeypatch):
     assert now[0] - 1000.0 == pytest.approx(10 / 50)
 
 
-def test_the_first_retry_waits_at_most_the_first_delay_then_twice_as_long(vault_ca, monkeypatch):
-    """Two transient failures: the gate waits half to all of first_retry_delay, then half to all of twice it."""
+def test_each_retry_waits_twice_as_long_as_the_one_before(vault_ca, monkeypatch):
+    """Three transient failures: the gate waits half to all of first_retry_delay, then of twice it, then of
+    four times it."""
     waits: list[float] = []
     monkeypatch.setattr(keyvault.time, "sleep", waits.append)
     options = replace(QUICK, first_retry_delay=0.4, max_retry_delay=10, sign_rate=0)
     service, vault, _ = vault_ca(options=options)
     _hierarchy(service)
     waits.clear()
-    failing = vault.sign_calls + 2  # the next two sign calls fail
+    failing = vault.sign_calls + 3  # the next three sign calls fail
     vault.sign_failures = lambda n: 503 if n <= failing else None
     service.sign_csr(make_csr("dev-retry"), "dev-retry")
-    assert len(waits) == 2 and 0.2 <= waits[0] <= 0.4 and 0.4 <= waits[1] <= 0.8, waits
+    assert len(waits) == 3, waits
+    assert 0.2 <= waits[0] <= 0.4 and 0.4 <= waits[1] <= 0.8 and 0.8 <= waits[2] <= 1.6, waits
+
+
+def test_a_vault_url_is_kept_without_its_trailing_slash():
+    store = KeyVaultKeyStore(VAULT_URL + "/", FakeCredential(), QUICK, session=FakeKeyVault().session())
+    assert store.describe()["vault"] == VAULT_URL
