@@ -8,8 +8,9 @@ The report gives, per module, mutants killed (a test failed; a timeout counts, s
 suite hang), survived and not run, and lists each survivor with its change. A survivor is *justified*
 when a file of `tools/mutation-survivors/` holds an entry with the same function and the same changed lines,
 and a reason; entries are matched by the change, not by mutmut's numbering, so they outlive edits
-elsewhere in the function. Exit status: 0 when at least --floor percent of the mutants are killed and
-every survivor is justified, 1 otherwise, 2 when there is no run to report on.
+elsewhere in the function (`occurrence` tells identical lines apart). Exit status: 0 when at least
+--floor percent of the mutants are killed, every survivor is justified, no mutant is left not run and every
+configured module has its mutants; 1 otherwise; 2 when there is no run to report on.
 """
 
 from __future__ import annotations
