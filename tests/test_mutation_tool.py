@@ -130,5 +130,8 @@ def test_a_run_with_mutants_not_run_or_modules_not_mutated_fails(tmp_path, capsy
 def test_the_command_line_takes_patterns_and_a_folder(tmp_path):
     assert mutation.parse(["run"]).mutants == []
     assert mutation.parse(["run", "shared.pki*", "shared.api*"]).mutants == ["shared.pki*", "shared.api*"]
+    assert mutation.parse(["run", "--children", "1", "shared.pki*"]).mutants == ["shared.pki*"]
+    with pytest.raises(SystemExit):
+        mutation.parse(["report", "shared.pki*"])  # report takes --module, not patterns
     args = mutation.parse(["report", "--from", str(tmp_path), "--module", "shared.pki"])
     assert (args.folder, args.module, args.mutants) == (tmp_path, ["shared.pki"], [])

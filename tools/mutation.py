@@ -274,7 +274,8 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         print(row(module, counts))
     print(row("all", total))
     for mutant in justified_survivors:
-        print(f"justified  {mutant.name}: {justified.get(mutant.change) or rule_for(mutant)}")
+        print(f"justified  {mutant.name}: {' / '.join(mutant.removed)} -> {' / '.join(mutant.added)}")
+        print(f"           because {justified.get(mutant.change) or rule_for(mutant)}")
     for mutant in open_survivors:
         print(f"OPEN       {mutant.name} ({mutant.status}): {' / '.join(mutant.removed)} -> {' / '.join(mutant.added)}")
         if drafts:
@@ -283,9 +284,11 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         print(f"NOT MUTATED {module}: mutants/ holds none of its mutants (run make mutation)")
     if total["timeout"]:
         print(f"{total['timeout']} of the killed mutants made their tests run out of time (counted as killed)")
-    stale = len(justified) - len(used)
+    stale = [key for key in justified if key not in used and _module_of(key[0]) & set(by_module)]
     if stale and not total["not run"]:
-        print(f"{stale} entries of {JUSTIFIED.name}/ match no survivor of this run (killed now, or the code changed)")
+        print(f"{len(stale)} survivors-file entries of these modules match no survivor (killed now, or code changed):")
+        for function, removed, added, _ in stale:
+            print(f"  {function}: {' / '.join(removed)} -> {' / '.join(added)}")
     score = 100 * total["killed"] / max(total["mutants"], 1)
     passed = score >= floor and not open_survivors and not total["not run"] and not missing
     print(
@@ -294,6 +297,12 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         + ("passed" if passed else "FAILED")
     )
     return 0 if passed else 1
+
+
+def _module_of(function: str) -> set[str]:
+    """The modules a function's dotted name can belong to: it is a function or a class's method."""
+    owner = function.rpartition(".")[0]
+    return {owner, owner.rpartition(".")[0]}
 
 
 def row(module: str, counts: Counter) -> str:
@@ -325,29 +334,38 @@ def run(children: int, names: list[str]) -> int:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: `run [PATTERN ...]` or `report`, with the options below."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Exit status: 0 passed, 1 failed (or the run did not finish), 2 no run to report on. "
+        "`run` needs AZURITE_TABLE (make mutation sets it).",
+    )
     parser.add_argument("command", choices=["run", "report"], help="run mutmut then report, or report the last run")
-    parser.add_argument("mutants", nargs="*", help="mutmut name patterns to run (all configured when none)")
+    parser.add_argument("mutants", nargs="*", help="run: mutmut name patterns to run (all configured when none)")
     parser.add_argument("--floor", type=float, default=90.0, help="least percentage of mutants killed (90)")
-    parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants run at once (CPUs)")
-    parser.add_argument("--draft", action="store_true", help="print a survivors-file entry for each open survivor")
-    parser.add_argument("--module", action="append", help="report only modules starting with this (repeatable)")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="run: mutants run at once (CPUs)")
+    parser.add_argument("--draft", action="store_true", help="report: a survivors-file entry for each open survivor")
+    parser.add_argument("--module", action="append", help="report: only modules whose name starts so (repeatable)")
     parser.add_argument("--survivors", type=Path, default=JUSTIFIED, help="folder of justified survivors' files")
     parser.add_argument(
-        "--from", dest="folder", type=Path, default=REPO, help="the project folder holding the run's mutants/"
+        "--from", dest="folder", type=Path, default=REPO, help="report: the folder holding the run's mutants/ (.)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.command == "report" and args.mutants:
+        parser.error("report takes no mutant patterns: use --module to report some modules")
+    return args
 
 
 def main() -> int:
     args = parse()
     survivors = args.survivors.resolve()
+    if args.command == "run":
+        args.folder = REPO
+    if not (args.folder / "mutants").is_dir():
+        print(f"no mutation run to report on in {args.folder}: make mutation, or --from a folder holding mutants/")
+        return 2
     os.chdir(args.folder)
     if args.command == "run" and run(args.children, args.mutants) != 0:
         print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
-    if not Path("mutants").is_dir():
-        print("no mutation run to report on: make mutation", file=sys.stderr)
-        return 2
     wanted = tuple(args.module or ("",))
     mutants, missing = load_mutants()
     mutants = [mutant for mutant in mutants if mutant.module.startswith(wanted)]
