@@ -129,8 +129,8 @@ class Settings:
         """The real DPS these settings name (see `dps_configured`). Misconfigured for DPS_IOT_HUBS without
         DPS_ALLOCATION_POLICY (DPS refuses it: 400004), an unknown policy, or a DPS_INITIAL_TWIN that is not a
         JSON object. The policy is matched without regard to case and written as DPS spells it. "custom" is
-        refused too: DPS requires a webhook (customAllocationDefinition) with it,
-        which no setting gives, so every enrollment would be refused."""
+        refused too: DPS requires a webhook (customAllocationDefinition) with it, which no setting gives, so
+        every enrollment would be refused."""
         from .dps.azure import AzureDpsConfig
 
         policies = ("hashed", "geoLatency", "static")

@@ -101,11 +101,9 @@ class Azurite:
     def _wait_until_listening(self) -> bool:
         assert self.process is not None
         while self.process.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                time.sleep(0.05)
+            if self.answers():
+                return True
+            time.sleep(0.05)
         return False
 
     def stop(self) -> None:

@@ -97,8 +97,8 @@ def pytest_collection_modifyitems(config, items):
     its module (DPS's tests judge the use cases only where they keep DPS in step: DPS_WORDS); and the
     Table Storage runs of ledger-parametrised tests are left to the mutants of the ledger package (the Table
     ledger, and the base class and codecs it uses): for any other module they repeat what the SQLite runs
-    already decide, at twice the cost. Leaving tests out can
-    only let more mutants survive, never kill one that the whole suite would not."""
+    already decide, at twice the cost. Leaving tests out can only let more mutants survive, never kill one
+    that the whole suite would not."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if not mutant.startswith("shared."):  # not a mutant run (mutmut's statistics run says "stats")
         return

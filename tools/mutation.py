@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tomllib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,29 +86,37 @@ class Mutant:
         return self.function, self.removed, self.added, self.occurrence
 
 
-def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
-    """Whether a change only rewrites prose: one string literal that reads as words (a space, a lower-case
-    letter; no SQL, not bytes) wrapped in XX or put in lower or upper case (mutmut's string operators), the
-    rest of the line the same, and the line compares or parses nothing."""
+def _rewrites_one_literal(
+    removed: tuple[str, ...], added: tuple[str, ...], judged: Callable[[str], bool], forms: Callable[[str], tuple]
+) -> bool:
+    """Whether the change turns one plain string literal that `judged` accepts (by its text) into one of
+    `forms(text)`, and leaves the rest of its single line as it was."""
     if len(removed) != 1 or len(added) != 1:
         return False
     before, after = removed[0], added[0]
-    if _PARSES.search(_STRING.sub('""', before)):
-        return False
     for match in _STRING.finditer(before):
         literal, text = match.group(), match.group()[1:-1]
-        if (
-            before[match.start() - 1 : match.start()].isalpha()
-            or not _PROSE.search(text)
-            or _SQL.search(text)
-            or _ODATA.search(text)
-        ):
-            continue  # a prefixed (bytes, raw) literal, a token, a statement or a filter
+        if before[match.start() - 1 : match.start()].isalpha() or not judged(text):
+            continue  # a prefixed (bytes, raw) literal, or one the rule is not about
         quote = literal[0]
-        for rewritten in (f"XX{text}XX", text.lower(), text.upper()):
+        for rewritten in forms(text):
             if rewritten != text and before.replace(literal, quote + rewritten + quote, 1) == after:
                 return True
     return False
+
+
+def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
+    """Whether a change only rewrites prose: one string literal that reads as words (a space, a lower-case
+    letter; no SQL, no Table Storage filter, not bytes) wrapped in XX or put in lower or upper case (mutmut's
+    string operators), the rest of the line the same, and the line compares or parses nothing."""
+    if removed and _PARSES.search(_STRING.sub('""', removed[0])):
+        return False
+    return _rewrites_one_literal(
+        removed,
+        added,
+        lambda text: bool(_PROSE.search(text)) and not _SQL.search(text) and not _ODATA.search(text),
+        lambda text: (f"XX{text}XX", text.lower(), text.upper()),
+    )
 
 
 def sql_case_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
@@ -115,23 +124,12 @@ def sql_case_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
     keywords and identifiers are case-insensitive (only quoted literals are not), so the mutant is equivalent.
     Not a statement that creates, renames or drops: SQLite stores the name as written, and sqlite_master
     lookups compare it exactly."""
-    if len(removed) != 1 or len(added) != 1:
-        return False
-    before, after = removed[0], added[0]
-    for match in _STRING.finditer(before):
-        literal, text = match.group(), match.group()[1:-1]
-        if (
-            not _SQL.search(text)
-            or "'" in text
-            or _NAMES_OBJECTS.search(text)
-            or before[match.start() - 1 : match.start()].isalpha()
-        ):
-            continue
-        quote = literal[0]
-        for rewritten in (text.lower(), text.upper()):
-            if rewritten != text and before.replace(literal, quote + rewritten + quote, 1) == after:
-                return True
-    return False
+    return _rewrites_one_literal(
+        removed,
+        added,
+        lambda text: bool(_SQL.search(text)) and "'" not in text and not _NAMES_OBJECTS.search(text),
+        lambda text: (text.lower(), text.upper()),
+    )
 
 
 def rule_for(mutant: Mutant) -> str | None:
@@ -203,11 +201,9 @@ def load_mutants() -> tuple[list[Mutant], list[str]]:
         data.load()
         for name, exit_code in sorted(data.exit_code_by_key.items()):
             status = status_of(exit_code)
-            mutant = Mutant(name, module, function_of(name), status)
-            if status not in ("killed", "timeout", "not run"):
-                removed, added, occurrence = changed_lines(*function_sources(name, path))
-                mutant = Mutant(name, module, mutant.function, status, removed, added, occurrence)
-            mutants.append(mutant)
+            judged = status in ("killed", "timeout", "not run")  # no change to read for these
+            change = () if judged else changed_lines(*function_sources(name, path))
+            mutants.append(Mutant(name, module, function_of(name), status, *change))
     return mutants, missing
 
 
