@@ -356,12 +356,13 @@ def main() -> int:
     survivors = args.survivors.resolve()
     if args.command == "run":
         args.folder = REPO
+        os.chdir(REPO)
+        if run(args.children, args.mutants) != 0:
+            print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
     if not (args.folder / "mutants").is_dir():
         print(f"no mutation run to report on in {args.folder}: make mutation, or --from a folder holding mutants/")
         return 2
     os.chdir(args.folder)
-    if args.command == "run" and run(args.children, args.mutants) != 0:
-        print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
     wanted = tuple(args.module or ("",))
     mutants, missing = load_mutants()
     mutants = [mutant for mutant in mutants if mutant.module.startswith(wanted)]
