@@ -10,11 +10,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import requests
 from azure.core.exceptions import HttpResponseError
 from azure.keyvault.certificates._shared import http_challenge_cache as certificate_challenges
 from azure.keyvault.keys._shared import http_challenge_cache as keys_challenges
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
 import cli
@@ -375,15 +377,24 @@ def test_a_key_the_vault_will_not_sign_with_is_a_clear_500_and_no_row(vault_ca, 
 
 
 @pytest.mark.parametrize(
-    ("operation", "status"), [("create", 503), ("create", 400), ("merge", 400), ("get-key", 400), ("merge", 409)]
+    ("operation", "status", "words"),
+    [
+        ("create", 503, "Key Vault unavailable: could not create certificate device-ca-broken-"),
+        ("create", 400, "Key Vault could not create certificate device-ca-broken-"),
+        ("merge", 400, "Key Vault could not merge certificate device-ca-broken-"),
+        ("get-key", 400, "Key Vault could not get key device-ca-broken-"),
+        ("merge", 409, "Key Vault could not merge certificate device-ca-broken-"),
+    ],
 )
-def test_a_failure_anywhere_in_creating_a_ca_leaves_no_record(vault_ca, operation, status):
-    """A 503 is retried by azure-core before it counts (so only one such case: it takes seconds)."""
+def test_a_failure_anywhere_in_creating_a_ca_leaves_no_record(vault_ca, operation, status, words):
+    """The error names the call that failed. A 503 is retried by azure-core before it counts (so only one
+    such case: it takes seconds)."""
     service, vault, _ = vault_ca()
     service.create_root()
     vault.failures[operation] = lambda n: status
     with pytest.raises(CaError) as failed:
         service.create_intermediate("broken")
+    assert failed.value.message.startswith(words), failed.value.message
     assert failed.value.status == 503 or failed.value.code.startswith("key-vault")
     assert service.ledger.get_ca("broken") is None
     vault.failures.clear()
@@ -553,3 +564,93 @@ def test_each_retry_waits_twice_as_long_as_the_one_before(vault_ca, monkeypatch)
 def test_a_vault_url_is_kept_without_its_trailing_slash():
     store = KeyVaultKeyStore(VAULT_URL + "/", FakeCredential(), QUICK, session=FakeKeyVault().session())
     assert store.describe()["vault"] == VAULT_URL
+
+
+def test_a_ca_key_is_made_to_sign_certificates_and_crls_never_exported_nor_reused(vault_ca):
+    """The certificate policy Key Vault receives: a new key each time it is created (reuse_key false), for
+    keyCertSign and cRLSign only (RFC 5280 4.2.1.3), and never exportable."""
+    service, vault, _ = vault_ca()
+    service.create_root()
+    policy = vault.certificates[service.root().key_name].policy
+    assert policy["key_props"] == {"exportable": False, "kty": "EC-HSM", "reuse_key": False, "crv": "P-256"}
+    assert policy["x509_props"]["key_usage"] == ["keyCertSign", "cRLSign"]
+
+
+def test_a_pending_certificate_without_a_csr_is_a_clear_error(vault_ca, monkeypatch):
+    service, vault, _ = vault_ca()
+    pending = vault._operation
+    monkeypatch.setattr(vault, "_operation", lambda state: {**pending(state), "csr": None})
+    with pytest.raises(Misconfigured) as refused:
+        service.keys.create_ca_key("no-csr", "P-256", "No CSR")
+    assert refused.value.code == "key-vault-bad-answer"
+    assert refused.value.message == "Key Vault did not leave certificate no-csr pending with a CSR"
+
+
+@pytest.mark.parametrize(
+    ("curve", "reported"), [("P-521", None), ("P-256K", None), ("P-256", "P-999")], ids=["P-521", "P-256K", "newer"]
+)
+def test_a_ca_key_replaced_by_one_on_another_curve_is_refused_by_name(vault_ca, curve, reported):
+    """An admin's new key version on a curve CA keys do not use (or one this SDK does not know, which it
+    gives as text rather than its enum) is refused, naming the curve as Key Vault does."""
+    service, vault, _ = vault_ca()
+    service.create_root()
+    name = service.root().key_name
+    vault.add_key_version(name, curve).reported_curve = reported
+    fresh = KeyVaultKeyStore(VAULT_URL, FakeCredential(), QUICK, session=vault.session())
+    with pytest.raises(Misconfigured) as refused:
+        fresh.signing_key(name)
+    fresh.close()
+    assert refused.value.code == "key-invalid"
+    assert refused.value.message == f"Key Vault key {name} is on {reported or curve}; CA keys are P-256 or P-384"
+
+
+def test_closing_the_store_closes_the_session_it_made_and_leaves_one_it_was_given(vault_ca, monkeypatch):
+    closed: list[requests.Session] = []
+    monkeypatch.setattr(requests.Session, "close", lambda session: closed.append(session))
+    vault = FakeKeyVault()
+    given = vault.session()
+    store = KeyVaultKeyStore(VAULT_URL, FakeCredential(), QUICK, session=given)
+    store.create_ca_key("shared-session", "P-256", "Shared")  # the clients have used the session
+    store.close()
+    assert closed == []
+    own = KeyVaultKeyStore(VAULT_URL, FakeCredential(), QUICK)
+    made = own._session
+    own.close()
+    assert closed == [made]
+
+
+def _signer_on_a_moved_clock(monkeypatch, vault: FakeKeyVault, options: KeyVaultOptions):
+    """A CA key in `vault` whose gate sleeps on a clock the test moves; returns (signer, sleeps)."""
+    store = KeyVaultKeyStore(VAULT_URL, FakeCredential(), options, session=vault.session())
+    signer = store.create_ca_key("paced", "P-256", "Paced")
+    now, sleeps = [1000.0], []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(keyvault.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(keyvault.time, "sleep", sleep)
+    return store, signer, sleeps
+
+
+@pytest.mark.parametrize(("sign_rate", "waited"), [(4.0, 1.0), (None, 0.0)])
+def test_the_gate_paces_signs_when_a_sign_rate_is_set(vault_ca, monkeypatch, sign_rate, waited):
+    """At 4 signs a second, 5 signs in a row wait 4 slots of 0.25 s; without a rate they never wait."""
+    store, signer, sleeps = _signer_on_a_moved_clock(monkeypatch, FakeKeyVault(), replace(QUICK, sign_rate=sign_rate))
+    for _ in range(5):
+        signer.sign(b"tbs", ec.ECDSA(hashes.SHA256()))
+    store.close()
+    assert sum(sleeps) == pytest.approx(waited)
+
+
+@pytest.mark.parametrize(("status", "rate"), [(429, 71.0), (503, 100.0)])
+def test_only_a_429_slows_the_pacer(vault_ca, monkeypatch, status, rate):
+    """A 429 means another client shares the vault's limit: the pace drops by 30% (then the success adds
+    1% of the maximum back). A 503 is the vault's own trouble and leaves the pace alone."""
+    vault = FakeKeyVault()
+    store, signer, _ = _signer_on_a_moved_clock(monkeypatch, vault, replace(QUICK, sign_rate=100.0))
+    vault.sign_failures = lambda n: status if n == 1 else None
+    signer.sign(b"tbs", ec.ECDSA(hashes.SHA256()))
+    store.close()
+    assert vault.sign_calls == 2 and store._gate.pacer.rate == pytest.approx(rate)

@@ -146,10 +146,12 @@ class KeyVaultSigningKey(ec.EllipticCurvePrivateKey):
 
     def __init__(self, client: CryptographyClient, key: KeyVaultKey, gate: VaultGate) -> None:
         jwk = key.key
-        self.key_id = key.id
+        # the SDK gives a curve it knows as its enum (whose str() is the enum's name), a newer one as text
         self.curve_name = str(getattr(jwk.crv, "value", jwk.crv))
         if self.curve_name not in _CURVES:
-            raise Misconfigured(f"Key Vault key {key.name} is on {jwk.crv}; CA keys are P-256 or P-384", "key-invalid")
+            raise Misconfigured(
+                f"Key Vault key {key.name} is on {self.curve_name}; CA keys are P-256 or P-384", "key-invalid"
+            )
         _, self._algorithm, self._hash = _CURVES[self.curve_name]
         curve = ec.SECP256R1() if self.curve_name == "P-256" else ec.SECP384R1()
         numbers = ec.EllipticCurvePublicNumbers(int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), curve)
@@ -215,10 +217,13 @@ class KeyVaultKeyStore(KeyStore):
         options: KeyVaultOptions | None = None,
         session: requests.Session | None = None,
     ) -> None:
-        """One connection pool (sized for the parallel signs) and one set of clients serve every call."""
+        """One connection pool (sized for the parallel signs) and one set of clients serve every call. A
+        `session` passed in stays its caller's: closing the store closes only a session it made."""
         self.vault_url = vault_url.rstrip("/")
         self.options = options or KeyVaultOptions()
+        self._owns_session = session is None
         self._session = session or _pooled_session(self.options.parallel_signatures + 4)
+        # every client shares the transport, so none may close the session when it is closed
         self._transport = RequestsTransport(session=self._session, session_owner=False)
         self._credential = credential
         self._certificates = CertificateClient(self.vault_url, credential, transport=self._transport)
@@ -295,7 +300,8 @@ class KeyVaultKeyStore(KeyStore):
     def close(self) -> None:
         self._certificates.close()
         self._keys.close()
-        self._session.close()
+        if self._owns_session:
+            self._session.close()
 
     def _signer(self, name: str) -> KeyVaultSigningKey:
         key = _vault_call(f"get key {name}", lambda: self._keys.get_key(name))

@@ -40,7 +40,13 @@ VAULT_URL = "https://device-ca-test.vault.azure.net"
 TOKEN = "fake-key-vault-token"
 TENANT = "72f988bf-0000-0000-0000-000000000000"
 CHALLENGE = f'Bearer authorization="https://login.microsoftonline.com/{TENANT}", resource="https://vault.azure.net"'
-_CURVES = {"P-256": (ec.SECP256R1(), "ES256", 32), "P-384": (ec.SECP384R1(), "ES384", 48)}
+# Key Vault's EC curves: (curve, sign algorithm, coordinate bytes, digest)
+_CURVES = {
+    "P-256": (ec.SECP256R1(), "ES256", 32, hashes.SHA256()),
+    "P-384": (ec.SECP384R1(), "ES384", 48, hashes.SHA384()),
+    "P-521": (ec.SECP521R1(), "ES512", 66, hashes.SHA512()),
+    "P-256K": (ec.SECP256K1(), "ES256K", 32, hashes.SHA256()),
+}
 API_VERSIONS = {"7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01", "2026-04-01"}
 OPERATIONS = ("create", "pending", "merge", "list", "get-certificate", "get-key", "sign")
 
@@ -67,6 +73,7 @@ class KeyVersion:
     enabled: bool = True
     not_before: int | None = None  # Unix seconds, as Key Vault's attributes.nbf / exp
     expires: int | None = None
+    reported_curve: str | None = None  # the crv the vault reports instead, as a newer service might
 
     def refuses(self, operation: str) -> str | None:
         """Why Key Vault would refuse `operation` with this key now (it answers 403), or None."""
@@ -89,7 +96,7 @@ class KeyVersion:
         return {
             "kid": self.kid,
             "kty": self.kty,
-            "crv": self.curve,
+            "crv": self.reported_curve or self.curve,
             "key_ops": list(self.key_ops),
             "x": _b64url(numbers.x.to_bytes(size, "big")),
             "y": _b64url(numbers.y.to_bytes(size, "big")),
@@ -156,6 +163,7 @@ class FakeKeyVault(BaseAdapter):
         self.statuses: list[tuple[str, str, int]] = []  # (method, path, status) of every request
         self.on_event_loop: list[str] = []  # the paths of requests made from a thread running an event loop
         self.unauthenticated = 0
+        self.closed = False  # a session this fake is mounted on was closed
 
     def session(self) -> requests.Session:
         """A requests session whose calls to the vault land here."""
@@ -199,7 +207,8 @@ class FakeKeyVault(BaseAdapter):
         return self._answer(request, 404, _error("NotFound", f"no route {request.method} {url.path}"))
 
     def close(self) -> None:
-        pass
+        """requests calls this for each mounted adapter when the session is closed."""
+        self.closed = True
 
     def _routes(self) -> list:
         name, version = r"([0-9a-zA-Z-]+)", r"([0-9a-f]{32})"
@@ -228,6 +237,10 @@ class FakeKeyVault(BaseAdapter):
     def key(self, name: str) -> KeyVersion:
         """The newest version of key `name`, to change its attributes in a test."""
         return self.keys[name][-1]
+
+    def add_key_version(self, name: str, curve: str, kty: str = "EC") -> KeyVersion:
+        """A new version of key `name` on `curve`, as an admin's `az keyvault key create` makes one."""
+        return self._new_key_version(name, curve, kty)
 
     def _answer(
         self, request: requests.PreparedRequest, status: int, document: dict | None, headers: dict | None = None
@@ -258,7 +271,7 @@ class FakeKeyVault(BaseAdapter):
         subject = policy.get("x509_props", {}).get("subject")
         kty, curve = key_props.get("kty"), key_props.get("crv")
         if kty not in ("EC", "EC-HSM") or curve not in _CURVES:
-            return 400, _error("BadParameter", f"this fake supports EC keys on P-256/P-384, not {kty} {curve}"), None
+            return 400, _error("BadParameter", f"The curve {curve} of key type {kty} is not supported"), None
         if kty == "EC-HSM" and not self.premium:
             return 400, _error("BadParameter", "EC-HSM keys need a Premium vault"), None
         if key_props.get("exportable"):
@@ -395,11 +408,11 @@ class FakeKeyVault(BaseAdapter):
         refusal = key.refuses("sign")
         if refusal:
             return 403, _error("Forbidden", refusal), None
-        _, algorithm, size = _CURVES[key.curve]
+        _, algorithm, size, digest_algorithm = _CURVES[key.curve]
         digest = _b64url_decode(body.get("value", ""))
-        if body.get("alg") != algorithm or len(digest) != size:
-            return 400, _error("BadParameter", f"{key.curve} signs {algorithm} over a {size}-byte digest"), None
-        prehashed = utils.Prehashed(hashes.SHA256() if size == 32 else hashes.SHA384())
+        if body.get("alg") != algorithm or len(digest) != digest_algorithm.digest_size:
+            return 400, _error("BadParameter", f"{key.curve} signs {algorithm} over its own digest"), None
+        prehashed = utils.Prehashed(digest_algorithm)
         r, s = utils.decode_dss_signature(key.private_key.sign(digest, ec.ECDSA(prehashed)))
         with self.lock:
             self.sign_algorithms.append(algorithm)
@@ -421,8 +434,7 @@ def _key_vault_csr(key: KeyVersion, subject: str) -> bytes:
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
     )
-    algorithm = hashes.SHA256() if key.curve == "P-256" else hashes.SHA384()
-    return builder.sign(key.private_key, algorithm).public_bytes(serialization.Encoding.DER)
+    return builder.sign(key.private_key, _CURVES[key.curve][3]).public_bytes(serialization.Encoding.DER)
 
 
 def _attributes(der: bytes) -> dict:
