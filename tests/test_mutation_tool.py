@@ -1,6 +1,9 @@
 """tools/mutation.py, which decides what `make mutation` calls killed, justified and open: its rules must not
 excuse a mutant that changes behaviour, nor count a run that did not judge a mutant as a kill."""
 
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,3 +138,40 @@ def test_the_command_line_takes_patterns_and_a_folder(tmp_path):
         mutation.parse(["report", "shared.pki*"])  # report takes --module, not patterns
     args = mutation.parse(["report", "--from", str(tmp_path), "--module", "shared.pki"])
     assert (args.folder, args.module, args.mutants) == (tmp_path, ["shared.pki"], [])
+
+
+def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
+    """`make mutation` removes mutants/ and runs `tools/mutation.py run`: the run must make the folder, judge
+    every mutant with the project's tests and report them (here, a two-line project: its mutants are either
+    killed or survive, and the one survivor left unjustified fails the report)."""
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "mutation.py").write_text((repo / "tools" / "mutation.py").read_text())
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "__init__.py").write_text("")
+    (tmp_path / "tests" / "azurite.py").write_text((repo / "tests" / "azurite.py").read_text())
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "__init__.py").write_text("")
+    (tmp_path / "shared" / "limits.py").write_text(
+        "def within(size: int, limit: int) -> bool:\n    return 0 < size <= limit\n"
+    )
+    (tmp_path / "tests" / "test_limits.py").write_text(
+        "from shared.limits import within\n\n\ndef test_within():\n    assert within(3, 3) and not within(4, 3)\n"
+    )
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.mutmut]\nsource_paths = ["shared/"]\nonly_mutate = ["shared/limits.py"]\n'
+        'pytest_add_cli_args_test_selection = ["tests/"]\n'
+    )
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(("COV", "MUTANT"))}
+    run = subprocess.run(
+        [sys.executable, "tools/mutation.py", "run", "--children", "1"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (tmp_path / "mutants").is_dir(), run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == 1, run.stdout[-2000:]  # `0 < size` -> `1 < size` survives: no test sizes 0 or 1
+    assert re.search(r"shared\.limits +\d+ +\d+ +0 +[1-9]\d* +0 ", run.stdout), run.stdout
+    assert "OPEN       shared.limits.x_within__mutmut_" in run.stdout
