@@ -61,12 +61,51 @@ def test_an_sql_statement_in_another_case_is_equivalent():
         ),
         ('db.execute("CREATE TABLE t (a)")', 'db.execute("create table t (a)")'),
         # a quoted value is case-sensitive
-        ("q = \"SELECT a FROM t WHERE s = 'active'\"", "q = \"select a from t where s = 'active'\""),
+        ("q = \"SELECT a FROM t WHERE s = 'Active'\"", "q = \"select a from t where s = 'active'\""),
+        ("q = \"SELECT a FROM t WHERE s = 'active'\"", "q = \"SELECT A FROM T WHERE S = 'ACTIVE'\""),
     ],
 )
 def test_sql_that_names_objects_or_values_is_not_equivalent(before, after):
     assert not mutation.sql_case_only((before,), (after.replace("alter table", "ALTER TABLE"),))
     assert not mutation.sql_case_only((before,), (after,))
+
+
+def test_sql_whose_quoted_values_keep_their_case_is_equivalent():
+    statement = "SELECT item FROM batch_items WHERE chunk = ? AND status = 'pending'"
+    before, after = f'q = "{statement}"', f'q = "{statement.lower()}"'
+    assert mutation.sql_case_only((before,), (after,))
+
+
+def _survivor(module: str, before: str, after: str) -> mutation.Mutant:
+    return mutation.Mutant(f"{module}.x_f__mutmut_1", module, f"{module}.f", "survived", (before,), (after,))
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ('chunk=row["chunk"],', 'chunk=row["CHUNK"],'),
+        ('return str(rows[-1]["seq"]) if more else None', 'return str(rows[-1]["SEQ"]) if more else None'),
+        ('if row is None or row["status"] != CERT_ACTIVE:', 'if row is None or row["STATUS"] != CERT_ACTIVE:'),
+    ],
+)
+def test_a_sqlite_row_column_in_another_case_is_equivalent(before, after):
+    assert mutation.rule_for(_survivor("shared.ledger.sqlite_batches", before, after)) == mutation.ROW_KEY_CASE
+
+
+@pytest.mark.parametrize(
+    "module, before, after",
+    [
+        # a Table entity is a dict: its property names are case-sensitive
+        ("shared.ledger.tables", 'status = entity["Status"]', 'status = entity["STATUS"]'),
+        ("shared.ledger.tables", 'status = row["Status"]', 'status = row["STATUS"]'),
+        ("shared.ledger.sqlite", 'status = record["status"]', 'status = record["STATUS"]'),  # not a row
+        ("shared.ledger.sqlite", 'if row["kind"] == "root":', 'if row["kind"] == "ROOT":'),  # a value, not a column
+        # SQL rules hold only where strings are SQL
+        ("shared.ledger.tables", 'q = "SELECT a FROM t WHERE b = ?"', 'q = "select a from t where b = ?"'),
+    ],
+)
+def test_the_sqlite_rules_hold_only_for_sqlite_rows_and_sql(module, before, after):
+    assert mutation.rule_for(_survivor(module, before, after)) is None
 
 
 @pytest.mark.parametrize(
@@ -163,6 +202,7 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
         'pytest_add_cli_args_test_selection = ["tests/"]\n'
     )
     environment = {name: value for name, value in os.environ.items() if not name.startswith(("COV", "MUTANT"))}
+    environment.setdefault("AZURITE_TABLE", str(repo / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"))
     run = subprocess.run(
         [sys.executable, "tools/mutation.py", "run", "--children", "1"],
         cwd=tmp_path,

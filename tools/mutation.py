@@ -56,12 +56,18 @@ _STRING = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'""")
 _PROSE = re.compile(r"[a-z].* |.* .*[a-z]")
 _SQL = re.compile(
     r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|RENAME|WHERE|FROM|JOIN|SET|VALUES|TRIGGER|PRAGMA|ROLLBACK|"
-    r"BEGIN|COMMIT|SAVEPOINT|RELEASE)\b|\?"
+    r"BEGIN|COMMIT|SAVEPOINT|RELEASE|AND|OR)\b|\?"
 )
+_QUOTED = re.compile(r"'[^']*'")  # an SQL string value: compared as written
+_ROW_LOOKUP = re.compile(r"\brows?(\[-?\d+\])?\[$")  # row["column"], rows[0]["column"]: a sqlite3.Row lookup
+SQLITE_MODULES = "shared.ledger.sqlite"  # the SQLite ledger's modules, the only ones that hold SQL
 _NAMES_OBJECTS = re.compile(r"\b(CREATE|ALTER|RENAME|DROP)\b", re.IGNORECASE)  # stores the name as written
 _ODATA = re.compile(r"\b(eq|ne|gt|ge|lt|le)\b|@\w")  # Table Storage filters: property names are case-sensitive
 _PARSES = re.compile(r"==|!=|\bin\b|\bmatch\b|\bcase\b|startswith|endswith|split|partition|replace|find|index|strip")
 SQL_CASE = "equivalent: an SQL statement in another case (SQLite keywords and names are case-insensitive)"
+ROW_KEY_CASE = (
+    "equivalent: a column looked up in another case (sqlite3.Row matches column names without regard to case)"
+)
 WORDING = (
     "message wording: only the words of a human-readable text changed (XX added, or case); the error code, "
     "status and behaviour are unchanged, and tests check that a message names what is wrong, not its letters"
@@ -87,16 +93,19 @@ class Mutant:
 
 
 def _rewrites_one_literal(
-    removed: tuple[str, ...], added: tuple[str, ...], judged: Callable[[str], bool], forms: Callable[[str], tuple]
+    removed: tuple[str, ...],
+    added: tuple[str, ...],
+    judged: Callable[[str, str], bool],
+    forms: Callable[[str], tuple],
 ) -> bool:
-    """Whether the change turns one plain string literal that `judged` accepts (by its text) into one of
-    `forms(text)`, and leaves the rest of its single line as it was."""
+    """Whether the change turns one plain string literal that `judged` accepts (by its text, and the line
+    before it) into one of `forms(text)`, and leaves the rest of its single line as it was."""
     if len(removed) != 1 or len(added) != 1:
         return False
     before, after = removed[0], added[0]
     for match in _STRING.finditer(before):
         literal, text = match.group(), match.group()[1:-1]
-        if before[match.start() - 1 : match.start()].isalpha() or not judged(text):
+        if before[match.start() - 1 : match.start()].isalpha() or not judged(text, before[: match.start()]):
             continue  # a prefixed (bytes, raw) literal, or one the rule is not about
         quote = literal[0]
         for rewritten in forms(text):
@@ -114,28 +123,45 @@ def wording_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
     return _rewrites_one_literal(
         removed,
         added,
-        lambda text: bool(_PROSE.search(text)) and not _SQL.search(text) and not _ODATA.search(text),
+        lambda text, _: bool(_PROSE.search(text)) and not _SQL.search(text) and not _ODATA.search(text),
         lambda text: (f"XX{text}XX", text.lower(), text.upper()),
     )
 
 
 def sql_case_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
-    """Whether a change only puts an SQL statement without quoted values in lower or upper case: SQLite's
-    keywords and identifiers are case-insensitive (only quoted literals are not), so the mutant is equivalent.
-    Not a statement that creates, renames or drops: SQLite stores the name as written, and sqlite_master
-    lookups compare it exactly."""
+    """Whether a change only puts SQL in lower or upper case and leaves its quoted values as they were:
+    SQLite's keywords and identifiers are case-insensitive (quoted values are not), so the mutant is
+    equivalent. Not a statement that creates, renames or drops: SQLite stores the name as written, and
+    sqlite_master lookups compare it exactly."""
     return _rewrites_one_literal(
         removed,
         added,
-        lambda text: bool(_SQL.search(text)) and "'" not in text and not _NAMES_OBJECTS.search(text),
+        lambda text, _: bool(_SQL.search(text)) and not _NAMES_OBJECTS.search(text),
+        lambda text: tuple(
+            form for form in (text.lower(), text.upper()) if _QUOTED.findall(form) == _QUOTED.findall(text)
+        ),
+    )
+
+
+def row_key_case_only(removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
+    """Whether a change only puts the column name of a `row["name"]` lookup in lower or upper case: the SQLite
+    ledger's rows are sqlite3.Row, which matches column names without regard to case."""
+    return _rewrites_one_literal(
+        removed,
+        added,
+        lambda text, line: text.isidentifier() and bool(_ROW_LOOKUP.search(line)),
         lambda text: (text.lower(), text.upper()),
     )
 
 
 def rule_for(mutant: Mutant) -> str | None:
-    """The reason a survivor is equivalent or wording-only by one of the two general rules, or None."""
-    if sql_case_only(mutant.removed, mutant.added):
-        return SQL_CASE
+    """The reason a survivor is equivalent or wording-only by one of the general rules, or None. The SQL
+    rules hold in the SQLite ledger's modules only (elsewhere a string is no SQL, and a row is a dict)."""
+    if mutant.module.startswith(SQLITE_MODULES):
+        if sql_case_only(mutant.removed, mutant.added):
+            return SQL_CASE
+        if row_key_case_only(mutant.removed, mutant.added):
+            return ROW_KEY_CASE
     if wording_only(mutant.removed, mutant.added):
         return WORDING
     return None
