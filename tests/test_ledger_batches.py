@@ -16,9 +16,11 @@ from shared.ledger.models import (
     ITEM_ISSUED,
     ITEM_PENDING,
     BatchItem,
+    BatchPage,
     BatchRecord,
     CertificateRecord,
 )
+from shared.ledger.sqlite import SqliteLedger
 
 from . import test_ledger
 
@@ -81,8 +83,14 @@ def test_a_batch_is_stored_with_its_items_and_read_back(ledger):
         (2, "dev-2", "CSR 2", ITEM_PENDING),
         (3, "dev-3", "CSR 3", ITEM_PENDING),
     ]
+    assert {i.batch_id for i in items} == {"b1"} and [i.finished_at for i in items] == [None, None]
     state, (item,) = ledger.chunk_items("b1", 2)  # its only item failed when it was submitted: finished
     assert (item.status, item.error_code, item.error_message) == (ITEM_FAILED, "invalid-item", "no csr")
+    assert (item.batch_id, item.finished_at) == ("b1", NOW)
+    assert [(i.batch_id, i.index, i.finished_at) for i in ledger.batch_items("b1", 3, 2)] == [
+        ("b1", 3, None),
+        ("b1", 4, NOW),
+    ]
     assert state.finished_at == NOW and state.failed == 1
     with pytest.raises(NotFound):
         ledger.chunk_items("b1", 3)
@@ -108,6 +116,8 @@ def test_a_chunks_results_are_recorded_once_and_never_overwritten(ledger):
     assert first.status == ITEM_ISSUED and first.certificate.serial == "0A" and first.created
     assert first.warnings == ("a note",) and first.certificate.not_after == NOW + timedelta(days=365)
     assert (second.status, second.error_code, second.error_message) == (ITEM_FAILED, "bad-csr", "why")
+    # each item is stamped with the time its chunk's results were recorded (not a time the result carries)
+    assert (first.batch_id, first.finished_at, second.finished_at) == ("b1", later, later)
 
     again = ledger.start_chunk("b1", 0, NOW + timedelta(seconds=30))
     assert (again.attempts, again.started_at) == (2, NOW + timedelta(seconds=5))  # the first start stays
@@ -139,8 +149,28 @@ def test_a_batch_with_failures_finishes_done_with_failures(ledger):
     batch = _batch(total=2, chunk_size=2)
     ledger.add_batch(batch, _items(batch, failed_at_submission=(1,)))
     _, items = ledger.chunk_items("b1", 0)
-    ledger.finish_chunk_items("b1", 0, [_failed(items[0])], NOW)
-    assert ledger.get_batch("b1").status == BATCH_DONE_WITH_FAILURES
+    ledger.finish_chunk_items("b1", 0, [_failed(items[0])], NOW + timedelta(seconds=7))
+    summary = ledger.get_batch("b1")
+    assert (summary.issued, summary.failed, summary.status) == (0, 2, BATCH_DONE_WITH_FAILURES)
+    assert summary.finished_at == NOW + timedelta(seconds=7)
+
+
+def test_items_finished_before_they_are_stored_count_as_what_they_are(ledger):
+    batch = _batch(total=3, chunk_size=2)
+    items = _items(batch)
+    items[0], items[2] = _issued(items[0], "0A"), _failed(items[2])
+    ledger.add_batch(batch, items)
+    summary = ledger.get_batch("b1")
+    assert (summary.issued, summary.failed, summary.pending, summary.status) == (1, 1, 1, BATCH_QUEUED)
+    state, (first, second) = ledger.chunk_items("b1", 0)
+    assert (state.issued, state.failed, state.finished_at) == (1, 0, None)
+    assert (first.status, first.certificate.serial, first.finished_at) == (ITEM_ISSUED, "0A", NOW)
+    state, _ = ledger.chunk_items("b1", 1)  # its only item is finished: so is the chunk, when it was stored
+    assert (state.issued, state.failed, state.finished_at) == (0, 1, NOW)
+    ledger.finish_chunk_items("b1", 0, [_failed(second)], NOW + timedelta(seconds=3))
+    summary = ledger.get_batch("b1")
+    assert (summary.issued, summary.failed, summary.status) == (1, 2, BATCH_DONE_WITH_FAILURES)
+    assert summary.finished_at == NOW + timedelta(seconds=3)
 
 
 def test_items_are_read_in_pages_by_index(ledger):
@@ -164,9 +194,45 @@ def test_batches_are_listed_by_requester_oldest_first_in_pages(ledger):
     assert everyone.items[3].record.allowed_intermediates is None
     assert everyone.items[0].record.allowed_intermediates == ("int-1",)
     assert ledger.list_batches("line-9", 10, None).items == []
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 5, 6])
+def test_following_the_cursor_lists_every_batch_once_and_the_last_page_says_so(ledger, limit):
+    for number in range(5):
+        batch = _batch(f"b{number}", total=1, at=NOW + timedelta(seconds=number))
+        ledger.add_batch(batch, _items(batch))
+    pages, cursor = [], None
+    while True:
+        page = ledger.list_batches(None, limit, cursor)
+        pages.append([b.record.id for b in page.items])
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    # full pages, then the rest; a page that ends the listing has no next cursor, even when it is full
+    ids = [f"b{number}" for number in range(5)]
+    assert pages == [ids[start : start + limit] for start in range(0, 5, limit)]
+
+
+def test_a_cursor_from_elsewhere_is_refused(ledger):
+    batch = _batch(total=1)
+    ledger.add_batch(batch, _items(batch))
+    for cursor in ("not-a-cursor!", "-1", "9" * 19, "1" + "0" * 40):
+        with pytest.raises(CaError) as refused:
+            ledger.list_batches("line-1", 2, cursor)
+        assert refused.value.code == "invalid-cursor"
+
+
+def test_a_sqlite_cursor_is_a_batch_number_of_up_to_18_digits(tmp_path):
+    # 18 digits always fit SQLite's 64-bit integers; a longer cursor is refused rather than overflowing
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    batch = _batch(total=1)
+    ledger.add_batch(batch, _items(batch))
+    assert [b.record.id for b in ledger.list_batches(None, 2, "0" * 18).items] == ["b1"]
+    assert ledger.list_batches(None, 2, "9" * 18) == BatchPage([], None)
     with pytest.raises(CaError) as refused:
-        ledger.list_batches("line-1", 2, "not-a-cursor!")
+        ledger.list_batches(None, 2, "9" * 19)
     assert refused.value.code == "invalid-cursor"
+    ledger.close()
 
 
 def test_two_deliveries_recording_one_chunk_at_once_count_each_item_once(ledger):
