@@ -3,6 +3,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -81,6 +82,17 @@ MUTATION_TESTS = {
         "test_batches",
     ),
 }
+
+
+def pytest_configure(config):
+    """Under `make mutation`, each mutant's session keeps its temporary files in memory (/dev/shm) when the
+    machine has it: the ledgers' SQLite commits then skip the disk's fsync, which took half of a mutant's
+    time. Each session has its own folder (mutants run side by side), removed when it ends."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    memory = Path("/dev/shm")
+    if mutant.startswith("shared.") and config.option.basetemp is None and memory.is_dir():
+        config.option.basetemp = str(memory / f"device-ca-mutant-{os.getpid()}")
+        config.add_cleanup(lambda: shutil.rmtree(config.option.basetemp, ignore_errors=True))
 
 
 def pytest_sessionstart(session):
