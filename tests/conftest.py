@@ -52,6 +52,7 @@ MUTATION_TESTS = {
         "test_pki",
         "test_csr_policy",
         "test_csr_encodings",
+        "test_revocation",
         "test_field_devices",
         "test_isolation",
         "test_service",
