@@ -78,6 +78,7 @@ def test_json_strings_that_are_not_valid_unicode_are_a_400(service, method, path
     assert api.state() == before
 
 
+@pytest.mark.child_process
 def test_a_nul_in_a_ca_name_over_http_and_cli(service):
     api = make_api(service)
     response = api.client.post(

@@ -101,6 +101,7 @@ def test_service_refuses(service, case, make, device_id, code, words):
     assert _ledger_is_empty(service)
 
 
+@pytest.mark.child_process
 def test_cli_refuses_each_with_one_line_and_no_row(service, tmp_path):
     """The same table through `python cli.py sign-csr`: exit 1, one line on stderr, JSON error with --json."""
     home = service.settings.pki_home

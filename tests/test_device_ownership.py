@@ -325,6 +325,7 @@ def _claim_devices(settings, factory: str, devices: list[str], barrier, results)
         service.close()
 
 
+@pytest.mark.child_process
 def test_two_factory_processes_racing_for_new_devices(service):
     """Two processes claim the same new devices at once (one in the opposite order): each device has one
     owner, and the loser only ever hears that it belongs to another factory, never a serial."""

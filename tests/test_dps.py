@@ -79,6 +79,7 @@ def test_an_issued_certificate_carries_the_devices_own_registration(dps_ca):
     assert again.dps["registrationId"] == "sensor-8"
 
 
+@pytest.mark.child_process
 def test_the_seeds_whole_flow_through_the_cli(fake_dps, tmp_path):
     home, env = tmp_path / "pki", fake_dps.environment()
     created = run_cli("create-ca-root", home=home, env=env)
@@ -563,6 +564,7 @@ def another_process(make_service, fake_dps, first):
     return make_service(**dps_settings(fake_dps), ledger_table_prefix=first.settings.ledger_table_prefix)
 
 
+@pytest.mark.child_process
 def test_two_processes_keeping_one_device_in_step_end_as_the_ledger_says(dps_ca, fake_dps, make_service):
     """Process A puts DPS in step from the ledger as it read it; process B revokes the active certificate in
     between. The enrollment's etag must make A's stale write fail and A decide again: DPS ends blocked."""

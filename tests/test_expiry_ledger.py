@@ -135,6 +135,7 @@ def _claim_all(spec: tuple, stage: str, start, results) -> None:
         ledger.close()
 
 
+@pytest.mark.child_process
 def test_processes_racing_claim_each_stage_once(store, store_spec):
     serials = [f"{i:02X}" for i in range(20)]
     _issue(store, *(_cert(s, f"dev-{s}", f"k{s}", days=5) for s in serials))

@@ -76,6 +76,7 @@ def test_the_nrf91_modem_answer_signs_with_sign_csr(service, tmp_path):
 
 
 @pytest.mark.parametrize("form", list(_forms("dev-x")))
+@pytest.mark.child_process
 def test_tool_outputs_sign_over_http_and_on_the_cli(service, tmp_path, form):
     api = make_api(service)
     device = "dev-" + "".join(c for c in form.lower() if c.isalnum())[:20]
@@ -102,6 +103,7 @@ def test_tool_outputs_sign_over_http_and_on_the_cli(service, tmp_path, form):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.child_process
 def test_an_admin_on_the_cli_certifies_a_factorys_device_and_it_stays_the_factorys(service):
     api = make_api(service)
     assert api.post_csr("dev-owned", make_csr("dev-owned"), api.factory_a).status_code == 201

@@ -7,6 +7,7 @@ a CSR that trips the parser must not reach the others of its run.
 import asyncio
 
 import httpx2
+import pytest
 from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -67,6 +68,7 @@ def test_thirty_good_csrs_and_one_bad_posted_at_the_same_moment(service):
     assert _ledger_serials(service) == {r.json()["serialNumber"] for r in responses}
 
 
+@pytest.mark.child_process
 def test_the_cli_answers_a_bad_csr_in_one_line(service, tmp_path):
     path = tmp_path / "bad.der"
     path.write_bytes(csr_with_raw_cn("dev-x", BAD_UTF8_CN))

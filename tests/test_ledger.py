@@ -310,6 +310,7 @@ def _race(spec: tuple, rounds: list[list[tuple[str, str, str]]]) -> list[list[tu
     return outcomes
 
 
+@pytest.mark.child_process
 def test_two_processes_racing_for_one_device_with_different_keys_cannot_both_win(ledger, ledger_spec):
     rounds = [[(f"A{n:02d}", f"dev-{n}", f"ka{n}"), (f"B{n:02d}", f"dev-{n}", f"kb{n}")] for n in range(ROUNDS)]
     for n, outcomes in enumerate(_race(ledger_spec, rounds)):
@@ -323,6 +324,7 @@ def test_two_processes_racing_for_one_device_with_different_keys_cannot_both_win
         assert ledger.key_bindings([loser_key]) == {}, "the loser's key binding is gone"
 
 
+@pytest.mark.child_process
 def test_two_processes_racing_with_one_key_for_two_devices_cannot_both_win(ledger, ledger_spec):
     rounds = [[(f"A{n:02d}", f"dev-a{n}", f"k{n}"), (f"B{n:02d}", f"dev-b{n}", f"k{n}")] for n in range(ROUNDS)]
     for n, outcomes in enumerate(_race(ledger_spec, rounds)):

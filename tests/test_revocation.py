@@ -92,6 +92,7 @@ def test_revoke_over_http_lists_what_went_with_the_key(service, clock):
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid-reason"
 
 
+@pytest.mark.child_process
 def test_revoke_on_the_cli_lists_what_went_with_the_key(service, clock):
     home = service.settings.pki_home
     env = settings_environment(service.settings)
