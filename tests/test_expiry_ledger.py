@@ -113,7 +113,11 @@ def test_an_expired_certificate_is_marked_and_no_longer_watched(store):
 def test_ca_stages_are_kept_per_topic(store):
     (watch,) = store.ca_expiry_watch()
     assert (watch.kind, watch.subject, watch.serial, watch.stage) == ("intermediate", "int-1", "Sint-1", None)
-    assert watch.record.id == "int-1"
+    assert watch.record.id == "int-1" and watch.not_after == _ca().not_after
+    before = store.expiry_rows_read
+    store.ca_expiry_watch()
+    store.ca_expiry_watch(KEY_VAULT_TOPIC)
+    assert store.expiry_rows_read - before == 2  # the one CA's row, read by each scan
     assert store.claim_expiry_stage(watch, "90d", NOW).stage == "90d"
     assert store.claim_expiry_stage(watch, "90d", NOW) is None
     (vault,) = store.ca_expiry_watch(KEY_VAULT_TOPIC)

@@ -150,6 +150,15 @@ def test_device_ownership(ledger):
     assert "certified for another device" in key_elsewhere.message
     (named,) = ledger.record_issued([Issuance(_cert("06", "dev-3", "k1", by="admin"))])
     assert named.code == "key-in-use" and "dev-1" in named.message
+    # New devices recorded together (SQLite writes such a group in one statement): each is owned by the factory
+    # the issuance names, whoever its record names as the requester.
+    ledger.record_issued(
+        [
+            Issuance(_cert("07", "dev-7", "k7", by="operator-1"), owner="factory-c"),
+            Issuance(_cert("08", "dev-8", "k8", by="operator-2"), owner="factory-c"),
+        ]
+    )
+    assert ledger.device_owners(["dev-7", "dev-8"]) == {"dev-7": "factory-c", "dev-8": "factory-c"}
 
 
 def test_supersede_and_revoke(ledger):
@@ -253,9 +262,12 @@ def test_principals_and_api_keys(ledger):
     assert app_taken.value.code == "app-id-taken"
     assert [p.id for p in ledger.list_principals()] == ["admin", "factory-a"]
     assert ledger.principal_for_app("0000-a").id == "factory-a"
+    assert ledger.principal_for_app("0000-b") is None  # no factory bound to this application: no caller
     assert ledger.set_principal_intermediates("factory-a", ["int-1", "int-2"]).intermediates == ("int-1", "int-2")
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as unknown:
         ledger.set_principal_intermediates("nobody", ["int-1"])
+    assert unknown.value.code == "principal-not-found" and "'nobody'" in unknown.value.message
+    assert ledger.get_principal("nobody") is None
     key = ApiKey("0123456789abcdef", "factory-a", "ab" * 32, NOW)
     ledger.add_api_key(key)
     assert ledger.api_key_with_principal(key.id) == (key, ledger.get_principal("factory-a"))

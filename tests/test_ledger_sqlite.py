@@ -27,25 +27,40 @@ def test_pragmas_make_commits_durable(ledger):
     assert ledger._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_event_loop_commits_go_to_a_thread_while_commits_are_slow_and_come_back_when_quick(tmp_path):
-    # Commits count as quick here under a second, whatever this machine's disk; they start out slow.
-    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", inline_commit_seconds=1.0)
-    ledger.add_ca(_ca())
-    ledger._commit_seconds = 10.0
+def _commit_threads(ledger: SqliteLedger, count: int) -> tuple[str, list[str]]:
+    """Records `count` certificates one by one on an event loop: the loop's thread, and the thread of each COMMIT."""
     committed_on: list[str] = []
     ledger._connection().set_trace_callback(
         lambda statement: committed_on.append(threading.current_thread().name) if statement == "COMMIT" else None
     )
 
-    async def record(serials: range) -> str:
-        for serial in serials:
+    async def record() -> str:
+        for serial in range(1, count + 1):
             assert await ledger.record_issued_async([Issuance(_cert(f"{serial:02X}", f"dev-{serial}", f"k{serial}"))])
         return threading.current_thread().name
 
-    loop_thread = asyncio.run(record(range(1, 60)))
-    assert committed_on[0] != loop_thread  # in a thread while the average is slow
+    loop_thread = asyncio.run(record())
+    assert len(committed_on) == count
+    return loop_thread, committed_on
+
+
+def test_event_loop_commits_go_to_a_thread_while_commits_are_slow_and_come_back_when_quick(tmp_path):
+    # Commits count as quick here under a second, whatever this machine's disk; they start out slow.
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", inline_commit_seconds=1.0)
+    ledger.add_ca(_ca())
+    ledger._commit_seconds = 10.0
+    loop_thread, committed_on = _commit_threads(ledger, 59)
+    assert loop_thread not in committed_on[:5]  # in a thread while the average is slow: one quick commit is not enough
     assert committed_on[-1] == loop_thread  # these commits are quick: back on the loop
     assert len(ledger.list_certificates(CertificateQuery(limit=100)).items) == 59
+    ledger.close()
+
+
+def test_a_threshold_of_zero_keeps_every_event_loop_commit_in_a_thread(tmp_path):
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3", inline_commit_seconds=0.0)
+    ledger.add_ca(_ca())
+    loop_thread, committed_on = _commit_threads(ledger, 5)
+    assert loop_thread not in committed_on  # the first commit too, before any was timed
     ledger.close()
 
 
