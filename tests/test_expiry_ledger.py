@@ -163,6 +163,7 @@ def test_the_scan_reads_about_one_row_per_finding_however_large_the_history(stor
     _issue(store, *(_cert(f"S{i:02X}", f"old-{i}", f"ks{i}", days=300, at=renewed) for i in range(4)), supersede=True)
     per_finding = 2 if isinstance(store, TableLedger) else 1
 
+    assert store.expiry_rows_read == 0  # nothing read yet
     before = store.expiry_rows_read
     assert len(store.expiry_watch(NOW + timedelta(days=30))) == 5
     first = store.expiry_rows_read - before

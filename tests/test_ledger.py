@@ -203,6 +203,8 @@ def test_listing_filters_and_pages(ledger):
     assert [c.serial for c in page.items] == ["03", "04", "05"]
     page = ledger.list_certificates(CertificateQuery(limit=3, cursor=page.next_cursor))
     assert [c.serial for c in page.items] == ["06"] and page.next_cursor is None
+    page = ledger.list_certificates(CertificateQuery(limit=7))
+    assert len(page.items) == 7 and page.next_cursor is None  # all of them, and nothing after
     expiring = ledger.list_certificates(CertificateQuery(expiring_before=NOW + timedelta(days=25)))
     assert [c.serial for c in expiring.items] == ["00", "01"]
     assert _serials(ledger, device_id="dev-4") == ["04"]
