@@ -94,8 +94,10 @@ def test_ca_ids_are_unique_and_listed_oldest_first(ledger):
     assert [ca.id for ca in ledger.list_cas("intermediate")] == ["int-1", "int-2"]
     assert ledger.set_ca_status("int-2", "disabled").status == "disabled"
     assert ledger.set_ca_dps("int-2", {"mode": "offline"}).dps == {"mode": "offline"}
-    with pytest.raises(NotFound):
-        ledger.set_ca_status("nope", "disabled")
+    for change in (lambda: ledger.set_ca_status("nope", "disabled"), lambda: ledger.set_ca_dps("nope", {})):
+        with pytest.raises(NotFound) as no_ca:
+            change()
+        assert no_ca.value.code == "ca-not-found" and "'nope'" in no_ca.value.message
     assert ledger.get_ca("int-2") == replace(_ca("int-2"), status="disabled", dps={"mode": "offline"})
 
 
@@ -175,8 +177,9 @@ def test_supersede_and_revoke(ledger):
     assert ledger.active_certificates(["dev-1"]) == {}
     (refused,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k2"))])
     assert isinstance(refused, CaError) and refused.code == "key-revoked"
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as unknown:
         ledger.revoke_certificate("99", "unspecified", NOW)
+    assert unknown.value.code == "certificate-not-found" and "99" in unknown.value.message
 
 
 def test_revoking_an_old_certificate_revokes_the_active_one_of_its_key_and_keeps_the_first_reason(ledger):
@@ -277,8 +280,9 @@ def test_principals_and_api_keys(ledger):
     assert ledger.revoke_api_key(key.id, NOW).revoked_at == NOW
     assert ledger.revoke_api_key(key.id, NOW + timedelta(days=1)).revoked_at == NOW
     assert ledger.list_api_keys() == [replace(key, revoked_at=NOW)]
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as no_key:
         ledger.revoke_api_key("ffffffffffffffff", NOW)
+    assert no_key.value.code == "key-not-found" and "'ffffffffffffffff'" in no_key.value.message
 
 
 # -- processes racing --------------------------------------------------------------------------------------
