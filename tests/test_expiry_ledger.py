@@ -253,3 +253,17 @@ def test_a_schema_2_ledger_is_migrated_to_schema_4_with_the_expired_status(tmp_p
         assert [c.serial for c in reopened.list_certificates(CertificateQuery()).items] == ["01", "02", "04"]
     finally:
         reopened.close()
+
+
+def test_a_certificates_table_this_version_does_not_know_is_refused_not_rewritten(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    table = "CREATE TABLE certificates (serial TEXT PRIMARY KEY, status TEXT CHECK (status IN ('active', 'gone')))"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(table)
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match="not one this version can migrate"):
+        SqliteLedger(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT sql FROM sqlite_master WHERE name = 'certificates'").fetchone()[0] == table
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()

@@ -79,6 +79,9 @@ def _serials(ledger, **query) -> list[str]:
 
 
 def test_one_root_only(ledger):
+    with pytest.raises(Conflict) as taken:
+        ledger.add_ca(_ca("int-1", "root"))  # the first root, but with an intermediate's ID
+    assert taken.value.code == "ca-exists" and ledger.get_root() is None
     ledger.add_ca(_ca("root", "root"))
     with pytest.raises(Conflict) as refused:
         ledger.add_ca(_ca("root-2", "root"))
@@ -134,6 +137,28 @@ def test_a_second_key_for_a_device_needs_supersede_and_the_same_key_gets_its_cer
     (same,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k1"))])
     assert same == first
     assert ledger.get_certificate("03") is None and _serials(ledger) == ["01"]
+
+
+def test_a_retried_renewal_gets_the_certificate_its_first_attempt_made(ledger):
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    renewed_at = NOW + timedelta(days=100)
+    first = _cert("02", "dev-1", "k2", at=renewed_at)
+    window = renewed_at - timedelta(minutes=5)
+    assert ledger.record_issued([Issuance(first, supersede=True, retry_since=window)]) == [first]
+    # Its answer was lost and the device asks again: the same key, and a certificate made at or after retry_since.
+    retry = _cert("03", "dev-1", "k2", at=renewed_at + timedelta(minutes=1))
+    assert ledger.record_issued([Issuance(retry, supersede=True, retry_since=renewed_at)]) == [first]
+    # Renewing with the same key once that certificate is older than the window is a renewal of its own.
+    later = _cert("04", "dev-1", "k2", at=renewed_at + timedelta(days=200))
+    window = renewed_at + timedelta(seconds=1)
+    assert ledger.record_issued([Issuance(later, supersede=True, retry_since=window)]) == [later]
+    # Nor is a certificate of another key a retry's answer.
+    other_key = _cert("05", "dev-1", "k5", at=renewed_at + timedelta(days=201))
+    assert ledger.record_issued([Issuance(other_key, supersede=True, retry_since=NOW)]) == [other_key]
+    assert [c.serial for c in ledger.active_certificates(["dev-1"]).values()] == ["05"]
+    assert _serials(ledger, device_id="dev-1") == ["01", "02", "04", "05"]
+    new_device = _cert("06", "dev-2", "k6")  # nothing active yet: nothing to retry
+    assert ledger.record_issued([Issuance(new_device, supersede=True, retry_since=NOW)]) == [new_device]
 
 
 def test_device_ownership(ledger):
