@@ -269,6 +269,34 @@ def test_the_precheck_reads_one_moment(ledger):
     assert ledger.device_owners(["dev-1"]) == {"dev-1": "factory-x"}  # committed: seen by the next read
 
 
+@pytest.mark.parametrize("commit_at", [1, 2, 3])
+def test_the_precheck_reads_one_moment_whenever_another_process_commits(ledger, commit_at):
+    """Another process commits as the precheck starts its first, second or third read, on whichever of the
+    ledger's connections that read runs: the three answers are all from before, or all from after."""
+    rival = SqliteLedger(ledger.path)
+    reads: list[str] = []
+
+    def before_read(statement: str) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            reads.append(statement)
+            if len(reads) == commit_at:
+                rival.record_issued([Issuance(_cert("01", "dev-1", "k1", by="factory-x"), owner="factory-x")])
+
+    connections = (ledger._snapshot_connection(), ledger._connection())
+    for connection in connections:
+        connection.set_trace_callback(before_read)
+    try:
+        states = ledger.precheck(["dev-1"], ["k1"])
+    finally:
+        for connection in connections:
+            connection.set_trace_callback(None)
+        rival.close()
+    assert len(reads) == 3
+    answers = (states.owners, states.bindings, {d: c.serial for d, c in states.actives.items()})
+    after = ({"dev-1": "factory-x"}, {"k1": ("dev-1", False)}, {"dev-1": "01"})
+    assert answers in (({}, {}, {}), after)
+
+
 def test_a_cursor_is_a_sequence_number_of_at_most_18_digits(ledger):
     """SQLite's integers stop at 19 digits: a longer cursor is refused as one this listing never gave."""
     ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
