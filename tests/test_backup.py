@@ -62,6 +62,7 @@ def test_a_backup_never_mixes_with_other_files(service, tmp_path):
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["something"]
     (tmp_path / "empty").mkdir()
     assert service.backup(tmp_path / "empty").certificates == 0
+    assert stat.S_IMODE((tmp_path / "empty" / "ledger.sqlite3").stat().st_mode) == 0o600  # the CA's records: ours only
 
 
 def test_closing_the_ledger_leaves_it_in_one_file(service, tmp_path):

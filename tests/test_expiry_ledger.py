@@ -113,7 +113,11 @@ def test_an_expired_certificate_is_marked_and_no_longer_watched(store):
 def test_ca_stages_are_kept_per_topic(store):
     (watch,) = store.ca_expiry_watch()
     assert (watch.kind, watch.subject, watch.serial, watch.stage) == ("intermediate", "int-1", "Sint-1", None)
-    assert watch.record.id == "int-1"
+    assert watch.record.id == "int-1" and watch.not_after == _ca().not_after
+    before = store.expiry_rows_read
+    store.ca_expiry_watch()
+    store.ca_expiry_watch(KEY_VAULT_TOPIC)
+    assert store.expiry_rows_read - before == 2  # the one CA's row, read by each scan
     assert store.claim_expiry_stage(watch, "90d", NOW).stage == "90d"
     assert store.claim_expiry_stage(watch, "90d", NOW) is None
     (vault,) = store.ca_expiry_watch(KEY_VAULT_TOPIC)
@@ -160,6 +164,7 @@ def test_the_scan_reads_about_one_row_per_finding_however_large_the_history(stor
     _issue(store, *(_cert(f"S{i:02X}", f"old-{i}", f"ks{i}", days=300, at=renewed) for i in range(4)), supersede=True)
     per_finding = 2 if isinstance(store, TableLedger) else 1
 
+    assert store.expiry_rows_read == 0  # nothing read yet
     before = store.expiry_rows_read
     assert len(store.expiry_watch(NOW + timedelta(days=30))) == 5
     first = store.expiry_rows_read - before
@@ -249,3 +254,17 @@ def test_a_schema_2_ledger_is_migrated_to_schema_4_with_the_expired_status(tmp_p
         assert [c.serial for c in reopened.list_certificates(CertificateQuery()).items] == ["01", "02", "04"]
     finally:
         reopened.close()
+
+
+def test_a_certificates_table_this_version_does_not_know_is_refused_not_rewritten(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    table = "CREATE TABLE certificates (serial TEXT PRIMARY KEY, status TEXT CHECK (status IN ('active', 'gone')))"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(table)
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match="not one this version can migrate"):
+        SqliteLedger(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT sql FROM sqlite_master WHERE name = 'certificates'").fetchone()[0] == table
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()

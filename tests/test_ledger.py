@@ -79,6 +79,9 @@ def _serials(ledger, **query) -> list[str]:
 
 
 def test_one_root_only(ledger):
+    with pytest.raises(Conflict) as taken:
+        ledger.add_ca(_ca("int-1", "root"))  # the first root, but with an intermediate's ID
+    assert taken.value.code == "ca-exists" and ledger.get_root() is None
     ledger.add_ca(_ca("root", "root"))
     with pytest.raises(Conflict) as refused:
         ledger.add_ca(_ca("root-2", "root"))
@@ -94,8 +97,10 @@ def test_ca_ids_are_unique_and_listed_oldest_first(ledger):
     assert [ca.id for ca in ledger.list_cas("intermediate")] == ["int-1", "int-2"]
     assert ledger.set_ca_status("int-2", "disabled").status == "disabled"
     assert ledger.set_ca_dps("int-2", {"mode": "offline"}).dps == {"mode": "offline"}
-    with pytest.raises(NotFound):
-        ledger.set_ca_status("nope", "disabled")
+    for change in (lambda: ledger.set_ca_status("nope", "disabled"), lambda: ledger.set_ca_dps("nope", {})):
+        with pytest.raises(NotFound) as no_ca:
+            change()
+        assert no_ca.value.code == "ca-not-found" and "'nope'" in no_ca.value.message
     assert ledger.get_ca("int-2") == replace(_ca("int-2"), status="disabled", dps={"mode": "offline"})
 
 
@@ -134,6 +139,28 @@ def test_a_second_key_for_a_device_needs_supersede_and_the_same_key_gets_its_cer
     assert ledger.get_certificate("03") is None and _serials(ledger) == ["01"]
 
 
+def test_a_retried_renewal_gets_the_certificate_its_first_attempt_made(ledger):
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    renewed_at = NOW + timedelta(days=100)
+    first = _cert("02", "dev-1", "k2", at=renewed_at)
+    window = renewed_at - timedelta(minutes=5)
+    assert ledger.record_issued([Issuance(first, supersede=True, retry_since=window)]) == [first]
+    # Its answer was lost and the device asks again: the same key, and a certificate made at or after retry_since.
+    retry = _cert("03", "dev-1", "k2", at=renewed_at + timedelta(minutes=1))
+    assert ledger.record_issued([Issuance(retry, supersede=True, retry_since=renewed_at)]) == [first]
+    # Renewing with the same key once that certificate is older than the window is a renewal of its own.
+    later = _cert("04", "dev-1", "k2", at=renewed_at + timedelta(days=200))
+    window = renewed_at + timedelta(seconds=1)
+    assert ledger.record_issued([Issuance(later, supersede=True, retry_since=window)]) == [later]
+    # Nor is a certificate of another key a retry's answer.
+    other_key = _cert("05", "dev-1", "k5", at=renewed_at + timedelta(days=201))
+    assert ledger.record_issued([Issuance(other_key, supersede=True, retry_since=NOW)]) == [other_key]
+    assert [c.serial for c in ledger.active_certificates(["dev-1"]).values()] == ["05"]
+    assert _serials(ledger, device_id="dev-1") == ["01", "02", "04", "05"]
+    new_device = _cert("06", "dev-2", "k6")  # nothing active yet: nothing to retry
+    assert ledger.record_issued([Issuance(new_device, supersede=True, retry_since=NOW)]) == [new_device]
+
+
 def test_device_ownership(ledger):
     ledger.record_issued([Issuance(_cert("01", "dev-1", "k1", by="factory-a"), owner="factory-a")])
     (refused,) = ledger.record_issued(
@@ -150,6 +177,15 @@ def test_device_ownership(ledger):
     assert "certified for another device" in key_elsewhere.message
     (named,) = ledger.record_issued([Issuance(_cert("06", "dev-3", "k1", by="admin"))])
     assert named.code == "key-in-use" and "dev-1" in named.message
+    # New devices recorded together (SQLite writes such a group in one statement): each is owned by the factory
+    # the issuance names, whoever its record names as the requester.
+    ledger.record_issued(
+        [
+            Issuance(_cert("07", "dev-7", "k7", by="operator-1"), owner="factory-c"),
+            Issuance(_cert("08", "dev-8", "k8", by="operator-2"), owner="factory-c"),
+        ]
+    )
+    assert ledger.device_owners(["dev-7", "dev-8"]) == {"dev-7": "factory-c", "dev-8": "factory-c"}
 
 
 def test_supersede_and_revoke(ledger):
@@ -166,8 +202,9 @@ def test_supersede_and_revoke(ledger):
     assert ledger.active_certificates(["dev-1"]) == {}
     (refused,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k2"))])
     assert isinstance(refused, CaError) and refused.code == "key-revoked"
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as unknown:
         ledger.revoke_certificate("99", "unspecified", NOW)
+    assert unknown.value.code == "certificate-not-found" and "99" in unknown.value.message
 
 
 def test_revoking_an_old_certificate_revokes_the_active_one_of_its_key_and_keeps_the_first_reason(ledger):
@@ -194,6 +231,8 @@ def test_listing_filters_and_pages(ledger):
     assert [c.serial for c in page.items] == ["03", "04", "05"]
     page = ledger.list_certificates(CertificateQuery(limit=3, cursor=page.next_cursor))
     assert [c.serial for c in page.items] == ["06"] and page.next_cursor is None
+    page = ledger.list_certificates(CertificateQuery(limit=7))
+    assert len(page.items) == 7 and page.next_cursor is None  # all of them, and nothing after
     expiring = ledger.list_certificates(CertificateQuery(expiring_before=NOW + timedelta(days=25)))
     assert [c.serial for c in expiring.items] == ["00", "01"]
     assert _serials(ledger, device_id="dev-4") == ["04"]
@@ -253,9 +292,12 @@ def test_principals_and_api_keys(ledger):
     assert app_taken.value.code == "app-id-taken"
     assert [p.id for p in ledger.list_principals()] == ["admin", "factory-a"]
     assert ledger.principal_for_app("0000-a").id == "factory-a"
+    assert ledger.principal_for_app("0000-b") is None  # no factory bound to this application: no caller
     assert ledger.set_principal_intermediates("factory-a", ["int-1", "int-2"]).intermediates == ("int-1", "int-2")
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as unknown:
         ledger.set_principal_intermediates("nobody", ["int-1"])
+    assert unknown.value.code == "principal-not-found" and "'nobody'" in unknown.value.message
+    assert ledger.get_principal("nobody") is None
     key = ApiKey("0123456789abcdef", "factory-a", "ab" * 32, NOW)
     ledger.add_api_key(key)
     assert ledger.api_key_with_principal(key.id) == (key, ledger.get_principal("factory-a"))
@@ -263,8 +305,9 @@ def test_principals_and_api_keys(ledger):
     assert ledger.revoke_api_key(key.id, NOW).revoked_at == NOW
     assert ledger.revoke_api_key(key.id, NOW + timedelta(days=1)).revoked_at == NOW
     assert ledger.list_api_keys() == [replace(key, revoked_at=NOW)]
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as no_key:
         ledger.revoke_api_key("ffffffffffffffff", NOW)
+    assert no_key.value.code == "key-not-found" and "'ffffffffffffffff'" in no_key.value.message
 
 
 # -- processes racing --------------------------------------------------------------------------------------
