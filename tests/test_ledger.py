@@ -167,6 +167,7 @@ def test_device_ownership(ledger):
         [Issuance(_cert("02", "dev-1", "k2", by="factory-b"), supersede=True, owner="factory-b")]
     )
     assert isinstance(refused, Forbidden) and refused.code == "device-owned-by-another-factory"
+    assert "'dev-1'" in refused.message and "factory-a" not in refused.message  # the device, not its owner
     (by_admin,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k3", by="admin"), supersede=True)])
     assert by_admin.serial == "03"
     assert ledger.device_owners(["dev-1"]) == {"dev-1": "factory-a"}, "an admin keeps the device's owner"
