@@ -2,6 +2,7 @@
 the store itself, durably, even against another process."""
 
 import multiprocessing
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -112,6 +113,20 @@ def test_records_round_trip(ledger):
     assert ledger.active_certificates(["dev-1", "dev-2"]) == {"dev-1": record}
     assert ledger.key_bindings(["k1", "k2"]) == {"k1": ("dev-1", False)}
     assert ledger.device_owners(["dev-1", "dev-2"]) == {"dev-1": "test"}
+
+
+def test_times_are_kept_in_utc_whatever_the_machines_time_zone(ledger, monkeypatch):
+    monkeypatch.setenv("TZ", "XST+05")  # five hours west of UTC, no DST (POSIX form: needs no tz database)
+    time.tzset()
+    try:
+        record = _cert("01", "dev-1", "k1")
+        ledger.record_issued([Issuance(record)])
+        assert ledger.get_certificate("01") == record
+        assert _serials(ledger, expiring_before=record.not_after) == ["01"]
+        assert _serials(ledger, expiring_before=record.not_after - timedelta(seconds=1)) == []
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_each_issuance_stands_alone_in_one_commit(ledger):
