@@ -103,6 +103,9 @@ def test_ca_ids_are_unique_and_listed_oldest_first(ledger):
             change()
         assert no_ca.value.code == "ca-not-found" and "'nope'" in no_ca.value.message
     assert ledger.get_ca("int-2") == replace(_ca("int-2"), status="disabled", dps={"mode": "offline"})
+    signed = replace(_ca("int-3"), issuer_id="int-1")
+    ledger.add_ca(signed)
+    assert ledger.get_ca("int-3") == signed and ledger.list_cas("intermediate")[-1] == signed
 
 
 def test_records_round_trip(ledger):
