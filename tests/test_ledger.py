@@ -2,6 +2,7 @@
 the store itself, durably, even against another process."""
 
 import multiprocessing
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -102,6 +103,9 @@ def test_ca_ids_are_unique_and_listed_oldest_first(ledger):
             change()
         assert no_ca.value.code == "ca-not-found" and "'nope'" in no_ca.value.message
     assert ledger.get_ca("int-2") == replace(_ca("int-2"), status="disabled", dps={"mode": "offline"})
+    signed = replace(_ca("int-3"), issuer_id="int-1")
+    ledger.add_ca(signed)
+    assert ledger.get_ca("int-3") == signed and ledger.list_cas("intermediate")[-1] == signed
 
 
 def test_records_round_trip(ledger):
@@ -112,6 +116,20 @@ def test_records_round_trip(ledger):
     assert ledger.active_certificates(["dev-1", "dev-2"]) == {"dev-1": record}
     assert ledger.key_bindings(["k1", "k2"]) == {"k1": ("dev-1", False)}
     assert ledger.device_owners(["dev-1", "dev-2"]) == {"dev-1": "test"}
+
+
+def test_times_are_kept_in_utc_whatever_the_machines_time_zone(ledger, monkeypatch):
+    monkeypatch.setenv("TZ", "XST+05")  # five hours west of UTC, no DST (POSIX form: needs no tz database)
+    time.tzset()
+    try:
+        record = _cert("01", "dev-1", "k1")
+        ledger.record_issued([Issuance(record)])
+        assert ledger.get_certificate("01") == record
+        assert _serials(ledger, expiring_before=record.not_after) == ["01"]
+        assert _serials(ledger, expiring_before=record.not_after - timedelta(seconds=1)) == []
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_each_issuance_stands_alone_in_one_commit(ledger):
@@ -167,6 +185,7 @@ def test_device_ownership(ledger):
         [Issuance(_cert("02", "dev-1", "k2", by="factory-b"), supersede=True, owner="factory-b")]
     )
     assert isinstance(refused, Forbidden) and refused.code == "device-owned-by-another-factory"
+    assert "'dev-1'" in refused.message and "factory-a" not in refused.message  # the device, not its owner
     (by_admin,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k3", by="admin"), supersede=True)])
     assert by_admin.serial == "03"
     assert ledger.device_owners(["dev-1"]) == {"dev-1": "factory-a"}, "an admin keeps the device's owner"

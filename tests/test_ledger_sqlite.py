@@ -305,3 +305,18 @@ def test_a_cursor_is_a_sequence_number_of_at_most_18_digits(ledger):
         with pytest.raises(CaError) as refused:
             ledger.list_certificates(CertificateQuery(cursor=cursor))
         assert refused.value.code == "invalid-cursor"
+
+
+def test_long_lists_of_devices_and_keys_are_read_whole(ledger):
+    """Lists longer than one query's IN (...) (500 names) are read in chunks, every name of them."""
+    count = 1234
+    records = [_cert(f"S{n:04d}", f"dev-{n:04d}", f"k{n:04d}") for n in range(count)]
+    ledger.record_issued([Issuance(record) for record in records])
+    devices, keys = [r.device_id for r in records], [r.public_key_sha256 for r in records]
+    assert len(ledger.device_owners(devices)) == count
+    assert len(ledger.active_certificates(devices)) == count
+    assert len(ledger.key_bindings(keys)) == count
+    ledger.revoke_certificate("S1233", "keyCompromise", NOW)
+    assert ledger.devices_with_revocations(devices) == {"dev-1233"}
+    precheck = ledger.precheck(devices, keys)
+    assert (len(precheck.owners), len(precheck.bindings), len(precheck.actives)) == (count, count, count - 1)
