@@ -221,6 +221,7 @@ def test_signing_needs_a_root_and_an_intermediate(make_service):
 def test_proof_of_possession(service):
     proof = service.prove_root_possession("3E5A2B0C9D8F")
     check_proof_of_possession(load(proof.certificate_pem), load(service.root().certificate_pem), "3E5A2B0C9D8F")
+    assert proof.verification_code == "3E5A2B0C9D8F" and not proof.already_verified  # the code it signed
     assert proof.dps["mode"] == "offline"
     with pytest.raises(PkiError):
         service.prove_root_possession("not a code!")
