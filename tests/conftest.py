@@ -126,8 +126,9 @@ def pytest_collection_modifyitems(config, items):
     items[:] = kept
 
 
-# DPS's tests (the slowest) judge the use cases' mutants only in the functions that keep DPS in step.
-DPS_WORDS = ("dps", "root", "intermediate", "revoke", "enrollment", "finish", "possession")
+# DPS's tests (the slowest) judge the use cases' mutants only in the functions that keep DPS in step or hand
+# out its registration (_issued puts DPS's endpoint, ID scope and registration ID in every device bundle).
+DPS_WORDS = ("dps", "root", "intermediate", "revoke", "enrollment", "finish", "possession", "issued")
 
 
 def _judges(item, mutant: str) -> bool:

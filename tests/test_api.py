@@ -217,7 +217,7 @@ def test_admin_routes(api):
     check_root(load(root["certificate"]))
     _error(api.client.post("/api/ca/root", headers=admin), 409, "root-exists")
     proof = api.client.post("/api/ca/root/proof-of-possession", json={"verificationCode": "ABCDEF12"}, headers=admin)
-    assert proof.status_code == 200
+    assert proof.status_code == 200 and proof.json()["verificationCode"] == "ABCDEF12"
     check_proof_of_possession(load(proof.json()["certificate"]), load(root["certificate"]), "ABCDEF12")
     created = api.client.post("/api/ca/intermediates", json={"id": "line-3", "curve": "P-384"}, headers=admin)
     assert created.status_code == 201 and created.json()["curve"] == "P-384"

@@ -11,6 +11,7 @@ from shared.ledger.groupcommit import GroupCommit
 from shared.ledger.models import CertificateQuery
 from shared.service import SignRequest
 
+from .certrules import check_device, load_chain
 from .csrs import device_key, make_csr
 
 
@@ -236,6 +237,28 @@ def test_concurrent_requests_for_one_device(service):
     assert all(isinstance(r, Conflict) and r.code == "device-has-certificate" for r in race if isinstance(r, CaError))
     assert first.record.serial == second.record.serial and {first.created, second.created} == {True, False}
     assert len(service.ledger.list_certificates(CertificateQuery(limit=100)).items) == 2
+
+
+def test_a_request_answered_with_a_racing_twins_certificate_gets_that_certificates_chain(service):
+    """The same key for one new device, asked at once with two intermediates: both runs sign, one commit wins,
+    and the other is answered with the winner's certificate, chained to the intermediate that signed it."""
+    service.create_intermediate("factory-b")
+    key = device_key()
+
+    async def main():
+        return await asyncio.gather(
+            *(
+                service.sign_csr_async(make_csr("dev-1", key=key), "dev-1", intermediate_id=ca_id)
+                for ca_id in ("factory-a", "factory-b")
+            )
+        )
+
+    answers = asyncio.run(main())
+    assert answers[0].record == answers[1].record and sorted(a.created for a in answers) == [False, True]
+    for answer in answers:
+        assert answer.intermediate_pem == service.intermediate(answer.record.intermediate_id).certificate_pem
+        device, intermediate = load_chain(answer.chain_pem)
+        check_device(device, intermediate, "dev-1")
 
 
 def test_async_signing_errors_are_per_request(service):

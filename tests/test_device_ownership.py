@@ -267,6 +267,29 @@ def test_the_ledger_itself_refuses_another_factorys_claim(api):
     assert api.service.certificate(record.serial).status == "active"
 
 
+def test_two_factories_racing_in_one_process_the_loser_learns_only_the_owner_is_another(service):
+    """Both runs read the ledger before either commits (one event loop, one group commit): the plans saw no
+    owner, so the ledger's claim decides, and the loser hears the device is another factory's, not a serial."""
+
+    async def main():
+        return await asyncio.gather(
+            *(
+                service.sign_csr_async(
+                    make_csr("dev-race"), "dev-race", requested_by=factory, allowed_intermediates=["factory-a"]
+                )
+                for factory in ("factory-one", "factory-two")
+            ),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(main())
+    (won,) = [outcome for outcome in outcomes if not isinstance(outcome, CaError)]
+    (lost,) = [outcome for outcome in outcomes if isinstance(outcome, CaError)]
+    assert (lost.status, lost.code) == (403, OWNED), lost
+    assert won.record.serial not in lost.message and won.record.requested_by not in lost.message
+    assert service.ledger.device_owners(["dev-race"]) == {"dev-race": won.record.requested_by}
+
+
 # A batch asks for no renewal: the scenarios that do not renew, through the batch's chunk handler.
 WITHOUT_RENEWAL = [name for name in SCENARIOS if "renewal" not in name and name != "an admin certified it first"]
 

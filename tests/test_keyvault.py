@@ -257,6 +257,21 @@ def test_many_certificates_are_signed_concurrently(vault_ca):
         check_device(load(result.record.certificate_pem), intermediate, result.record.device_id)
 
 
+def test_signs_in_flight_are_as_many_as_the_setting_allows(vault_ca):
+    """KEY_VAULT_PARALLEL_SIGNS (parallel_signatures) is the number of Key Vault signs in flight for a run of
+    several certificates: two plans are signed at once, and six never more than two at a time."""
+    options = replace(QUICK, sign_rate=None, parallel_signatures=2)
+    service, vault, _ = vault_ca(FakeKeyVault(sign_latency=0.05), options=options)
+    _hierarchy(service)
+    for devices in (2, 6):
+        vault.most_in_flight = 0
+        results = service.sign_csrs(
+            [SignRequest(make_csr(f"dev-{devices}-{n}"), f"dev-{devices}-{n}") for n in range(devices)]
+        )
+        assert all(result.created for result in results)
+        assert vault.most_in_flight == 2, devices
+
+
 def test_the_cli_and_http_commands_work_unchanged(vault_ca):
     service, _, _ = vault_ca()
     parser = cli.build_parser()

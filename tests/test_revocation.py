@@ -1,6 +1,7 @@
 """Revoking a certificate revokes its key: every active certificate holding it goes with it, in one commit."""
 
 import json
+import logging
 
 import pytest
 
@@ -142,17 +143,26 @@ def test_devices_never_revoked_get_no_individual_enrollment(service):
 
 
 @pytest.mark.parametrize("ledger_backend", ["sqlite"], indirect=True)  # breaks the offline records' folder
-def test_a_dps_failure_after_the_commit_is_reported_and_revoking_again_mends_it(service):
+def test_a_dps_failure_after_the_commit_is_reported_and_revoking_again_mends_it(service, caplog):
     """The ledger's revocation stands when DPS cannot be written: the answer says so (not "nothing was
-    recorded"), and revoking again puts DPS in step."""
+    recorded") with the error ID under which the failure, naming the device, is logged with its traceback,
+    and revoking again puts DPS in step."""
     serial = service.sign_csr(make_csr("dev-8"), "dev-8").record.serial
     enrollments = service.dps.documents.directory / "individual-enrollments"
     enrollments.parent.mkdir(parents=True, exist_ok=True)
     enrollments.write_text("not a folder: every write of an individual enrollment fails\n")
-    revocation, dps = service.revoke(serial, "keyCompromise")
+    with caplog.at_level(logging.ERROR, logger="device_ca"):
+        revocation, dps = service.revoke(serial, "keyCompromise")
     assert revocation.record.status == "revoked" and service.certificate(serial).status == "revoked"
-    assert dps["mode"] == "failed" and f"run revoke {serial} again" in dps["message"]
-    assert "error ID" in dps["message"]
+    (logged,) = [record for record in caplog.records if hasattr(record, "error_id")]
+    assert logged.getMessage() == f"unexpected error {logged.error_id} while updating the DPS enrollment of dev-8"
+    assert logged.exc_info is not None and isinstance(logged.exc_info[1], OSError)  # the traceback, under the ID
+    assert dps == {
+        "mode": "failed",
+        "error": "internal-error",
+        "message": f"the ledger holds the change, but DPS was not updated for device 'dev-8' (internal-error, "
+        f"error ID {logged.error_id}); run revoke {serial} again (it changes nothing else) to put DPS in step",
+    }
     enrollments.unlink()
     _, mended = service.revoke(serial, "keyCompromise")
     assert mended["mode"] == "offline" and _recorded(service, "dev-8")["provisioningStatus"] == "disabled"

@@ -1,5 +1,7 @@
 """The use cases on the embedded default: every certificate issued is checked against the rules."""
 
+from datetime import timedelta
+
 import pytest
 
 from shared.errors import Conflict, Forbidden, NotFound
@@ -182,6 +184,20 @@ def test_a_same_csr_retry_answers_from_the_ledger_even_once_its_intermediate_is_
     assert refused.value.code == "intermediate-not-allowed"
 
 
+def test_another_process_answers_a_retry_with_the_chain_on_record(service, make_service):
+    """A same-CSR retry reaching a process that has signed nothing with the certificate's intermediate (another
+    instance, or the same one restarted) reads that intermediate from the ledger: the chain is whole."""
+    csr = make_csr("dev-1")
+    first = service.sign_csr(csr, "dev-1")
+    restarted = make_service("pki", ledger_table_prefix=service.settings.ledger_table_prefix)
+    again = restarted.sign_csr(csr, "dev-1")
+    assert not again.created and again.record == first.record
+    assert again.intermediate_pem == service.intermediate("factory-a").certificate_pem
+    assert again.bundle()["certificateChain"] == first.bundle()["certificateChain"]
+    device, intermediate = load_chain(again.chain_pem)
+    check_device(device, intermediate, "dev-1")
+
+
 def test_caller_bound_to_intermediates(service):
     service.create_intermediate("factory-b")
     with pytest.raises(Forbidden):
@@ -205,6 +221,7 @@ def test_signing_needs_a_root_and_an_intermediate(make_service):
 def test_proof_of_possession(service):
     proof = service.prove_root_possession("3E5A2B0C9D8F")
     check_proof_of_possession(load(proof.certificate_pem), load(service.root().certificate_pem), "3E5A2B0C9D8F")
+    assert proof.verification_code == "3E5A2B0C9D8F" and not proof.already_verified  # the code it signed
     assert proof.dps["mode"] == "offline"
     with pytest.raises(PkiError):
         service.prove_root_possession("not a code!")
@@ -228,6 +245,28 @@ def test_an_expiry_window_out_of_range_names_expiring_within_days(service):
     for days in (0, -1, float("nan"), MAX_DAYS + 1, "soon"):
         with pytest.raises(InvalidParameter, match=r"^expiringWithinDays must be "):
             service.expiring_before(days)
+
+
+def test_an_expiry_window_ends_the_days_asked_from_now(service, clock):
+    """expiringWithinDays counts forward from now, a fraction of a day included."""
+    for days in (30, 0.5, MAX_DAYS):
+        assert service.expiring_before(days) == clock() + timedelta(days=days)
+
+
+def test_an_expiry_window_lists_the_active_certificates_ending_within_it(service):
+    """Certificates run 365 days: a 366-day window lists the active one but not the revoked one unless that
+    status is asked for, a 364-day window lists neither, and a listing without a window holds every status."""
+    active = service.sign_csr(make_csr("dev-1"), "dev-1").record
+    revoked = service.sign_csr(make_csr("dev-2"), "dev-2").record
+    service.revoke(revoked.serial)
+
+    def listed(**query) -> set[str]:
+        return {record.serial for record in service.certificates(CertificateQuery(**query)).items}
+
+    assert listed(expiring_before=service.expiring_before(366)) == {active.serial}
+    assert listed(expiring_before=service.expiring_before(366), status="revoked") == {revoked.serial}
+    assert listed(expiring_before=service.expiring_before(364)) == set()
+    assert listed() == {active.serial, revoked.serial}
 
 
 def test_revoked_key_is_never_certified_again(service):
