@@ -155,9 +155,13 @@ class FakeKeyVault(BaseAdapter):
         self.page_size = page_size
         self.csrs: dict[str, bytes] = {}  # every CSR made, by certificate name
         self.in_flight = self.most_in_flight = 0
+        # signs_meet = n: each sign waits (up to 10 s) until n signs are in flight, so a test sees whether the
+        # client really keeps n at once, whatever the threads' timing
+        self.signs_meet: int | None = None
         self.keys: dict[str, list[KeyVersion]] = {}
         self.certificates: dict[str, CertificateState] = {}
         self.lock = threading.Lock()
+        self.arrivals = threading.Condition(self.lock)
         self.sign_calls = 0
         self.sign_algorithms: list[str] = []
         self.statuses: list[tuple[str, str, int]] = []  # (method, path, status) of every request
@@ -388,6 +392,9 @@ class FakeKeyVault(BaseAdapter):
             call = self.sign_calls
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.arrivals.notify_all()
+            if self.signs_meet:
+                self.arrivals.wait_for(lambda: self.in_flight >= (self.signs_meet or 0), timeout=10)
         try:
             return self._sign_call(call, body, name, version)
         finally:
