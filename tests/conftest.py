@@ -53,6 +53,7 @@ MUTATION_TESTS = {
         "test_csr_policy",
         "test_csr_encodings",
         "test_revocation",
+        "test_admin_input",
         "test_field_devices",
         "test_isolation",
         "test_service",
