@@ -2,8 +2,11 @@
 (503 with Retry-After, nothing recorded), transactions counted, and a service that keeps nothing on disk."""
 
 import sys
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -31,6 +34,7 @@ from .csrs import device_key, make_csr
 from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
 from .ledgers import check_table_rules
 from .test_keyvault import QUICK
+from .test_ledger import NOW, _ca, _cert
 
 
 class FaultyTransport(HttpTransport):
@@ -43,10 +47,11 @@ class FaultyTransport(HttpTransport):
         self.count = 0
         self.fail_from: int | None = None
         self.mode = "unsent"
+        self.only: str | None = None  # when set, only the requests whose URL holds it fail
 
     def send(self, request, **kwargs):
         self.count += 1
-        if self.fail_from is None or self.count < self.fail_from:
+        if self.fail_from is None or self.count < self.fail_from or (self.only and self.only not in request.url):
             return self.inner.send(request, **kwargs)
         if self.mode == "503":
             return _busy(request)
@@ -232,6 +237,87 @@ def test_storage_that_keeps_failing_is_a_503_with_retry_after_and_nothing_record
         headers={"Content-Type": "application/pkcs10", **bearer(admin)},
     )
     assert response.status_code == 201
+
+
+def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_failed(tables, clock):
+    """What the operator reads when Storage keeps failing (503 ledger-unavailable): which step could not
+    be done, for the listings and the expiry scan's writes (an expired certificate's transaction alone)."""
+    transport = FaultyTransport()
+    service = tables(table_prefix(), transport, retry_seconds=1)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    service.sign_csr(make_csr(DEVICE), DEVICE)
+    ledger = service.ledger
+    later = clock.now + timedelta(days=3 * 365)  # past the device certificate's notAfter
+    (watch,) = ledger.expiry_watch(later)
+    claimed = ledger.claim_expiry_stage(watch, "7d", clock.now)
+    ca_watch = ledger.ca_expiry_watch()[0]
+    steps = [
+        ("read the ledger", ledger.ping, None),
+        ("list CAs", ledger.ca_expiry_watch, None),
+        ("record an expiry stage", lambda: ledger.claim_expiry_stage(ca_watch, "90d", clock.now), None),
+        ("list principals", ledger.list_principals, None),
+        ("list API keys", ledger.list_api_keys, None),
+        ("find unfinished batch chunks", ledger.unfinished_chunks, None),
+        ("release an expiry stage", lambda: ledger.release_expiry_stage(claimed, None), None),
+        ("mark a certificate expired", lambda: ledger.mark_expired(claimed, later), "$batch"),
+    ]
+    for step, call, only in steps:
+        transport.fail_from, transport.mode, transport.only = transport.count + 1, "503", only
+        with pytest.raises(BackendUnavailable) as failed:
+            call()
+        transport.fail_from, transport.only = None, None
+        assert failed.value.code == "ledger-unavailable"
+        assert f"could not {step} (503 ServerBusy)" in failed.value.message, step
+
+
+class HeadReadHook(RequestsTransport):
+    """The real transport; `before_head_read`, when set, runs once just before a device head is read."""
+
+    before_head_read: Callable[[], None] | None = None
+
+    def send(self, request, **kwargs):
+        hook = self.before_head_read
+        if hook is not None and request.method == "GET" and "head" in unquote(request.url):
+            self.before_head_read = None
+            hook()
+        return super().send(request, **kwargs)
+
+
+def test_a_renewal_committed_while_a_certificate_is_marked_expired_stays_active(azurite):
+    """The expiry scan read the certificate active; before it reads the device's head, another instance
+    renews the device. The head keeps the renewal as its active certificate: the scan takes off the head
+    only the certificate it marks."""
+    prefix, transport = table_prefix(), HeadReadHook()
+    scan = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    other = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        scan.add_ca(_ca())
+        scan.record_issued([Issuance(_cert("A1", DEVICE, "ka", days=20))])
+        (watch,) = scan.expiry_watch(NOW + timedelta(days=30))
+        later = NOW + timedelta(days=21)
+        renewal = _cert("A2", DEVICE, "ka2", days=400, at=later)
+
+        def renew() -> None:
+            assert other.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+
+        transport.before_head_read = renew
+        scan.mark_expired(watch, later)
+        assert transport.before_head_read is None, "the renewal ran between the two reads"
+        assert other.active_certificates([DEVICE]) == {DEVICE: renewal}
+        assert scan.active_certificates([DEVICE]) == {DEVICE: renewal}
+        check_table_rules(scan)
+    finally:
+        scan.close()
+        other.close()
+
+
+def test_ping_answers_before_the_root_is_made_and_after(tables):
+    """The health check's read of the ledger: the root's marker, which a new deployment does not have yet."""
+    service = tables(table_prefix())
+    assert service.ledger.ping() is None
+    service.create_root()
+    assert service.ledger.ping() is None
 
 
 def test_an_issuance_costs_three_transactions_and_a_retry_one(tables):
