@@ -284,10 +284,11 @@ class HeadReadHook(RequestsTransport):
         return super().send(request, **kwargs)
 
 
-def test_a_renewal_committed_while_a_certificate_is_marked_expired_stays_active(azurite):
+@pytest.mark.parametrize("change", ["renewal", "revocation"])
+def test_a_certificate_changed_while_it_is_marked_expired_keeps_that_change(azurite, change):
     """The expiry scan read the certificate active; before it reads the device's head, another instance
-    renews the device. The head keeps the renewal as its active certificate: the scan takes off the head
-    only the certificate it marks."""
+    renews the device or revokes the certificate. The scan then leaves both alone: the certificate stays
+    superseded or revoked (when and why), and a renewal stays the device's active certificate."""
     prefix, transport = table_prefix(), HeadReadHook()
     scan = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
     other = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
@@ -298,14 +299,26 @@ def test_a_renewal_committed_while_a_certificate_is_marked_expired_stays_active(
         later = NOW + timedelta(days=21)
         renewal = _cert("A2", DEVICE, "ka2", days=400, at=later)
 
-        def renew() -> None:
-            assert other.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+        def change_it() -> None:
+            if change == "renewal":
+                assert other.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+            else:
+                other.revoke_certificate("A1", "keyCompromise", later)
 
-        transport.before_head_read = renew
-        scan.mark_expired(watch, later)
-        assert transport.before_head_read is None, "the renewal ran between the two reads"
-        assert other.active_certificates([DEVICE]) == {DEVICE: renewal}
-        assert scan.active_certificates([DEVICE]) == {DEVICE: renewal}
+        transport.before_head_read = change_it
+        assert scan.mark_expired(watch, later) is None
+        assert transport.before_head_read is None, "the change ran between the two reads"
+        first = other.get_certificate("A1")
+        if change == "renewal":
+            assert (first.status, first.status_reason) == ("superseded", "renewed as A2")
+            assert scan.active_certificates([DEVICE]) == {DEVICE: renewal}
+        else:
+            assert (first.status, first.status_reason) == ("revoked", "keyCompromise")
+            assert scan.active_certificates([DEVICE]) == {}
+        assert first.status_changed_at == later
+        before = scan.expiry_rows_read
+        assert scan.expiry_watch(NOW + timedelta(days=30)) == []
+        assert scan.expiry_rows_read == before, "the scan retired the certificate's expiry row"
         check_table_rules(scan)
     finally:
         scan.close()
