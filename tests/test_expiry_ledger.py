@@ -64,6 +64,8 @@ def test_only_active_certificates_inside_the_window_are_watched(store):
     (watch,) = store.expiry_watch(NOW + timedelta(days=30))
     assert (watch.kind, watch.subject, watch.record.serial) == ("device", "dev-a", "A1")
     assert watch.not_after == NOW + timedelta(days=20)
+    assert _watched(store, 20) == {"A1": None}  # a window that ends at its notAfter holds it
+    assert _watched(store, 20 - 1 / 86400) == {}
 
 
 def test_a_stage_is_claimed_once_and_can_be_released(store):

@@ -259,6 +259,8 @@ def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_fail
         ("list principals", ledger.list_principals, None),
         ("list API keys", ledger.list_api_keys, None),
         ("find unfinished batch chunks", ledger.unfinished_chunks, None),
+        ("list batches", lambda: ledger.list_batches(None, 10, None), None),
+        ("read the expiry index", lambda: ledger.expiry_watch(later), None),
         ("release an expiry stage", lambda: ledger.release_expiry_stage(claimed, None), None),
         ("retire an expiry index row", lambda: ledger.retire_expiry_watch(claimed), None),
         ("mark a certificate expired", lambda: ledger.mark_expired(claimed, later), "$batch"),
