@@ -21,8 +21,10 @@ from shared.dps.offline import OfflineDps
 from shared.errors import BackendUnavailable, CaError
 from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
-from shared.ledger.models import CertificateQuery, Issuance
+from shared.ledger.models import BatchPage, CertificateQuery, Issuance
 from shared.ledger.tables import TableLedger
+from shared.ledger.tables_batches import ALL_BATCHES, BATCHES
+from shared.parameters import MAX_PAGE
 from shared.service import RENEWAL_RETRY_WINDOW, DeviceCA
 from shared.tablestore import TableDocuments, connect
 
@@ -334,6 +336,24 @@ def test_ping_answers_before_the_root_is_made_and_after(tables):
     assert service.ledger.ping() is None
     service.create_root()
     assert service.ledger.ping() is None
+
+
+def test_a_page_of_the_largest_size_still_says_more_batches_follow(azurite):
+    """Storage answers at most 1,000 entities a request, the largest page the API allows (MAX_PAGE): a page
+    of 1,000 batches must ask for 1,001 rows to know whether another page follows. Listing rows are written
+    directly (11 transactions): rows whose batch was never stored, as a crash leaves, listed as nothing."""
+    assert MAX_PAGE == 1000
+    ledger = TableLedger(connect(azurite.connection_string, table_prefix(), retry_seconds=10))
+    try:
+        keys = [f"20260101000000-{n:020d}-b{n}" for n in range(MAX_PAGE + 1)]
+        rows = [{"PartitionKey": ALL_BATCHES, "RowKey": key, "batch_id": key.rsplit("-", 1)[1]} for key in keys]
+        for start in range(0, len(rows), 100):
+            ledger.store.table(BATCHES).submit_transaction([("create", row) for row in rows[start : start + 100]])
+        page = ledger.list_batches(None, MAX_PAGE, None)
+        assert page.items == [] and page.next_cursor == keys[MAX_PAGE - 1]
+        assert ledger.list_batches(None, MAX_PAGE, page.next_cursor) == BatchPage([], None)
+    finally:
+        ledger.close()
 
 
 def test_an_issuance_costs_three_transactions_and_a_retry_one(tables):
