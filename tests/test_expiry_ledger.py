@@ -3,6 +3,7 @@
 
 import multiprocessing
 import sqlite3
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +67,17 @@ def test_only_active_certificates_inside_the_window_are_watched(store):
     assert watch.not_after == NOW + timedelta(days=20)
     assert _watched(store, 20) == {"A1": None}  # a window that ends at its notAfter holds it
     assert _watched(store, 20 - 1 / 86400) == {}
+
+
+def test_the_watch_window_is_read_in_utc_whatever_the_hosts_time_zone(store, monkeypatch):
+    _issue(store, _cert("A1", "dev-a", "ka", days=20))  # notAfter 2026-01-21T00:00Z
+    monkeypatch.setenv("TZ", "Etc/GMT+12")  # UTC-12: the window's end, 06:00Z, is the day before there
+    time.tzset()
+    try:
+        assert _watched(store, 20.25) == {"A1": None}
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_a_stage_is_claimed_once_and_can_be_released(store):

@@ -260,6 +260,7 @@ def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_fail
         ("record an expiry stage", lambda: ledger.claim_expiry_stage(ca_watch, "90d", clock.now), None),
         ("list principals", ledger.list_principals, None),
         ("list API keys", ledger.list_api_keys, None),
+        ("update a principal", lambda: ledger.set_principal_intermediates("factory-a", ["int-1"]), None),
         ("find unfinished batch chunks", ledger.unfinished_chunks, None),
         ("list batches", lambda: ledger.list_batches(None, 10, None), None),
         ("read the expiry index", lambda: ledger.expiry_watch(later), None),
