@@ -22,7 +22,7 @@ from shared.errors import BackendUnavailable, CaError
 from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
 from shared.ledger.models import BatchPage, CertificateQuery, Issuance
-from shared.ledger.tables import TableLedger
+from shared.ledger.tables import INDEX, TableLedger, _index_entities
 from shared.ledger.tables_batches import ALL_BATCHES, BATCHES
 from shared.parameters import MAX_PAGE
 from shared.service import RENEWAL_RETRY_WINDOW, DeviceCA
@@ -353,6 +353,24 @@ def test_a_page_of_the_largest_size_still_says_more_batches_follow(azurite):
         page = ledger.list_batches(None, MAX_PAGE, None)
         assert page.items == [] and page.next_cursor == keys[MAX_PAGE - 1]
         assert ledger.list_batches(None, MAX_PAGE, page.next_cursor) == BatchPage([], None)
+    finally:
+        ledger.close()
+
+
+def test_listings_through_the_index_pass_over_rows_whose_certificate_was_never_committed(azurite):
+    """Index rows are written before the device's transaction: a crash between them leaves rows that point
+    at no certificate, which the listings by requester and of active certificates ending soon skip."""
+    ledger = TableLedger(connect(azurite.connection_string, table_prefix(), retry_seconds=10))
+    try:
+        ledger.add_ca(_ca())
+        ledger.record_issued([Issuance(_cert("A1", "dev-a", "ka", days=20))])
+        for _, row in _index_entities(_cert("B1", "dev-b", "kb", days=20)):  # B1's commit never came
+            ledger.store.table(INDEX).upsert_entity(row)
+        by_requester = ledger.list_certificates(CertificateQuery(requested_by="test"))
+        assert [c.serial for c in by_requester.items] == ["A1"]
+        ending = CertificateQuery(status="active", expiring_before=NOW + timedelta(days=30))
+        assert [c.serial for c in ledger.list_certificates(ending).items] == ["A1"]
+        check_table_rules(ledger)
     finally:
         ledger.close()
 
