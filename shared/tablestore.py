@@ -183,7 +183,7 @@ def _error_code(error: AzureError) -> str:
     response = getattr(error, "response", None)
     if not code and response is not None:
         code = response.headers.get("x-ms-error-code")
-    return str(code or "")
+    return str(getattr(code, "value", code) or "")  # Storage's own code, not the SDK's enum member name
 
 
 class TableDocuments:

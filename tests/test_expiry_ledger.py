@@ -3,6 +3,8 @@
 
 import multiprocessing
 import sqlite3
+import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from shared.ledger.models import (
     Issuance,
 )
 from shared.ledger.sqlite import SCHEMA_VERSION, SqliteLedger
-from shared.ledger.tables import INDEX, TableLedger
+from shared.ledger.tables import CAS, INDEX, TableLedger
 
 from .azurite import table_prefix
 from .ledgers import check_table_rules, table_rows
@@ -63,6 +65,19 @@ def test_only_active_certificates_inside_the_window_are_watched(store):
     (watch,) = store.expiry_watch(NOW + timedelta(days=30))
     assert (watch.kind, watch.subject, watch.record.serial) == ("device", "dev-a", "A1")
     assert watch.not_after == NOW + timedelta(days=20)
+    assert _watched(store, 20) == {"A1": None}  # a window that ends at its notAfter holds it
+    assert _watched(store, 20 - 1 / 86400) == {}
+
+
+def test_the_watch_window_is_read_in_utc_whatever_the_hosts_time_zone(store, monkeypatch):
+    _issue(store, _cert("A1", "dev-a", "ka", days=20))  # notAfter 2026-01-21T00:00Z
+    monkeypatch.setenv("TZ", "Etc/GMT+12")  # UTC-12: the window's end, 06:00Z, is the day before there
+    time.tzset()
+    try:
+        assert _watched(store, 20.25) == {"A1": None}
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_a_stage_is_claimed_once_and_can_be_released(store):
@@ -110,6 +125,39 @@ def test_an_expired_certificate_is_marked_and_no_longer_watched(store):
     assert store.get_certificate("A2").status == CERT_ACTIVE
 
 
+def test_a_certificate_expires_at_its_not_after_and_the_ledger_keeps_when_and_why(store):
+    _issue(store, _cert("A1", "dev-a", "ka", days=20))
+    (watch,) = store.expiry_watch(NOW + timedelta(days=30))
+    end = NOW + timedelta(days=20)
+    assert store.mark_expired(watch, end - timedelta(seconds=1)) is None  # still valid: still watched
+    assert store.mark_expired(watch, end).status == CERT_EXPIRED
+    kept = store.get_certificate("A1")
+    assert (kept.status, kept.status_changed_at, kept.status_reason) == (CERT_EXPIRED, end, "expired")
+    (listed,) = store.list_certificates(CertificateQuery(status=CERT_EXPIRED)).items
+    assert (listed.serial, listed.status_changed_at, listed.status_reason) == ("A1", end, "expired")
+
+
+def test_a_certificate_found_no_longer_active_when_marked_is_not_read_again(store):
+    _issue(store, _cert("A1", "dev-a", "ka", days=20))
+    (watch,) = store.expiry_watch(NOW + timedelta(days=30))
+    _issue(store, _cert("A2", "dev-a", "ka2", days=400, at=NOW + timedelta(minutes=20)), supersede=True)
+    assert store.mark_expired(watch, NOW + timedelta(days=21)) is None  # superseded: not expired
+    assert store.get_certificate("A1").status == "superseded"
+    before = store.expiry_rows_read
+    assert store.expiry_watch(NOW + timedelta(days=30)) == []
+    assert store.expiry_rows_read == before  # its expiry row was retired by mark_expired
+
+
+def test_a_stage_released_after_the_certificate_expired_changes_nothing(store):
+    _issue(store, _cert("A1", "dev-a", "ka", days=20))
+    (watch,) = store.expiry_watch(NOW + timedelta(days=30))
+    claimed = store.claim_expiry_stage(watch, "7d", NOW)
+    assert store.mark_expired(claimed, NOW + timedelta(days=21)) is not None  # the row the stage was on goes
+    store.release_expiry_stage(claimed, None)  # the scan gives the stage back: nothing is left to change
+    assert _watched(store, 60) == {}
+    assert store.get_certificate("A1").status == CERT_EXPIRED
+
+
 def test_ca_stages_are_kept_per_topic(store):
     (watch,) = store.ca_expiry_watch()
     assert (watch.kind, watch.subject, watch.serial, watch.stage) == ("intermediate", "int-1", "Sint-1", None)
@@ -127,6 +175,72 @@ def test_ca_stages_are_kept_per_topic(store):
     assert [w.stage for w in store.ca_expiry_watch(KEY_VAULT_TOPIC)] == ["key-vault-missing"]
     store.set_ca_status("int-1", "disabled")  # other writes to the record keep its stages
     assert [w.stage for w in store.ca_expiry_watch()] == ["90d"]
+
+
+def test_ca_watches_come_oldest_first_then_in_the_order_they_were_added(store):
+    store.add_ca(replace(_ca("int-0"), created_at=NOW))  # as old as int-1, added after it
+    store.add_ca(replace(_ca("int-9"), created_at=NOW - timedelta(days=1)))  # added last, the oldest
+    assert [w.subject for w in store.ca_expiry_watch()] == ["int-9", "int-1", "int-0"]
+    assert [w.subject for w in store.ca_expiry_watch(KEY_VAULT_TOPIC)] == ["int-9", "int-1", "int-0"]
+
+
+def test_table_rows_keep_each_topics_stage_in_its_own_property(azurite):
+    """The names a stage is stored under are the format other versions read: `expiry_stage` on the
+    certificate's expiry index row and on a CA's row, `key_vault_stage` on a CA's row."""
+    ledger = open_ledger(("tables", azurite.connection_string, table_prefix()))
+    try:
+        ledger.add_ca(_ca())
+        _issue(ledger, _cert("A1", "dev-a", "ka", days=20))
+        (watch,) = ledger.expiry_watch(NOW + timedelta(days=30))
+        assert ledger.claim_expiry_stage(watch, "30d", NOW) is not None
+        (ca,) = ledger.ca_expiry_watch()
+        assert ledger.claim_expiry_stage(ca, "90d", NOW) is not None
+        (vault,) = ledger.ca_expiry_watch(KEY_VAULT_TOPIC)
+        assert ledger.claim_expiry_stage(vault, "key-vault-missing", NOW) is not None
+        (expiry_row,) = [r for r in table_rows(ledger, INDEX) if r["PartitionKey"].startswith("exp-")]
+        assert expiry_row["expiry_stage"] == "30d"
+        (ca_row,) = [r for r in table_rows(ledger, CAS) if r.get("id") == "int-1"]
+        assert (ca_row["expiry_stage"], ca_row["key_vault_stage"]) == ("90d", "key-vault-missing")
+    finally:
+        ledger.close()
+
+
+def test_a_claim_on_tables_counts_the_certificate_row_it_reads(azurite):
+    """A device's claim reads its certificate's row first (is it still active?): one more row read."""
+    ledger = open_ledger(("tables", azurite.connection_string, table_prefix()))
+    try:
+        ledger.add_ca(_ca())
+        _issue(ledger, _cert("A1", "dev-a", "ka", days=20))
+        (watch,) = ledger.expiry_watch(NOW + timedelta(days=30))
+        before = ledger.expiry_rows_read
+        assert before == 2  # the expiry index row and the certificate's
+        assert ledger.claim_expiry_stage(watch, "30d", NOW) is not None
+        assert ledger.expiry_rows_read == before + 1
+    finally:
+        ledger.close()
+
+
+def test_on_tables_a_device_whose_certificate_expired_takes_its_next_one_without_a_retry(azurite):
+    """Marking a certificate expired remembers the device's head as written (its new etag), as a
+    revocation does: the device's next certificate costs what it costs after a revocation, with no
+    commit refused as stale (Storage bills every request)."""
+    ledger = open_ledger(("tables", azurite.connection_string, table_prefix()))
+    try:
+        ledger.add_ca(_ca())
+        _issue(ledger, _cert("A1", "dev-a", "ka", days=20), _cert("B1", "dev-b", "kb", days=20))
+        later = NOW + timedelta(days=21)
+        watches = {w.serial: w for w in ledger.expiry_watch(NOW + timedelta(days=30))}
+        assert ledger.mark_expired(watches["A1"], later) is not None
+        ledger.revoke_certificate("B1", "keyCompromise", later)
+        costs = []
+        for serial, device, key in (("A2", "dev-a", "ka2"), ("B2", "dev-b", "kb2")):
+            start = ledger.store.counter.count
+            _issue(ledger, _cert(serial, device, key, at=later))
+            costs.append(ledger.store.counter.count - start)
+        assert costs[0] == costs[1], costs
+        assert ledger.active_certificates(["dev-a", "dev-b"]).keys() == {"dev-a", "dev-b"}
+    finally:
+        ledger.close()
 
 
 def _claim_all(spec: tuple, stage: str, start, results) -> None:

@@ -329,6 +329,20 @@ def test_principals_and_api_keys(ledger):
     assert no_key.value.code == "key-not-found" and "'ffffffffffffffff'" in no_key.value.message
 
 
+def test_api_keys_are_listed_oldest_first_then_by_id(ledger):
+    ledger.add_principal(Principal("factory-a", "factory", ("int-1",), NOW))
+    made = {
+        "1111111111111111": NOW,
+        "0000000000000000": NOW,
+        "ffffffffffffffff": NOW - timedelta(days=1),
+    }
+    for key_id, at in made.items():
+        ledger.add_api_key(ApiKey(key_id, "factory-a", "ab" * 32, at))
+    listed = ledger.list_api_keys()
+    assert [k.id for k in listed] == ["ffffffffffffffff", "0000000000000000", "1111111111111111"]
+    assert [k.created_at for k in listed] == [NOW - timedelta(days=1), NOW, NOW]
+
+
 # -- processes racing --------------------------------------------------------------------------------------
 
 

@@ -125,6 +125,16 @@ def test_a_chunks_results_are_recorded_once_and_never_overwritten(ledger):
     assert ledger.chunk_items("b1", 0)[0].last_error == "Key Vault is unavailable"
 
 
+def test_a_long_chunk_failure_is_kept_to_what_the_store_holds(ledger):
+    """SQLite keeps the whole reason; Table Storage its first 4,000 characters (a property holds 64 KiB)."""
+    batch = _batch(total=2)
+    ledger.add_batch(batch, _items(batch))
+    reason = "".join(f"{n:05d} " for n in range(1000))  # 6,000 characters
+    ledger.note_chunk_failure("b1", 0, reason)
+    kept = ledger.chunk_items("b1", 0)[0].last_error
+    assert kept == (reason if isinstance(ledger, SqliteLedger) else reason[:4000])
+
+
 def test_counts_status_and_timing_follow_the_chunks(ledger):
     batch = _batch(total=3)
     ledger.add_batch(batch, _items(batch))

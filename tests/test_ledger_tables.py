@@ -2,8 +2,11 @@
 (503 with Retry-After, nothing recorded), transactions counted, and a service that keeps nothing on disk."""
 
 import sys
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -18,8 +21,10 @@ from shared.dps.offline import OfflineDps
 from shared.errors import BackendUnavailable, CaError
 from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
-from shared.ledger.models import CertificateQuery, Issuance
-from shared.ledger.tables import TableLedger
+from shared.ledger.models import BatchPage, CertificateQuery, Issuance
+from shared.ledger.tables import INDEX, TableLedger, _index_entities
+from shared.ledger.tables_batches import ALL_BATCHES, BATCHES
+from shared.parameters import MAX_PAGE
 from shared.service import RENEWAL_RETRY_WINDOW, DeviceCA
 from shared.tablestore import TableDocuments, connect
 
@@ -31,6 +36,7 @@ from .csrs import device_key, make_csr
 from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
 from .ledgers import check_table_rules
 from .test_keyvault import QUICK
+from .test_ledger import NOW, _ca, _cert
 
 
 class FaultyTransport(HttpTransport):
@@ -43,10 +49,11 @@ class FaultyTransport(HttpTransport):
         self.count = 0
         self.fail_from: int | None = None
         self.mode = "unsent"
+        self.only: str | None = None  # when set, only the requests whose URL holds it fail
 
     def send(self, request, **kwargs):
         self.count += 1
-        if self.fail_from is None or self.count < self.fail_from:
+        if self.fail_from is None or self.count < self.fail_from or (self.only and self.only not in request.url):
             return self.inner.send(request, **kwargs)
         if self.mode == "503":
             return _busy(request)
@@ -232,6 +239,140 @@ def test_storage_that_keeps_failing_is_a_503_with_retry_after_and_nothing_record
         headers={"Content-Type": "application/pkcs10", **bearer(admin)},
     )
     assert response.status_code == 201
+
+
+def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_failed(tables, clock):
+    """What the operator reads when Storage keeps failing (503 ledger-unavailable): which step could not
+    be done, for the listings and the expiry scan's writes (an expired certificate's transaction alone)."""
+    transport = FaultyTransport()
+    service = tables(table_prefix(), transport, retry_seconds=1)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    service.sign_csr(make_csr(DEVICE), DEVICE)
+    ledger = service.ledger
+    later = clock.now + timedelta(days=3 * 365)  # past the device certificate's notAfter
+    (watch,) = ledger.expiry_watch(later)
+    claimed = ledger.claim_expiry_stage(watch, "7d", clock.now)
+    ca_watch = ledger.ca_expiry_watch()[0]
+    steps = [
+        ("read the ledger", ledger.ping, None),
+        ("list CAs", ledger.ca_expiry_watch, None),
+        ("record an expiry stage", lambda: ledger.claim_expiry_stage(ca_watch, "90d", clock.now), None),
+        ("list principals", ledger.list_principals, None),
+        ("list API keys", ledger.list_api_keys, None),
+        ("update a principal", lambda: ledger.set_principal_intermediates("factory-a", ["int-1"]), None),
+        ("find unfinished batch chunks", ledger.unfinished_chunks, None),
+        ("list batches", lambda: ledger.list_batches(None, 10, None), None),
+        ("read the expiry index", lambda: ledger.expiry_watch(later), None),
+        ("release an expiry stage", lambda: ledger.release_expiry_stage(claimed, None), None),
+        ("retire an expiry index row", lambda: ledger.retire_expiry_watch(claimed), None),
+        ("mark a certificate expired", lambda: ledger.mark_expired(claimed, later), "$batch"),
+    ]
+    for step, call, only in steps:
+        transport.fail_from, transport.mode, transport.only = transport.count + 1, "503", only
+        with pytest.raises(BackendUnavailable) as failed:
+            call()
+        transport.fail_from, transport.only = None, None
+        assert failed.value.code == "ledger-unavailable"
+        assert f"could not {step} (503 ServerBusy)" in failed.value.message, step
+
+
+class HeadReadHook(RequestsTransport):
+    """The real transport; `before_head_read`, when set, runs once just before a device head is read."""
+
+    before_head_read: Callable[[], None] | None = None
+
+    def send(self, request, **kwargs):
+        hook = self.before_head_read
+        if hook is not None and request.method == "GET" and "head" in unquote(request.url):
+            self.before_head_read = None
+            hook()
+        return super().send(request, **kwargs)
+
+
+@pytest.mark.parametrize("change", ["renewal", "revocation"])
+def test_a_certificate_changed_while_it_is_marked_expired_keeps_that_change(azurite, change):
+    """The expiry scan read the certificate active; before it reads the device's head, another instance
+    renews the device or revokes the certificate. The scan then leaves both alone: the certificate stays
+    superseded or revoked (when and why), and a renewal stays the device's active certificate."""
+    prefix, transport = table_prefix(), HeadReadHook()
+    scan = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    other = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        scan.add_ca(_ca())
+        scan.record_issued([Issuance(_cert("A1", DEVICE, "ka", days=20))])
+        (watch,) = scan.expiry_watch(NOW + timedelta(days=30))
+        later = NOW + timedelta(days=21)
+        renewal = _cert("A2", DEVICE, "ka2", days=400, at=later)
+
+        def change_it() -> None:
+            if change == "renewal":
+                assert other.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+            else:
+                other.revoke_certificate("A1", "keyCompromise", later)
+
+        transport.before_head_read = change_it
+        assert scan.mark_expired(watch, later) is None
+        assert transport.before_head_read is None, "the change ran between the two reads"
+        first = other.get_certificate("A1")
+        if change == "renewal":
+            assert (first.status, first.status_reason) == ("superseded", "renewed as A2")
+            assert scan.active_certificates([DEVICE]) == {DEVICE: renewal}
+        else:
+            assert (first.status, first.status_reason) == ("revoked", "keyCompromise")
+            assert scan.active_certificates([DEVICE]) == {}
+        assert first.status_changed_at == later
+        before = scan.expiry_rows_read
+        assert scan.expiry_watch(NOW + timedelta(days=30)) == []
+        assert scan.expiry_rows_read == before, "the scan retired the certificate's expiry row"
+        check_table_rules(scan)
+    finally:
+        scan.close()
+        other.close()
+
+
+def test_ping_answers_before_the_root_is_made_and_after(tables):
+    """The health check's read of the ledger: the root's marker, which a new deployment does not have yet."""
+    service = tables(table_prefix())
+    assert service.ledger.ping() is None
+    service.create_root()
+    assert service.ledger.ping() is None
+
+
+def test_a_page_of_the_largest_size_still_says_more_batches_follow(azurite):
+    """Storage answers at most 1,000 entities a request, the largest page the API allows (MAX_PAGE): a page
+    of 1,000 batches must ask for 1,001 rows to know whether another page follows. Listing rows are written
+    directly (11 transactions): rows whose batch was never stored, as a crash leaves, listed as nothing."""
+    assert MAX_PAGE == 1000
+    ledger = TableLedger(connect(azurite.connection_string, table_prefix(), retry_seconds=10))
+    try:
+        keys = [f"20260101000000-{n:020d}-b{n}" for n in range(MAX_PAGE + 1)]
+        rows = [{"PartitionKey": ALL_BATCHES, "RowKey": key, "batch_id": key.rsplit("-", 1)[1]} for key in keys]
+        for start in range(0, len(rows), 100):
+            ledger.store.table(BATCHES).submit_transaction([("create", row) for row in rows[start : start + 100]])
+        page = ledger.list_batches(None, MAX_PAGE, None)
+        assert page.items == [] and page.next_cursor == keys[MAX_PAGE - 1]
+        assert ledger.list_batches(None, MAX_PAGE, page.next_cursor) == BatchPage([], None)
+    finally:
+        ledger.close()
+
+
+def test_listings_through_the_index_pass_over_rows_whose_certificate_was_never_committed(azurite):
+    """Index rows are written before the device's transaction: a crash between them leaves rows that point
+    at no certificate, which the listings by requester and of active certificates ending soon skip."""
+    ledger = TableLedger(connect(azurite.connection_string, table_prefix(), retry_seconds=10))
+    try:
+        ledger.add_ca(_ca())
+        ledger.record_issued([Issuance(_cert("A1", "dev-a", "ka", days=20))])
+        for _, row in _index_entities(_cert("B1", "dev-b", "kb", days=20)):  # B1's commit never came
+            ledger.store.table(INDEX).upsert_entity(row)
+        by_requester = ledger.list_certificates(CertificateQuery(requested_by="test"))
+        assert [c.serial for c in by_requester.items] == ["A1"]
+        ending = CertificateQuery(status="active", expiring_before=NOW + timedelta(days=30))
+        assert [c.serial for c in ledger.list_certificates(ending).items] == ["A1"]
+        check_table_rules(ledger)
+    finally:
+        ledger.close()
 
 
 def test_an_issuance_costs_three_transactions_and_a_retry_one(tables):

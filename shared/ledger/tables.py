@@ -755,12 +755,12 @@ class TableLedger(TableBatches, Ledger):
                 if record is None or record.status != CERT_ACTIVE:
                     break
                 head = self._read_head(record.device_id)
+                if head.active is None or head.active.serial != record.serial:
+                    break  # superseded or revoked since it was read (the head names the active one): not expired
                 expired = {"status": CERT_EXPIRED, "status_changed_at": stamp, "status_reason": "expired"}
                 keys = {"PartitionKey": _key(record.device_id), "RowKey": _cert_row(record)}
                 operations: list[Any] = [("update", {**keys, **expired}, {"mode": UpdateMode.MERGE})]
-                new_head = head
-                if head.active is not None and head.active.serial == record.serial:
-                    new_head = replace(head, active=None)
+                new_head = replace(head, active=None)
                 conditions = {"mode": UpdateMode.REPLACE, "etag": head.etag, "match_condition": IF_NOT_MODIFIED}
                 operations.insert(0, ("update", _head_entity(new_head), conditions))
                 try:

@@ -117,8 +117,13 @@ class TableBatches:
         if cursor is not None:
             where, params = where + " and RowKey gt @after", {**params, "after": cursor}
         with storage_errors("list batches"):
-            pages = self._table(BATCHES).query_entities(where, parameters=params, results_per_page=limit + 1)
-            rows = list(next(pages.by_page(), []))
+            # Storage answers at most 1,000 entities a request: a page of 1,000 needs a second for the 1,001st
+            pages = self._table(BATCHES).query_entities(where, parameters=params, results_per_page=min(limit + 1, 1000))
+            rows: list[Any] = []
+            for answered in pages.by_page():
+                rows.extend(answered)
+                if len(rows) > limit:
+                    break
         more = len(rows) > limit
         rows = rows[:limit]
         found = self._parallel(lambda row: self.get_batch(row["batch_id"]), rows)
