@@ -171,6 +171,9 @@ def test_credentials(api):
     assert missing.headers["www-authenticate"] == "Bearer"
     _error(api.post_csr("dev-1", csr, "dca_0000000000000000_" + "A" * 43), 401, "invalid-api-key")
     _error(api.post_csr("dev-1", csr, "not-even-a-key"), 401, "invalid-api-key")
+    # a real key's ID with another secret: the ID alone never authenticates
+    forged = api.factory_a[:-43] + ("B" if api.factory_a[-43] != "B" else "C") + api.factory_a[-42:]
+    _error(api.post_csr("dev-1", csr, forged), 401, "invalid-api-key")
     _error(api.post_csr("dev-1", csr, api.revoked), 401, "revoked-api-key")
     response = api.client.post(
         "/api/devices/dev-1/certificate",

@@ -5,7 +5,7 @@ ledger tests' thousands of short pytest sessions share it; see tests/azurite.py)
 report. `python tools/mutation.py report` prints the report of the last run again (from `mutants/`).
 
 The report gives, per module, mutants killed (a test failed; a timeout counts, since the mutant made the
-suite hang), survived and not run, and lists each survivor with its change. A survivor is *justified*
+suite hang), justified, open and not run, and lists each survivor with its change. A survivor is *justified*
 when a file of `tools/mutation-survivors/` holds an entry with the same function and the same changed lines,
 and a reason; entries are matched by the change, not by mutmut's numbering, so they outlive edits
 elsewhere in the function (`occurrence` tells identical lines apart). Exit status: 0 when at least
@@ -338,12 +338,19 @@ def row(module: str, counts: Counter) -> str:
 def run(children: int, names: list[str]) -> int:
     """`mutmut run` with one Azurite Table service shared by every test session; mutmut's exit status."""
     sys.path.insert(0, str(REPO))
-    from tests.azurite import Azurite
+    from tests.azurite import AZURITE_TABLE, Azurite
 
     azurite = Azurite()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop Azurite when the run is stopped
     try:
-        environment = {**os.environ, "AZURITE_TABLE_PORT": str(azurite.port)}
+        # the tests run inside mutants/, where the project's own Azurite path does not lead to it; and CI's
+        # Hypothesis profile (fixed examples, no deadline), so a slow mutant is not "killed" by a deadline
+        environment = {
+            "AZURITE_TABLE": str(AZURITE_TABLE),
+            "CI": "1",
+            **os.environ,
+            "AZURITE_TABLE_PORT": str(azurite.port),
+        }
         command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
         status = subprocess.run(command, cwd=REPO, env=environment, check=False).returncode
         if not azurite.answers():
@@ -369,7 +376,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--module", action="append", help="report: only modules whose name starts so (repeatable)")
     parser.add_argument("--survivors", type=Path, default=JUSTIFIED, help="folder of justified survivors' files")
     parser.add_argument(
-        "--from", dest="folder", type=Path, default=REPO, help="report: the folder holding the run's mutants/ (.)"
+        "--from",
+        dest="folder",
+        type=Path,
+        default=REPO,
+        help="report: the folder holding the run's mutants/ (this project)",
     )
     args = parser.parse_intermixed_args(argv)
     if args.command == "report" and args.mutants:
