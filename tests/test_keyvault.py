@@ -671,3 +671,17 @@ def test_only_a_429_slows_the_pacer(vault_ca, monkeypatch, status, rate):
     signer.sign(b"tbs", ec.ECDSA(hashes.SHA256()))
     store.close()
     assert vault.sign_calls == 2 and store._gate.pacer.rate == pytest.approx(rate)
+
+
+def test_a_ca_key_replaced_by_an_rsa_key_is_refused_by_its_type_not_as_a_curve_named_none():
+    """A key version with no curve at all (an admin's RSA key under the CA key's name) is named by its key
+    type: the SDK's crv is None there, and 'is on None' names nothing Key Vault shows."""
+    from azure.keyvault.keys import KeyType, KeyVaultKey
+
+    jwk = {"kty": KeyType.rsa, "n": b"\x01" * 256, "e": b"\x01\x00\x01"}  # as the SDK builds it from an answer
+    key = KeyVaultKey(key_id=f"{VAULT_URL}/keys/rsa-ca/0123", jwk=jwk)
+    with pytest.raises(Misconfigured) as refused:
+        KeyVaultSigningKey(None, key, VaultGate(QUICK))  # type: ignore[arg-type]
+    assert refused.value.code == "key-invalid"
+    assert "None" not in refused.value.message
+    assert refused.value.message == "Key Vault key rsa-ca is an RSA key; CA keys are EC, on P-256 or P-384"

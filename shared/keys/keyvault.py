@@ -148,6 +148,11 @@ class KeyVaultSigningKey(ec.EllipticCurvePrivateKey):
         jwk = key.key
         # the SDK gives a curve it knows as its enum (whose str() is the enum's name), a newer one as text
         self.curve_name = str(getattr(jwk.crv, "value", jwk.crv))
+        if jwk.crv is None:  # no curve at all: an RSA (or symmetric) key, named by its type
+            kty = str(getattr(jwk.kty, "value", jwk.kty)).removesuffix("-HSM")
+            raise Misconfigured(
+                f"Key Vault key {key.name} is an {kty} key; CA keys are EC, on P-256 or P-384", "key-invalid"
+            )
         if self.curve_name not in _CURVES:
             raise Misconfigured(
                 f"Key Vault key {key.name} is on {self.curve_name}; CA keys are P-256 or P-384", "key-invalid"
