@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ServiceResponseError
 from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.core.pipeline.transport import HttpTransport, RequestsTransport
@@ -165,8 +165,11 @@ def storage_failure(error: AzureError, action: str) -> CaError | AzureError:
         return Misconfigured(f"Table Storage refused to {action} ({status} {code}); {ROLE_HINT}", "ledger-forbidden")
     if status is None or status in (408, 429) or status >= 500:
         reason = f"{status} {_error_code(error)}" if status else type(error).__name__
+        # a request sent whose answer was lost may have been carried out: say so, not "nothing was recorded"
+        lost = isinstance(error, ServiceResponseError)
+        outcome = "its answer was lost: it may have been done" if lost else "nothing was recorded"
         return BackendUnavailable(
-            f"the ledger (Table Storage) is unavailable: could not {action} ({reason}); nothing was recorded",
+            f"the ledger (Table Storage) is unavailable: could not {action} ({reason}); {outcome}",
             "ledger-unavailable",
             retry_after=RETRY_AFTER_SECONDS,
         )

@@ -511,3 +511,28 @@ def test_backup_is_refused_for_a_ledger_in_table_storage(tables, tmp_path):
         service.backup(tmp_path / "backup")
     assert refused.value.code == "backup-not-local" and "Azure" in refused.value.message
     assert not (tmp_path / "backup").exists()
+
+
+def test_a_lost_answer_to_the_commit_does_not_say_nothing_was_recorded(azurite):
+    """The device transaction reached Storage and committed, but its answer was lost (the connection
+    dropped). The 503 must not tell the caller 'nothing was recorded': the certificate is in the ledger,
+    and an operator reading that message would look for a write that is not missing."""
+    prefix = table_prefix()
+    counting = FaultyTransport()
+    probe = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=counting))
+    probe.add_ca(_ca())
+    start = counting.count
+    probe.record_issued([Issuance(_cert("P1", "dev-probe", "kp"))])
+    calls = counting.count - start  # the device transaction is the last
+    probe.close()
+    transport = FaultyTransport()
+    ledger = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    try:
+        transport.fail_from, transport.mode = transport.count + calls, "lost"
+        (answer,) = ledger.record_issued([Issuance(_cert("A1", DEVICE, "ka"))])
+        transport.fail_from = None
+        assert isinstance(answer, BackendUnavailable)
+        assert ledger.get_certificate("A1") is not None, "the commit went through"
+        assert "nothing was recorded" not in answer.message, answer.message
+    finally:
+        ledger.close()
