@@ -290,6 +290,74 @@ class HeadReadHook(RequestsTransport):
         return super().send(request, **kwargs)
 
 
+class TransactionHook(RequestsTransport):
+    """The real transport; `before_transaction`, when set, runs once just before a transaction is sent."""
+
+    before_transaction: Callable[[], None] | None = None
+
+    def send(self, request, **kwargs):
+        hook = self.before_transaction
+        if hook is not None and request.method == "POST" and "$batch" in request.url:
+            self.before_transaction = None
+            hook()
+        return super().send(request, **kwargs)
+
+
+@pytest.mark.parametrize("change", ["old revocation", "renewal", "revocation", "expiry"])
+def test_a_device_changed_between_the_expiry_marks_head_read_and_its_transaction(azurite, change):
+    """The scan read the certificate and the head naming it; before its transaction, another instance
+    changes the device. The transaction fails on the head's etag and the scan reads again: a revocation
+    of an older certificate (another key) leaves the certificate active, so it is marked expired with
+    the revoked key kept in the head; a renewal or a revocation of it keeps that change; another scan's
+    mark is the one mark."""
+    prefix, transport = table_prefix(), TransactionHook()
+    scan = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    other = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        scan.add_ca(_ca())
+        old = _cert("A0", DEVICE, "ka0", days=400, at=NOW - timedelta(days=30))
+        scan.record_issued([Issuance(old)])
+        scan.record_issued([Issuance(_cert("A1", DEVICE, "ka", days=20), supersede=True)])
+        (watch,) = scan.expiry_watch(NOW + timedelta(days=30))
+        later = NOW + timedelta(days=21)
+
+        def change_it() -> None:
+            if change == "old revocation":
+                other.revoke_certificate("A0", "keyCompromise", later)
+            elif change == "renewal":
+                renewal = _cert("A2", DEVICE, "ka2", days=400, at=later)
+                assert other.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+            elif change == "revocation":
+                other.revoke_certificate("A1", "keyCompromise", later)
+            else:
+                assert other.mark_expired(watch, later) is not None
+
+        transport.before_transaction = change_it
+        marked = scan.mark_expired(watch, later)
+        assert transport.before_transaction is None, "the change ran before the scan's transaction"
+        first = other.get_certificate("A1")
+        expected = {
+            "old revocation": ("expired", "expired"),
+            "renewal": ("superseded", "renewed as A2"),
+            "revocation": ("revoked", "keyCompromise"),
+            "expiry": ("expired", "expired"),
+        }[change]
+        assert (first.status, first.status_reason) == expected
+        assert (marked is not None) == (change == "old revocation")
+        if change == "old revocation":
+            assert marked == first
+            assert other.get_certificate("A0").status == "revoked"
+            assert other.precheck([DEVICE], ["ka0"]).bindings == {"ka0": (DEVICE, True)}
+        assert scan.active_certificates([DEVICE]) == (
+            {DEVICE: other.get_certificate("A2")} if change == "renewal" else {}
+        )
+        assert scan.expiry_watch(NOW + timedelta(days=30)) == []
+        check_table_rules(scan)
+    finally:
+        scan.close()
+        other.close()
+
+
 @pytest.mark.parametrize("change", ["renewal", "revocation"])
 def test_a_certificate_changed_while_it_is_marked_expired_keeps_that_change(azurite, change):
     """The expiry scan read the certificate active; before it reads the device's head, another instance
