@@ -685,3 +685,16 @@ def test_a_ca_key_replaced_by_an_rsa_key_is_refused_by_its_type_not_as_a_curve_n
     assert refused.value.code == "key-invalid"
     assert "None" not in refused.value.message
     assert refused.value.message == "Key Vault key rsa-ca is an RSA key; CA keys are EC, on P-256 or P-384"
+
+
+def test_a_ca_key_gone_from_the_vault_is_the_services_fault_not_a_404_to_the_device(vault_ca):
+    """The intermediate's key was deleted from Key Vault (or its name is wrong). A device's sign request
+    cannot be served, but nothing the device sent is missing: the answer is a 5xx (misconfigured or
+    unavailable), which callers see without the vault's key names or its own messages, not a 404
+    'not found' that passes Key Vault's text to the device."""
+    service, vault, _ = vault_ca()
+    _hierarchy(service)
+    vault.keys.pop(service.intermediate("vault-int").key_name)
+    with pytest.raises(CaError) as failed:
+        service.sign_csr(make_csr("vault-device", key=device_key()), "vault-device")
+    assert failed.value.status >= 500, (failed.value.status, failed.value.code, failed.value.message)
