@@ -51,7 +51,7 @@ class BackendUnavailable(CaError):
 
     status = 503
     code = "backend-unavailable"
-    summary = "a backend the service needs is unavailable; nothing was recorded, try again later"
+    summary = "a backend the service needs is unavailable; try again later (the same request again is safe)"
 
     def __init__(self, message: str, code: str | None = None, retry_after: int = 5) -> None:
         super().__init__(message, code)

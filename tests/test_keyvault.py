@@ -24,7 +24,7 @@ from shared.api import create_app
 from shared.composition import build_service
 from shared.config import Settings
 from shared.dps.offline import OfflineDps
-from shared.errors import BackendUnavailable, CaError, Conflict, Misconfigured, NotFound
+from shared.errors import BackendUnavailable, CaError, Conflict, Misconfigured
 from shared.keys import keyvault
 from shared.keys.keyvault import KeyVaultKeyStore, KeyVaultOptions, KeyVaultSigningKey, SignPacer, VaultGate
 from shared.ledger.models import CertificateQuery
@@ -505,7 +505,7 @@ class _Answer:
     [
         (401, Misconfigured, "key-vault-forbidden", "Key Vault refused to sign: denied;"),
         (403, Misconfigured, "key-vault-forbidden", "Key Vault refused to sign: denied;"),
-        (404, NotFound, "key-vault-not-found", "Key Vault could not sign: not found (denied)"),
+        (404, Misconfigured, "key-vault-not-found", "Key Vault could not sign: not found (denied)"),
         (409, Conflict, "key-vault-conflict", "Key Vault could not sign: denied"),
         (503, BackendUnavailable, "key-vault-unavailable", "Key Vault unavailable: could not sign (503)"),
         (402, Misconfigured, "key-vault-error", "Key Vault could not sign: 402 denied"),

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from requests.adapters import HTTPAdapter
 
-from ..errors import BackendUnavailable, CaError, Conflict, Misconfigured, NotFound
+from ..errors import BackendUnavailable, CaError, Conflict, Misconfigured
 from . import KeyStore
 
 T = TypeVar("T")
@@ -326,7 +326,9 @@ def vault_error(error: HttpResponseError, action: str) -> CaError:
     if status in (401, 403):
         return Misconfigured(f"Key Vault refused to {action}: {detail}; {ROLES_HINT}", "key-vault-forbidden")
     if status == 404:
-        return NotFound(f"Key Vault could not {action}: not found ({detail})", "key-vault-not-found")
+        # the caller never names a vault object: a key or certificate missing there is the service's fault (a
+        # 500, whose words callers do not see), never a 404 that hands Key Vault's own text to a device
+        return Misconfigured(f"Key Vault could not {action}: not found ({detail})", "key-vault-not-found")
     if status == 409:
         return Conflict(f"Key Vault could not {action}: {detail}", "key-vault-conflict")
     if status in _TRANSIENT:
