@@ -5,6 +5,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from shared.errors import CaError
 from shared.keys.local import LocalKeyStore
 from shared.ledger.sqlite import SqliteLedger
 from shared.service import DeviceCA
@@ -301,6 +302,54 @@ def test_a_factory_rebound_to_a_new_intermediate_keeps_its_key(api):
     _error(bind("admin", ["line-2"]), 400, "not-a-factory")
     _error(bind("factory-one", []), 400, "invalid-request")
     assert api.state() == before
+
+
+def test_a_bearer_key_is_what_follows_the_first_space(api):
+    """The scheme ends at the first space: spaces before the key are not part of the scheme, and a header
+    that says Bearer decides even when x-api-key carries a good key."""
+    accepted = api.client.get("/api/ca/root", headers={"Authorization": f"Bearer  {api.admin}"})
+    assert accepted.status_code == 200, accepted.text
+    both = {"Authorization": f"Bearer {api.factory_a} trailing", "x-api-key": api.admin}
+    _error(api.client.get("/api/ca/root", headers=both), 401, "invalid-api-key")
+
+
+def test_an_api_key_authenticates_its_principal_as_an_api_key_caller(api):
+    principals = api.service.principals
+    factory = principals.authenticate(api.factory_a)
+    assert (factory.id, factory.role, factory.intermediates, factory.via) == (
+        "factory-one",
+        "factory",
+        ("factory-a",),
+        "api-key",
+    )
+    admin = principals.authenticate(api.admin)
+    assert (admin.id, admin.role, admin.intermediates, admin.via) == ("admin", "admin", None, "api-key")
+
+
+def test_another_admin_key_is_for_the_same_admin_and_a_factory_never_becomes_one(api):
+    principals = api.service.principals
+    second = principals.create_admin_key()
+    assert second.principal.id == "admin" and second.principal.role == "admin"
+    assert principals.authenticate(second.secret).is_admin and principals.authenticate(api.admin).is_admin
+    assert [p.id for p in api.service.ledger.list_principals()].count("admin") == 1
+    before = api.state()
+    with pytest.raises(CaError) as refused:
+        principals.create_admin_key("factory-one")
+    assert refused.value.code == "not-an-admin" and "'factory-one' is a factory" in refused.value.message
+    assert api.state() == before
+    assert not principals.authenticate(api.factory_a).is_admin
+
+
+def test_every_operation_but_health_asks_for_an_api_key(api):
+    document = api.client.get("/api/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert set(schemes) == {"HTTPBearer", "APIKeyHeader"}
+    assert document["components"]["schemas"]  # the models' schemas are kept beside the schemes
+    operations = [(path, method, op) for path, ops in document["paths"].items() for method, op in ops.items()]
+    assert len(operations) > 10
+    for path, method, operation in operations:
+        expected = None if path == "/api/health" else [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+        assert operation.get("security") == expected, (method, path)
 
 
 def test_api_keys_are_stored_only_as_hashes(api):

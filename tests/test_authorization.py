@@ -3,6 +3,11 @@
 import itertools
 
 import pytest
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from shared.api import create_app
+from shared.api.auth import AdminCaller, AnyCaller, AuthenticatedRoute
 
 from .apiclient import bearer, make_api
 from .certrules import check_proof_of_possession, load
@@ -197,3 +202,32 @@ def test_the_caller_is_checked_before_the_body_on_every_route(api, body):
             sent += 1
     bodies = {(m.upper(), p) for p, ops in paths.items() for m, op in ops.items() if "requestBody" in op}
     assert sent >= 3 * len(bodies)  # every route that takes a body was tried
+
+
+JSON = {"Content-Type": "application/json"}  # FastAPI parses a JSON body (and may refuse it) only when so typed
+
+
+class _Body(BaseModel):
+    name: str
+
+
+@pytest.mark.parametrize("check", ["any", "admin"])
+def test_an_authenticated_route_checks_its_caller_before_fastapi_reads_its_body(api, check):
+    """AuthenticatedRoute's own rule, on a route that takes a JSON body and depends on AnyCaller (or
+    AdminCaller): the routes above that take bodies all check their caller first anyway."""
+    caller_type = AnyCaller if check == "any" else AdminCaller
+
+    def handler(caller: caller_type, body: _Body) -> dict:  # type: ignore[valid-type]
+        return {"caller": caller.id, "name": body.name}
+
+    app = create_app(api.service)
+    app.router.add_api_route("/api/echo", handler, methods=["POST"], route_class_override=AuthenticatedRoute)
+    client = TestClient(app, raise_server_exceptions=False)
+    for body in (b'{"name": 5', b"{}"):
+        for key, status in ((None, 401), ("dca_0123456789abcdef_" + "x" * 43, 401), (api.revoked, 401)):
+            response = client.post("/api/echo", content=body, headers={**JSON, **bearer(key)})
+            assert response.status_code == status, (body, key, response.text)
+        response = client.post("/api/echo", content=body, headers={**JSON, **bearer(api.factory_a)})
+        assert response.status_code == (400 if check == "any" else 403), (body, response.text)
+    answered = client.post("/api/echo", json={"name": "x"}, headers=bearer(api.admin))
+    assert answered.status_code == 200 and answered.json() == {"caller": "admin", "name": "x"}

@@ -9,9 +9,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyasn1.codec.der import decoder as der_decoder
@@ -698,9 +700,21 @@ def test_a_clean_csr_never_reaches_the_tolerant_reader(monkeypatch, encoding):
 
     monkeypatch.setattr(csr_module, "unwrap_csr", refuse)
     monkeypatch.setattr(csr_module, "normalise_csr", refuse)
+    # a long subject makes the signed part 256 octets or more: its SEQUENCE header is then 4 octets, not 3
+    long_subject = [
+        x509.NameAttribute(oid, text * 60)
+        for oid, text in (
+            (NameOID.ORGANIZATION_NAME, "o"),
+            (NameOID.ORGANIZATIONAL_UNIT_NAME, "u"),
+            (NameOID.LOCALITY_NAME, "l"),
+        )
+    ]
     for curve in (ec.SECP256R1(), ec.SECP384R1()):
-        request = check_device_csr(make_csr("dev-fast", key=device_key(curve), encoding=encoding), "dev-fast")
-        assert request.notes == ()
+        for extra in ((), long_subject):
+            csr = make_csr("dev-fast", key=device_key(curve), extra_attributes=extra, encoding=encoding)
+            request = check_device_csr(csr, "dev-fast")
+            assert request.notes == ()
+    assert x509.load_pem_x509_csr(make_csr("dev-fast", extra_attributes=long_subject)).tbs_certrequest_bytes[1] == 0x82
 
 
 def test_explicit_curve_parameters_are_refused_although_cryptography_reads_them():
@@ -798,3 +812,46 @@ def test_bare_base64_with_the_modem_ok_line(width):
     body = b"\r\n".join(text[i : i + width] for i in range(0, len(text), width)) + b"\r\nOK\r\n"
     request = check_device_csr(body, "device-1")
     assert request.public_key.public_numbers() == key.public_key().public_numbers()
+
+
+def test_a_csr_given_as_text_is_read_as_its_utf_8():
+    """A CSR handed over as text (a JSON string) is read as UTF-8; what UTF-8 cannot hold (a lone surrogate)
+    becomes '?', never an exception other than CsrRejected."""
+    pem = make_csr("dev-1").decode()
+    for text in (pem, pem + "\ud800", "\ud800" + pem):
+        request = check_device_csr(text, "dev-1")
+        assert isinstance(request, DeviceRequest) and request.device_id == "dev-1"
+
+
+def test_a_key_of_a_kind_without_a_name_is_named_by_its_type():
+    """An X25519 key (it cannot even sign) is refused as unsupported-key, named by cryptography's type."""
+    key = device_key()
+    x25519_spki = (
+        x25519.X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(CsrRejected) as refused:
+        check_device_csr(plain(key, public_key=x25519_spki), "dev-1")
+    assert refused.value.code == "unsupported-key" and "the CSR's key is X25519PublicKey;" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("common_name", "organization", "noted"),
+    [
+        (b"dev-1", None, None),
+        (b"dev-1", PRINTABLE_SET, None),  # every character PrintableString allows, and nothing else
+        (b"dev_1", None, "the CSR's CN is a PrintableString holding '_', which it may not: read as ASCII"),
+    ],
+)
+def test_a_printable_string_is_noted_only_when_it_holds_what_it_may_not(common_name, organization, noted):
+    """In a CSR that must be re-encoded (here its signed part has a BER length), each PrintableString is
+    checked against X.680's set: one note for a character outside it, none for a string inside it."""
+    key = device_key()
+    pairs = tlv(SET, tlv(SEQUENCE, oid("2.5.4.3") + tlv(PRINTABLE, common_name)))
+    if organization:
+        pairs += tlv(SET, tlv(SEQUENCE, oid("2.5.4.10") + tlv(PRINTABLE, organization)))
+    csr = signed(key, request_info(key, subject=tlv(SEQUENCE, pairs), length_octets=2))
+    request = check_device_csr(csr, common_name.decode())
+    ber = "the CSR's signed part was BER, not DER (X.690 §10): the signature was checked over it as sent"
+    assert request.notes == ((noted,) if noted else ()) + (ber,)

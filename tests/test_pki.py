@@ -1,6 +1,7 @@
 """shared/pki on its own: names, validity nesting, profiles, signing with any key."""
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,6 +24,9 @@ from shared.pki import (
     registration_id_problem,
     whole_seconds,
 )
+from shared.pki.curves import ca_curve, curve_name
+from shared.pki.names import MAX_REGISTRATION_ID
+from shared.pki.validity import MAX_DAYS, Validity, check_ca_validity
 
 from .certrules import check_device, check_intermediate, check_root
 
@@ -205,3 +209,119 @@ def test_proof_of_possession_is_backdated_ten_minutes():
     proof = Issuer(cert, key).issue_proof_of_possession("ABC-123", NOW)
     assert proof.not_valid_before_utc == NOW - timedelta(minutes=10)
     assert proof.not_valid_after_utc == NOW + timedelta(days=1)
+
+
+CA_NAME_PARTS = [  # (common name, organization, refusal code or None, words the message holds)
+    ("x" * 64, "o" * 64, None, ""),
+    ("x" * 65, None, "invalid-common-name", "the CA common name must be 1-64 characters, got 65"),
+    ("", None, "invalid-common-name", "the CA common name must be 1-64 characters, got 0"),
+    ("Line\x00One", None, "invalid-common-name", "the CA common name must be printable characters"),
+    ("Line", "o" * 65, "invalid-organization", "the CA organization must be 1-64 characters, got 65"),
+    ("Line", "", "invalid-organization", "the CA organization must be 1-64 characters, got 0"),
+    ("Line", "Acme ", "invalid-organization", "the CA organization must be printable characters"),
+]
+
+
+@pytest.mark.parametrize(("common_name", "organization", "code", "words"), CA_NAME_PARTS)
+def test_ca_name_parts_are_1_to_64_printable_characters(common_name, organization, code, words):
+    if code is None:
+        name = ca_name(common_name, organization)
+        assert name.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == common_name
+        assert name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == organization
+        return
+    with pytest.raises(PkiError) as refused:
+        ca_name(common_name, organization)
+    assert refused.value.code == code and words in refused.value.message
+
+
+def test_pki_errors_need_a_code_and_a_message_that_are_text():
+    for code, message in ((None, "a message"), ("a-code", None), (None, None)):
+        with pytest.raises(TypeError):
+            PkiError(code, message)
+
+
+def test_registration_ids_up_to_the_limit_are_accepted_and_every_problem_is_listed():
+    assert registration_id_problem("a" * MAX_REGISTRATION_ID) is None
+    assert registration_id_problem("a" * (MAX_REGISTRATION_ID + 1)) == "it is 65 characters long, the limit is 64"
+    assert (
+        registration_id_problem("A b")
+        == "it contains spaces, uppercase letters (allowed: lowercase a-z, 0-9 and - . _ :)"
+    )
+
+
+def test_ca_id_refusals_say_invalid_ca_id():
+    with pytest.raises(PkiError) as refused:
+        check_ca_id("Factory")
+    assert refused.value.code == "invalid-ca-id" and "CA ID 'Factory' is not valid" in refused.value.message
+
+
+def test_curves_outside_p256_and_p384_are_unsupported_curve():
+    for refuse in (lambda: ca_curve("P-521"), lambda: curve_name(ec.generate_private_key(ec.SECP521R1()))):
+        with pytest.raises(PkiError) as refused:
+            refuse()
+        assert refused.value.code == "unsupported-curve" and "P-256 or P-384" in refused.value.message
+
+
+def test_mismatched_keys_are_key_mismatch():
+    root, _ = _root()
+    with pytest.raises(PkiError) as refused:
+        Issuer(root, ec.generate_private_key(ec.SECP256R1()))
+    assert refused.value.code == "key-mismatch"
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(PkiError) as refused:
+        build_root(ca_name("Root"), ec.generate_private_key(ec.SECP256R1()).public_key(), key, plan_validity(NOW, 1))
+    assert refused.value.code == "key-mismatch"
+
+
+def test_validity_days_up_to_max_days_are_accepted():
+    validity = plan_validity(NOW, MAX_DAYS)
+    assert validity.not_after == NOW + timedelta(days=MAX_DAYS)
+    with pytest.raises(ValidityError) as refused:
+        plan_validity(NOW, MAX_DAYS + 1)
+    assert refused.value.code == "invalid-validity"
+
+
+def test_an_issuer_can_sign_until_its_end_and_from_its_start_only():
+    with pytest.raises(ValidityError) as refused:
+        plan_validity(NOW, 1, _Cert(NOW - timedelta(days=10), NOW))  # ends this very second
+    assert refused.value.code == "issuer-expired"
+    with pytest.raises(ValidityError) as refused:
+        plan_validity(NOW, 1, _Cert(NOW + timedelta(seconds=1), NOW + timedelta(days=10)))
+    assert refused.value.code == "issuer-not-yet-valid"
+    assert plan_validity(NOW, 1, _Cert(NOW, NOW + timedelta(seconds=1))).not_after == NOW + timedelta(seconds=1)
+
+
+def test_a_shortened_period_says_how_many_days_it_keeps():
+    issuer = _Cert(NOW - timedelta(days=1), NOW + timedelta(hours=25, minutes=12))  # 1.05 days left
+    assert plan_validity(NOW, 10, issuer).clamped == (
+        "validity cut to end with the issuer 'Issuer' at 2026-06-02 13:12:00Z (1.1 days instead of 10)"
+    )
+
+
+def test_a_ca_of_exactly_one_day_is_long_enough():
+    day = Validity(NOW, NOW + timedelta(days=1))
+    assert check_ca_validity(day) is day
+    with pytest.raises(ValidityError) as refused:
+        check_ca_validity(Validity(NOW, NOW + timedelta(days=1, seconds=-1)))
+    assert refused.value.code == "validity-too-short"
+    assert refused.value.message.endswith("this one would end at 2026-06-02 11:59:59Z")  # nothing was cut
+
+
+def test_whole_seconds_are_utc_in_any_local_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        moment = whole_seconds(datetime(2026, 6, 1, 12, 0, 0, 999, tzinfo=UTC))
+        assert f"{moment:%Y-%m-%d %H:%M:%S}" == "2026-06-01 12:00:00" and moment.utcoffset() == timedelta(0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_devices_of_different_periods_from_one_issuer_each_get_their_own():
+    root, root_key = _root()
+    issuer = Issuer(root, root_key)
+    periods = [issuer.validity(NOW, days) for days in (10, 20, 10)]
+    for validity in periods:
+        device = issuer.issue_device("dev-1", ec.generate_private_key(ec.SECP256R1()).public_key(), validity)
+        assert (device.not_valid_before_utc, device.not_valid_after_utc) == (validity.not_before, validity.not_after)
