@@ -35,6 +35,9 @@ from .errors import BackendUnavailable, CaError, Misconfigured
 _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,39}")
 ROLE_HINT = "the service identity needs the 'Storage Table Data Contributor' role on the Storage account"
 RETRY_AFTER_SECONDS = 5
+# Table Storage answers a query with at most 1,000 entities a request (Query Entities, "Query timeout and
+# pagination"); a listing that needs more reads the next page
+MAX_ENTITIES_PER_REQUEST = 1000
 
 
 class TransactionCounter(SansIOHTTPPolicy):

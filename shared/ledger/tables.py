@@ -109,7 +109,7 @@ from azure.core.exceptions import (
 from azure.data.tables import TableTransactionError, UpdateMode
 
 from ..errors import BackendUnavailable, CaError, Conflict, NotFound
-from ..tablestore import TableStore, storage_errors, storage_failure
+from ..tablestore import MAX_ENTITIES_PER_REQUEST, TableStore, storage_errors, storage_failure
 from . import Ledger, device_has_certificate, device_owned_elsewhere, invalid_cursor, key_in_use, key_revoked
 from .models import (
     CA_ACTIVE,
@@ -668,7 +668,9 @@ class TableLedger(TableBatches, Ledger):
         where = "PartitionKey gt @lo and PartitionKey le @hi"
         params = {"lo": "exp-", "hi": f"exp-{before.astimezone(UTC):%Y-%m-%d}"}
         with storage_errors("read the expiry index"):
-            returned = list(self._table(INDEX).query_entities(where, parameters=params, results_per_page=1000))
+            returned = list(
+                self._table(INDEX).query_entities(where, parameters=params, results_per_page=MAX_ENTITIES_PER_REQUEST)
+            )
             self.expiry_rows_read += len(returned)  # the last day's rows after `before` too: Storage read them
             rows = [row for row in returned if _ts(_expiry_row_not_after(row["RowKey"])) <= bound]
             entities = self._parallel(lambda row: self._get(DEVICES, _key(row["device_id"]), row["cert_row"]), rows)

@@ -18,7 +18,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 from azure.data.tables import TableTransactionError, UpdateMode
 
 from ..errors import BackendUnavailable, Conflict, NotFound
-from ..tablestore import storage_errors
+from ..tablestore import MAX_ENTITIES_PER_REQUEST, storage_errors
 from . import invalid_cursor
 from .batchcodec import moment, result_json, stamp, with_result
 from .models import (
@@ -117,8 +117,9 @@ class TableBatches:
         if cursor is not None:
             where, params = where + " and RowKey gt @after", {**params, "after": cursor}
         with storage_errors("list batches"):
-            # Storage answers at most 1,000 entities a request: a page of 1,000 needs a second for the 1,001st
-            pages = self._table(BATCHES).query_entities(where, parameters=params, results_per_page=min(limit + 1, 1000))
+            # a page of the largest size needs a second request for the row that says there is more
+            size = min(limit + 1, MAX_ENTITIES_PER_REQUEST)
+            pages = self._table(BATCHES).query_entities(where, parameters=params, results_per_page=size)
             rows: list[Any] = []
             for answered in pages.by_page():
                 rows.extend(answered)
