@@ -320,3 +320,13 @@ def test_long_lists_of_devices_and_keys_are_read_whole(ledger):
     assert ledger.devices_with_revocations(devices) == {"dev-1233"}
     precheck = ledger.precheck(devices, keys)
     assert (len(precheck.owners), len(precheck.bindings), len(precheck.actives)) == (count, count, count - 1)
+
+
+def test_the_ledger_names_its_backend_and_file_for_the_operator(tmp_path):
+    """`backends()` (the CLI's status, the health answer's backend names) says which file holds the ledger."""
+    path = tmp_path / "pki" / "ledger.sqlite3"
+    ledger = SqliteLedger(path)
+    try:
+        assert ledger.describe() == {"backend": "sqlite", "path": str(path)}
+    finally:
+        ledger.close()
