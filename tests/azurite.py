@@ -9,7 +9,11 @@ import socket
 import subprocess
 import time
 import uuid
+from contextlib import suppress
 from pathlib import Path
+
+from azure.core.exceptions import AzureError
+from azure.data.tables import TableServiceClient
 
 REPO = Path(__file__).resolve().parent.parent
 # AZURITE_TABLE names the binary where the tests run from a copy of the project (make mutation's mutants/)
@@ -32,9 +36,39 @@ def connection_string(port: int, service: str = "table") -> str:
     )
 
 
+# every prefix table_prefix() handed out in this process, in order: a test's teardown deletes the tables of
+# those it handed out (conftest.py, tables_deleted)
+PREFIXES: list[str] = []
+
+
 def table_prefix() -> str:
     """A prefix of table names no other test uses."""
-    return "t" + uuid.uuid4().hex[:12]
+    prefix = "t" + uuid.uuid4().hex[:12]
+    PREFIXES.append(prefix)
+    return prefix
+
+
+def delete_tables(connection_string: str, prefixes: list[str]) -> int:
+    """Delete every table whose name starts with one of `prefixes` (a test's own), on the Table service of
+    `connection_string`; how many. Azurite's table operations slow down as tables accumulate, and `make
+    mutation` runs hundreds of thousands of tests on one Azurite. Storage errors are left unraised: a table
+    left behind costs time, never a verdict (under mutmut any error would count as a mutant killed)."""
+    with TableServiceClient.from_connection_string(connection_string) as service:
+        try:
+            names = [
+                table.name
+                for prefix in prefixes
+                for table in service.query_tables(
+                    "TableName ge @low and TableName lt @high", parameters={"low": prefix, "high": prefix + "~"}
+                )
+            ]
+        except AzureError:
+            return 0
+
+        for name in names:
+            with suppress(AzureError):
+                service.delete_table(name)
+    return len(names)
 
 
 class Azurite:

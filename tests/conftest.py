@@ -18,7 +18,7 @@ from shared.config import Settings
 from shared.ledger.tables import TableLedger
 from shared.service import DeviceCA
 
-from .azurite import Azurite, table_prefix
+from .azurite import PREFIXES, Azurite, delete_tables, table_prefix
 from .certrules import check_ledger
 from .ledgers import check_table_rules
 
@@ -191,8 +191,26 @@ def clock() -> Clock:
 def azurite():
     """Azurite's Table service, started once per session (on first use) and stopped at its end."""
     server = Azurite()
+    _TABLE_SERVICE.append(server.connection_string)
     yield server
+    _TABLE_SERVICE.clear()
     server.stop()
+
+
+_TABLE_SERVICE: list[str] = []  # the connection string of the session's Table service, once it is started
+
+
+@pytest.fixture(autouse=True)
+def tables_deleted():
+    """The tables a test made on the session's Table service (under the prefixes it took from table_prefix)
+    are deleted when it ends, after its other fixtures' teardown (which may still check them): one Azurite
+    serves all of `make mutation`, and its table operations slow down as tables accumulate."""
+    first = len(PREFIXES)
+    yield
+    made = PREFIXES[first:]
+    del PREFIXES[first:]
+    if made and _TABLE_SERVICE:
+        delete_tables(_TABLE_SERVICE[0], made)
 
 
 @pytest.fixture(scope="session")

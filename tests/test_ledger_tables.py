@@ -1,6 +1,7 @@
 """What is Table Storage's own: a crash at every Storage call of an issuance, Storage that keeps failing
 (503 with Retry-After, nothing recorded), transactions counted, and a service that keeps nothing on disk."""
 
+import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,7 +22,7 @@ from shared.dps.offline import OfflineDps
 from shared.errors import BackendUnavailable, CaError
 from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
-from shared.ledger.models import BatchPage, CertificateQuery, Issuance
+from shared.ledger.models import BatchPage, CertificateQuery, CertificateRecord, Issuance
 from shared.ledger.tables import INDEX, TableLedger, _index_entities
 from shared.ledger.tables_batches import ALL_BATCHES, BATCHES
 from shared.parameters import MAX_PAGE
@@ -34,7 +35,7 @@ from .certrules import check_device, check_ledger, load
 from .conftest import close_checked
 from .csrs import device_key, make_csr
 from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
-from .ledgers import check_table_rules
+from .ledgers import check_table_rules, everything_stored
 from .test_keyvault import QUICK
 from .test_ledger import NOW, _ca, _cert
 
@@ -112,103 +113,149 @@ SCENARIOS = ["new device", "renewal with a new key", "renewal with the same key"
 DEVICE = "dev-1"
 
 
-def _prepared(open_service, scenario: str, key) -> tuple[str, bytes, bool]:
-    """Fresh tables with a root, an intermediate and, for a renewal, the device's certificate; the CSR to
-    send and whether it asks for renewal."""
+def _ca_tables(open_service) -> tuple[str, DeviceCA, DeviceCA]:
+    """Fresh tables with a root and an intermediate: one CA for every crash of a test, each crash on a device
+    of its own, so what one crash left stays in the tables the later ones run on. Returns the prefix, the
+    CA that made them (it prepares each device), and one opened apart that checks and retries after each
+    crash (each crash's device is new to it, as to a process started after the crash)."""
     prefix = table_prefix()
     setup = open_service(prefix)
     setup.create_root()
     setup.create_intermediate("factory-a")
-    if scenario != "new device":
-        setup.sign_csr(make_csr(DEVICE, key=key), DEVICE)
-    csr = make_csr(DEVICE, key=key if scenario == "renewal with the same key" else None)
-    return prefix, csr, scenario != "new device"
+    return prefix, setup, open_service(prefix)
 
 
-def _after_crash_then_retry(service: DeviceCA, csr: bytes, renew: bool) -> None:
-    """The rules hold on what was left, and the same request, sent again, gets its certificate."""
+def _crashing(open_service, prefix: str, n: int, mode: str) -> DeviceCA:
+    """A CA opened afresh on `prefix` (a process of its own) whose Nth Storage call after opening fails, and
+    every call after it: the process died there."""
+    transport = FaultyTransport()
+    service = open_service(prefix, transport)
+    transport.fail_from, transport.mode = transport.count + n, mode
+    return service
+
+
+def _a_crash_while_opening_changes_nothing(open_service, setup: DeviceCA, mode: str) -> None:
+    """The Storage calls a CA makes as it opens (creating its tables when missing) fail in turn, as the
+    process dies there: each is a 503 with Retry-After and the tables hold what they held. (A crash at the
+    operation's first call leaves the same state, and its retry is checked there.)"""
+    prefix, ledger = setup.ledger.store.prefix, setup.ledger
+    before = everything_stored(ledger)
+    counting = FaultyTransport()
+    open_service(prefix, counting)
+    for n in range(1, counting.count + 1):
+        transport = FaultyTransport()
+        transport.fail_from, transport.mode = n, mode
+        with pytest.raises(BackendUnavailable) as crashed:
+            open_service(prefix, transport)
+        assert crashed.value.status == 503 and crashed.value.retry_after > 0
+    assert everything_stored(ledger) == before
+
+
+def _after_crash_then_retry(service: DeviceCA, device: str, csr: bytes, renew: bool) -> CertificateRecord:
+    """The rules hold on what was left (on every device of the tables), and the same request, sent again,
+    gets its certificate."""
     check_table_rules(service.ledger)
     check_ledger(service.ledger)
-    issued = service.sign_csr(csr, DEVICE, renew=renew)
-    again = service.sign_csr(csr, DEVICE)
+    issued = service.sign_csr(csr, device, renew=renew)
+    again = service.sign_csr(csr, device)
     assert again.record == issued.record and not again.created
-    assert service.ledger.active_certificates([DEVICE]) == {DEVICE: issued.record}
+    assert service.ledger.active_certificates([device]) == {device: issued.record}
     intermediate = load(service.intermediate("factory-a").certificate_pem)
-    check_device(load(issued.record.certificate_pem), intermediate, DEVICE)
+    check_device(load(issued.record.certificate_pem), intermediate, device)
     check_table_rules(service.ledger)
+    return issued.record
 
 
 @pytest.mark.parametrize("mode", ["unsent", "lost"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_crash_at_any_storage_call_of_an_issuance_leaves_the_rules_holding(tables, scenario, mode):
     """For each N, the Nth Storage call of one issuance fails and so does everything after it (the process
-    died there): the caller got a 503 or its certificate, the rules hold, and sending it again works."""
-    key = device_key()
-    prefix, csr, renew = _prepared(tables, scenario, key)
+    died there): the caller got a 503 or its certificate, the rules hold, and sending it again works. One
+    CA's tables serve every N, each N a device and key of its own: what a crash left must not break the
+    issuances after it, nor they the devices before them."""
+    prefix, setup, checker = _ca_tables(tables)
+    devices = (f"dev-{n}" for n in itertools.count(1))
+
+    def prepared() -> tuple[str, bytes, bool]:
+        """A new device: for a renewal, with its certificate; the CSR to send and whether it asks for renewal."""
+        device, key = next(devices), device_key()
+        if scenario != "new device":
+            setup.sign_csr(make_csr(device, key=key), device)
+        csr = make_csr(device, key=key if scenario == "renewal with the same key" else None)
+        return device, csr, scenario != "new device"
+
+    _a_crash_while_opening_changes_nothing(tables, setup, mode)
+    device, csr, renew = prepared()
     counting = FaultyTransport()
-    tables(prefix, counting).sign_csr(csr, DEVICE, renew=renew)
-    calls = counting.count
-    assert calls >= 5  # CA lookup, device head, index rows, key binding, device transaction
+    first = tables(prefix, counting)
+    opened = counting.count
+    finished = {device: first.sign_csr(csr, device, renew=renew).record}
+    calls = counting.count - opened
+    # CA lookup, device head, index rows, key binding, device transaction; a renewal with the same key within
+    # the retry window is answered from the ledger: the device head and the intermediate
+    assert calls >= (2 if scenario == "renewal with the same key" else 5)
     for n in range(1, calls + 2):
-        prefix, csr, renew = _prepared(tables, scenario, key)
-        transport = FaultyTransport()
-        transport.fail_from, transport.mode = n, mode
+        device, csr, renew = prepared()
         try:
-            issued = tables(prefix, transport).sign_csr(csr, DEVICE, renew=renew)
+            issued = _crashing(tables, prefix, n, mode).sign_csr(csr, device, renew=renew)
         except BackendUnavailable as error:
             assert error.status == 503 and error.retry_after > 0
+            assert n <= calls, "the issuance made more Storage calls than the first one"
         else:  # nothing is returned that the ledger does not hold
             assert n == calls + 1
-            assert tables(prefix).certificate(issued.record.serial) == issued.record
-        _after_crash_then_retry(tables(prefix), csr, renew)
+            assert checker.certificate(issued.record.serial) == issued.record
+        finished[device] = _after_crash_then_retry(checker, device, csr, renew)
+    assert checker.ledger.active_certificates(list(finished)) == finished
 
 
 @pytest.mark.parametrize("mode", ["unsent", "lost"])
 def test_a_crash_at_any_storage_call_of_a_revocation_leaves_the_key_unusable(tables, clock, mode):
     """A device renewed with the same key holds two certificates of it; revoking the old one crashes at each
-    Storage call in turn: no certificate of the key stays usable, and revoking again finishes the job."""
+    Storage call in turn: no certificate of the key stays usable, and revoking again finishes the job. One
+    CA's tables serve every N, each N a device and key of its own."""
+    prefix, setup, service = _ca_tables(tables)
+    devices = (f"dev-{n}" for n in itertools.count(1))
 
     def prepared() -> tuple[str, str, str, object]:
-        prefix = table_prefix()
-        setup = tables(prefix)
-        setup.create_root()
-        setup.create_intermediate("factory-a")
-        key = device_key()
-        old = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE).record.serial
+        device, key = next(devices), device_key()
+        old = setup.sign_csr(make_csr(device, key=key), device).record.serial
         clock.advance(seconds=RENEWAL_RETRY_WINDOW.total_seconds() + 1)  # a renewal, not a retry of the first
-        active = setup.sign_csr(make_csr(DEVICE, key=key), DEVICE, renew=True).record.serial
-        return prefix, old, active, key
+        active = setup.sign_csr(make_csr(device, key=key), device, renew=True).record.serial
+        return device, old, active, key
 
-    prefix, old, active, key = prepared()
+    _a_crash_while_opening_changes_nothing(tables, setup, mode)
+    device, old, active, key = prepared()
     counting = FaultyTransport()
-    tables(prefix, counting).revoke(old, "keyCompromise")
-    calls = counting.count
+    first = tables(prefix, counting)
+    opened = counting.count
+    first.revoke(old, "keyCompromise")
+    calls = counting.count - opened
+    revoked = [device]
     for n in range(1, calls + 2):
-        prefix, old, active, key = prepared()
-        transport = FaultyTransport()
-        transport.fail_from, transport.mode = n, mode
+        device, old, active, key = prepared()
         try:
-            _, dps = tables(prefix, transport).revoke(old, "keyCompromise")
+            _, dps = _crashing(tables, prefix, n, mode).revoke(old, "keyCompromise")
         except BackendUnavailable:
-            pass
+            assert n <= calls, "the revocation made more Storage calls than the first one"
         else:  # the ledger's commit went through; a crash in the DPS step after it is reported, not raised
             assert n == calls + 1 or dps["mode"] == "failed", (n, dps)
-        service = tables(prefix)
         check_table_rules(service.ledger)
-        still_active = service.ledger.active_certificates([DEVICE])
-        assert still_active in ({}, {DEVICE: service.certificate(active)}), "only the untouched state or none"
+        still_active = service.ledger.active_certificates([device])
+        assert still_active in ({}, {device: service.certificate(active)}), "only the untouched state or none"
         if still_active:  # the revocation's commit never happened: nothing of it is visible
             assert service.certificate(old).status == "superseded"
         revocation, _ = service.revoke(old, "keyCompromise")
         assert revocation.record.status == "revoked"
         assert service.certificate(active).status == "revoked"
         assert service.ledger.key_bindings([revocation.record.public_key_sha256]) == {
-            revocation.record.public_key_sha256: (DEVICE, True)
+            revocation.record.public_key_sha256: (device, True)
         }
         with pytest.raises(CaError) as refused:
-            service.sign_csr(make_csr(DEVICE, key=key), DEVICE, renew=True)
+            service.sign_csr(make_csr(device, key=key), device, renew=True)
         assert refused.value.code == "key-revoked"
         check_table_rules(service.ledger)
+        revoked.append(device)
+    assert service.ledger.active_certificates(revoked) == {}
 
 
 def test_storage_that_keeps_failing_is_a_503_with_retry_after_and_nothing_recorded(tables):
