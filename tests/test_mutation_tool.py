@@ -215,3 +215,17 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     assert run.returncode == 1, run.stdout[-2000:]  # `0 < size` -> `1 < size` survives: no test sizes 0 or 1
     assert re.search(r"shared\.limits +\d+ +\d+ +0 +[1-9]\d* +0 ", run.stdout), run.stdout
     assert "OPEN       shared.limits.x_within__mutmut_" in run.stdout
+
+
+def test_every_test_file_mutmut_runs_judges_a_module_and_every_judge_is_run():
+    """The test files `[tool.mutmut]` selects and those `MUTATION_TESTS` (tests/conftest.py) names for the
+    mutated modules are the same set: a selected file no entry names only costs the statistics run, and a
+    named file mutmut does not select never judges a mutant."""
+    import tomllib
+
+    from .conftest import MUTATION_TESTS
+
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["mutmut"]
+    selected = {Path(name).stem for name in config["pytest_add_cli_args_test_selection"]}
+    judges = {name for names in MUTATION_TESTS.values() for name in names}
+    assert selected == judges, (sorted(selected - judges), sorted(judges - selected))
