@@ -258,3 +258,24 @@ def test_two_deliveries_recording_one_chunk_at_once_count_each_item_once(ledger)
     assert (state.issued, state.failed, state.finished_at) == (6, 0, NOW)
     assert {item.certificate.serial[1:] for item in items} == {str(n) for n in range(6)}
     assert ledger.get_batch("b1").status == BATCH_DONE
+
+
+def test_a_batch_stored_after_a_cursor_was_given_is_reached_by_following_it(ledger):
+    """A large batch takes seconds to store (its chunks first, then its listing rows, then the batch):
+    one that arrived first can finish after a smaller one that arrived later. A client that follows
+    the cursor (a line polling for new batches) must still reach it, as on SQLite, where a batch's
+    place is where it was stored. On Table Storage its listing key starts with its arrival time, so
+    it lands behind a cursor already given and no page ever shows it."""
+    for number in (1, 2):
+        batch = _batch(f"b{number}", total=1, at=NOW + timedelta(seconds=number))
+        ledger.add_batch(batch, _items(batch))
+    first = ledger.list_batches(None, 1, None)
+    assert [b.record.id for b in first.items] == ["b1"] and first.next_cursor
+    slow = _batch("slow", total=1, at=NOW)  # arrived before b1, stored only now
+    ledger.add_batch(slow, _items(slow))
+    seen, cursor = [], first.next_cursor
+    while cursor is not None:
+        page = ledger.list_batches(None, 1, cursor)
+        seen += [b.record.id for b in page.items]
+        cursor = page.next_cursor
+    assert "slow" in seen, f"following the cursor reached {seen}, never the batch stored after it was given"

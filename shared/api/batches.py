@@ -86,7 +86,7 @@ async def submit_batch(request: Request) -> Response:
     BATCHES_PATH,
     response_model=models.BatchList,
     tags=["batches"],
-    summary="list batches, oldest first (admin: all; factory: its own)",
+    summary="list batches in the order they were accepted (admin: all; factory: its own)",
 )
 def list_batches(
     caller: AnyCaller,

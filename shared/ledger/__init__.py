@@ -212,8 +212,11 @@ class Ledger(ABC):
 
     @abstractmethod
     def list_batches(self, requested_by: str | None, limit: int, cursor: str | None) -> BatchPage:
-        """A page of batches, oldest first: those `requested_by` sent, or every one for None. CaError
-        "invalid-cursor" for a cursor this listing did not give."""
+        """A page of batches in the order they were stored, so that a client following the cursor reaches
+        the batches stored after it was given (Table Storage: to within the clock difference between
+        instances): those `requested_by` sent, or every one for None. A page may end early, even empty with
+        a cursor, while a batch is being stored. CaError "invalid-cursor" for a cursor this listing did not
+        give."""
 
     @abstractmethod
     def chunk_items(self, batch_id: str, chunk: int) -> tuple[ChunkState, list[BatchItem]]:

@@ -368,7 +368,7 @@ class BatchUseCases:
     def batches(
         self, reader: str | None = None, limit: int = parameters.DEFAULT_PAGE, cursor: str | None = None
     ) -> BatchPage:
-        """A page of batches, oldest first: the reader's own (None: an admin, every batch)."""
+        """A page of batches in the order they were accepted: the reader's own (None: an admin, every batch)."""
         parameters.page_limit(limit)
         if cursor is not None:
             parameters.cursor(cursor)
