@@ -203,18 +203,23 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     )
     environment = {name: value for name, value in os.environ.items() if not name.startswith(("COV", "MUTANT"))}
     environment.setdefault("AZURITE_TABLE", str(repo / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"))
-    run = subprocess.run(
-        [sys.executable, "tools/mutation.py", "run", "--children", "1"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def tool(*arguments: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "tools/mutation.py", *arguments]
+        return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, check=False)
+
+    (tmp_path / "mutants").mkdir()  # a run still setting up: its folder holds no mutants yet
+    early = tool("report")
+    assert early.returncode == 2 and "has made no mutants yet" in early.stdout, early.stdout
+    assert "resume it with tools/mutation.py run" in early.stdout  # not "run make mutation", which starts over
+    (tmp_path / "mutants").rmdir()
+    run = tool("run", "--children", "1")
     assert (tmp_path / "mutants").is_dir(), run.stdout[-2000:] + run.stderr[-2000:]
     assert run.returncode == 1, run.stdout[-2000:]  # `0 < size` -> `1 < size` survives: no test sizes 0 or 1
     assert re.search(r"shared\.limits +\d+ +\d+ +0 +[1-9]\d* +0 ", run.stdout), run.stdout
     assert "OPEN       shared.limits.x_within__mutmut_" in run.stdout
+    misspelt = tool("report", "--module", "shared.limit", "--module", "shared.nosuch")
+    assert misspelt.returncode == 2 and "'shared.nosuch'" in misspelt.stdout and "limit'" not in misspelt.stdout
 
 
 def test_every_test_file_mutmut_runs_judges_a_module_and_every_judge_is_run():

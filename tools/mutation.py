@@ -10,7 +10,8 @@ when a file of `tools/mutation-survivors/` holds an entry with the same function
 and a reason; entries are matched by the change, not by mutmut's numbering, so they outlive edits
 elsewhere in the function (`occurrence` tells identical lines apart). Exit status: 0 when at least
 --floor percent of the mutants are killed, every survivor is justified, no mutant is left not run and every
-configured module has its mutants; 1 otherwise; 2 when there is no run to report on.
+configured module has its mutants; 1 otherwise; 2 when there is no run to report on (or none of its mutants
+has been made yet, or --module matches no module), and for a usage error.
 """
 
 from __future__ import annotations
@@ -303,7 +304,7 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         if drafts:
             print(draft(mutant))
     for module in missing:
-        print(f"NOT MUTATED {module}: mutants/ holds none of its mutants (run make mutation)")
+        print(f"NOT MUTATED {module}: mutants/ holds none of its mutants (the run stopped while making them: {RESUME})")
     if total["timeout"]:
         print(f"{total['timeout']} of the killed mutants made their tests run out of time (counted as killed)")
     stale = [key for key in justified if key not in used and _module_of(key[0]) & set(by_module)]
@@ -319,6 +320,9 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         + ("passed" if passed else "FAILED")
     )
     return 0 if passed else 1
+
+
+RESUME = "resume it with tools/mutation.py run; make mutation would start over"
 
 
 def _module_of(function: str) -> set[str]:
@@ -365,7 +369,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: `run [PATTERN ...]` or `report`, with the options below."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Exit status: 0 passed, 1 failed (or the run did not finish), 2 no run to report on. "
+        epilog="Exit status: 0 passed, 1 failed (or the run did not finish), 2 no run to report on, no mutant "
+        "made yet, no module matching --module, or a usage error. "
         "`run` needs AZURITE_TABLE (make mutation sets it).",
     )
     parser.add_argument("command", choices=["run", "report"], help="run mutmut then report, or report the last run")
@@ -374,7 +379,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="run: mutants run at once (CPUs)")
     parser.add_argument("--draft", action="store_true", help="report: a survivors-file entry for each open survivor")
     parser.add_argument("--module", action="append", help="report: only modules whose name starts so (repeatable)")
-    parser.add_argument("--survivors", type=Path, default=JUSTIFIED, help="folder of justified survivors' files")
+    parser.add_argument(
+        "--survivors",
+        type=Path,
+        default=JUSTIFIED,
+        help="folder of justified survivors' files (default: this project's tools/mutation-survivors, also with "
+        "--from: a run made elsewhere is judged by these files)",
+    )
     parser.add_argument(
         "--from",
         dest="folder",
@@ -402,6 +413,14 @@ def main() -> int:
     os.chdir(args.folder)
     wanted = tuple(args.module or ("",))
     mutants, missing = load_mutants()
+    if not mutants:
+        print(f"the run in {args.folder} has made no mutants yet (mutmut is still setting up, or stopped): {RESUME}")
+        return 2
+    known = {mutant.module for mutant in mutants} | set(missing)
+    unmatched = [prefix for prefix in wanted if not any(module.startswith(prefix) for module in known)]
+    if unmatched:
+        print(f"no mutated module's name starts with {', '.join(map(repr, unmatched))}: see a whole report's table")
+        return 2
     mutants = [mutant for mutant in mutants if mutant.module.startswith(wanted)]
     missing = [module for module in missing if module.startswith(wanted)]
     return report(mutants, missing, load_justified(survivors), args.floor, args.draft)
