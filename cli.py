@@ -26,6 +26,7 @@ from shared import parameters
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, NotFound, unexpected
+from shared.jsonlines import read_json_lines
 from shared.ledger.models import CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS
@@ -818,9 +819,8 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
 
     signer = _signer(service, args)
     items, done = args.items, _issued_devices(args.results)
-    unreadable = [n for n, item in enumerate(items) if item is _NOT_JSON]
-    remaining = [(n, item) for n, item in enumerate(items) if item is not _NOT_JSON and _device_of(item) not in done]
-    counts = {"issued": 0, "created": 0, "failed": 0, "skipped": len(items) - len(remaining) - len(unreadable)}
+    remaining = [(n, item) for n, item in enumerate(items) if _device_of(item) not in done]
+    counts = {"issued": 0, "created": 0, "failed": 0, "skipped": len(items) - len(remaining)}
     batch_ids: list[str] = []
     console = _stderr_console()  # a bar where stderr is a terminal (or FORCE_COLOR is set), else nothing
     progress = Progress(
@@ -833,17 +833,15 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
     )
     results = _Appender(args.results)
     with progress, results:
-        for n in unreadable:  # failed here: the batch would only know it as "not an object"
-            line = args.lines[n]
-            error = {"code": "invalid-item", "message": f"line {line} of {args.source.name} is not JSON"}
-            results.write(json.dumps({"item": n, "line": line, "deviceId": "", "status": "failed", "error": error}))
-            results.write("\n")
-            counts["failed"] += 1
-        task = progress.add_task("sign-batch", total=len(remaining) + len(unreadable), completed=len(unreadable))
+        task = progress.add_task("sign-batch", total=len(remaining))
         for start in range(0, len(remaining), MAX_BATCH_ITEMS):
             part = remaining[start : start + MAX_BATCH_ITEMS]
             batch = service.submit_batch(
-                [item for _, item in part], intermediate_id=args.intermediate, enqueue=False, **signer
+                [item for _, item in part],
+                intermediate_id=args.intermediate,
+                enqueue=False,
+                lines=[args.lines[n] for n, _ in part] if args.lines is not None else None,  # errors name lines
+                **signer,
             )
             batch_ids.append(batch.record.id)
             try:
@@ -867,7 +865,7 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
                 raise
     document = {"batches": batch_ids, "results": str(args.results), **counts}
     lines = [
-        f"Signed {counts['issued']} of {len(remaining) + len(unreadable)} item(s): {counts['created']} new, "
+        f"Signed {counts['issued']} of {len(remaining)} item(s): {counts['created']} new, "
         f"{counts['issued'] - counts['created']} given back from the ledger (the same CSR); {counts['failed']} failed.",
         f"Results (one JSON line an item): {args.results}",
         f"Batch(es) in the ledger (GET /api/batches/ID): {', '.join(batch_ids) or 'none'}",
@@ -887,7 +885,8 @@ def sign_batch(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
 
 def _result_line(item: int, lines: list[int] | None, result: Any) -> dict[str, Any]:
     """One results-file line: the item's position in SOURCE (and its line in a JSON Lines file), then its
-    result; an error's "item N:" prefix (its place in the batch, not in SOURCE) is left out."""
+    result; an error's "item N:" prefix (its place in the batch, not in SOURCE) is left out. A JSON Lines
+    item's error names its line instead, as POST /api/batches does."""
     view = batch_result_view(result)
     error = view.get("error")
     if error and error["message"].startswith(f"item {result.index}: "):
@@ -941,29 +940,23 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-_NOT_JSON = object()  # a JSON Lines line that is not JSON
-
-
 def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None]:
-    """The items of a JSON Lines file (one {"deviceId", "csr"} a line; a line that is not JSON is that
-    item's failure) with their line numbers, or of a folder of CSR files named DEVICE_ID.csr or
-    DEVICE_ID.pem (PEM or DER), with None."""
+    """The items of a JSON Lines file (one {"deviceId", "csr"} a line, read as POST /api/batches reads its
+    body: a line that is not JSON is that item's failure, named by its line) with their line numbers, or of
+    a folder of CSR files named DEVICE_ID.csr or DEVICE_ID.pem (PEM or DER), with None."""
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in CSR_SUFFIXES and p.is_file())
         if not files:
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
         return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None
-    text = _read_input(source).decode("utf-8-sig", errors="replace")
-    # lines end at LF (CRLF too), as for POST /api/batches: not str.splitlines, which also breaks at U+2028
-    numbered = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
-    items = [_json_line(line) for _, line in numbered]
-    if not any(isinstance(item, dict) for item in items):
+    read = read_json_lines(_read_input(source).decode("utf-8-sig", errors="replace"))
+    if not any(isinstance(item, dict) for item in read.items):
         raise CaError(
             f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr); "
             "for CSR files, name a folder of them",
             "cannot-read",
         )
-    return items, [number for number, _ in numbered]
+    return read.items, read.lines
 
 
 def _csr_text(data: bytes) -> str:
@@ -972,13 +965,6 @@ def _csr_text(data: bytes) -> str:
         return data.decode("utf-8", errors="replace")
     body = base64.encodebytes(data).decode()
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
-
-
-def _json_line(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deeply
-        return _NOT_JSON
 
 
 def _device_of(item: Any) -> Any:
@@ -991,8 +977,7 @@ def _issued_devices(results: Path) -> set[str]:
         return set()
     done = set()
     # bytes that are not UTF-8 (a damaged file) spoil only their own line
-    for line in results.read_bytes().decode("utf-8", errors="replace").split("\n"):
-        document = _json_line(line)
+    for document in read_json_lines(results.read_bytes().decode("utf-8", errors="replace")).items:
         if isinstance(document, dict) and document.get("status") == "issued":
             done.add(document.get("deviceId"))
     return done

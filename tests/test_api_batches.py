@@ -81,6 +81,111 @@ def test_json_lines_with_a_bad_line_fail_that_item_alone(api):
     assert done["results"][2]["bundle"]["intermediateId"] == "factory-b"
 
 
+_GOOD = json.dumps({"deviceId": "good-line", "csr": make_csr("good-line").decode()})
+_OVER = json.dumps({"deviceId": "x", "csr": "y"})
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "index", "message"),
+    [
+        (
+            "{not json\n" + _GOOD + "\n",
+            202,
+            "invalid-item",
+            0,
+            "line 1 is not JSON: Expecting property name enclosed in double quotes (column 2)",
+        ),
+        (
+            f"{_GOOD}\n{_GOOD}\n{{not json\n",
+            202,
+            "invalid-item",
+            2,
+            "line 3 is not JSON: Expecting property name enclosed in double quotes (column 2)",
+        ),
+        (
+            "\n\n{bad\n",
+            202,
+            "invalid-item",
+            0,
+            "line 3 is not JSON: Expecting property name enclosed in double quotes (column 2)",
+        ),
+        (
+            f'{_GOOD}\r\n\r\n{{"deviceId": "crlf"\r\n{_GOOD}\r\n',
+            202,
+            "invalid-item",
+            1,
+            "line 3 is not JSON: Expecting ',' delimiter (column 20)",
+        ),
+        (
+            f'{_GOOD}\n["an", "array"]\n',
+            202,
+            "invalid-item",
+            1,
+            'line 2 is JSON but not an object (an array); a line holds one {"deviceId", "csr"}',
+        ),
+        (
+            "\t\r\nnull",
+            202,
+            "invalid-item",
+            0,
+            'line 2 is JSON but not an object (null); a line holds one {"deviceId", "csr"}',
+        ),
+        (
+            f'{_GOOD}\n\n{{"deviceId": "no-csr"}}\n',
+            202,
+            "invalid-item",
+            1,
+            "line 3: csr is missing or not a string (PEM)",
+        ),
+        ('\n{"csr": "x"}', 202, "invalid-item", 0, "line 2: deviceId is missing or not a string"),
+        (f"{_GOOD}\n\xff\n".encode("latin-1"), 400, "invalid-request", None, "line 2 of the body is not UTF-8 text"),
+        (
+            "\n\n" + "\n".join([_OVER] * (MAX_BATCH_ITEMS + 1)),
+            400,
+            "too-many-items",
+            None,
+            f"a batch holds at most {MAX_BATCH_ITEMS} items, not {MAX_BATCH_ITEMS + 1}: "
+            f"the first item over is on line {MAX_BATCH_ITEMS + 3}",
+        ),
+    ],
+    ids=[
+        "not-json-on-line-1",
+        "not-json-on-line-3",
+        "blank-lines-before-it",
+        "crlf",
+        "an-array",
+        "null-after-whitespace",
+        "no-csr",
+        "no-device-id",
+        "not-utf-8",
+        "too-many",
+    ],
+)
+def test_every_error_about_a_json_lines_body_names_its_line(api, body, status, code, index, message):
+    """Lines are numbered as the client's file has them (1-based, blank lines counted); a bad line fails its
+    item alone, whose index counts the lines that are not blank (README "Batches")."""
+    content = body if isinstance(body, bytes) else body.encode()
+    response = _submit(api, api.factory_a, content, "application/jsonl")
+    if status != 202:
+        assert _error(response, status, code) == message
+        return
+    assert response.status_code == 202, response.text
+    results = api.client.get(f"/api/batches/{response.json()['id']}", headers=bearer(api.factory_a)).json()["results"]
+    (failed,) = [result for result in results if result["status"] == "failed"]
+    assert failed["index"] == index and failed["error"] == {"code": code, "message": message}
+
+
+def test_a_json_body_keeps_naming_items_by_index(api):
+    good = json.loads(_GOOD)
+    response = _submit(api, api.factory_a, {"items": [good, ["an", "array"], {"deviceId": "no-csr"}]})
+    assert response.status_code == 202, response.text
+    results = api.client.get(f"/api/batches/{response.json()['id']}", headers=bearer(api.factory_a)).json()["results"]
+    assert [r["error"]["message"] for r in results if r["status"] == "failed"] == [
+        "item 1: an item must be an object with deviceId and csr",
+        "item 2: csr is missing or not a string (PEM)",
+    ]
+
+
 @pytest.mark.parametrize(
     ("body", "media", "status", "code"),
     [

@@ -52,14 +52,17 @@ def test_a_json_lines_file_is_signed_with_results_and_chains(scene, capsys, monk
     assert f"Batch(es) in the ledger (GET /api/batches/ID): {batch_id}" in out
     results = _results(folder / "line-7.results.jsonl")
     assert [(r["item"], r["line"], r["status"]) for r in results] == [
-        (1, 2, "failed"),  # not JSON: failed before the batch, which would only see "not an object"
         (0, 1, "issued"),
+        (1, 2, "failed"),  # not JSON: failed in the batch, which names its line as POST /api/batches does
         (2, 3, "issued"),
         (3, 4, "failed"),
         (4, 5, "issued"),
     ]
-    assert results[0]["error"] == {"code": "invalid-item", "message": "line 2 of line-7.jsonl is not JSON"}
-    assert results[3]["error"] == {"code": "invalid-item", "message": "csr is missing or not a string (PEM)"}
+    assert results[1]["error"] == {
+        "code": "invalid-item",
+        "message": "line 2 is not JSON: Expecting property name enclosed in double quotes (column 2)",
+    }
+    assert results[3]["error"] == {"code": "invalid-item", "message": "line 4: csr is missing or not a string (PEM)"}
     assert results[3]["deviceId"] == "cli-2"
     intermediate = load(service.intermediate("factory-a").certificate_pem)
     for result in results:
@@ -181,11 +184,14 @@ def test_a_results_file_torn_or_damaged_by_a_killed_run_is_resumed_from(scene, c
     lines = results.read_bytes().split(b"\n")
     tail = [json.loads(line) for line in lines[-4:-1]]
     assert lines[-1] == b"" and [(r["deviceId"], r["status"]) for r in tail] == [
-        ("", "failed"),
         ("torn-1", "issued"),
         ("torn-2", "issued"),
+        ("", "failed"),
     ]
-    assert tail[0]["error"] == {"code": "invalid-item", "message": "line 4 of devices.jsonl is not JSON"}
+    assert tail[2]["error"] == {
+        "code": "invalid-item",
+        "message": "line 4 is not JSON: nested too deeply, or a number too long",
+    }
     assert cli.main(["sign-batch", str(source), "--json"]) == 4  # the torn line spoils only itself
     third = json.loads(capsys.readouterr().out)
     assert (third["issued"], third["skipped"], third["failed"]) == (0, 3, 1)

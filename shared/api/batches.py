@@ -6,6 +6,7 @@ submitter or an admin reads a batch: another factory gets the 404 of a batch tha
 """
 
 import asyncio
+import codecs
 import json
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from .. import parameters
 from ..errors import CaError
+from ..jsonlines import JsonLines, line_of_byte, read_json_lines
 from ..service.batches import MAX_BATCH_ITEMS
 from ..views import batch_result_view, batch_view
 from . import models
@@ -66,7 +68,7 @@ batches = APIRouter(route_class=AuthenticatedRoute, redirect_slashes=False)
 )
 async def submit_batch(request: Request) -> Response:
     caller = await any_caller(request)  # before the body is read
-    items, body_intermediate = _read_items(_media_type(request), await request.body())
+    items, body_intermediate, lines = _read_items(_media_type(request), await request.body())
     query_intermediate = request.query_params.get("intermediateId")
     if body_intermediate and query_intermediate and body_intermediate != query_intermediate:
         raise CaError("intermediateId differs between the query and the body", "conflicting-parameters")
@@ -76,6 +78,7 @@ async def submit_batch(request: Request) -> Response:
         requested_by=caller.id,
         allowed_intermediates=caller.intermediates,
         intermediate_id=query_intermediate or body_intermediate,
+        lines=lines,
     )
     return JSONResponse(
         batch_view(summary), status_code=202, headers={"Location": f"{BATCHES_PATH}/{summary.record.id}"}
@@ -125,25 +128,22 @@ def get_batch(
     return JSONResponse(document)
 
 
-def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None]:
-    """The items of a JSON or JSON Lines body, and the body's intermediateId. A body that is neither, or JSON
-    that is not `{"items": [...]}`, is a 400; a JSON Lines line that is not JSON is that item's failure."""
-    try:
-        text = body.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise CaError("the body is not UTF-8 text", "invalid-request") from None
+def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None, list[int] | None]:
+    """The items of a JSON or JSON Lines body, the body's intermediateId, and for JSON Lines each item's line
+    number. A body that is neither, or JSON that is not `{"items": [...]}`, is a 400; a JSON Lines line that
+    is not JSON is that item's failure, and every error about a JSON Lines body names its line."""
     if media in JSON_LINES:
-        # Lines end at LF (CRLF too); not str.splitlines, which also breaks at U+2028 and other characters a
-        # JSON string may hold as they are.
-        lines = [line for line in text.split("\n") if line.strip()]
-        if len(lines) > MAX_BATCH_ITEMS:
-            raise CaError(f"a batch holds at most {MAX_BATCH_ITEMS} items, not {len(lines)}", "too-many-items")
-        return [_json_or_none(line) for line in lines], None
+        read = _read_json_lines(body)
+        return read.items, None, read.lines
     if media != "application/json" and not media.endswith("+json"):
         raise UnsupportedMediaType(
             f"send the batch as application/json or JSON Lines ({', '.join(JSON_LINES)}), "
             f"not {media or 'a body without Content-Type'}"
         )
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CaError("the body is not UTF-8 text", "invalid-request") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
@@ -160,14 +160,27 @@ def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None]:
     intermediate = document.get("intermediateId")
     if intermediate is not None and not isinstance(intermediate, str):
         raise CaError("intermediateId must be a string", "invalid-request")
-    return document["items"], intermediate
+    return document["items"], intermediate, None
 
 
-def _json_or_none(line: str) -> Any:
+def _read_json_lines(body: bytes) -> JsonLines:
+    """A JSON Lines body's items (shared.jsonlines, as `sign-batch` reads a file); its errors name a line."""
+    data = body.removeprefix(codecs.BOM_UTF8)
     try:
-        return json.loads(line)
-    except (ValueError, RecursionError):
-        return None  # not an object: the item's own failure
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = line_of_byte(data, error.start)
+        raise CaError(f"line {line} of the body is not UTF-8 text", "invalid-request") from None
+    read = read_json_lines(text)
+    if not read.items:
+        raise CaError("a batch needs at least one item: every line of the body is blank", "empty-batch")
+    if len(read.items) > MAX_BATCH_ITEMS:
+        raise CaError(
+            f"a batch holds at most {MAX_BATCH_ITEMS} items, not {len(read.items)}: "
+            f"the first item over is on line {read.lines[MAX_BATCH_ITEMS]}",
+            "too-many-items",
+        )
+    return read
 
 
 def _media_type(request: Request) -> str:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import parameters
 from ..errors import BackendUnavailable, CaError, NotFound, for_callers, unexpected
+from ..jsonlines import line_problem
 from ..ledger import invalid_cursor
 from ..ledger.models import (
     FACTORY,
@@ -123,12 +124,15 @@ class BatchUseCases:
         allowed_intermediates: Sequence[str] | None = None,
         intermediate_id: str | None = None,
         enqueue: bool = True,
+        lines: Sequence[int] | None = None,
     ) -> BatchSummary:
         """Store a batch of `{"deviceId", "csr"}` items (1 to MAX_BATCH_ITEMS) and queue its chunks.
 
         The intermediate is chosen now, by the rules of one CSR (Forbidden, NotFound, Conflict as there); an
         item that is not an object with a device ID and a CSR (PEM text: printable ASCII, at most MAX_ITEM_CSR
         characters) is that item's failure ("invalid-item"). Every item is in the ledger before this returns.
+        `lines`, for items read from JSON Lines (shared.jsonlines), is each item's line number: an item's
+        failure then names its line ("line 3 is not JSON: ...") where it would name its index ("item 2: ...").
         With `enqueue` False the chunks are not queued (the CLI signs them itself with `sign_batch_chunk`).
         BackendUnavailable when a chunk cannot be queued: its items are then failed, so that nothing waits for
         a message that never came."""
@@ -148,7 +152,10 @@ class BatchUseCases:
             total=len(items),
             chunk_size=CHUNK_SIZE,
         )
-        stored = [_batch_item(batch, index, raw) for index, raw in enumerate(items)]
+        numbers = lines if lines is not None else [None] * len(items)
+        stored = [
+            _batch_item(batch, index, raw, line) for index, (raw, line) in enumerate(zip(items, numbers, strict=True))
+        ]
         self.ledger.add_batch(batch, stored)
         failed = sum(item.status == ITEM_FAILED for item in stored)
         waiting = sorted({item.index // CHUNK_SIZE for item in stored if item.status != ITEM_FAILED})
@@ -383,8 +390,9 @@ class BatchUseCases:
         return summary.record
 
 
-def _batch_item(batch: BatchRecord, index: int, raw: Any) -> BatchItem:
-    """An item as stored: pending, or failed with what is wrong with it ("invalid-item")."""
+def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = None) -> BatchItem:
+    """An item as stored: pending, or failed with what is wrong with it ("invalid-item"), named by its line
+    in a JSON Lines body when `line` is given, else by its index."""
     problem = None
     device_id = csr = None
     if not isinstance(raw, Mapping):
@@ -414,7 +422,7 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any) -> BatchItem:
         "",
         ITEM_FAILED,
         error_code="invalid-item",
-        error_message=f"item {index}: {problem}",
+        error_message=f"item {index}: {problem}" if line is None else line_problem(line, raw, problem),
         finished_at=batch.created_at,
     )
 
