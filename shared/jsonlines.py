@@ -30,6 +30,8 @@ class JsonLines:
 
 
 def read_json_lines(text: str) -> JsonLines:
+    """The items of `text` (JSON Lines, https://jsonlines.org): each line that is not blank parsed as JSON
+    (NotJson when it is not), with its line number. Never raises."""
     numbered = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip(_JSON_WHITESPACE)]
     return JsonLines([_value(line) for _, line in numbered], [number for number, _ in numbered])
 
