@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared import parameters
+from shared.bootstrap import LOCAL_FACTORY
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, NotFound, unexpected
@@ -224,7 +225,13 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.handler is serve:
         from shared.api.workers import listening_port
 
-        args.port = listening_port(args.host, args.port)  # a port in use is refused before anything is set up
+        try:
+            args.port = listening_port(args.host, args.port)  # a port in use is refused before anything is set up
+        except CaError as error:
+            if error.code != "port-in-use":
+                raise
+            hint = "; pick another with --port N (make run: PORT=N make run), or stop what listens there"
+            raise CaError(error.message + hint, error.code) from None
     if args.handler is sign_csr:
         args.csr = _read_input(args.file)
     if args.handler is sign_batch:
@@ -690,10 +697,7 @@ def _serve_banner(
             f"  factory key: {setup.factory.secret}  (factory {setup.factory.principal.id})",
         ]
     elif args.bootstrap:
-        lines += [
-            "",
-            "Using the existing CA; keys are shown only when made (python cli.py create-factory / create-admin-key).",
-        ]
+        lines += ["", *_key_advice(service)]
     if service.ledger.get_root() is not None:
         lines += [f"Root certificate: {root_file}"]
         lines += [
@@ -702,6 +706,20 @@ def _serve_banner(
         ]
         lines += [f"  {command}" for command in example]
     return document, "\n".join(lines)
+
+
+def _key_advice(service: DeviceCA) -> list[str]:
+    """On a later start: API keys were shown only when made, so how to get a new one for the factory there
+    is (bootstrap's, or else the first), or how to make a factory."""
+    factories = [factory.id for factory in service.principals.factories()]
+    lines = ["Using the existing CA; API keys are shown only when made, so its keys are not shown again."]
+    if factories:
+        factory = LOCAL_FACTORY if LOCAL_FACTORY in factories else factories[0]
+        lines.append(f"A new key for factory {factory}: python cli.py create-api-key {factory}")
+    else:
+        lines.append("A factory with its key: python cli.py create-factory NAME --intermediate ID")
+    lines.append("An admin key: python cli.py create-admin-key (list-keys lists the keys; revoke-key revokes one)")
+    return lines
 
 
 # -- output helpers ----------------------------------------------------------------------------------
