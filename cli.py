@@ -23,13 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared import parameters
+from shared.bootstrap import LOCAL_FACTORY
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, NotFound, unexpected
 from shared.jsonlines import read_json_lines
 from shared.ledger.models import CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
-from shared.pki import CA_CURVES, PkiError, check_device_id, check_verification_code
-from shared.pki.revocation import REVOCATION_REASONS
+from shared.pki import CA_CURVES, PkiError, ca_name, check_ca_id, check_device_id, check_verification_code
+from shared.pki.revocation import REVOCATION_REASONS, revocation_reason
 from shared.queues import InProcessQueue
 from shared.serve_limits import (
     MAX_CONNECTIONS,
@@ -39,7 +40,8 @@ from shared.serve_limits import (
     ConnectionLimits,
 )
 from shared.service import DeviceCA, IssuedCertificate, check_backup_destination
-from shared.service.access import NewApiKey
+from shared.service.access import KEY_PREFIX, NewApiKey, _application_id, _check_principal_name, split_api_key
+from shared.service.common import normalize_serial
 from shared.views import (
     api_key_view,
     batch_result_view,
@@ -86,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # for _fail, which keeps the secrets of API keys given here out of its message
     except UsageError as error:
-        return _fail(argparse.Namespace(json="--json" in argv), "usage", str(error), EXIT_USAGE)
+        return _fail(argparse.Namespace(json="--json" in argv, argv=argv), "usage", str(error), EXIT_USAGE)
     except OutputClosed:  # --help, read by something that stopped reading
         return EXIT_ERROR
     if not getattr(args, "handler", None):
@@ -166,7 +169,7 @@ def _log_to_stderr(tracebacks: bool) -> None:
 
 
 def _fail(args: argparse.Namespace, code: str, message: str, status: int = EXIT_ERROR) -> int:
-    one_line = " ".join(str(message).split())
+    one_line = _without_secrets(" ".join(str(message).split()), getattr(args, "argv", ()))
     if code == "internal-error" and not os.environ.get("PKI_DEBUG"):
         one_line += " (PKI_DEBUG=1 shows the details)"
     try:
@@ -176,6 +179,17 @@ def _fail(args: argparse.Namespace, code: str, message: str, status: int = EXIT_
         pass
     print(f"error: {one_line}", file=sys.stderr)
     return status
+
+
+def _without_secrets(message: str, argv: list[str]) -> str:
+    """`message` with the secret of every whole API key on the command line (an argument, or an option's
+    `=VALUE`) replaced by "<secret>": an error line ends up in terminals and logs, where a key must not."""
+    for argument in argv:
+        for part in (argument, argument.partition("=")[2]):
+            key = split_api_key(part)
+            if key:
+                message = message.replace(key[1], "<secret>")
+    return message
 
 
 def _emit(text: str) -> None:
@@ -212,7 +226,13 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.handler is serve:
         from shared.api.workers import listening_port
 
-        args.port = listening_port(args.host, args.port)  # a port in use is refused before anything is set up
+        try:
+            args.port = listening_port(args.host, args.port)  # a port in use is refused before anything is set up
+        except CaError as error:
+            if error.code != "port-in-use":
+                raise
+            hint = "; pick another with --port N (make run: PORT=N make run), or stop what listens there"
+            raise CaError(error.message + hint, error.code) from None
     if args.handler is sign_csr:
         args.csr = _read_input(args.file)
     if args.handler is sign_batch:
@@ -225,7 +245,6 @@ def _prepare(args: argparse.Namespace) -> None:
             _check_output_folder(args.pem_dir, (), parents=False)
             args.pem_dir.mkdir(exist_ok=True)
     if args.handler is proof_ca_root_possession and args.verification_code is not None:
-        check_verification_code(args.verification_code)  # it names the default output file
         args.out = args.out or Path(f"verification-{args.verification_code}.pem")
     elif args.handler is proof_ca_root_possession and args.out is None:
         _check_writable_folder(Path("."), Path("verification-CODE.pem"))  # DPS names the code
@@ -234,8 +253,6 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.handler is backup:
         check_backup_destination(args.destination)
     if args.handler is create_device_cert:
-        if args.device_id is not None:
-            check_device_id(args.device_id)  # it names the key's CSR and the default folder
         if args.out_dir is None:
             device_id = args.device_id or f"device-{secrets.token_hex(6)}"
             args.device_id, args.out_dir, parents = device_id, Path("devices") / device_id, True
@@ -544,7 +561,11 @@ def _new_key(issued: NewApiKey, headline: str) -> tuple[Any, str]:
 
 
 def revoke_key(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
+    before = service.ledger.get_api_key(args.key_id)  # revoking again changes nothing
     key = service.principals.revoke_api_key(args.key_id)
+    if before is not None and before.revoked_at is not None:
+        text = f"API key {key.id} of {key.principal_id} was already revoked ({_day(key.revoked_at)})"
+        return api_key_view(key), text + "; nothing was changed."
     return api_key_view(key), f"Revoked API key {key.id} of {key.principal_id}."
 
 
@@ -677,10 +698,7 @@ def _serve_banner(
             f"  factory key: {setup.factory.secret}  (factory {setup.factory.principal.id})",
         ]
     elif args.bootstrap:
-        lines += [
-            "",
-            "Using the existing CA; keys are shown only when made (python cli.py create-factory / create-admin-key).",
-        ]
+        lines += ["", *_key_advice(service)]
     if service.ledger.get_root() is not None:
         lines += [f"Root certificate: {root_file}"]
         lines += [
@@ -689,6 +707,20 @@ def _serve_banner(
         ]
         lines += [f"  {command}" for command in example]
     return document, "\n".join(lines)
+
+
+def _key_advice(service: DeviceCA) -> list[str]:
+    """On a later start: API keys were shown only when made, so how to get a new one for the factory there
+    is (bootstrap's, or else the first), or how to make a factory."""
+    factories = [factory.id for factory in service.principals.factories()]
+    lines = ["Using the existing CA; API keys are shown only when made, so its keys are not shown again."]
+    if factories:
+        factory = LOCAL_FACTORY if LOCAL_FACTORY in factories else factories[0]
+        lines.append(f"A new key for factory {factory}: python cli.py create-api-key {factory}")
+    else:
+        lines.append("A factory with its key: python cli.py create-factory NAME --intermediate ID")
+    lines.append("An admin key: python cli.py create-admin-key (list-keys lists the keys; revoke-key revokes one)")
+    return lines
 
 
 # -- output helpers ----------------------------------------------------------------------------------
@@ -738,9 +770,10 @@ def _written(path: Path | None, what: str) -> list[str]:
 
 def _signer_options(sub: argparse.ArgumentParser) -> None:
     """--intermediate and --factory, as every signing command takes them."""
-    sub.add_argument("--intermediate", help="intermediate ID to sign with (default: the newest active)")
+    sub.add_argument("--intermediate", type=CA_ID, help="intermediate ID to sign with (default: the newest active)")
     sub.add_argument(
         "--factory",
+        type=PRINCIPAL,
         metavar="NAME",
         help="sign on behalf of this factory, by its rules: one of its intermediates, and the device becomes (or "
         "must already be) its own, so the factory can renew it over the API. Default: as this host's admin, "
@@ -1011,8 +1044,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def ca_options(sub: argparse.ArgumentParser, kind: str, default_days: str) -> None:
-        sub.add_argument("--common-name", help=f"subject CN of the {kind} (default: from CA_NAME)")
-        sub.add_argument("--organization", help="subject O, if any")
+        sub.add_argument(
+            "--common-name",
+            type=_checked(_common_name),
+            help=f"subject CN of the {kind}, 1-64 printable characters (default: from CA_NAME)",
+        )
+        sub.add_argument("--organization", type=_checked(_organization), help="subject O, if any (as the CN)")
         sub.add_argument(
             "--curve", choices=sorted(CA_CURVES), type=str.upper, help="key curve (default: CA_CURVE, P-256)"
         )
@@ -1026,9 +1063,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def factory_options(sub: argparse.ArgumentParser, name_help: str) -> None:
-        sub.add_argument("name", help=name_help)
+        sub.add_argument("name", type=PRINCIPAL, help=name_help)
         sub.add_argument(
-            "--intermediate", action="append", required=True, help="an intermediate it may sign with (repeatable)"
+            "--intermediate",
+            action="append",
+            required=True,
+            type=CA_ID,
+            help="an intermediate it may sign with (repeatable)",
         )
 
     sub = command(
@@ -1052,6 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--verification-code",
+        type=_checked(check_verification_code),
         help="the code DPS shows for the root certificate (needed when DPS is not configured; with DPS "
         "configured, a new code is asked of DPS when this is left out)",
     )
@@ -1069,15 +1111,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Create a CA intermediate signed by the root and register it with DPS as an enrollment group. "
         "The newest active intermediate is the default for signing device certificates.",
     )
-    sub.add_argument("--id", help="intermediate ID: lowercase letters, digits, '-' (default: int-DATE-RANDOM)")
+    sub.add_argument("--id", type=CA_ID, help=f"intermediate ID: {CA_ID_RULE} (default: int-DATE-RANDOM)")
     ca_options(sub, "intermediate", "INTERMEDIATE_CERT_DAYS, 3650")
 
     command("list-intermediates", list_intermediates, "list the intermediates, newest last, and which is the default")
 
     sub = command("disable-intermediate", disable_intermediate, "stop signing with an intermediate (and its DPS group)")
-    sub.add_argument("id", help="intermediate ID")
+    sub.add_argument("id", type=CA_ID, help="intermediate ID")
     sub = command("enable-intermediate", enable_intermediate, "resume signing with a disabled intermediate")
-    sub.add_argument("id", help="intermediate ID")
+    sub.add_argument("id", type=CA_ID, help="intermediate ID")
     sub = command(
         "retry-dps",
         retry_dps,
@@ -1085,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Register an intermediate's enrollment group with DPS again: queued on the dps-registrations queue "
         "when QUEUE_STORAGE is set (state pending until the queue function has done it), else at once.",
     )
-    sub.add_argument("id", help="intermediate ID")
+    sub.add_argument("id", type=CA_ID, help="intermediate ID")
 
     sub = command(
         "create-device-cert",
@@ -1096,7 +1138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and registration.json (registration ID, DPS endpoint and ID scope). Real factories keep the key on the "
         "device and use sign-csr instead.",
     )
-    sub.add_argument("--device-id", help="device ID = DPS registration ID = certificate CN (default: random)")
+    sub.add_argument(
+        "--device-id", type=DEVICE_ID, help="device ID = DPS registration ID = certificate CN (default: random)"
+    )
     _signer_options(sub)
     sub.add_argument("--curve", choices=sorted(CA_CURVES), type=str.upper, default="P-256", help="device key curve")
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
@@ -1114,7 +1158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "own extensions are ignored. A device with an active certificate gets a new one only with --renew.",
     )
     sub.add_argument("file", type=Path, help="CSR file, or - for standard input")
-    sub.add_argument("--device-id", required=True, help="device ID; must equal the CSR's CN")
+    sub.add_argument("--device-id", type=DEVICE_ID, required=True, help="device ID; must equal the CSR's CN")
     _signer_options(sub)
     sub.add_argument("--renew", action="store_true", help="replace the device's active certificate")
     sub.add_argument(
@@ -1147,8 +1191,8 @@ def build_parser() -> argparse.ArgumentParser:
     _signer_options(sub)
 
     sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
-    sub.add_argument("--device-id", help="only this device")
-    sub.add_argument("--intermediate", help="only certificates signed by this intermediate")
+    sub.add_argument("--device-id", type=DEVICE_ID, help="only this device")
+    sub.add_argument("--intermediate", type=CA_ID, help="only certificates signed by this intermediate")
     sub.add_argument(
         "--status",
         type=_rule(parameters.status),
@@ -1195,8 +1239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Create a factory principal that may sign with the given intermediates and read only its own "
         "certificates, and print its API key once.",
     )
-    factory_options(sub, "factory ID: lowercase letters, digits and '-'")
-    sub.add_argument("--app-id", help="its Entra application ID, used when PKI_AUTH=easyauth")
+    factory_options(sub, f"factory ID: {CA_ID_RULE}")
+    sub.add_argument(
+        "--app-id",
+        type=_checked(_application_id),
+        help="its Entra application ID (a GUID), used when PKI_AUTH=easyauth",
+    )
 
     sub = command(
         "bind-factory",
@@ -1210,13 +1258,21 @@ def build_parser() -> argparse.ArgumentParser:
     command("list-factories", list_factories, "list factories and the intermediates each may sign with")
 
     sub = command("create-admin-key", create_admin_key, "create an admin API key (shown once)")
-    sub.add_argument("--name", default="admin", help="admin principal to add the key to (default: admin)")
+    sub.add_argument(
+        "--name", type=PRINCIPAL, default="admin", help="admin principal to add the key to (default: admin)"
+    )
 
     sub = command("create-api-key", create_api_key, "add another API key to an admin or factory (to rotate keys)")
-    sub.add_argument("principal", help="the admin or factory ID")
+    sub.add_argument("principal", type=PRINCIPAL, help="the admin or factory ID")
 
     sub = command("revoke-key", revoke_key, "revoke an API key at once")
-    sub.add_argument("key_id", metavar="KEY_ID", help="the key's ID (list-keys shows them)")
+    sub.add_argument(
+        "key_id",
+        type=_key_id,
+        metavar="KEY_ID",
+        help="the key's ID (list-keys shows them), or the whole key (dca_ID_SECRET): its ID is taken from it, "
+        "and its secret is never printed",
+    )
 
     command("list-keys", list_keys, "list API keys: IDs and owners, never secrets")
 
@@ -1295,9 +1351,10 @@ def build_parser() -> argparse.ArgumentParser:
         "that holds it is revoked in the same commit. DPS is kept in step for the device: blocked while none "
         "of its certificates is active, else admitting only the active one.",
     )
-    sub.add_argument("serial", help="certificate serial (hex, as openssl prints it)")
+    sub.add_argument("serial", type=_checked(normalize_serial), help="certificate serial (hex, as openssl prints it)")
     sub.add_argument(
         "--reason",
+        type=_checked(revocation_reason),
         default="unspecified",
         help=f"an RFC 5280 reason, kept in the ledger: {', '.join(REVOCATION_REASONS)} (default: unspecified)",
     )
@@ -1314,6 +1371,53 @@ def _rule(rule: Callable[[str], Any]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(error.problem) from None
 
     return check
+
+
+def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that checks a value with the service's own check for it (shared/pki's names,
+    revocation reasons, serials): a value that breaks the rule is a usage error, caught before anything is
+    done. The value is what the check returns (a serial in its usual form), or the text when it returns None."""
+
+    def type_(text: str) -> Any:
+        try:
+            value = check(text)
+        except (PkiError, CaError) as error:
+            raise argparse.ArgumentTypeError(error.message) from None
+        return text if value is None else value
+
+    return type_
+
+
+def _common_name(text: str) -> str:
+    ca_name(text)  # PkiError "invalid-common-name" when it breaks the rule
+    return text
+
+
+def _organization(text: str) -> str:
+    ca_name("CA", text)  # PkiError "invalid-organization" when it breaks the rule (the CN here is any valid one)
+    return text
+
+
+def _key_id(text: str) -> str:
+    """revoke-key's KEY_ID: a key's ID, or a whole API key (pasted from where it leaked), whose ID is taken
+    out of it by the service's own parser. Anything else is a usage error that does not repeat what was
+    given, since it may be a secret, or part of one."""
+    whole = split_api_key(text)
+    if whole:
+        return whole[0]
+    if split_api_key(f"{KEY_PREFIX}_{text}_{'A' * 43}"):  # an ID is what the parser takes between the underscores
+        return text.strip()
+    raise argparse.ArgumentTypeError(
+        f"must be a key's ID as list-keys shows it, or a whole API key ({KEY_PREFIX}_ID_SECRET); "
+        "what was given is neither (it is not repeated here, in case it holds a secret)"
+    )
+
+
+# the rule of CA IDs, which principal names follow too (shared/pki/names.py check_ca_id)
+CA_ID_RULE = "1-48 lowercase letters, digits and '-', starting and ending with a letter or digit"
+CA_ID = _checked(check_ca_id)
+PRINCIPAL = _checked(_check_principal_name)
+DEVICE_ID = _checked(check_device_id)
 
 
 def _seconds(text: str) -> float:

@@ -89,7 +89,7 @@ def test_a_nul_in_a_ca_name_over_http_and_cli(service):
     assert tiny.status_code == 400 and tiny.json()["error"]["code"] == "validity-too-short"
     command = ("create-ca-intermediate", "--id", "line-8", "--common-name", "bell\x07")
     done = run_cli(*command, home=service.settings.pki_home, env=settings_environment(service.settings))
-    assert done.returncode == 1 and done.stderr.count(b"\n") == 1 and b"printable" in done.stderr
+    assert done.returncode == 2 and done.stderr.count(b"\n") == 1 and b"printable" in done.stderr
     assert service.ledger.get_ca("line-8") is None
 
 

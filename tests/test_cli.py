@@ -7,6 +7,9 @@ import subprocess
 import pytest
 
 from shared.ledger.sqlite import SqliteLedger
+from shared.pki import PkiError, check_ca_id
+from shared.pki.revocation import REVOCATION_REASONS
+from shared.service.access import split_api_key
 
 from .certrules import check_device, check_intermediate, check_ledger, check_proof_of_possession, check_root, load
 from .conftest import run_cli, settings_environment
@@ -130,7 +133,58 @@ def test_errors_are_one_line(tmp_path):
         f"error: there is no CA root yet; create it with create-ca-root (the CA under PKI_HOME={home.resolve()})"
     ]
     result = run_cli("revoke", "nothex", "--json", home=home)
-    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "invalid-serial"
+    assert result.returncode == 2 and json.loads(result.stdout)["error"]["code"] == "usage"
+    assert "serial 'nothex' is not a hexadecimal number" in result.stderr.decode()
+
+
+def test_a_value_that_breaks_its_rule_is_reported_before_anything_is_looked_up(tmp_path):
+    """README "The commands": status 2 and the rule, not what a lookup of the bad value would have said."""
+    home = tmp_path / "pki"
+    result = run_cli("revoke", "6B55", "--reason", "bogus", home=home)
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode().splitlines() == [
+        "error: argument --reason: revocation reason 'bogus' is not one of RFC 5280's: "
+        + ", ".join(REVOCATION_REASONS)
+        + " (see 'python cli.py revoke --help')"
+    ]
+    result = run_cli("create-factory", "Line_2", "--intermediate", "nope", home=home)
+    assert result.returncode == 2 and b"principal name 'Line_2' is not valid" in result.stderr
+    assert not home.exists() or not any(home.rglob("*.pem"))
+
+
+@pytest.mark.parametrize("command", [("create-ca-intermediate", "--id"), ("create-factory", "name")])
+def test_the_help_of_ids_says_the_rule_the_service_checks(command, tmp_path):
+    with pytest.raises(PkiError) as refused:
+        check_ca_id("-")
+    rule = refused.value.message.split(": use ", 1)[1]  # "1-48 lowercase letters, ..."
+    result = run_cli(command[0], "--help", home=tmp_path / "pki")
+    help_text = " ".join(result.stdout.decode().split())
+    assert result.returncode == 0 and f"{command[1]} " in help_text and rule in help_text
+
+
+def test_revoke_key_takes_the_whole_key_and_never_prints_its_secret(tmp_path):
+    home = tmp_path / "pki"
+    for command in (["create-ca-root"], ["create-ca-intermediate", "--id", "line-1"]):
+        assert run_cli(*command, home=home).returncode == 0
+    key = _json(run_cli("create-factory", "plant-7", "--intermediate", "line-1", "--json", home=home))["apiKey"]
+    key_id, secret = split_api_key(key)
+    for argv in (("revoke-key", key), ("revoke-key", key, "--json")):
+        result = run_cli(*argv, home=home)
+        assert result.returncode == 0 and secret.encode() not in result.stdout + result.stderr
+        if "--json" not in argv:
+            assert result.stdout.decode().strip() == f"Revoked API key {key_id} of plant-7."
+    # revoking again changes nothing, and says so (status 0: the key is revoked, as asked)
+    for again in (key, key_id):
+        result = run_cli("revoke-key", again, home=home)
+        assert result.returncode == 0 and secret.encode() not in result.stdout + result.stderr
+        assert result.stdout.decode().startswith(f"API key {key_id} of plant-7 was already revoked (")
+        assert result.stdout.decode().strip().endswith("; nothing was changed.")
+    assert [k["revokedAt"] is not None for k in _json(run_cli("list-keys", "--json", home=home))] == [True]
+    # a key that is not whole, or a principal's name given a key: refused, without the secret
+    for argv in (("revoke-key", key[:-1]), ("revoke-key", secret), ("create-api-key", key), ("bind-factory", key)):
+        result = run_cli(*argv, "--json", home=home)
+        assert result.returncode == 2, argv
+        assert secret[:-1].encode() not in result.stdout + result.stderr, argv
 
 
 def test_a_factory_is_rebound_to_new_intermediates_and_keeps_its_key(tmp_path):

@@ -29,6 +29,8 @@ def ledger_backend() -> str:
 
 USAGE, ERROR = 2, 1  # README "The commands"
 MISSING = "/no/such/folder/x.pem"
+# the shape of an API key (dca_ID_SECRET) whose ID no key has: no message may repeat its secret
+UNKNOWN_KEY = "dca_0123456789abcdef_" + "S3cr3t" * 7 + "x"
 
 
 def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
@@ -50,27 +52,32 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
         "show-ca-root": [(["--out", folder], ERROR), (["--out", MISSING], ERROR), (["extra"], USAGE)],
         "proof-ca-root-possession": [
             ([], ERROR),  # DPS offline: the code must be given
-            (["--verification-code", "../../x"], ERROR),
+            (["--verification-code", "../../x"], USAGE),
             (["--verification-code", "ABC", "--out", folder], ERROR),
             (["--verification-code", "ABC", "--out", MISSING], ERROR),
         ],
         "create-ca-intermediate": [
-            (["--id", "Bad ID"], ERROR),
+            (["--id", "Bad ID"], USAGE),
+            (["--id", "Bad_Id"], USAGE),
+            (["--id", "x" * 49], USAGE),
             (["--id", "factory-a"], ERROR),  # taken
             (["--days", "inf"], USAGE),
             (["--days", "36501"], USAGE),
             (["--curve", "x"], USAGE),
-            (["--common-name", "bell\a"], ERROR),
-            (["--common-name", "not UTF-8: \udcff"], ERROR),  # how Python hands over bytes that are not UTF-8
+            (["--common-name", "bell\a"], USAGE),
+            (["--common-name", "not UTF-8: \udcff"], USAGE),  # how Python hands over bytes that are not UTF-8
+            (["--organization", " padded"], USAGE),
             (["--id", "new-one", "--out", MISSING], ERROR),
         ],
         "list-intermediates": [(["extra"], USAGE), (["--bogus"], USAGE)],
-        "disable-intermediate": [([], USAGE), (["nope"], ERROR)],
-        "enable-intermediate": [([], USAGE), (["nope"], ERROR)],
-        "retry-dps": [([], USAGE), (["nope"], ERROR)],
+        "disable-intermediate": [([], USAGE), (["nope"], ERROR), (["Bad_Id"], USAGE)],
+        "enable-intermediate": [([], USAGE), (["nope"], ERROR), (["Bad_Id"], USAGE)],
+        "retry-dps": [([], USAGE), (["nope"], ERROR), (["Bad_Id"], USAGE)],
         "create-device-cert": [
-            (["--device-id", "Bad Device"], ERROR),
-            (["--device-id", "dev-\udcff"], ERROR),
+            (["--device-id", "Bad Device"], USAGE),
+            (["--device-id", "dev-\udcff"], USAGE),
+            (["--device-id", "dev-9", "--intermediate", "Bad_Id"], USAGE),
+            (["--device-id", "dev-9", "--factory", "Line_2"], USAGE),
             (["--device-id", "dev-9", "--curve", "P-521"], USAGE),
             (["--device-id", "dev-9", "--out-dir", a_file], ERROR),
             (["--device-id", "dev-9", "--out-dir", "/no/such/folder/dev-9"], ERROR),
@@ -86,6 +93,9 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             ([csr, "--device-id", "dev-1", "--out", MISSING], ERROR),
             ([csr, "--device-id", "dev-2"], ERROR),  # CN differs
             ([csr, "--device-id", "dev-1", "--intermediate", "nope"], ERROR),
+            ([csr, "--device-id", "Dev-UP"], USAGE),
+            ([str(tmp / "no-such.csr"), "--device-id", "Dev-UP"], USAGE),  # the value first, then the file
+            ([csr, "--device-id", "dev-1", "--factory", "Line_2"], USAGE),
         ],
         "sign-batch": [
             ([], USAGE),
@@ -94,6 +104,8 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             ([a_file], ERROR),  # not JSON Lines
             ([csr], ERROR),  # a CSR, not JSON Lines
             ([batch, "--intermediate", "nope"], ERROR),
+            ([batch, "--intermediate", "Bad_Id"], USAGE),
+            ([batch, "--factory", "Line_2"], USAGE),
             ([batch, "--results", folder], ERROR),
             ([batch, "--results", MISSING], ERROR),
             ([batch, "--pem-dir", a_file], ERROR),
@@ -112,6 +124,8 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             (["--expiring-within-days", "1e12"], USAGE),
             (["--status", "lost"], USAGE),
             (["--days", "nan"], USAGE),
+            (["--device-id", "Dev-UP"], USAGE),
+            (["--intermediate", "Bad_Id"], USAGE),
         ],
         "check-expiring": [
             (["--within", "0"], USAGE),
@@ -119,18 +133,40 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             (["--within", "5", "--announce"], USAGE),
             (["extra"], USAGE),
         ],
-        "revoke": [([], USAGE), (["nothex"], ERROR), (["0A0B"], ERROR), (["0A0B", "--reason", "stolen"], ERROR)],
+        "revoke": [
+            ([], USAGE),
+            (["nothex"], USAGE),
+            (["xyz"], USAGE),
+            (["0A0B"], ERROR),  # no such certificate
+            (["0A0B", "--reason", "stolen"], USAGE),  # the reason is checked before the serial is looked up
+            (["0A0B", "--reason", "hold"], USAGE),
+            (["0A0B", "--reason", "certificateHold"], USAGE),
+        ],
         "create-factory": [
             (["plant-1"], USAGE),
-            (["Plant 1", "--intermediate", "factory-a"], ERROR),
+            (["Plant 1", "--intermediate", "factory-a"], USAGE),
+            (["Line_2", "--intermediate", "factory-a"], USAGE),
+            (["plant-1", "--intermediate", "Bad_Id"], USAGE),
             (["plant-1", "--intermediate", "nope"], ERROR),
-            (["plant-1", "--intermediate", "factory-a", "--app-id", "not-a-guid"], ERROR),
+            (["plant-1", "--intermediate", "factory-a", "--app-id", "not-a-guid"], USAGE),
         ],
-        "bind-factory": [(["nobody", "--intermediate", "factory-a"], ERROR), (["nobody"], USAGE)],
+        "bind-factory": [
+            (["nobody", "--intermediate", "factory-a"], ERROR),
+            (["nobody"], USAGE),
+            (["Line_2", "--intermediate", "factory-a"], USAGE),
+            (["nobody", "--intermediate", "Bad_Id"], USAGE),
+        ],
         "list-factories": [(["extra"], USAGE)],
-        "create-admin-key": [(["--name", "Bad Name"], ERROR), (["--name"], USAGE)],
-        "create-api-key": [(["nobody"], ERROR), ([], USAGE)],
-        "revoke-key": [(["0000000000000000"], ERROR), ([], USAGE)],
+        "create-admin-key": [(["--name", "Bad Name"], USAGE), (["--name"], USAGE), (["--name", UNKNOWN_KEY], USAGE)],
+        "create-api-key": [(["nobody"], ERROR), ([], USAGE), (["Line_2"], USAGE), ([UNKNOWN_KEY], USAGE)],
+        "revoke-key": [
+            (["0000000000000000"], ERROR),
+            ([], USAGE),
+            ([UNKNOWN_KEY], ERROR),  # a whole key: its ID is looked up, and there is no key with it
+            (["nope"], USAGE),
+            ([UNKNOWN_KEY[:-1]], USAGE),  # part of a key
+            (["S3cr3t" * 7 + "x"], USAGE),  # a key's secret alone
+        ],
         "list-keys": [(["--limit", "5"], USAGE)],
         "backup": [([], USAGE), ([folder], ERROR), ([str(tmp / "no" / "such" / "backup")], ERROR)],
         "serve": [
@@ -143,6 +179,7 @@ def _bad_options(tmp: Path) -> dict[str, list[tuple[list[str], int]]]:
             (["--max-header-bytes", "100"], USAGE),
             (["--request-timeout", "nan"], USAGE),
             (["--host", "no such host!"], ERROR),
+            (["--log-level", UNKNOWN_KEY], USAGE),
         ],
     }
 
@@ -200,6 +237,7 @@ def test_bad_options_are_one_line_and_change_nothing(scene, command, capsys):
             assert code == status, (argv, out, err)
             lines = err.splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+            assert "S3cr3t" not in err + out, f"{argv}: a secret was repeated"
             assert "Traceback" not in err + out
             if machine:
                 error = json.loads(out)["error"]

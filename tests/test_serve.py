@@ -21,7 +21,7 @@ import pytest
 from shared.ledger.sqlite import SqliteLedger
 
 from .certrules import check_ledger
-from .conftest import REPO
+from .conftest import REPO, run_cli
 from .csrs import make_csr
 
 
@@ -233,6 +233,17 @@ def test_workers_each_listen_on_their_own_socket_and_share_the_connections(tmp_p
     ledger.close()
 
 
+def test_a_later_start_says_how_to_get_a_key_for_the_existing_factory(tmp_path):
+    home = tmp_path / "pki"
+    with _serving(home, tmp_path, _free_port()) as server:
+        assert "factory key:" in _banner(server)
+    with _serving(home, tmp_path, _free_port()) as again:
+        banner = _banner(again)
+    assert "Using the existing CA" in banner and "dca_" not in banner
+    assert "A new key for factory local-factory: python cli.py create-api-key local-factory" in banner
+    assert run_cli("create-api-key", "local-factory", home=home).returncode == 0  # the advice works
+
+
 def test_serve_refuses_a_port_in_use_before_setting_anything_up(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -248,7 +259,10 @@ def test_serve_refuses_a_port_in_use_before_setting_anything_up(tmp_path):
                 text=True,
             )
             assert result.returncode == 1
-            assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+            assert result.stderr.strip() == (
+                f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick another with --port N "
+                "(make run: PORT=N make run), or stop what listens there"
+            )
             assert result.stdout == "" and not list((tmp_path / "pki").rglob("*.pem"))  # no CA was set up
 
 

@@ -6,6 +6,7 @@ others idle. With a socket each, the kernel spreads new connections over the wor
 that dies after it started is replaced; one that cannot start (exit code 3, as uvicorn's) stops the server.
 """
 
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -74,14 +75,16 @@ def serve_workers(
 
 def listening_port(host: str, port: int) -> int:
     """Check that nothing listens on the port, not even another server's SO_REUSEPORT workers, which
-    workers' own sockets would silently join; port 0 becomes a free port. CaError when it is taken."""
+    workers' own sockets would silently join; port 0 becomes a free port. CaError "port-in-use" when it is
+    taken, "cannot-listen" when the port or address cannot be had otherwise."""
     probe = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
         return probe.getsockname()[1]
     except OSError as error:
-        raise CaError(f"cannot listen on {host}:{port}: {error.strerror}", "port-in-use") from None
+        code = "port-in-use" if error.errno == errno.EADDRINUSE else "cannot-listen"
+        raise CaError(f"cannot listen on {host}:{port}: {error.strerror}", code) from None
     finally:
         probe.close()
 
