@@ -71,7 +71,6 @@ class TableStore:
         self.prefix = prefix
         self.description = description
         self.counter = counter or TransactionCounter()
-        self.retry_seconds = 30.0  # how long an operation may retry (connect's retry_seconds)
         policies: list[Any] = service._policies  # shared by every TableClient made from this service client
         retry = next(i for i, policy in enumerate(policies) if isinstance(policy, TablesRetryPolicy))
         policies.insert(retry + 1, self.counter)
@@ -133,9 +132,7 @@ def connect(
         except ValueError as error:
             raise Misconfigured(f"the Storage connection string is not valid: {error}", "invalid-setting") from None
         description = service.url.split("?")[0].rstrip("/")
-    store = TableStore(service, prefix, description)
-    store.retry_seconds = retry_seconds
-    return store
+    return TableStore(service, prefix, description)
 
 
 def _transport(retry_seconds: float) -> RequestsTransport:

@@ -212,11 +212,11 @@ class Ledger(ABC):
 
     @abstractmethod
     def list_batches(self, requested_by: str | None, limit: int, cursor: str | None) -> BatchPage:
-        """A page of batches in the order they were stored, so that a client following the cursor reaches
-        the batches stored after it was given (Table Storage: to within the clock difference between
-        instances): those `requested_by` sent, or every one for None. A page may end early, even empty with
-        a cursor, while a batch is being stored. CaError "invalid-cursor" for a cursor this listing did not
-        give."""
+        """A page of batches in the order they were stored (Table Storage: about that order, see
+        tables_batches._listing_key): those `requested_by` sent, or every one for None. Following the cursor
+        from the first page to the last (next_cursor None) shows each batch whose store had finished when the
+        listing began exactly once; one stored meanwhile may or may not be shown. CaError "invalid-cursor" for
+        a cursor this listing did not give."""
 
     @abstractmethod
     def chunk_items(self, batch_id: str, chunk: int) -> tuple[ChunkState, list[BatchItem]]:

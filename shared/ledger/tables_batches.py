@@ -37,11 +37,6 @@ BATCHES = "batches"
 BATCH_ROW = "batch"
 ALL_BATCHES = "all"
 _CURSOR = re.compile(r"[0-9]{14}-[0-9]{20}-[0-9A-Za-z_-]{1,200}")
-_START = "00000000000000-00000000000000000000-0"  # a cursor before every listing row
-# A listing row is written just before its batch's row (add_batch): a listing row without its batch is a batch
-# being stored until this long, or twice the store's retry budget if longer, after its key was taken; after
-# it, one whose store failed.
-STORING_SECONDS = 60
 _ATTEMPTS = 20  # conditional writes lost to concurrent deliveries of the same chunk before giving up
 
 
@@ -51,7 +46,6 @@ class TableBatches:
     _table: Any
     _get: Any
     _parallel: Any
-    store: Any
 
     def add_batch(self, batch: BatchRecord, items: Sequence[BatchItem]) -> None:
         if batch.chunk_size > MAX_CHUNK_ITEMS:
@@ -133,13 +127,8 @@ class TableBatches:
         more = len(rows) > limit
         rows = rows[:limit]
         found = self._parallel(lambda row: self.get_batch(row["batch_id"]), rows)
-        summaries: list[BatchSummary] = []
-        for position, (row, summary) in enumerate(zip(rows, found, strict=True)):
-            if summary is None and _being_stored(row["RowKey"], max(STORING_SECONDS, 2 * self.store.retry_seconds)):
-                # the page ends before it, so that following the cursor reaches the batch once it is stored
-                return BatchPage(summaries, rows[position - 1]["RowKey"] if position else cursor or _START)
-            if summary is not None:  # else a listing row whose batch was never stored (its store failed)
-                summaries.append(summary)
+        # a listing row without its batch is a batch still being stored, or one whose store failed: not listed
+        summaries = [summary for summary in found if summary is not None]
         return BatchPage(summaries, rows[-1]["RowKey"] if more and rows else None)
 
     def chunk_items(self, batch_id: str, chunk: int) -> tuple[ChunkState, list[BatchItem]]:
@@ -272,19 +261,12 @@ def _partition(batch_id: str) -> str:
 def _listing_key(batch_id: str) -> str:
     """A batch's RowKey in the listings, taken once its chunks are stored, just before its listing rows are
     written: "YYYYmmddHHMMSS-<nanoseconds since the epoch, 20 digits>-<batch ID>" of that moment (UTC), so
-    batches list in the order they were stored, as on SQLite. Taken from the arrival time instead, a large
-    batch that took seconds to store would land behind a cursor already given for a smaller one that came
-    later, and a client following the cursor would never see it. What is left: the milliseconds between
-    taking the key and the row being written, and the clock difference between instances."""
+    that batches list in about the order they were stored, as on SQLite (by arrival, a large batch stored
+    after a smaller one that came later would be placed before it, behind a cursor already given). Not
+    exactly that order: the key is taken before the rows are written, and instances' clocks differ; the
+    listing promises only the batches stored before it began (Ledger.list_batches)."""
     now = time.time_ns()
     return f"{datetime.fromtimestamp(now // 1_000_000_000, UTC):%Y%m%d%H%M%S}-{now:020d}-{batch_id}"
-
-
-def _being_stored(listing_key: str, window_seconds: float) -> bool:
-    """Whether the batch of a listing row whose batch row is missing may still be being stored: its key
-    (_listing_key) was taken less than `window_seconds` ago."""
-    taken = int(listing_key.split("-", 2)[1])
-    return time.time_ns() - taken < window_seconds * 1_000_000_000
 
 
 def _requester_partition(requested_by: str) -> str:
