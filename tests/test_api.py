@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from shared.errors import CaError
 from shared.keys.local import LocalKeyStore
 from shared.ledger.sqlite import SqliteLedger
+from shared.parameters import CURSOR_PATTERN, MAX_DAYS, MAX_PAGE
 from shared.service import DeviceCA
 
 from .apiclient import bearer, make_api
@@ -392,6 +393,12 @@ def test_health_and_openapi(api):
     body = paths["/api/devices/{deviceId}/certificate"]["post"]["requestBody"]["content"]
     assert {"application/pkcs10", "application/x-pem-file", "text/plain", "application/json"} <= set(body)
     assert {"HTTPBearer", "APIKeyHeader"} <= set(document["components"]["securitySchemes"])
+    # the parameters' bounds in the keywords OpenAPI tools read (JSON Schema's), not pydantic's own names
+    listing = {p["name"]: p["schema"] for p in paths["/api/certificates"]["get"]["parameters"]}
+    assert (listing["limit"]["minimum"], listing["limit"]["maximum"]) == (1, MAX_PAGE)
+    assert {"exclusiveMinimum": 0, "maximum": MAX_DAYS}.items() <= listing["expiringWithinDays"]["anyOf"][0].items()
+    assert listing["cursor"]["anyOf"][0]["pattern"] == CURSOR_PATTERN
+    assert [key for key in ('"ge":', '"le":', '"gt":', '"lt":') if key in json.dumps(document)] == []
     docs = api.client.get("/api/docs/start.js")
     assert docs.status_code == 200 and "/api/openapi.json" in docs.text
 

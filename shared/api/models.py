@@ -21,10 +21,11 @@ def _rule(rule: Callable[[Any], Any]) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-# The parameters' rules, as types FastAPI validates with (and documents, with their bounds).
-Days = Annotated[float, _rule(parameters.days), Field(gt=0, le=parameters.MAX_DAYS)]
-PageLimit = Annotated[int, _rule(parameters.page_limit), Field(ge=1, le=parameters.MAX_PAGE)]
-Cursor = Annotated[str, _rule(parameters.cursor), Field(pattern=parameters.CURSOR_PATTERN)]
+# The parameters' rules, as types FastAPI validates with (and documents, with their bounds). The bounds come
+# before the rule: after it, pydantic publishes them as "ge"/"le" keys, which no OpenAPI tool reads.
+Days = Annotated[float, Field(gt=0, le=parameters.MAX_DAYS), _rule(parameters.days)]
+PageLimit = Annotated[int, Field(ge=1, le=parameters.MAX_PAGE), _rule(parameters.page_limit)]
+Cursor = Annotated[str, Field(pattern=parameters.CURSOR_PATTERN), _rule(parameters.cursor)]
 Status = Annotated[Literal["active", "superseded", "revoked", "expired"], _rule(parameters.status)]
 Curve = Literal["P-256", "P-384"]
 
