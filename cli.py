@@ -40,7 +40,7 @@ from shared.serve_limits import (
     ConnectionLimits,
 )
 from shared.service import DeviceCA, IssuedCertificate, check_backup_destination
-from shared.service.access import KEY_PREFIX, NewApiKey, _application_id, _check_principal_name, split_api_key
+from shared.service.access import KEY_PREFIX, NewApiKey, application_id, check_principal_name, split_api_key
 from shared.service.common import normalize_serial
 from shared.views import (
     api_key_view,
@@ -1242,7 +1242,7 @@ def build_parser() -> argparse.ArgumentParser:
     factory_options(sub, f"factory ID: {CA_ID_RULE}")
     sub.add_argument(
         "--app-id",
-        type=_checked(_application_id),
+        type=_checked(application_id),
         help="its Entra application ID (a GUID), used when PKI_AUTH=easyauth",
     )
 
@@ -1416,7 +1416,7 @@ def _key_id(text: str) -> str:
 # the rule of CA IDs, which principal names follow too (shared/pki/names.py check_ca_id)
 CA_ID_RULE = "1-48 lowercase letters, digits and '-', starting and ending with a letter or digit"
 CA_ID = _checked(check_ca_id)
-PRINCIPAL = _checked(_check_principal_name)
+PRINCIPAL = _checked(check_principal_name)
 DEVICE_ID = _checked(check_device_id)
 
 

@@ -62,8 +62,9 @@ def split_api_key(presented: str) -> tuple[str, str] | None:
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def _application_id(app_id: str) -> str:
-    """An Entra application (client) ID is a GUID; kept in lowercase, as `factory_for_app` looks it up."""
+def application_id(app_id: str) -> str:
+    """`app_id` as stored: an Entra application (client) ID is a GUID, kept in lowercase (as
+    `factory_for_app` looks it up). CaError "invalid-app-id" when it is not a GUID."""
     normalised = app_id.strip().lower()
     if not _GUID.fullmatch(normalised):
         raise CaError(
@@ -86,13 +87,13 @@ class Principals:
         self._now = clock
 
     def create_factory(self, name: str, intermediates: Sequence[str], app_id: str | None = None) -> NewApiKey:
-        _check_principal_name(name)
+        check_principal_name(name)
         principal = Principal(
             id=name,
             role=FACTORY,
             intermediates=self._known_intermediates(intermediates),
             created_at=self._now(),
-            app_id=_application_id(app_id) if app_id is not None else None,
+            app_id=application_id(app_id) if app_id is not None else None,
         )
         self.ledger.add_principal(principal)
         return self._issue_key(principal)
@@ -117,7 +118,7 @@ class Principals:
         return tuple(dict.fromkeys(intermediates))
 
     def create_admin_key(self, name: str = "admin") -> NewApiKey:
-        _check_principal_name(name)
+        check_principal_name(name)
         principal = self.ledger.get_principal(name)
         if principal is None:
             principal = Principal(id=name, role=ADMIN, intermediates=(), created_at=self._now())
@@ -178,8 +179,9 @@ class Principals:
         return Caller(principal.id, principal.role, intermediates, via)
 
 
-def _check_principal_name(name: str) -> None:
-    """Principal names follow CA IDs' rule (they appear in the same URLs and tables)."""
+def check_principal_name(name: str) -> None:
+    """Principal names follow CA IDs' rule (they appear in the same URLs and tables): PkiError
+    "invalid-principal-name" when `name` breaks it."""
     try:
         check_ca_id(name)
     except PkiError as error:
