@@ -63,7 +63,20 @@ Handler = Callable[[DeviceCA, argparse.Namespace], tuple[Any, str | None]]
 
 
 class UsageError(Exception):
-    """The command line cannot be taken as it is (argparse's errors, raised instead of printed)."""
+    """The command line cannot be taken as it is (argparse's errors, raised instead of printed); `code` is
+    the broken rule's error code when a value broke one (--json says it), else "usage"."""
+
+    def __init__(self, message: str, code: str = "usage") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _RuleBroken(argparse.ArgumentTypeError):
+    """A value that breaks the service's rule for it (raised by `_checked` types), with the rule's code."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class OutputClosed(Exception):
@@ -72,7 +85,11 @@ class OutputClosed(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        # argparse raises its ArgumentError while handling the type's error, so the rule's code is its context
+        handled = sys.exc_info()[1]
+        broken = handled.__context__ if handled is not None else None
+        code = broken.code if isinstance(broken, _RuleBroken) else "usage"
+        raise UsageError(f"{message} (see '{self.prog} --help')", code)
 
     def print_help(self, file: Any = None) -> None:
         """--help on standard output, ending quietly (OutputClosed) when its reader has gone."""
@@ -90,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = argv  # for _fail, which keeps the secrets of API keys given here out of its message
     except UsageError as error:
-        return _fail(argparse.Namespace(json="--json" in argv, argv=argv), "usage", str(error), EXIT_USAGE)
+        return _fail(argparse.Namespace(json="--json" in argv, argv=argv), error.code, str(error), EXIT_USAGE)
     except OutputClosed:  # --help, read by something that stopped reading
         return EXIT_ERROR
     if not getattr(args, "handler", None):
@@ -1382,7 +1399,7 @@ def _checked(check: Callable[[str], Any]) -> Callable[[str], Any]:
         try:
             value = check(text)
         except (PkiError, CaError) as error:
-            raise argparse.ArgumentTypeError(error.message) from None
+            raise _RuleBroken(error.message, error.code) from None
         return text if value is None else value
 
     return type_

@@ -133,7 +133,7 @@ def test_errors_are_one_line(tmp_path):
         f"error: there is no CA root yet; create it with create-ca-root (the CA under PKI_HOME={home.resolve()})"
     ]
     result = run_cli("revoke", "nothex", "--json", home=home)
-    assert result.returncode == 2 and json.loads(result.stdout)["error"]["code"] == "usage"
+    assert result.returncode == 2 and json.loads(result.stdout)["error"]["code"] == "invalid-serial"  # the rule's
     assert "serial 'nothex' is not a hexadecimal number" in result.stderr.decode()
 
 

@@ -103,19 +103,21 @@ def test_service_refuses(service, case, make, device_id, code, words):
 
 @pytest.mark.child_process
 def test_cli_refuses_each_with_one_line_and_no_row(service, tmp_path):
-    """The same table through `python cli.py sign-csr`: exit 1, one line on stderr, JSON error with --json."""
+    """The same table through `python cli.py sign-csr`: exit 1 (2 for a --device-id that breaks its rule, a
+    usage error), one line on stderr, JSON error with the same code with --json."""
     home = service.settings.pki_home
     env = settings_environment(service.settings)
     for case, make, device_id, code, words in REFUSED:
         csr_file = tmp_path / f"{case.replace(' ', '-')}.csr"
         csr_file.write_bytes(make())
+        status = 2 if code == "invalid-device-id" else 1
         plain = run_cli("sign-csr", str(csr_file), "--device-id", device_id, home=home, env=env)
-        assert plain.returncode == 1, case
+        assert plain.returncode == status, case
         assert plain.stdout == b"", case
         lines = plain.stderr.decode().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (case, lines)
         machine = run_cli("sign-csr", str(csr_file), "--device-id", device_id, "--json", home=home, env=env)
-        assert machine.returncode == 1
+        assert machine.returncode == status
         assert json.loads(machine.stdout)["error"]["code"] == code, case
     assert _ledger_is_empty(service)
 

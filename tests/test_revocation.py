@@ -104,7 +104,7 @@ def test_revoke_on_the_cli_lists_what_went_with_the_key(service, clock):
     as_json = json.loads(run_cli("revoke", second, "--json", home=home, env=env).stdout)
     assert as_json["status"] == "revoked" and as_json["alsoRevoked"] == []
     bad = run_cli("revoke", first, "--reason", "stolen", home=home, env=env)
-    assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1 and b"RFC 5280" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count(b"\n") == 1 and b"RFC 5280" in bad.stderr  # a usage error
     again = run_cli("revoke", first, home=home, env=env)
     assert again.returncode == 0
     assert b"was already revoked (keyCompromise); the ledger is unchanged" in again.stdout

@@ -557,7 +557,7 @@ class TableLedger(TableBatches, Ledger):
                 try:
                     answers = self._table(DEVICES).submit_transaction(operations)
                 except TableTransactionError as error:
-                    if error.status_code in (409, 412):
+                    if error.status_code == 412:  # the head changed since it was read (only updates here: no 409)
                         continue
                     raise
                 self._remember(replace(new_head, etag=answers[0]["etag"]))
@@ -768,7 +768,7 @@ class TableLedger(TableBatches, Ledger):
                 try:
                     answers = self._table(DEVICES).submit_transaction(operations)
                 except TableTransactionError as error:
-                    if error.status_code in (409, 412):
+                    if error.status_code == 412:  # the head changed since it was read (only updates here: no 409)
                         continue
                     raise
                 self._remember(replace(new_head, etag=answers[0]["etag"]))
