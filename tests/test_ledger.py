@@ -179,6 +179,45 @@ def test_a_retried_renewal_gets_the_certificate_its_first_attempt_made(ledger):
     assert ledger.record_issued([Issuance(new_device, supersede=True, retry_since=NOW)]) == [new_device]
 
 
+def test_a_certificate_recorded_again_is_answered_with_itself_and_its_serial_stays_its_own(ledger):
+    """A commit whose answer was lost is sent again with the same certificate: it gets that certificate, and
+    nothing is recorded twice. Another certificate with that serial is refused."""
+    first = _cert("01", "dev-1", "k1")
+    assert ledger.record_issued([Issuance(first)]) == [first]
+    assert ledger.record_issued([Issuance(first)]) == [first]
+    assert _serials(ledger) == ["01"] and ledger.get_certificate("01") == first
+    (taken,) = ledger.record_issued([Issuance(_cert("01", "dev-2", "k2"))])
+    assert isinstance(taken, Conflict) and taken.code == "ledger-conflict"
+    assert ledger.get_certificate("01") == first and ledger.active_certificates(["dev-2"]) == {}
+
+
+def test_an_instance_renewing_after_another_one_did_supersedes_that_renewal(ledger, ledger_spec):
+    """Two instances on one store take turns with one device. The first last saw the device before the
+    other renewed it (a Table ledger keeps the head it wrote): its renewal still supersedes the other's
+    certificate, and keeps the key the other revoked in between revoked."""
+    other = open_ledger(ledger_spec)
+    try:
+        ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+        second = _cert("02", "dev-1", "k2", at=NOW + timedelta(days=1))
+        assert other.record_issued([Issuance(second, supersede=True)]) == [second]
+        third = _cert("03", "dev-1", "k3", at=NOW + timedelta(days=2))
+        assert ledger.record_issued([Issuance(third, supersede=True)]) == [third]
+        assert [(c.serial, c.status) for c in ledger.list_certificates(CertificateQuery(device_id="dev-1")).items] == [
+            ("01", "superseded"),
+            ("02", "superseded"),
+            ("03", "active"),
+        ]
+        assert other.get_certificate("02").status_reason == "renewed as 03"
+        assert other.active_certificates(["dev-1"]) == {"dev-1": ledger.get_certificate("03")}
+        other.revoke_certificate("01", "keyCompromise", NOW + timedelta(days=3))
+        fourth = _cert("04", "dev-1", "k4", at=NOW + timedelta(days=4))
+        assert ledger.record_issued([Issuance(fourth, supersede=True)]) == [fourth]
+        assert other.precheck(["dev-1"], ["k1"]).bindings == {"k1": ("dev-1", True)}
+        assert [c.serial for c in other.active_certificates(["dev-1"]).values()] == ["04"]
+    finally:
+        other.close()
+
+
 def test_device_ownership(ledger):
     ledger.record_issued([Issuance(_cert("01", "dev-1", "k1", by="factory-a"), owner="factory-a")])
     (refused,) = ledger.record_issued(

@@ -35,7 +35,7 @@ from .certrules import check_device, check_ledger, load
 from .conftest import close_checked
 from .csrs import device_key, make_csr
 from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
-from .ledgers import check_table_rules, everything_stored
+from .ledgers import check_table_rules, everything_stored, table_rows
 from .test_keyvault import QUICK
 from .test_ledger import NOW, _ca, _cert
 from .test_ledger_batches import _batch, _items
@@ -504,6 +504,75 @@ def test_listings_through_the_index_pass_over_rows_whose_certificate_was_never_c
         assert [c.serial for c in by_requester.items] == ["A1"]
         ending = CertificateQuery(status="active", expiring_before=NOW + timedelta(days=30))
         assert [c.serial for c in ledger.list_certificates(ending).items] == ["A1"]
+        check_table_rules(ledger)
+    finally:
+        ledger.close()
+
+
+def test_refused_issuances_leave_no_index_rows(azurite):
+    """An issuance writes its index rows before its device's transaction; when the ledger refuses it (another
+    key for a device with a certificate, a key bound elsewhere, a device another factory owns, a serial
+    taken) it deletes them again. Only a crash leaves rows that point at nothing, which every listing by
+    requester and every expiry scan would read forever."""
+    ledger = TableLedger(connect(azurite.connection_string, table_prefix(), retry_seconds=10))
+    try:
+        ledger.add_ca(_ca())
+        kept = _cert("A1", "dev-a", "ka", by="factory-a")
+        assert ledger.record_issued([Issuance(kept, owner="factory-a")]) == [kept]
+        later = NOW + timedelta(days=1)
+        refused = ledger.record_issued(
+            [
+                Issuance(_cert("B1", "dev-a", "kb")),
+                Issuance(_cert("C1", "dev-c", "ka")),
+                Issuance(_cert("D1", "dev-a", "kd", by="factory-b"), supersede=True, owner="factory-b"),
+                Issuance(_cert("A1", "dev-e", "ke", at=later)),
+            ]
+        )
+        assert [r.code for r in refused] == [
+            "device-has-certificate",
+            "key-in-use",
+            "device-owned-by-another-factory",
+            "ledger-conflict",
+        ]
+        rows = {(row["PartitionKey"], row["RowKey"]) for row in table_rows(ledger, INDEX)}
+        assert rows == {(row["PartitionKey"], row["RowKey"]) for _, row in _index_entities(kept)}
+        check_table_rules(ledger)
+    finally:
+        ledger.close()
+
+
+class WrittenThenBusy(RequestsTransport):
+    """The real transport; the first transaction whose body holds `marker` is sent, and Storage writes it, but
+    its answer is replaced by a 503 Server Busy (a front end that timed out after the write), which the SDK's
+    policy retries."""
+
+    def __init__(self, marker: bytes) -> None:
+        super().__init__()
+        self.marker: bytes | None = marker
+
+    def send(self, request, **kwargs):
+        answer = super().send(request, **kwargs)
+        body = request.body if isinstance(request.body, bytes) else b""
+        if self.marker is not None and "$batch" in request.url and self.marker in body:
+            self.marker = None
+            return _busy(request)
+        return answer
+
+
+def test_an_index_transaction_retried_after_it_was_written_finds_its_own_serial_row(azurite):
+    """The serial index row's transaction went through but its answer was a 503, so the SDK sends it again and
+    Storage refuses it (409: the rows exist). The rows, written one at a time, find the serial row the
+    first attempt wrote for this very certificate: it is its own, and the certificate is committed."""
+    transport = WrittenThenBusy(b'"ser-')
+    ledger = TableLedger(
+        connect(azurite.connection_string, table_prefix(), retry_seconds=10, transport=transport, backoff_seconds=0.01)
+    )
+    try:
+        ledger.add_ca(_ca())
+        certificate = _cert("A1", DEVICE, "ka")
+        assert ledger.record_issued([Issuance(certificate)]) == [certificate]
+        assert transport.marker is None, "the serial row's transaction was answered 503"
+        assert ledger.get_certificate("A1") == certificate
         check_table_rules(ledger)
     finally:
         ledger.close()
