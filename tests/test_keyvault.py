@@ -13,6 +13,7 @@ import pytest
 import requests
 from azure.core.exceptions import HttpResponseError
 from azure.keyvault.certificates._shared import http_challenge_cache as certificate_challenges
+from azure.keyvault.keys import KeyType, KeyVaultKey
 from azure.keyvault.keys._shared import http_challenge_cache as keys_challenges
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -673,18 +674,25 @@ def test_only_a_429_slows_the_pacer(vault_ca, monkeypatch, status, rate):
     assert vault.sign_calls == 2 and store._gate.pacer.rate == pytest.approx(rate)
 
 
-def test_a_ca_key_replaced_by_an_rsa_key_is_refused_by_its_type_not_as_a_curve_named_none():
+@pytest.mark.parametrize(
+    "kty, named",
+    [
+        (KeyType.rsa, "an RSA key"),
+        (KeyType.rsa_hsm, "an RSA key"),  # HSM-backed or not, the same kind of key
+        ("RSA-HSM", "an RSA key"),  # a key type the SDK does not know as its enum comes as text
+        (KeyType.oct_hsm, "an oct key"),
+    ],
+)
+def test_a_ca_key_replaced_by_an_rsa_key_is_refused_by_its_type_not_as_a_curve_named_none(kty, named):
     """A key version with no curve at all (an admin's RSA key under the CA key's name) is named by its key
     type: the SDK's crv is None there, and 'is on None' names nothing Key Vault shows."""
-    from azure.keyvault.keys import KeyType, KeyVaultKey
-
-    jwk = {"kty": KeyType.rsa, "n": b"\x01" * 256, "e": b"\x01\x00\x01"}  # as the SDK builds it from an answer
+    jwk = {"kty": kty, "n": b"\x01" * 256, "e": b"\x01\x00\x01"}  # as the SDK builds it from an answer
     key = KeyVaultKey(key_id=f"{VAULT_URL}/keys/rsa-ca/0123", jwk=jwk)
     with pytest.raises(Misconfigured) as refused:
         KeyVaultSigningKey(None, key, VaultGate(QUICK))  # type: ignore[arg-type]
     assert refused.value.code == "key-invalid"
     assert "None" not in refused.value.message
-    assert refused.value.message == "Key Vault key rsa-ca is an RSA key; CA keys are EC, on P-256 or P-384"
+    assert refused.value.message == f"Key Vault key rsa-ca is {named}; CA keys are EC, on P-256 or P-384"
 
 
 def test_a_ca_key_gone_from_the_vault_is_the_services_fault_not_a_404_to_the_device(vault_ca):
