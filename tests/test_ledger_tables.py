@@ -38,7 +38,7 @@ from .fakes.keyvault import VAULT_URL, FakeCredential, FakeKeyVault
 from .ledgers import check_table_rules, everything_stored, table_rows
 from .test_keyvault import QUICK
 from .test_ledger import NOW, _ca, _cert
-from .test_ledger_batches import _batch, _items
+from .test_ledger_batches import _batch, _issued, _items
 
 
 class FaultyTransport(HttpTransport):
@@ -52,10 +52,12 @@ class FaultyTransport(HttpTransport):
         self.fail_from: int | None = None
         self.mode = "unsent"
         self.only: str | None = None  # when set, only the requests whose URL holds it fail
+        self.method: str | None = None  # when set, only the requests of that HTTP method fail
 
     def send(self, request, **kwargs):
         self.count += 1
-        if self.fail_from is None or self.count < self.fail_from or (self.only and self.only not in request.url):
+        spared = (self.only and self.only not in request.url) or (self.method and request.method != self.method)
+        if self.fail_from is None or self.count < self.fail_from or spared:
             return self.inner.send(request, **kwargs)
         if self.mode == "503":
             return _busy(request)
@@ -302,6 +304,9 @@ def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_fail
     (watch,) = ledger.expiry_watch(later)
     claimed = ledger.claim_expiry_stage(watch, "7d", clock.now)
     ca_watch = ledger.ca_expiry_watch()[0]
+    batch = _batch("b1", total=2)
+    ledger.add_batch(batch, _items(batch))
+    results = [_issued(item, f"0{item.index}") for item in _items(batch)]
     steps = [
         ("read the ledger", ledger.ping, None),
         ("list CAs", ledger.ca_expiry_watch, None),
@@ -315,12 +320,17 @@ def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_fail
         ("release an expiry stage", lambda: ledger.release_expiry_stage(claimed, None), None),
         ("retire an expiry index row", lambda: ledger.retire_expiry_watch(claimed), None),
         ("mark a certificate expired", lambda: ledger.mark_expired(claimed, later), "$batch"),
+        ("read a batch chunk", lambda: ledger.chunk_items("b1", 0), "filter"),  # its items, after its row
+        ("read a batch's items", lambda: ledger.batch_items("b1", 0, 10), None),
+        ("update a batch chunk", lambda: ledger.start_chunk("b1", 0, clock.now), "PATCH"),  # after reading it
+        ("record a chunk's results", lambda: ledger.finish_chunk_items("b1", 0, results, clock.now), "$batch"),
     ]
     for step, call, only in steps:
-        transport.fail_from, transport.mode, transport.only = transport.count + 1, "503", only
+        transport.fail_from, transport.mode = transport.count + 1, "503"
+        transport.only, transport.method = (None, only) if only == "PATCH" else (only, None)
         with pytest.raises(BackendUnavailable) as failed:
             call()
-        transport.fail_from, transport.only = None, None
+        transport.fail_from, transport.only, transport.method = None, None, None
         assert failed.value.code == "ledger-unavailable"
         assert f"could not {step} (503 ServerBusy)" in failed.value.message, step
 
