@@ -260,12 +260,22 @@ def test_two_deliveries_recording_one_chunk_at_once_count_each_item_once(ledger)
     assert ledger.get_batch("b1").status == BATCH_DONE
 
 
+def test_a_chunk_with_results_for_some_of_its_items_is_not_finished(ledger):
+    batch = _batch(total=3, chunk_size=3)
+    ledger.add_batch(batch, _items(batch))
+    _, items = ledger.chunk_items("b1", 0)
+    assert ledger.finish_chunk_items("b1", 0, [_issued(items[0], "10")], NOW) == 1
+    state, _ = ledger.chunk_items("b1", 0)
+    assert (state.issued, state.failed, state.finished_at) == (1, 0, None)
+    assert ledger.finish_chunk_items("b1", 0, [_issued(item, f"1{item.index}") for item in items[1:]], NOW) == 2
+    assert ledger.chunk_items("b1", 0)[0].finished_at == NOW
+
+
 def test_a_batch_stored_after_a_cursor_was_given_is_reached_by_following_it(ledger):
     """A large batch takes seconds to store (its chunks first, then its listing rows, then the batch):
-    one that arrived first can finish after a smaller one that arrived later. A client that follows
-    the cursor (a line polling for new batches) must still reach it, as on SQLite, where a batch's
-    place is where it was stored. On Table Storage its listing key starts with its arrival time, so
-    it lands behind a cursor already given and no page ever shows it."""
+    one that arrived first can finish after a smaller one that arrived later. Batches list in the order
+    they were stored, so a listing going on from a cursor given before reaches it (on Table Storage the
+    listing key was once the arrival time, which put such a batch behind the cursor)."""
     for number in (1, 2):
         batch = _batch(f"b{number}", total=1, at=NOW + timedelta(seconds=number))
         ledger.add_batch(batch, _items(batch))
