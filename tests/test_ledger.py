@@ -2,6 +2,7 @@
 the store itself, durably, even against another process."""
 
 import multiprocessing
+import re
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from shared.errors import CaError, Conflict, Forbidden, NotFound
 from shared.ledger.models import ApiKey, CaRecord, CertificateQuery, CertificateRecord, Issuance, Principal
 from shared.ledger.sqlite import SqliteLedger
 from shared.ledger.tables import TableLedger
+from shared.parameters import CURSOR_PATTERN
 from shared.tablestore import connect
 
 from .azurite import table_prefix
@@ -329,6 +331,7 @@ def test_paging_visits_every_match_once(ledger, query):
         if not page.next_cursor:
             break
         cursor = page.next_cursor
+        assert re.fullmatch(CURSOR_PATTERN, cursor), cursor  # a cursor the API takes back (no base64 padding)
     assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen))
 
 
