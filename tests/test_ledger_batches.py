@@ -1,8 +1,9 @@
 """Batch storage in the ledger, on both stores (SQLite, and Table Storage on Azurite): items stored with
 their batch, chunks' results recorded once, counts and timing, listings by requester and paging."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -123,6 +124,29 @@ def test_a_chunks_results_are_recorded_once_and_never_overwritten(ledger):
     assert (again.attempts, again.started_at) == (2, NOW + timedelta(seconds=5))  # the first start stays
     ledger.note_chunk_failure("b1", 0, "Key Vault is unavailable")
     assert ledger.chunk_items("b1", 0)[0].last_error == "Key Vault is unavailable"
+
+
+@pytest.fixture
+def local_zone_not_utc(monkeypatch):
+    """The process's local time zone set to UTC+05:30 for one test (Azure Functions hosts honour
+    WEBSITE_TIME_ZONE, so a host's local zone need not be UTC)."""
+    monkeypatch.setenv("TZ", "IST-5:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_batch_times_are_kept_in_utc_whatever_the_hosts_local_zone(ledger, local_zone_not_utc):
+    assert datetime(2026, 1, 1, tzinfo=UTC).astimezone().utcoffset() == timedelta(hours=5, minutes=30)
+    batch = _batch(total=2)
+    ledger.add_batch(batch, _items(batch))
+    _, (first, second) = ledger.chunk_items("b1", 0)
+    later = datetime(2026, 1, 1, 17, 39, 9, tzinfo=timezone(timedelta(hours=5, minutes=30)))  # 12:09:09 UTC
+    ledger.finish_chunk_items("b1", 0, [_issued(first, "0A"), _failed(second)], later)
+    state, (first, second) = ledger.chunk_items("b1", 0)
+    assert state.finished_at == first.finished_at == second.finished_at == NOW + timedelta(hours=12, minutes=9, seconds=9)
+    assert first.finished_at.utcoffset() == timedelta(0)
 
 
 def test_a_long_chunk_failure_is_kept_to_what_the_store_holds(ledger):

@@ -25,6 +25,7 @@ from shared.pki import (
     whole_seconds,
 )
 from shared.pki.curves import ca_curve, curve_name
+from shared.pki.errors import CsrRejected
 from shared.pki.names import MAX_REGISTRATION_ID
 from shared.pki.validity import MAX_DAYS, Validity, check_ca_validity
 
@@ -236,8 +237,10 @@ def test_ca_name_parts_are_1_to_64_printable_characters(common_name, organizatio
 
 def test_pki_errors_need_a_code_and_a_message_that_are_text():
     for code, message in ((None, "a message"), ("a-code", None), (None, None)):
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match=r"^PkiError needs a code and a message that are text$"):
             PkiError(code, message)
+    with pytest.raises(TypeError, match=r"^CsrRejected needs a code"):  # names the class raised
+        CsrRejected("a-code", b"bytes")
 
 
 def test_registration_ids_up_to_the_limit_are_accepted_and_every_problem_is_listed():

@@ -74,7 +74,7 @@ class TableBatches:
                 "first": members[0].index,
                 "size": len(members),
             }
-            operations = [("create", row), *(("create", _item_entity(partition, chunk, item)) for item in members)]
+            operations = [("create", row), *(("create", _item_entity(partition, item)) for item in members)]
             try:
                 self._table(BATCHES).submit_transaction(operations)
             except TableTransactionError as error:
@@ -309,11 +309,10 @@ def _batch(entity: Any) -> BatchRecord:
     )
 
 
-def _item_entity(partition: str, chunk: int, item: BatchItem) -> dict[str, Any]:
+def _item_entity(partition: str, item: BatchItem) -> dict[str, Any]:
     return {
         "PartitionKey": partition,
         "RowKey": _item_row(item.index),
-        "chunk": chunk,
         "device_id": item.device_id,
         "csr": item.csr,
         "status": item.status,
