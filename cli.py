@@ -999,7 +999,7 @@ def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None]:
         if not files:
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
         return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None
-    read = read_json_lines(_read_input(source).decode("utf-8-sig", errors="replace"))
+    read = read_json_lines(_read_input(source))
     if not any(isinstance(item, dict) for item in read.items):
         raise CaError(
             f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr); "
@@ -1027,7 +1027,7 @@ def _issued_devices(results: Path) -> set[str]:
         return set()
     done = set()
     # bytes that are not UTF-8 (a damaged file) spoil only their own line
-    for document in read_json_lines(results.read_bytes().decode("utf-8", errors="replace")).items:
+    for document in read_json_lines(results.read_bytes()).items:
         if isinstance(document, dict) and document.get("status") == "issued":
             done.add(document.get("deviceId"))
     return done

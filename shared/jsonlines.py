@@ -3,15 +3,18 @@
 Lines end at LF (CRLF too): not str.splitlines, which also breaks at U+2028 and other characters a JSON
 string may hold as they are. A line of nothing but JSON whitespace is blank and holds no item; the others
 are items, in order. Each item keeps its line number as the client's file has it (1-based, blank lines
-counted), so that whatever is said about an item can name its line.
+counted), so that whatever is said about an item can name its line. Each line is decoded as UTF-8 on its
+own (RFC 8259 section 8.1; a byte-order mark before the first line is dropped): bytes that are not UTF-8
+spoil their own line, as a line that is not JSON does, and no other.
 """
 
+import codecs
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_JSON_WHITESPACE = " \t\r"  # and LF, which ends the line
+_JSON_WHITESPACE = b" \t\r"  # and LF, which ends the line
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,11 @@ class NotJson:
 
 
 @dataclass(frozen=True)
+class NotUtf8:
+    """A line that is not UTF-8 text: its item's failure, not the whole body's."""
+
+
+@dataclass(frozen=True)
 class JsonLines:
     """The items of a JSON Lines text (each a JSON value, or NotJson) and the line number of each."""
 
@@ -29,16 +37,15 @@ class JsonLines:
     lines: list[int]
 
 
-def read_json_lines(text: str) -> JsonLines:
-    """The items of `text` (JSON Lines, https://jsonlines.org): each line that is not blank parsed as JSON
-    (NotJson when it is not), with its line number. Never raises."""
-    numbered = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip(_JSON_WHITESPACE)]
+def read_json_lines(data: bytes) -> JsonLines:
+    """The items of `data` (JSON Lines, https://jsonlines.org): each line that is not blank parsed as JSON
+    (NotJson when it is not, NotUtf8 when it is not UTF-8 text), with its line number. Never raises."""
+    numbered = [
+        (number, line)
+        for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1)
+        if line.strip(_JSON_WHITESPACE)
+    ]
     return JsonLines([_value(line) for _, line in numbered], [number for number, _ in numbered])
-
-
-def line_of_byte(data: bytes, offset: int) -> int:
-    """The line number (1-based) of the byte at `offset` in `data`."""
-    return data.count(b"\n", 0, offset) + 1
 
 
 def line_problem(line: int, value: Any, problem: str) -> str:
@@ -46,14 +53,20 @@ def line_problem(line: int, value: Any, problem: str) -> str:
     that is a JSON object; a line that is not JSON, or JSON but not an object, says so instead."""
     if isinstance(value, NotJson):
         return f"line {line} is not JSON: {value.reason}"
+    if isinstance(value, NotUtf8):
+        return f"line {line} is not UTF-8 text"
     if not isinstance(value, Mapping):
         return f'line {line} is JSON but not an object ({_kind(value)}); a line holds one {{"deviceId", "csr"}}'
     return f"line {line}: {problem}"
 
 
-def _value(line: str) -> Any:
+def _value(line: bytes) -> Any:
     try:
-        return json.loads(line.removesuffix("\r"))  # a CRLF's CR is no column of the line
+        text = line.removesuffix(b"\r").decode("utf-8")  # a CRLF's CR is no column of the line
+    except UnicodeDecodeError:
+        return NotUtf8()
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
         return NotJson(f"{error.msg} (column {error.colno})")
     except (ValueError, RecursionError):  # a number too long to read, arrays or objects nested too deeply

@@ -138,7 +138,14 @@ _OVER = json.dumps({"deviceId": "x", "csr": "y"})
             "line 3: csr is missing or not a string (PEM)",
         ),
         ('\n{"csr": "x"}', 202, "invalid-item", 0, "line 2: deviceId is missing or not a string"),
-        (f"{_GOOD}\n\xff\n".encode("latin-1"), 400, "invalid-request", None, "line 2 of the body is not UTF-8 text"),
+        (f"{_GOOD}\n\xff\n".encode("latin-1"), 202, "invalid-item", 1, "line 2 is not UTF-8 text"),
+        (  # a CSR's PEM in Latin-1: only that line
+            f'\n{{"deviceId": "caf\xe9", "csr": "x"}}\r\n{_GOOD}'.encode("latin-1"),
+            202,
+            "invalid-item",
+            0,
+            "line 2 is not UTF-8 text",
+        ),
         (
             "\n\n" + "\n".join([_OVER] * (MAX_BATCH_ITEMS + 1)),
             400,
@@ -158,6 +165,7 @@ _OVER = json.dumps({"deviceId": "x", "csr": "y"})
         "no-csr",
         "no-device-id",
         "not-utf-8",
+        "latin-1-line-then-crlf",
         "too-many",
     ],
 )

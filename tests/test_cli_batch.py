@@ -164,6 +164,22 @@ def test_the_cli_signs_on_a_factorys_behalf_by_its_rules(scene, capsys):
     assert "'ops' is an admin, not a factory" in capsys.readouterr().err
 
 
+def test_a_line_that_is_not_utf8_fails_alone_as_the_api_fails_it(scene, capsys):
+    """Each line is decoded on its own (shared.jsonlines, as POST /api/batches reads a body): a Latin-1
+    device ID fails its item, named by its line, and the lines around it are signed; a BOM is dropped."""
+    service, folder = scene
+    source = folder / "mixed.jsonl"
+    good = [json.dumps(_item(f"mixed-{n}")).encode() for n in range(2)]
+    source.write_bytes(b"\xef\xbb\xbf" + good[0] + b'\n{"deviceId": "caf\xe9", "csr": "x"}\r\n' + good[1] + b"\n")
+    assert cli.main(["sign-batch", str(source), "--json"]) == cli.EXIT_ITEMS_FAILED
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["issued"], summary["failed"]) == (2, 1)
+    results = _results(folder / "mixed.results.jsonl")
+    assert [(r["line"], r["status"]) for r in results] == [(1, "issued"), (2, "failed"), (3, "issued")]
+    assert results[1]["error"] == {"code": "invalid-item", "message": "line 2 is not UTF-8 text"}
+    assert sorted(c.device_id for c in _certificates(service)) == ["mixed-0", "mixed-1"]
+
+
 def test_a_results_file_torn_or_damaged_by_a_killed_run_is_resumed_from(scene, capsys):
     """A run killed mid-line leaves a line without its end, or a disk leaves bytes that are not UTF-8: the
     next run starts its lines on a line of their own and still skips what was issued."""

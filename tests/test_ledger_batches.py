@@ -145,7 +145,8 @@ def test_batch_times_are_kept_in_utc_whatever_the_hosts_local_zone(ledger, local
     later = datetime(2026, 1, 1, 17, 39, 9, tzinfo=timezone(timedelta(hours=5, minutes=30)))  # 12:09:09 UTC
     ledger.finish_chunk_items("b1", 0, [_issued(first, "0A"), _failed(second)], later)
     state, (first, second) = ledger.chunk_items("b1", 0)
-    assert state.finished_at == first.finished_at == second.finished_at == NOW + timedelta(hours=12, minutes=9, seconds=9)
+    in_utc = NOW + timedelta(hours=12, minutes=9, seconds=9)
+    assert state.finished_at == first.finished_at == second.finished_at == in_utc
     assert first.finished_at.utcoffset() == timedelta(0)
 
 

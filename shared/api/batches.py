@@ -6,7 +6,6 @@ submitter or an admin reads a batch: another factory gets the 404 of a batch tha
 """
 
 import asyncio
-import codecs
 import json
 from typing import Annotated, Any
 
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from .. import parameters
 from ..errors import CaError
-from ..jsonlines import JsonLines, line_of_byte, read_json_lines
+from ..jsonlines import JsonLines, read_json_lines
 from ..service.batches import MAX_BATCH_ITEMS
 from ..views import batch_result_view, batch_view
 from . import models
@@ -131,7 +130,7 @@ def get_batch(
 def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None, list[int] | None]:
     """The items of a JSON or JSON Lines body, the body's intermediateId, and for JSON Lines each item's line
     number. A body that is neither, or JSON that is not `{"items": [...]}`, is a 400; a JSON Lines line that
-    is not JSON is that item's failure, and every error about a JSON Lines body names its line."""
+    is not JSON (or not UTF-8) is that item's failure, and every error about a JSON Lines body names its line."""
     if media in JSON_LINES:
         read = _read_json_lines(body)
         return read.items, None, read.lines
@@ -165,13 +164,7 @@ def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None, list[in
 
 def _read_json_lines(body: bytes) -> JsonLines:
     """A JSON Lines body's items (shared.jsonlines, as `sign-batch` reads a file); its errors name a line."""
-    data = body.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = line_of_byte(data, error.start)
-        raise CaError(f"line {line} of the body is not UTF-8 text", "invalid-request") from None
-    read = read_json_lines(text)
+    read = read_json_lines(body)
     if not read.items:
         raise CaError("a batch needs at least one item: every line of the body is blank", "empty-batch")
     if len(read.items) > MAX_BATCH_ITEMS:
