@@ -8,13 +8,14 @@ to every factory. host.json sets the route prefix to "" since the API's routes c
 """
 
 import logging
+import os
+from collections.abc import Mapping
 
 import azure.functions as func
 
 from shared.api import create_app
 from shared.batch_functions import batch_functions
 from shared.composition import build_service
-from shared.config import Settings
 from shared.queues import CONNECTION_SETTING, DPS_REGISTRATIONS, poison_queue
 
 api = create_app()
@@ -52,11 +53,20 @@ EXPIRY_SCHEDULE_SETTING = "EXPIRY_SCAN_SCHEDULE"
 EXPIRY_DAILY = "0 0 6 * * *"  # NCRONTAB (second minute hour day month weekday): every day at 06:00 UTC
 
 
-def expiry_schedule(settings: Settings | None = None) -> str:
-    """%EXPIRY_SCAN_SCHEDULE% when that setting is given (the host reads the expression from it), else
-    daily at 06:00: the host refuses a %SETTING% that is missing, so the default is written out here."""
-    settings = settings or Settings.load()
-    return f"%{EXPIRY_SCHEDULE_SETTING}%" if settings.expiry_scan_schedule else EXPIRY_DAILY
+def expiry_schedule(environ: Mapping[str, str] | None = None) -> str:
+    """%EXPIRY_SCAN_SCHEDULE% when that app setting is given (the host reads the expression from it), else
+    daily at 06:00: the host refuses a %SETTING% that is missing, so the default is written out here.
+
+    Only that one setting is read, from the environment (`environ` stands in for it), and never checked:
+    a wrong setting must not stop this module from being imported, or the host would index none of the
+    app's functions. The service checks every setting when it is built (the API's 500 `misconfigured`,
+    /api/health's 503, the log naming the setting), and the host refuses a schedule it cannot read for
+    the timer alone."""
+    return (
+        f"%{EXPIRY_SCHEDULE_SETTING}%"
+        if (os.environ if environ is None else environ).get(EXPIRY_SCHEDULE_SETTING)
+        else EXPIRY_DAILY
+    )
 
 
 @app.timer_trigger(schedule=expiry_schedule(), arg_name="timer", run_on_startup=False, use_monitor=True)

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 from azure.functions.timer import TimerRequest
+from fastapi.testclient import TestClient
 
 from shared.composition import build_service
 from shared.config import Settings
@@ -72,7 +73,27 @@ def test_the_schedule_comes_from_its_setting_when_given(timer_app, monkeypatch):
     monkeypatch.setenv("EXPIRY_SCAN_SCHEDULE", "0 30 2 * * 1-5")
     module = reload_function_app()
     assert _timer(module).get_trigger().schedule == "%EXPIRY_SCAN_SCHEDULE%"
-    assert module.expiry_schedule(Settings()) == "0 0 6 * * *"
+    assert module.expiry_schedule({}) == module.expiry_schedule({"EXPIRY_SCAN_SCHEDULE": ""}) == "0 0 6 * * *"
+
+
+def test_a_wrong_setting_leaves_the_app_indexed_and_the_api_says_it_is_misconfigured(timer_app, monkeypatch, caplog):
+    """A setting the service refuses (a schedule that is not NCRONTAB, a threshold of 0 days) must not stop
+    function_app from being imported: the host would then index none of its functions and answer every
+    request without a word. The API's health says degraded, and the log names the setting."""
+    monkeypatch.setenv("EXPIRY_SCAN_SCHEDULE", "@daily")
+    module = reload_function_app()
+    assert _timer(module).get_trigger().schedule == "%EXPIRY_SCAN_SCHEDULE%"  # the host reads and refuses it
+    with TestClient(module.api) as client:
+        health = client.get("/api/health")
+        listing = client.get("/api/certificates", headers={"Authorization": "Bearer dca_x.y"})
+    assert health.status_code == 503 and health.json() == {"status": "degraded"}
+    assert listing.status_code == 500 and listing.json()["error"]["code"] == "invalid-setting"
+    assert "@daily" not in listing.text  # the caller learns an error ID; the log has the setting
+    assert "EXPIRY_SCAN_SCHEDULE='@daily' must be an NCRONTAB expression" in caplog.text
+    monkeypatch.setenv("EXPIRY_SCAN_SCHEDULE", "0 0 6 * * *")
+    monkeypatch.setenv("EXPIRY_DEVICE_DAYS", "0")
+    module = reload_function_app()
+    assert _timer(module).get_trigger().schedule == "%EXPIRY_SCAN_SCHEDULE%"
 
 
 def test_a_schedule_that_is_not_ncrontab_is_refused():
