@@ -234,3 +234,20 @@ def test_every_test_file_mutmut_runs_judges_a_module_and_every_judge_is_run():
     selected = {Path(name).stem for name in config["pytest_add_cli_args_test_selection"]}
     judges = {name for names in MUTATION_TESTS.values() for name in names}
     assert selected == judges, (sorted(selected - judges), sorted(judges - selected))
+
+
+def test_a_small_pid_max_is_raised_before_a_run_or_named_when_it_cannot_be(tmp_path):
+    pid_max = tmp_path / "pid_max"
+    pid_max.write_text("32768\n")
+    said = mutation.guard_pid_reuse(pid_max)
+    assert said == "kernel.pid_max raised from 32,768 to 4,194,304 (mutmut's stray timeout signals)"
+    assert pid_max.read_text() == "4194304\n"
+    assert mutation.guard_pid_reuse(pid_max) is None  # large enough: left alone
+    (tmp_path / "folder").mkdir()
+    assert mutation.guard_pid_reuse(tmp_path / "folder") is None  # cannot be read: not Linux, nothing to check
+    # a setting even root cannot write (a read-only sysctl, 65,536): named, with what to do
+    said = mutation.guard_pid_reuse(Path("/proc/sys/kernel/ngroups_max"))
+    assert said == (
+        "warning: kernel.pid_max is 65,536: mutmut's stray timeout signals may reach a reused PID "
+        "(another mutant, counted killed); as root, run `sysctl kernel.pid_max=4194304` first"
+    )

@@ -339,8 +339,37 @@ def row(module: str, counts: Counter) -> str:
     )
 
 
+PID_MAX = Path("/proc/sys/kernel/pid_max")
+SAFE_PID_MAX = 4_194_304  # Linux's largest (PID_MAX_LIMIT on 64-bit)
+
+
+def guard_pid_reuse(pid_max: Path = PID_MAX) -> str | None:
+    """Raise the kernel's `pid_max` to SAFE_PID_MAX when it is lower and can be written (as root); what
+    was done or what to do, or None when nothing was needed. mutmut 3.8.1 never cancels a mutant's timeout
+    (mutmut/workers/timeout.py): when the time is up, SIGXCPU goes to the mutant's PID even if the mutant
+    ended long before, to whatever process has that PID by then; with the default 32,768 PIDs come round
+    within minutes on a busy machine, and a mutant ended so would count as a timeout, so killed."""
+    try:
+        current = int(pid_max.read_text())
+    except (OSError, ValueError):
+        return None  # not Linux, or no /proc: nothing to check
+    if current >= SAFE_PID_MAX:
+        return None
+    try:
+        pid_max.write_text(f"{SAFE_PID_MAX}\n")
+    except OSError:
+        return (
+            f"warning: kernel.pid_max is {current:,}: mutmut's stray timeout signals may reach a reused PID "
+            f"(another mutant, counted killed); as root, run `sysctl kernel.pid_max={SAFE_PID_MAX}` first"
+        )
+    return f"kernel.pid_max raised from {current:,} to {SAFE_PID_MAX:,} (mutmut's stray timeout signals)"
+
+
 def run(children: int, names: list[str]) -> int:
     """`mutmut run` with one Azurite Table service shared by every test session; mutmut's exit status."""
+    said = guard_pid_reuse()
+    if said:
+        print(said, file=sys.stderr)
     sys.path.insert(0, str(REPO))
     from tests.azurite import AZURITE_TABLE, Azurite
 
