@@ -1,6 +1,7 @@
 """tools/mutation.py, which decides what `make mutation` calls killed, justified and open: its rules must not
 excuse a mutant that changes behaviour, nor count a run that did not judge a mutant as a kill."""
 
+import json
 import os
 import re
 import subprocess
@@ -218,6 +219,21 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     assert run.returncode == 1, run.stdout[-2000:]  # `0 < size` -> `1 < size` survives: no test sizes 0 or 1
     assert re.search(r"shared\.limits +\d+ +\d+ +0 +[1-9]\d* +0 ", run.stdout), run.stdout
     assert "OPEN       shared.limits.x_within__mutmut_" in run.stdout
+    # a killed mutant turned into a timeout that came long before its time was up (a stray SIGXCPU meant for
+    # an earlier process with its PID): not judged, and the report says how to judge it again
+    meta_path = tmp_path / "mutants" / "shared" / "limits.py.meta"
+    meta = json.loads(meta_path.read_text())
+    killed = next(name for name, code in sorted(meta["exit_code_by_key"].items()) if code == 1)
+    meta["exit_code_by_key"][killed] = -24
+    meta["durations_by_key"][killed], meta["estimated_durations_by_key"][killed] = 0.5, 0.5  # allowance 22.5 s
+    meta_path.write_text(json.dumps(meta))
+    stray = tool("report")
+    assert stray.returncode == 1 and f"CUT SHORT  {killed}: its timeout came before its time" in stray.stdout
+    assert f"judge them again: python tools/mutation.py run {killed}" in stray.stdout
+    assert re.search(r"shared\.limits +\d+ +\d+ +0 +[1-9]\d* +1 ", stray.stdout), stray.stdout
+    meta["durations_by_key"][killed] = 22.5  # the whole allowance: a timeout, so killed
+    meta_path.write_text(json.dumps(meta))
+    assert "CUT SHORT" not in tool("report").stdout
     misspelt = tool("report", "--module", "shared.limit", "--module", "shared.nosuch")
     assert misspelt.returncode == 2 and "'shared.nosuch'" in misspelt.stdout and "limit'" not in misspelt.stdout
 

@@ -5,10 +5,11 @@ ledger tests' thousands of short pytest sessions share it; see tests/azurite.py)
 report. `python tools/mutation.py report` prints the report of the last run again (from `mutants/`).
 
 The report gives, per module, mutants killed (a test failed; a timeout counts, since the mutant made the
-suite hang), justified, open and not run, and lists each survivor with its change. A survivor is *justified*
-when a file of `tools/mutation-survivors/` holds an entry with the same function and the same changed lines,
-and a reason; entries are matched by the change, not by mutmut's numbering, so they outlive edits
-elsewhere in the function (`occurrence` tells identical lines apart). Exit status: 0 when at least
+suite hang, unless it came before the mutant's time was up: then it was cut short by a stray signal and is
+not judged), justified, open and not run, and lists each survivor with its change. A survivor is
+*justified* when a file of `tools/mutation-survivors/` holds an entry with the same function and the same
+changed lines, and a reason; entries are matched by the change, not by mutmut's numbering, so they outlive
+edits elsewhere in the function (`occurrence` tells identical lines apart). Exit status: 0 when at least
 --floor percent of the mutants are killed, every survivor is justified, no mutant is left not run and every
 configured module has its mutants; 1 otherwise; 2 when there is no run to report on (or none of its mutants
 has been made yet, or --module matches no module), and for a usage error.
@@ -28,6 +29,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 JUSTIFIED = REPO / "tools" / "mutation-survivors"  # one TOML file per module: shared.<module>.toml
@@ -228,10 +230,27 @@ def load_mutants() -> tuple[list[Mutant], list[str]]:
         data.load()
         for name, exit_code in sorted(data.exit_code_by_key.items()):
             status = status_of(exit_code)
-            judged = status in ("killed", "timeout", "not run")  # no change to read for these
+            if status == "timeout" and cut_short(data, name):
+                status = "cut short"
+            judged = status in ("killed", "timeout", "not run", "cut short")  # no change to read for these
             change = () if judged else changed_lines(*function_sources(name, path))
             mutants.append(Mutant(name, module, function_of(name), status, *change))
     return mutants, missing
+
+
+def cut_short(data: Any, name: str) -> bool:
+    """Whether mutant `name`'s timeout came before its allowance was up: mutmut's wall-clock limit is
+    (estimated time of its tests + timeout_constant) x timeout_multiplier (mutmut/workers/isolation.py),
+    and a signal that ends a mutant sooner is a stray one meant for an earlier process with its PID
+    (guard_pid_reuse), so the mutant is not judged."""
+    from mutmut.configuration import config
+
+    duration = data.durations_by_key.get(name)
+    estimate = data.estimated_time_of_tests_by_mutant.get(name)
+    if duration is None or estimate is None:
+        return False
+    allowance = (estimate + config().timeout_constant) * config().timeout_multiplier
+    return duration < 0.9 * allowance
 
 
 def load_justified(folder: Path = JUSTIFIED) -> dict[tuple, str]:
@@ -275,14 +294,16 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
     configured module (`missing` lists those without mutants in mutants/) was mutated."""
     by_module: dict[str, Counter] = defaultdict(Counter)
     open_survivors, justified_survivors, used = [], [], set()
+    cut_short_ones: list[str] = []
     for mutant in mutants:
         counts = by_module[mutant.module]
         counts["mutants"] += 1
         if mutant.status in ("killed", "timeout"):
             counts["killed"] += 1
             counts["timeout"] += mutant.status == "timeout"
-        elif mutant.status == "not run":
+        elif mutant.status in ("not run", "cut short"):
             counts["not run"] += 1
+            cut_short_ones += [mutant.name] if mutant.status == "cut short" else []
         elif mutant.status == "survived" and (mutant.change in justified or rule_for(mutant)):
             counts["justified"] += 1
             justified_survivors.append(mutant)
@@ -305,6 +326,10 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
             print(draft(mutant))
     for module in missing:
         print(f"NOT MUTATED {module}: mutants/ holds none of its mutants (the run stopped while making them: {RESUME})")
+    for name in cut_short_ones:
+        print(f"CUT SHORT  {name}: its timeout came before its time was up (a stray signal), so it is not judged")
+    if cut_short_ones:
+        print(f"judge them again: python tools/mutation.py run {' '.join(cut_short_ones)}")
     if total["timeout"]:
         print(f"{total['timeout']} of the killed mutants made their tests run out of time (counted as killed)")
     stale = [key for key in justified if key not in used and _module_of(key[0]) & set(by_module)]
