@@ -1,18 +1,21 @@
 """python cli.py COMMAND: the device CA from the command line (the seed's `node cli COMMAND`).
 
-Every command takes --json for machine-readable output. A command never shows a traceback: a usage
-error (an unknown option, a missing or malformed value) exits with status 2 and one line on stderr,
-anything else that goes wrong with status 1 and one line. Options are checked, with the rules the HTTP
-API uses (shared/parameters.py), and output paths are checked too, before anything is done.
+Every command takes --json for machine-readable output (after the command, or before it). A command
+never shows a traceback: a usage error (an unknown option, a missing or malformed value) exits with status
+2 and one line on stderr, anything else that goes wrong with status 1 and one line. Options are checked,
+with the rules the HTTP API uses (shared/parameters.py), and output paths are checked too, before anything
+is done.
 """
 
 import argparse
 import base64
+import contextlib
 import getpass
 import json
 import logging
 import os
 import secrets
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +30,8 @@ from shared.bootstrap import LOCAL_FACTORY
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, NotFound, unexpected
-from shared.jsonlines import read_json_lines
-from shared.ledger.models import CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
+from shared.jsonlines import is_batch_object, read_batch_object, read_json_lines
+from shared.ledger.models import CA_ACTIVE, CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, ca_name, check_ca_id, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS, revocation_reason
 from shared.queues import InProcessQueue
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv  # for _fail, which keeps the secrets of API keys given here out of its message
+        args.json = getattr(args, "json", False) or args.json_first
     except UsageError as error:
         return _fail(argparse.Namespace(json="--json" in argv, argv=argv), error.code, str(error), EXIT_USAGE)
     except OutputClosed:  # --help, read by something that stopped reading
@@ -129,12 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(args, "interrupted", "interrupted", EXIT_INTERRUPTED)
     except (CaError, PkiError) as error:
-        return _fail(args, error.code, error.message + _which_ca(error.code))
+        return _fail(args, error.code, _for_this_command(args, error.code, error.message) + _which_ca(error.code))
     except OSError as error:
         return _fail(args, "os-error", _os_error(error))
     except Exception as error:  # the operator gets one line; the error ID finds the details in the log
         return _fail(args, "internal-error", unexpected(error, f"running {args.handler.__name__}").message)
     return 0
+
+
+def _for_this_command(args: argparse.Namespace, code: str, message: str) -> str:
+    """The service's words for an error, in this command's terms: with --factory, the caller the service
+    calls "this caller" is that factory."""
+    factory = getattr(args, "factory", None)
+    if code == "intermediate-not-allowed" and factory is not None:
+        return (
+            message.replace("this caller", f"factory {factory!r}", 1)
+            + " (list-factories shows the intermediates each factory may sign with)"
+        )
+    return message
 
 
 def _which_ca(code: str) -> str:
@@ -253,9 +269,17 @@ def _prepare(args: argparse.Namespace) -> None:
     if args.handler is sign_csr:
         args.csr = _read_input(args.file)
     if args.handler is sign_batch:
-        args.items, args.lines = _read_batch_input(args.source)
+        args.items, args.lines, named = _read_batch_input(args.source)
+        if named is not None and args.intermediate not in (None, named):
+            raise CaError(
+                f"{args.source} names intermediate {named!r} (intermediateId) and --intermediate names "
+                f"{args.intermediate!r}; leave out one of them",
+                "conflicting-parameters",
+            )
+        args.intermediate = args.intermediate or named
         if args.results is None:
-            args.results = args.source.with_name(args.source.name.removesuffix(".jsonl") + ".results.jsonl")
+            stem = args.source.name.removesuffix(".jsonl").removesuffix(".json")
+            args.results = args.source.with_name(stem + ".results.jsonl")
         _check_results_apart(args.source, args.results)
         _check_output_file(args.results)
         if args.pem_dir is not None:
@@ -418,9 +442,11 @@ def disable_intermediate(service: DeviceCA, args: argparse.Namespace) -> tuple[A
 
 
 def _set_enabled(service: DeviceCA, ca_id: str, enabled: bool) -> tuple[Any, str]:
+    already = (service.intermediate(ca_id).status == CA_ACTIVE) == enabled  # asking again changes nothing
     result = service.set_intermediate_enabled(ca_id, enabled)
     verb = "Enabled" if enabled else "Disabled"
-    lines = [f"{verb} intermediate {ca_id}.", *[f"warning: {w}" for w in result.warnings]]
+    headline = f"Intermediate {ca_id} was already {verb.lower()}." if already else f"{verb} intermediate {ca_id}."
+    lines = [headline, *[f"warning: {w}" for w in result.warnings]]
     return ca_view(result.record, result.warnings), "\n".join(lines)
 
 
@@ -661,10 +687,11 @@ def _where_state_lives(service: DeviceCA, home: Path) -> str:
     return f"{keys}; ledger and offline DPS under {home}"
 
 
-def try_it(base: str, factory_key: str, device: str = "my-device-1") -> list[str]:
+def try_it(base: str, device: str = "my-device-1") -> list[str]:
     """The README's "Try it" block: a device key (made once, so that the block can be run again and gets
-    the same certificate back), its CSR, the CA's chain and the signed chain over HTTP, then `openssl verify`."""
-    key = f'-H "Authorization: Bearer {factory_key}"'
+    the same certificate back), its CSR, the CA's chain and the signed chain over HTTP with the factory key
+    in $FACTORY_KEY, then `openssl verify`."""
+    key = '-H "Authorization: Bearer $FACTORY_KEY"'
     pem = '-H "Accept: application/x-pem-file"'
     return [
         f"test -f {device}.key || openssl ecparam -name prime256v1 -genkey -noout -out {device}.key",
@@ -676,13 +703,23 @@ def try_it(base: str, factory_key: str, device: str = "my-device-1") -> list[str
     ]
 
 
+def cli_command() -> str:
+    """This CLI as a command that works as printed from the project folder, whether or not a virtual
+    environment is activated: the interpreter running this process (relative when it is under the project,
+    as `.venv/bin/python` is), then cli.py."""
+    project = Path(os.path.abspath(__file__)).parent
+    python = Path(os.path.abspath(sys.executable or "python"))  # not resolved: a venv's python is a symlink
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(project)
+    return f"{shlex.quote(str(python))} cli.py"
+
+
 def _serve_banner(
     service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path
 ) -> tuple[dict[str, Any], str]:
     base = f"http://{args.host}:{args.port}"
     home = service.settings.pki_home
-    factory_key = setup.factory.secret if setup else "$FACTORY_KEY"
-    example = try_it(base, factory_key)
+    example = ([f"export FACTORY_KEY={setup.factory.secret}"] if setup else []) + try_it(base)
     document: dict[str, Any] = {
         "url": base,
         "openapi": f"{base}/api/openapi.json",
@@ -722,22 +759,37 @@ def _serve_banner(
             "",
             "Try it: a device key and CSR, the CA's chain and the device's over HTTP, then verify (re-runnable):",
         ]
+        if not setup:
+            lines.append(f"First: export FACTORY_KEY=KEY, with {_key_source(service)}.")
         lines += [f"  {command}" for command in example]
     return document, "\n".join(lines)
 
 
+def _advised_factory(service: DeviceCA) -> str | None:
+    """The factory a later start's advice names: bootstrap's, or else the first; None when there is none."""
+    factories = [factory.id for factory in service.principals.factories()]
+    return LOCAL_FACTORY if LOCAL_FACTORY in factories else (factories[0] if factories else None)
+
+
 def _key_advice(service: DeviceCA) -> list[str]:
     """On a later start: API keys were shown only when made, so how to get a new one for the factory there
-    is (bootstrap's, or else the first), or how to make a factory."""
-    factories = [factory.id for factory in service.principals.factories()]
+    is, or how to make a factory."""
+    cli, factory = cli_command(), _advised_factory(service)
     lines = ["Using the existing CA; API keys are shown only when made, so its keys are not shown again."]
-    if factories:
-        factory = LOCAL_FACTORY if LOCAL_FACTORY in factories else factories[0]
-        lines.append(f"A new key for factory {factory}: python cli.py create-api-key {factory}")
+    if factory is not None:
+        lines.append(f"A new key for factory {factory}: {cli} create-api-key {factory}")
     else:
-        lines.append("A factory with its key: python cli.py create-factory NAME --intermediate ID")
-    lines.append("An admin key: python cli.py create-admin-key (list-keys lists the keys; revoke-key revokes one)")
+        lines.append(f"A factory with its key: {cli} create-factory NAME --intermediate ID")
+    lines.append(f"An admin key: {cli} create-admin-key (list-keys lists the keys; revoke-key revokes one)")
     return lines
+
+
+def _key_source(service: DeviceCA) -> str:
+    """Where the key the "Try it" block reads from $FACTORY_KEY comes from, on a start that printed none."""
+    factory, cli = _advised_factory(service), cli_command()
+    if factory is None:
+        return f"the key that {cli} create-factory NAME --intermediate ID prints"
+    return f"a key of factory {factory} (the first start printed one; {cli} create-api-key {factory} makes another)"
 
 
 # -- output helpers ----------------------------------------------------------------------------------
@@ -990,23 +1042,34 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None]:
-    """The items of a JSON Lines file (one {"deviceId", "csr"} a line, read as POST /api/batches reads its
-    body: a line that is not JSON is that item's failure, named by its line) with their line numbers, or of
-    a folder of CSR files named DEVICE_ID.csr or DEVICE_ID.pem (PEM or DER), with None."""
+def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None, str | None]:
+    """The items of SOURCE, each item's line number (None where items are not lines) and the intermediate the
+    file names (None if none): a JSON Lines file (one {"deviceId", "csr"} a line, read as POST /api/batches
+    reads its body: a line that is not JSON is that item's failure, named by its line), a JSON file of the
+    API's JSON form ({"items": [...], "intermediateId"?}: items named by index, as the API names them), or a
+    folder of CSR files named DEVICE_ID.csr or DEVICE_ID.pem (PEM or DER). CaError when it is none of these."""
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in CSR_SUFFIXES and p.is_file())
         if not files:
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
-        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None
-    read = read_json_lines(_read_input(source))
+        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None, None
+    data = _read_input(source)
+    if is_batch_object(data):
+        try:
+            items, intermediate = read_batch_object(data)
+        except CaError as error:  # its words speak of a request body; here it is a file
+            words = error.message
+            words = words.replace("the body", str(source)) if "the body" in words else f"{source}: {words}"
+            raise CaError(words, error.code) from None
+        return items, None, intermediate
+    read = read_json_lines(data)
     if not any(isinstance(item, dict) for item in read.items):
         raise CaError(
-            f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr); "
-            "for CSR files, name a folder of them",
+            f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr), nor a JSON "
+            'object {"items": [...]}; for CSR files, name a folder of them',
             "cannot-read",
         )
-    return read.items, read.lines
+    return read.items, read.lines, None
 
 
 def _csr_text(data: bytes) -> str:
@@ -1050,6 +1113,11 @@ def build_parser() -> argparse.ArgumentParser:
             "check-expiring found certificates inside their thresholds, 4 sign-batch ran but some items failed "
             "(their errors are in the results file), 130 interrupted (Ctrl-C)."
         ),
+    )
+    # before the command too (`python cli.py --json list-keys`); its own dest, since a subcommand's defaults
+    # would overwrite the value parsed here
+    parser.add_argument(
+        "--json", dest="json_first", action="store_true", help="print machine-readable JSON (or after the command)"
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     common = _Parser(add_help=False)
@@ -1188,17 +1256,26 @@ def build_parser() -> argparse.ArgumentParser:
         "sign many device CSRs as batches on this host, with a progress bar; resumes where it stopped",
         "Sign many device CSRs on the CA host, by the rules of sign-csr, through the same batch handler the "
         "queue-triggered function runs (each batch is in the ledger and in GET /api/batches). SOURCE is a JSON "
-        'Lines file, one {"deviceId": ..., "csr": "<PEM>"} a line, or a folder of CSR files (PEM or DER) named '
-        "DEVICE_ID.csr or DEVICE_ID.pem. Each item's result (its device bundle, or its error) is appended to the "
-        "results file as one JSON line as soon as its chunk is done. Run again after an interruption: devices "
+        'Lines file, one {"deviceId": ..., "csr": "<PEM>"} a line; a JSON file of the form POST /api/batches '
+        'takes, {"items": [...], "intermediateId": ...} (the intermediate optional; items named by index); or a '
+        "folder of CSR files (PEM or DER) named DEVICE_ID.csr or DEVICE_ID.pem. A batch does not renew: an item "
+        "for a device with an active certificate for another key fails (renew it alone: sign-csr --renew). "
+        "Each item's result (its device bundle, or its error) is appended to the results file as one JSON line "
+        "as soon as its chunk is done. Run again after an interruption: devices "
         "already issued there are skipped, and one signed but not yet written gets its certificate back (the "
         "same CSR), never a second one; failed items are tried again. Exit status 4 when any item failed.",
     )
-    sub.add_argument("source", type=Path, metavar="SOURCE", help="a JSON Lines file, or a folder of CSR files")
+    sub.add_argument(
+        "source",
+        type=Path,
+        metavar="SOURCE",
+        help="a JSON Lines file, a JSON file of {items}, or a folder of CSR files",
+    )
     sub.add_argument(
         "--results",
         type=Path,
-        help="the results file, appended to (default: SOURCE's name with .results.jsonl, beside it; not SOURCE)",
+        help="the results file, appended to (default: SOURCE's name, less .jsonl or .json, with .results.jsonl, "
+        "beside it; not SOURCE)",
     )
     sub.add_argument(
         "--pem-dir",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .keys.keyvault import KeyVaultOptions
 
 LOCAL_SETTINGS_FILE = "local.settings.json"
+CA_CURVE_NAMES = ("P-256", "P-384")  # shared/pki's CA_CURVES (a test keeps the two the same)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Settings:
             pki_home=Path(text("PKI_HOME", ".pki")),
             key_passphrase=text("PKI_KEY_PASSPHRASE"),
             ca_name=text("CA_NAME", cls.ca_name),
-            ca_curve=text("CA_CURVE", cls.ca_curve).upper(),
+            ca_curve=_ca_curve(values, cls.ca_curve),
             root_days=_positive_int(values, "ROOT_CERT_DAYS", cls.root_days),
             intermediate_days=_positive_int(values, "INTERMEDIATE_CERT_DAYS", cls.intermediate_days),
             device_days=_positive_int(values, "DEVICE_CERT_DAYS", cls.device_days),
@@ -232,6 +233,15 @@ def _choice(values: Mapping[str, str], name: str, allowed: tuple[str, ...], defa
     if raw not in allowed:
         raise Misconfigured(f"setting {name}={raw!r} must be one of: {', '.join(allowed)}", "invalid-setting")
     return raw
+
+
+def _ca_curve(values: Mapping[str, str], default: str) -> str:
+    """CA_CURVE, upper case: P-256 or P-384 (shared/pki's CA curves), checked here so that its error names the
+    setting (a --curve option is checked by the CLI, a "curve" field by the API)."""
+    raw = values.get("CA_CURVE") or default
+    if raw.strip().upper() not in CA_CURVE_NAMES:
+        raise Misconfigured(f"setting CA_CURVE={raw!r} must be one of: {', '.join(CA_CURVE_NAMES)}", "invalid-setting")
+    return raw.strip().upper()
 
 
 def _local_settings(path: Path) -> dict[str, str]:

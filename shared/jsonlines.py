@@ -1,4 +1,5 @@
-"""JSON Lines as POST /api/batches and `python cli.py sign-batch` read it, one implementation for both.
+"""JSON Lines as POST /api/batches and `python cli.py sign-batch` read it, one implementation for both, and
+the JSON form of a batch that both take too (`read_batch_object`).
 
 Lines end at LF (CRLF too): not str.splitlines, which also breaks at U+2028 and other characters a JSON
 string may hold as they are. A line of nothing but JSON whitespace is blank and holds no item; the others
@@ -14,7 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import CaError
+
 _JSON_WHITESPACE = b" \t\r"  # and LF, which ends the line
+TOO_DEEP_OR_LONG = "the body is not JSON this route reads: nested too deeply, or a number too long"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,43 @@ def read_json_lines(data: bytes) -> JsonLines:
         if line.strip(_JSON_WHITESPACE)
     ]
     return JsonLines([_value(line) for _, line in numbered], [number for number, _ in numbered])
+
+
+def read_batch_object(body: bytes) -> tuple[list[Any], str | None]:
+    """The items and `intermediateId` of a batch in its JSON form, `{"items": [...], "intermediateId"?}` (the
+    items are checked one by one later, each failing alone). CaError "invalid-request", in words about "the
+    body", when it is not UTF-8, not JSON, or not such an object."""
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CaError("the body is not UTF-8 text", "invalid-request") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CaError(f"the body is not valid JSON: {error}", "invalid-request") from None
+    except (ValueError, RecursionError):  # a number too long to read, arrays or objects nested too deeply
+        raise CaError(TOO_DEEP_OR_LONG, "invalid-request") from None
+    if not isinstance(document, dict) or not isinstance(document.get("items"), list):
+        raise CaError('the body must be a JSON object {"items": [{"deviceId", "csr"}, ...]}', "invalid-request")
+    unknown = sorted(set(document) - {"items", "intermediateId"})
+    if unknown:
+        raise CaError(
+            f"unknown field(s) in the body: {', '.join(repr(n)[:40] for n in unknown[:3])}", "invalid-request"
+        )
+    intermediate = document.get("intermediateId")
+    if intermediate is not None and not isinstance(intermediate, str):
+        raise CaError("intermediateId must be a string", "invalid-request")
+    return document["items"], intermediate
+
+
+def is_batch_object(data: bytes) -> bool:
+    """Whether `data`'s whole text is one JSON object with an "items" field: a batch in its JSON form (a JSON
+    Lines item is an object without one)."""
+    try:
+        document = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON (JSON Lines of several items), too deep
+        return False
+    return isinstance(document, dict) and "items" in document
 
 
 def line_problem(line: int, value: Any, problem: str) -> str:

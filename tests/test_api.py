@@ -150,7 +150,17 @@ def test_unknown_content_types_are_415(api):
 
 def test_bad_json_and_bad_parameters_are_400(api):
     headers = {**bearer(api.factory_a), "Content-Type": "application/json"}
-    _error(api.client.post("/api/devices/dev-1/certificate", content=b"{not json", headers=headers), 400)
+    not_json = _error(api.client.post("/api/devices/dev-1/certificate", content=b"{not json", headers=headers), 400)
+    assert "PEM" not in not_json["message"]
+    for pem in (
+        make_csr("dev-1"),
+        b"\xef\xbb\xbf\r\n" + make_csr("dev-1"),
+    ):  # a PEM CSR sent as JSON: say how to send it
+        refused = api.client.post("/api/devices/dev-1/certificate", content=pem, headers=headers)
+        assert _error(refused, 400, "invalid-request")["message"] == (
+            "the body is PEM, not JSON: send a PEM CSR as application/pkcs10 (or application/x-pem-file), or JSON "
+            '{"csr": "<PEM>"} as application/json'
+        )
     _error(api.client.post("/api/devices/dev-1/certificate", json={"csr": 5}, headers=headers), 400)
     _error(api.client.post("/api/devices/dev-1/certificate", json={"csr": "x", "evil": 1}, headers=headers), 400)
     _error(api.client.get("/api/certificates?limit=0", headers=bearer(api.admin)), 400, "invalid-request")
@@ -185,7 +195,12 @@ def test_credentials(api):
     assert response.status_code == 201
     for scheme in ("Basic", "Token", "Bearer\t", "bearerx"):  # only the bearer scheme carries a key
         refused = api.client.get("/api/ca/root", headers={"Authorization": f"{scheme} {api.admin}"})
-        _error(refused, 401, "unsupported-credentials")
+        assert "does not carry an API key" in _error(refused, 401, "unsupported-credentials")["message"]
+    for empty in ("Bearer ", "Bearer", "bearer \t "):  # 'Bearer $KEY' with KEY unset
+        refused = api.client.get("/api/ca/root", headers={"Authorization": empty})
+        assert _error(refused, 401, "unsupported-credentials")["message"] == (
+            "the Authorization header is not usable: its Bearer key is empty; send 'Authorization: Bearer <key>'"
+        )
     _error(api.client.get("/api/ca/root", headers=bearer(api.factory_a)), 403, "admin-only")
     _error(api.post_csr("dev-2", make_csr("dev-2"), api.factory_a, intermediateId="factory-b"), 403)
 

@@ -320,3 +320,35 @@ def test_a_csr_that_is_not_printable_ascii_fails_alone_and_the_largest_chunk_is_
         "invalid-item",
         "item 0: " + "csr is not PEM text: it holds characters other than printable ASCII and line breaks",
     )
+
+
+def test_a_batch_items_failures_speak_of_the_item_and_say_how_to_renew_its_device(api):
+    first = api.client.post(
+        "/api/devices/renewed-1/certificate",
+        content=make_csr("renewed-1"),
+        headers={"Content-Type": "application/pkcs10", **bearer(api.factory_a)},
+    )
+    assert first.status_code == 201, first.text
+    serial = first.json()["serialNumber"]
+    key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    items = [
+        {"deviceId": "renewed-1", "csr": make_csr("renewed-1").decode()},  # another key for a certified device
+        {"deviceId": "plain-1", "csr": make_csr("plain-1").decode() + key},
+        {"deviceId": "plain-2", "csr": "hello"},
+    ]
+    batch = _submit(api, api.factory_a, {"items": items}).json()
+    deliver_chunks(api.service)
+    results = api.client.get(f"/api/batches/{batch['id']}", headers=bearer(api.factory_a)).json()["results"]
+    assert [(r["error"]["code"], r["error"]["message"]) for r in results] == [
+        (
+            "device-has-certificate",
+            f"device 'renewed-1' already has an active certificate (serial {serial}) for another key; a batch does "
+            "not renew: renew this device alone with POST /api/devices/renewed-1/certificate?renew=true, or python "
+            "cli.py sign-csr CSR_FILE --device-id renewed-1 --renew",
+        ),
+        (
+            "private-key-in-body",
+            "the item's csr holds a PEM PRIVATE KEY: send only the CSR (a device's key never leaves it)",
+        ),
+        ("not-a-csr", "the item's csr is not a PKCS#10 certificate signing request (PEM, DER or base64)"),
+    ]

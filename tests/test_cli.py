@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
+from shared.config import CA_CURVE_NAMES
 from shared.ledger.sqlite import SqliteLedger
-from shared.pki import PkiError, check_ca_id
+from shared.pki import CA_CURVES, PkiError, check_ca_id
 from shared.pki.revocation import REVOCATION_REASONS
 from shared.service.access import split_api_key
 
@@ -217,6 +218,43 @@ def test_bad_setting_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == [
         "error: setting DEVICE_CERT_DAYS='soon' must be a positive whole number"
+    ]
+
+
+def test_a_ca_curve_setting_that_is_not_accepted_names_the_setting(tmp_path):
+    home = tmp_path / "pki"
+    result = run_cli("create-ca-root", home=home, env={"CA_CURVE": "P-521"})
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == ["error: setting CA_CURVE='P-521' must be one of: P-256, P-384"]
+    assert not home.exists() or not list(home.rglob("*.pem"))
+    assert tuple(CA_CURVES) == CA_CURVE_NAMES  # the setting's names are shared/pki's CA curves
+    assert _json(run_cli("create-ca-root", "--json", home=home, env={"CA_CURVE": " p-384"}))["curve"] == "P-384"
+
+
+def test_json_is_taken_before_the_command_too(tmp_path):
+    home = tmp_path / "pki"
+    assert _json(run_cli("--json", "list-keys", home=home)) == []
+    refused = run_cli("--json", "bind-factory", "plant-1", "--intermediate", "line-1", home=home)
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["error"]["code"] == "principal-not-found"
+    usage = run_cli("--json", "list-keys", "--nope", home=home)
+    assert usage.returncode == 2 and json.loads(usage.stdout)["error"]["code"] == "usage"
+
+
+def test_disabling_or_enabling_an_intermediate_twice_says_it_already_was(tmp_path):
+    home = tmp_path / "pki"
+    assert run_cli("create-ca-root", home=home).returncode == 0
+    assert run_cli("create-ca-intermediate", "--id", "line-1", home=home).returncode == 0
+    said = []
+    for command in ("disable-intermediate", "disable-intermediate", "enable-intermediate", "enable-intermediate"):
+        result = run_cli(command, "line-1", home=home)
+        assert result.returncode == 0, result.stderr
+        said.append(result.stdout.decode().splitlines()[0])
+    assert said == [
+        "Disabled intermediate line-1.",
+        "Intermediate line-1 was already disabled.",
+        "Enabled intermediate line-1.",
+        "Intermediate line-1 was already enabled.",
     ]
 
 

@@ -147,7 +147,10 @@ def test_the_cli_signs_on_a_factorys_behalf_by_its_rules(scene, capsys):
     source = folder / "batch.jsonl"
     source.write_text(_lines([_item("f-2")]))
     assert cli.main(["sign-batch", str(source), "--factory", "line-1", "--intermediate", "factory-b"]) == 1
-    assert "may not sign with intermediate 'factory-b'" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines() == [
+        "error: factory 'line-1' may not sign with intermediate 'factory-b' (list-factories shows the "
+        "intermediates each factory may sign with)"
+    ]
     assert cli.main(["sign-batch", str(source), "--factory", "line-1", "--json"]) == 0
     assert service.ledger.device_owners(["f-2"]) == {"f-2": "line-1"}
 
@@ -233,3 +236,56 @@ def test_the_results_file_cannot_be_the_input_or_a_csr_file_beside_the_inputs(sc
     assert source.read_text() == original
     assert sorted(p.name for p in csrs.iterdir()) == ["csr-0.csr"]
     assert service.batches().items == [] and _certificates(service) == []
+
+
+def test_a_json_file_in_the_apis_json_form_is_signed_with_items_named_by_index(scene, capsys):
+    service, folder = scene
+    service.create_intermediate("factory-b")  # the newest: the default, which the file's intermediateId overrides
+    source = folder / "batch.json"
+    document = {"items": [_item("form-0"), {"deviceId": "form-1"}, _item("form-2")], "intermediateId": "factory-a"}
+    source.write_text(json.dumps(document, indent=2))
+    assert cli.main(["sign-batch", str(source)]) == cli.EXIT_ITEMS_FAILED
+    assert "Signed 2 of 3 item(s): 2 new" in capsys.readouterr().out
+    results = _results(folder / "batch.results.jsonl")
+    assert [(r["item"], r["status"], "line" in r) for r in results] == [
+        (0, "issued", False),
+        (1, "failed", False),
+        (2, "issued", False),
+    ]
+    assert results[1]["error"] == {"code": "invalid-item", "message": "csr is missing or not a string (PEM)"}
+    assert {r["bundle"]["intermediateId"] for r in results if r["status"] == "issued"} == {"factory-a"}
+
+    assert cli.main(["sign-batch", str(source), "--intermediate", "factory-b"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {source} names intermediate 'factory-a' (intermediateId) and --intermediate names 'factory-b'; "
+        "leave out one of them"
+    ]
+    for broken, words in (
+        ({"items": {"deviceId": "x"}}, f'{source} must be a JSON object {{"items": [{{"deviceId", "csr"}}, ...]}}'),
+        ({"items": [], "extra": 1}, f"unknown field(s) in {source}: 'extra'"),
+        ({"items": [], "intermediateId": 7}, f"{source}: intermediateId must be a string"),
+    ):
+        source.write_text(json.dumps(broken))
+        assert cli.main(["sign-batch", str(source)]) == 1
+        assert capsys.readouterr().err.splitlines() == [f"error: {words}"]
+    assert len(_certificates(service)) == 2
+
+
+def test_an_item_for_a_device_with_a_certificate_says_to_renew_it_alone(scene, capsys):
+    service, folder = scene
+    first = service.sign_csr(make_csr("held-1"), "held-1", requested_by="cli:test")
+    source = folder / "renew.jsonl"
+    source.write_text(_lines([_item("held-1"), {"deviceId": "held-2", "csr": "hello"}]))
+    assert cli.main(["sign-batch", str(source)]) == cli.EXIT_ITEMS_FAILED
+    capsys.readouterr()
+    held, other = _results(folder / "renew.results.jsonl")
+    assert held["error"] == {
+        "code": "device-has-certificate",
+        "message": f"device 'held-1' already has an active certificate (serial {first.record.serial}) for another "
+        "key; a batch does not renew: renew this device alone with POST /api/devices/held-1/certificate?renew=true, "
+        "or python cli.py sign-csr CSR_FILE --device-id held-1 --renew",
+    }
+    assert other["error"] == {
+        "code": "not-a-csr",
+        "message": "the item's csr is not a PKCS#10 certificate signing request (PEM, DER or base64)",
+    }

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import cli
 from shared.ledger.sqlite import SqliteLedger
 
 from .certrules import check_ledger
-from .conftest import REPO, run_cli
+from .conftest import REPO
 from .csrs import make_csr
 
 
@@ -234,14 +236,52 @@ def test_workers_each_listen_on_their_own_socket_and_share_the_connections(tmp_p
 
 
 def test_a_later_start_says_how_to_get_a_key_for_the_existing_factory(tmp_path):
-    home = tmp_path / "pki"
-    with _serving(home, tmp_path, _free_port()) as server:
+    home, client, port = tmp_path / "pki", tmp_path / "client", _free_port()
+    client.mkdir()
+    with _serving(home, tmp_path, port) as server:
         assert "factory key:" in _banner(server)
-    with _serving(home, tmp_path, _free_port()) as again:
+    with _serving(home, tmp_path, port) as again:
         banner = _banner(again)
-    assert "Using the existing CA" in banner and "dca_" not in banner
-    assert "A new key for factory local-factory: python cli.py create-api-key local-factory" in banner
-    assert run_cli("create-api-key", "local-factory", home=home).returncode == 0  # the advice works
+        _wait_until_serving(port, again)
+        assert "Using the existing CA" in banner and "dca_" not in banner
+        python = shlex.quote(sys.executable)  # not under the project here: the whole path
+        advice = f"A new key for factory local-factory: {python} cli.py create-api-key local-factory"
+        assert advice in banner.splitlines()
+        assert (
+            f"An admin key: {python} cli.py create-admin-key (list-keys lists the keys; revoke-key revokes one)"
+            in banner
+        )
+        assert (
+            "First: export FACTORY_KEY=KEY, with a key of factory local-factory (the first start printed one; "
+            f"{python} cli.py create-api-key local-factory makes another)."
+        ) in banner.splitlines()
+        commands = _try_it_block(banner)
+        assert not any("export" in command for command in commands)
+
+        # the advice works as printed from the project folder, with no virtual environment activated
+        bare = {"PATH": "/usr/bin:/bin", "PKI_HOME": str(home)}
+        made = subprocess.run(
+            ["bash", "-c", advice.split(": ", 1)[1]], cwd=REPO, env=bare, capture_output=True, text=True
+        )
+        assert made.returncode == 0, made.stderr
+        key = re.search(r"dca_[0-9a-f]{16}_\S{43}", made.stdout).group(0)
+
+        unset = _run(commands, client)  # FACTORY_KEY not set: the 401 says the key is empty
+        assert unset.returncode == 22
+        assert json.loads((client / "device-ca-chain.pem").read_text())["error"] == {
+            "code": "unsupported-credentials",
+            "message": "the Authorization header is not usable: its Bearer key is empty; "
+            "send 'Authorization: Bearer <key>'",
+        }
+        result = _run([f"export FACTORY_KEY={key}", *commands], client)
+        assert result.returncode == 0 and result.stdout.strip().endswith("my-device-1.pem: OK"), result.stderr
+
+
+def test_the_cli_command_printed_is_the_running_interpreter_relative_to_the_project(monkeypatch):
+    monkeypatch.setattr(sys, "executable", str(REPO / ".venv" / "bin" / "python"))
+    assert cli.cli_command() == ".venv/bin/python cli.py"
+    monkeypatch.setattr(sys, "executable", "/opt/my python/bin/python3")
+    assert cli.cli_command() == "'/opt/my python/bin/python3' cli.py"
 
 
 def test_serve_refuses_a_port_in_use_before_setting_anything_up(tmp_path):

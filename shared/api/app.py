@@ -273,6 +273,12 @@ async def _read_csr(request: Request) -> tuple[bytes, models.CsrRequest]:
         try:
             options = models.CsrRequest.model_validate_json(body)
         except ValidationError as error:
+            if body.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"-----BEGIN"):  # PEM, sent as JSON
+                raise CaError(
+                    f"the body is PEM, not JSON: send a PEM CSR as application/pkcs10 (or {PEM_CHAIN}), or JSON "
+                    '{"csr": "<PEM>"} as application/json',
+                    "invalid-request",
+                ) from None
             raise CaError(describe_validation(error.errors()), "invalid-request") from None
         return options.csr.encode(), options
     raise UnsupportedMediaType(

@@ -55,8 +55,10 @@ async def authenticate(request: Request) -> Caller:
     authorization = request.headers.get("authorization")
     presented = _presented_key(authorization, request.headers.get("x-api-key"))
     if not presented and authorization:
+        empty = authorization.strip().lower() == "bearer"  # 'Bearer $KEY' with KEY unset, say
+        problem = "its Bearer key is empty" if empty else "it does not carry an API key"
         raise Unauthorized(
-            "the Authorization header does not carry an API key: send 'Authorization: Bearer <key>'",
+            f"the Authorization header is not usable: {problem}; send 'Authorization: Bearer <key>'",
             "unsupported-credentials",
         )
     if not presented:

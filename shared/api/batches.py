@@ -6,7 +6,6 @@ submitter or an admin reads a batch: another factory gets the 404 of a batch tha
 """
 
 import asyncio
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from .. import parameters
 from ..errors import CaError
-from ..jsonlines import JsonLines, read_json_lines
+from ..jsonlines import JsonLines, read_batch_object, read_json_lines
 from ..service.batches import MAX_BATCH_ITEMS
 from ..views import batch_result_view, batch_view
 from . import models
@@ -26,7 +25,6 @@ from .errors import UnsupportedMediaType
 BATCH_BODY_LIMIT = 10 * 1024 * 1024
 JSON_LINES = ("application/jsonl", "application/x-ndjson", "application/jsonlines", "application/x-jsonlines")
 BATCHES_PATH = "/api/batches"
-TOO_DEEP_OR_LONG = "the body is not JSON this route reads: nested too deeply, or a number too long"
 
 batches = APIRouter(route_class=AuthenticatedRoute, redirect_slashes=False)
 
@@ -139,27 +137,8 @@ def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None, list[in
             f"send the batch as application/json or JSON Lines ({', '.join(JSON_LINES)}), "
             f"not {media or 'a body without Content-Type'}"
         )
-    try:
-        text = body.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise CaError("the body is not UTF-8 text", "invalid-request") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CaError(f"the body is not valid JSON: {error}", "invalid-request") from None
-    except (ValueError, RecursionError):  # a number too long to read, arrays or objects nested too deeply
-        raise CaError(TOO_DEEP_OR_LONG, "invalid-request") from None
-    if not isinstance(document, dict) or not isinstance(document.get("items"), list):
-        raise CaError('the body must be a JSON object {"items": [{"deviceId", "csr"}, ...]}', "invalid-request")
-    unknown = sorted(set(document) - {"items", "intermediateId"})
-    if unknown:
-        raise CaError(
-            f"unknown field(s) in the body: {', '.join(repr(n)[:40] for n in unknown[:3])}", "invalid-request"
-        )
-    intermediate = document.get("intermediateId")
-    if intermediate is not None and not isinstance(intermediate, str):
-        raise CaError("intermediateId must be a string", "invalid-request")
-    return document["items"], intermediate, None
+    items, intermediate = read_batch_object(body)
+    return items, intermediate, None
 
 
 def _read_json_lines(body: bytes) -> JsonLines:

@@ -439,7 +439,23 @@ def _finished(item: BatchItem, result: IssuedCertificate | CaError) -> BatchItem
             created=result.created,
             warnings=result.warnings,
         )
-    return _failed_item(item, result.code, result.message)
+    return _failed_item(item, result.code, _item_words(item, result))
+
+
+def _item_words(item: BatchItem, error: CaError) -> str:
+    """An item's failure in words true of a batch item: the CSR parser's "the body ..." is the item's csr
+    (shared/pki speaks of a request body), and a device that already has a certificate is renewed alone,
+    since a batch does not renew (shared/ledger's words name renew=true and --renew, which batches lack)."""
+    message = error.message
+    if message.startswith("the body "):
+        message = "the item's csr " + message.removeprefix("the body ")
+    if error.code == "device-has-certificate":
+        message = (
+            message.split("; ask for renewal", 1)[0] + "; a batch does not renew: renew this device alone with "
+            f"POST /api/devices/{item.device_id}/certificate?renew=true, or python cli.py sign-csr CSR_FILE "
+            f"--device-id {item.device_id} --renew"
+        )
+    return message
 
 
 def _finished_with(item: BatchItem, record: CertificateRecord) -> BatchItem:
