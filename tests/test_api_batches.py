@@ -194,6 +194,40 @@ def test_a_json_body_keeps_naming_items_by_index(api):
     ]
 
 
+@pytest.mark.parametrize("media", ["application/json", "application/jsonl"])
+def test_a_device_id_with_a_lone_surrogate_fails_its_item_alone(api, media):
+    """JSON's escapes can spell a lone surrogate ("\\ud800"), which is no Unicode text: no store and no JSON
+    answer can hold it as UTF-8. The item fails, the others are signed, and the results stay readable."""
+    items = [{"deviceId": "\ud800", "csr": json.loads(_GOOD)["csr"]}, *_items("beside-surrogate", 1)]
+    body = json.dumps({"items": items}) if media == "application/json" else "\n".join(json.dumps(i) for i in items)
+    response = _submit(api, api.factory_a, body.encode(), media)
+    assert response.status_code == 202, response.text
+    deliver_chunks(api.service)
+    batch = api.client.get(f"/api/batches/{response.json()['id']}", headers=bearer(api.factory_a))
+    assert batch.status_code == 200, batch.text
+    failed, issued = batch.json()["results"]
+    assert (failed["deviceId"], failed["status"], issued["deviceId"], issued["status"]) == (
+        "",
+        "failed",
+        "beside-surrogate-0",
+        "issued",
+    )
+    which = "item 0" if media == "application/json" else "line 1"
+    assert failed["error"] == {
+        "code": "invalid-item",
+        "message": f"{which}: deviceId is not Unicode text: it holds a lone surrogate (such as \\ud800), "
+        "which UTF-8 cannot encode",
+    }
+
+
+@pytest.mark.parametrize("intermediate", ["\udc00", "", "Factory A"])
+def test_an_intermediate_id_that_is_no_ca_id_is_refused(api, intermediate):
+    body = {"items": _items("no-such-ca", 1), "intermediateId": intermediate}
+    response = _submit(api, api.factory_a, body)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid-ca-id", response.text
+    assert api.service.batches().items == []  # nothing stored
+
+
 @pytest.mark.parametrize(
     ("body", "media", "status", "code"),
     [

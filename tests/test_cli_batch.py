@@ -2,6 +2,7 @@
 run after an interruption that signs only what is left, never twice."""
 
 import json
+import os
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -111,6 +112,17 @@ def test_a_folder_of_csr_files_named_by_device_id(scene, capsys):
     assert cli.main(["sign-batch", str(csrs), "--results", str(results_file)]) == 0
     assert "Signed 2 of 2 item(s)" in capsys.readouterr().out
     assert sorted(r["deviceId"] for r in _results(results_file) if r["status"] == "issued") == ["dir-der", "dir-pem"]
+    # a file name that is not UTF-8 (Python hands it over with a lone surrogate): that item fails alone
+    (csrs / os.fsdecode(b"dir-\xff.csr")).write_bytes(make_csr("dir-odd"))
+    (csrs / "dir-new.csr").write_bytes(make_csr("dir-new"))
+    results_file.unlink()
+    assert cli.main(["sign-batch", str(csrs), "--results", str(results_file)]) == cli.EXIT_ITEMS_FAILED
+    assert (
+        "Signed 3 of 4 item(s): 1 new, 2 given back from the ledger (the same CSR); 1 failed."
+        in capsys.readouterr().out
+    )
+    by_status = {(r["deviceId"], r["status"]) for r in _results(results_file)}
+    assert {("", "failed"), ("dir-new", "issued")} <= by_status
 
 
 def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):

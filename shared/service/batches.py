@@ -44,6 +44,7 @@ from ..ledger.models import (
 )
 from ..pki import PkiError, whole_seconds
 from ..pki.csr import check_device_csr
+from ..pki.names import check_ca_id
 from ..queues import MessageQueue
 from .common import IssuedCertificate, SignRequest
 
@@ -128,9 +129,10 @@ class BatchUseCases:
     ) -> BatchSummary:
         """Store a batch of `{"deviceId", "csr"}` items (1 to MAX_BATCH_ITEMS) and queue its chunks.
 
-        The intermediate is chosen now, by the rules of one CSR (Forbidden, NotFound, Conflict as there); an
-        item that is not an object with a device ID and a CSR (PEM text: printable ASCII, at most MAX_ITEM_CSR
-        characters) is that item's failure ("invalid-item"). Every item is in the ledger before this returns.
+        The intermediate is chosen now, by the rules of one CSR (Forbidden, NotFound, Conflict as there;
+        PkiError "invalid-ca-id" when `intermediate_id` is no CA ID); an item that is not an object with a
+        device ID (Unicode text) and a CSR (PEM text: printable ASCII, at most MAX_ITEM_CSR characters) is
+        that item's failure ("invalid-item"). Every item is in the ledger before this returns.
         `lines`, for items read from JSON Lines (shared.jsonlines), is each item's line number: an item's
         failure then names its line ("line 3 is not JSON: ...") where it would name its index ("item 2: ...").
         With `enqueue` False the chunks are not queued (the CLI signs them itself with `sign_batch_chunk`).
@@ -141,6 +143,8 @@ class BatchUseCases:
         if len(items) > MAX_BATCH_ITEMS:
             raise CaError(f"a batch holds at most {MAX_BATCH_ITEMS} items, not {len(items)}", "too-many-items")
         allowed = tuple(allowed_intermediates) if allowed_intermediates is not None else None
+        if intermediate_id is not None:
+            check_ca_id(intermediate_id)  # a body's intermediateId: "" or "\\udc00" is no CA's
         intermediate = self._signing_intermediate(intermediate_id, allowed)
         now = whole_seconds(self._now())
         batch = BatchRecord(
@@ -404,6 +408,10 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
             problem = "deviceId is missing or not a string"
         elif len(device_id) > MAX_ITEM_DEVICE_ID:
             problem = f"deviceId is longer than {MAX_ITEM_DEVICE_ID} characters"
+        elif not _unicode_text(device_id):
+            problem = (
+                "deviceId is not Unicode text: it holds a lone surrogate (such as \\ud800), which UTF-8 cannot encode"
+            )
         elif not isinstance(csr, str) or not csr.strip():
             problem = "csr is missing or not a string (PEM)"
         elif len(csr) > MAX_ITEM_CSR:
@@ -412,7 +420,8 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
             problem = "csr is not PEM text: it holds characters other than printable ASCII and line breaks"
         elif unknown:
             problem = f"unknown field(s): {', '.join(repr(name)[:40] for name in unknown[:3])}"
-    shown_id = device_id if isinstance(device_id, str) and len(device_id) <= MAX_ITEM_DEVICE_ID else ""
+    shown = isinstance(device_id, str) and len(device_id) <= MAX_ITEM_DEVICE_ID and _unicode_text(device_id)
+    shown_id = device_id if shown else ""
     if problem is None:
         return BatchItem(batch.id, index, shown_id, csr)
     return BatchItem(
@@ -425,6 +434,16 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
         error_message=f"item {index}: {problem}" if line is None else line_problem(line, raw, problem),
         finished_at=batch.created_at,
     )
+
+
+def _unicode_text(text: str) -> bool:
+    """Whether `text` is Unicode text (RFC 8259 §8.2): JSON's \\uD800-style escapes can give a lone surrogate,
+    which no store nor JSON answer can hold as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _finished(item: BatchItem, result: IssuedCertificate | CaError) -> BatchItem:
