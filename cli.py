@@ -29,7 +29,7 @@ from shared import parameters
 from shared.bootstrap import LOCAL_FACTORY
 from shared.composition import build_service
 from shared.dps import device_registration
-from shared.errors import CaError, NotFound, unexpected
+from shared.errors import CaError, NotFound, shown_to_callers, unexpected
 from shared.jsonlines import is_batch_object, read_batch_object, read_json_lines
 from shared.ledger.models import CA_ACTIVE, CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, ca_name, check_ca_id, check_device_id, check_verification_code
@@ -108,10 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
-        args.argv = argv  # for _fail, which keeps the secrets of API keys given here out of its message
         args.json = getattr(args, "json", False) or args.json_first
     except UsageError as error:
-        return _fail(argparse.Namespace(json="--json" in argv, argv=argv), error.code, str(error), EXIT_USAGE)
+        return _fail(argparse.Namespace(json="--json" in argv), error.code, str(error), EXIT_USAGE)
     except OutputClosed:  # --help, read by something that stopped reading
         return EXIT_ERROR
     if not getattr(args, "handler", None):
@@ -202,7 +201,7 @@ def _log_to_stderr(tracebacks: bool) -> None:
 
 
 def _fail(args: argparse.Namespace, code: str, message: str, status: int = EXIT_ERROR) -> int:
-    one_line = _without_secrets(" ".join(str(message).split()), getattr(args, "argv", ()))
+    one_line = shown_to_callers(" ".join(str(message).split()))
     if code == "internal-error" and not os.environ.get("PKI_DEBUG"):
         one_line += " (PKI_DEBUG=1 shows the details)"
     try:
@@ -212,17 +211,6 @@ def _fail(args: argparse.Namespace, code: str, message: str, status: int = EXIT_
         pass
     print(f"error: {one_line}", file=sys.stderr)
     return status
-
-
-def _without_secrets(message: str, argv: list[str]) -> str:
-    """`message` with the secret of every whole API key on the command line (an argument, or an option's
-    `=VALUE`) replaced by "<secret>": an error line ends up in terminals and logs, where a key must not."""
-    for argument in argv:
-        for part in (argument, argument.partition("=")[2]):
-            key = split_api_key(part)
-            if key:
-                message = message.replace(key[1], "<secret>")
-    return message
 
 
 def _emit(text: str) -> None:

@@ -101,3 +101,19 @@ def for_callers(error: CaError, context: str) -> CaError:
     public.args = (public.message,)
     public.error_id = error_id
     return public
+
+
+MAX_SHOWN_MESSAGE = 1_000  # characters of an error message a caller is shown
+
+
+def shown_to_callers(message: str) -> str:
+    """`message` as an HTTP answer or a CLI error line may show it: the secret of any API key in it (a key
+    pasted where a serial, a device ID or a key ID belonged) replaced by "<secret>", since answers and
+    error lines end up in logs and terminals; and at most MAX_SHOWN_MESSAGE characters, so that a
+    30,000-character device ID sent back in its refusal cannot make the answer 30 KB."""
+    from .service.access import hide_api_key_secrets  # the key format's one owner (imported late: no cycle)
+
+    message = hide_api_key_secrets(message)
+    if len(message) > MAX_SHOWN_MESSAGE:
+        message = message[: MAX_SHOWN_MESSAGE - 1] + "…"
+    return message

@@ -290,6 +290,24 @@ def test_factories_and_keys(api):
     _error(api.post_csr("dev-acme-2", make_csr("dev-acme-2"), key), 401, "revoked-api-key")
 
 
+def test_an_api_key_pasted_where_an_id_belongs_is_never_repeated_with_its_secret(api):
+    """A whole key sent as a key ID, a serial or a device ID: the refusal names the key by its ID only
+    ("dca_<id>_<secret>"), since answers end up in logs; and a refusal repeats at most 1,000 characters
+    of what it names, however long that was."""
+    admin = bearer(api.admin)
+    key_id, secret = api.admin.split("_")[1], api.admin.split("_", 2)[2]
+    for path in (f"/api/keys/{api.admin}/revoke", f"/api/certificates/{api.factory_a}/revoke"):
+        response = api.client.post(path, headers=admin)
+        assert response.status_code in (400, 404) and secret not in response.text, response.text
+    answer = api.client.post(f"/api/keys/{api.admin}/revoke", headers=admin).json()["error"]["message"]
+    assert f"dca_{key_id}_<secret>" in answer
+    device = api.post_csr(api.factory_a, make_csr("pasted"), api.factory_a)
+    assert device.status_code == 400 and api.factory_a.split("_", 2)[2] not in device.text
+    long_id = "d" * 30_000
+    refused = api.post_csr(long_id, make_csr("long"), api.factory_a).json()["error"]["message"]
+    assert len(refused) == 1_000 and refused.endswith("…") and refused.startswith("device ID")
+
+
 def test_a_factory_rebound_to_a_new_intermediate_keeps_its_key(api):
     admin = bearer(api.admin)
     api.client.post("/api/ca/intermediates", json={"id": "line-2"}, headers=admin)

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BackendUnavailable, CaError, for_callers, unexpected
+from ..errors import BackendUnavailable, CaError, for_callers, shown_to_callers, unexpected
 from ..pki import PkiError
 
 log = logging.getLogger("device_ca.api")
@@ -34,7 +34,9 @@ class UnsupportedMediaType(CaError):
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    """Every error answer of the API, its message as callers may be shown it (`shown_to_callers`)."""
+    body = {"error": {"code": code, "message": shown_to_callers(message)}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def ca_error_response(request: Request, error: CaError) -> JSONResponse:

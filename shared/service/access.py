@@ -59,6 +59,12 @@ def split_api_key(presented: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+def hide_api_key_secrets(text: str) -> str:
+    """`text` with the secret of every API key in it replaced by "<secret>" (its key ID kept, which names
+    the key without granting anything): for error messages, which end up in logs and terminals."""
+    return _KEY.sub(lambda match: f"{KEY_PREFIX}_{match.group(1)}_<secret>", text)
+
+
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
