@@ -4,6 +4,8 @@ CLI's rules, Accept headers it cannot answer; and an OpenAPI document that says 
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cli
 from shared import parameters
@@ -264,6 +266,23 @@ def test_a_json_route_refuses_a_pem_only_accept(api):
 )
 def test_negotiation(accept, chosen):
     assert negotiate(accept, ("application/json", PEM_CHAIN, X_PEM)) == chosen
+
+
+@given(
+    st.lists(
+        st.sampled_from(["application/json", PEM_CHAIN, X_PEM, "*/*", "application/*", "text/html", "*", "x", ""])
+        | st.text(max_size=20),
+        max_size=5,
+    ),
+    st.lists(st.sampled_from(["", ";q=0", ";q=0.5", ";q=1", ";q=1.5", ";q=", ";level=1", "; Q=0.2"]), max_size=5),
+)
+def test_any_accept_header_chooses_an_offered_type_or_none(ranges, parameters_):
+    accept = ", ".join(media + (parameters_[i] if i < len(parameters_) else "") for i, media in enumerate(ranges))
+    offered = ("application/json", PEM_CHAIN, X_PEM)
+    chosen = negotiate(accept, offered)
+    assert chosen is None or chosen in offered
+    if not accept.strip():
+        assert chosen == "application/json"
 
 
 # -- the OpenAPI document ------------------------------------------------------------------------------
