@@ -1496,7 +1496,7 @@ def _key_id(text: str) -> str:
 
 
 # the rule of CA IDs, which principal names follow too (shared/pki/names.py check_ca_id)
-CA_ID_RULE = "1-48 lowercase letters, digits and '-', starting and ending with a letter or digit"
+CA_ID_RULE = parameters.CA_ID_RULE
 CA_ID = _checked(check_ca_id)
 PRINCIPAL = _checked(check_principal_name)
 DEVICE_ID = _checked(check_device_id)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import CaError
 from .ledger.models import CERT_STATUSES
+from .pki import PkiError, check_ca_id, check_device_id
 from .pki.validity import MAX_DAYS
 
 MAX_PAGE = 1000
@@ -19,17 +20,22 @@ DEFAULT_PAGE = 100
 # a ledger's own continuation token: digits on SQLite, base64url of Table Storage's on Tables
 _CURSOR = re.compile(r"[A-Za-z0-9_-]{1,1024}")
 CURSOR_PATTERN = "^[A-Za-z0-9_-]{1,1024}$"
+# shared/pki/names.py's rules in words, for help texts and the OpenAPI document (the checks are its own)
+DEVICE_ID_RULE = "a DPS registration ID: lowercase a-z, 0-9 and - . _ :, not starting or ending with - . _ :"
+CA_ID_RULE = "1-48 lowercase letters, digits and '-', starting and ending with a letter or digit"
+MAX_CA_ID = 48
 
 
 class InvalidParameter(CaError):
     """A parameter's value breaks its rule: HTTP 400, and on the command line a usage error (status 2).
-    `problem` is the message without the parameter's name, for callers that name it their own way."""
+    `problem` is the message without the parameter's name, for callers that name it their own way; `code`
+    (default invalid-request) is the rule's own where it has one (invalid-device-id, invalid-ca-id)."""
 
     status = 400
     code = "invalid-request"
 
-    def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"{name} {problem}")
+    def __init__(self, name: str, problem: str, code: str | None = None) -> None:
+        super().__init__(f"{name} {problem}", code)
         self.problem = problem
 
 
@@ -63,6 +69,28 @@ def status(value: Any, name: str = "status") -> str:
     if value not in CERT_STATUSES:
         raise InvalidParameter(name, f"must be one of {', '.join(CERT_STATUSES)}, not {_shown(value)}")
     return value
+
+
+def device_id(value: Any, name: str = "deviceId") -> str:
+    """A device ID (= DPS registration ID = the certificate's CN), by the rule the CLI's --device-id and the
+    signing routes check (shared/pki/names.py check_device_id), in its words and with its code
+    (invalid-device-id): "device ID 'BAD ID' is not a valid DPS registration ID: it contains spaces ..."."""
+    return _named(check_device_id, value, name)
+
+
+def ca_id(value: Any, name: str = "intermediateId") -> str:
+    """An intermediate's (CA's) ID, by the rule the CLI's --intermediate checks (shared/pki/names.py
+    check_ca_id), in its words and with its code (invalid-ca-id)."""
+    return _named(check_ca_id, value, name)
+
+
+def _named(check: Any, value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidParameter(name, f"must be a string, not {_shown(value)}")
+    try:
+        return check(value)
+    except PkiError as error:
+        raise InvalidParameter(name, error.message, error.code) from None
 
 
 def _number(value: Any, name: str, kind: type) -> Any:

@@ -32,7 +32,6 @@ from . import docs, models
 from .auth import (
     AdminCaller,
     AnyCaller,
-    AuthenticatedRoute,
     Service,
     any_caller,
     document_security,
@@ -40,13 +39,14 @@ from .auth import (
     service_of,
 )
 from .batches import BATCH_BODY_LIMIT, BATCHES_PATH, batches
-from .errors import UnsupportedMediaType, describe_validation, install_error_handlers
+from .errors import UnsupportedMediaType, describe_validation, document_errors, install_error_handlers
 from .limits import BodyLimit
+from .routes import PEM_TYPES, ApiRoute, answer_type
 
 CSR_BODY_LIMIT = 8 * 1024  # a CSR is a few hundred bytes; a P-384 one in JSON stays under 2 KiB
 JSON_BODY_LIMIT = 64 * 1024
 CSR_MEDIA_TYPES = ("application/pkcs10", "application/x-pem-file", "text/plain", "application/octet-stream")
-PEM_CHAIN = "application/x-pem-file"
+_PEM_CONTENT = {media: {"schema": {"type": "string", "description": "PEM certificates"}} for media in PEM_TYPES}
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": models.ErrorResponse, "description": description}
@@ -56,6 +56,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         403: "the caller's role or intermediates do not allow this",
         404: "no such thing",
         405: "the route does not take this method",
+        406: "the Accept header allows none of the media types the route answers in (the message names them)",
         409: "conflicts with what the ledger holds",
         413: "body too large",
         415: "unsupported Content-Type",
@@ -83,6 +84,7 @@ def create_app(service: DeviceCA | None = None, settings: Settings | None = None
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit_for=body_limit)
     document_security(app)
+    document_errors(app)
     app.include_router(devices)
     app.include_router(router)
     app.include_router(batches)
@@ -139,9 +141,10 @@ async def json_only(request: Request) -> None:
         raise UnsupportedMediaType(f"this route takes application/json, not {media or 'a body without Content-Type'}")
 
 
-# Every route authenticates its caller before the body is read (AuthenticatedRoute), and none redirects.
-router = APIRouter(dependencies=[Depends(json_only)], route_class=AuthenticatedRoute, redirect_slashes=False)
-devices = APIRouter(route_class=AuthenticatedRoute, redirect_slashes=False)  # takes PEM, DER and JSON bodies
+# Every route authenticates its caller before the body is read, then refuses query parameters and Accept
+# headers it does not declare (ApiRoute); none redirects.
+router = APIRouter(dependencies=[Depends(json_only)], route_class=ApiRoute, redirect_slashes=False)
+devices = APIRouter(route_class=ApiRoute, redirect_slashes=False)  # takes PEM, DER and JSON bodies
 
 
 # -- health ------------------------------------------------------------------------------------------
@@ -217,12 +220,17 @@ _DEVICE_ROUTE_PARAMETERS = [
     summary="sign a device CSR (factory or admin)",
     description=(
         "The CSR's CN must equal the device ID. 201 with the device bundle; the same CSR (same device, same "
-        "key) again: 200 and the same certificate. Send `Accept: application/x-pem-file` to get the chain "
-        "(device, intermediate) as PEM instead of JSON. A factory signs with its own intermediates only."
+        "key) again: 200 and the same certificate. Send `Accept: application/pem-certificate-chain` (RFC 8555) "
+        "or `application/x-pem-file` to get the chain (device, intermediate) as PEM instead of JSON. A factory "
+        "signs with its own intermediates only."
     ),
     responses={
-        200: {"model": models.DeviceBundle, "description": "already issued for this device and key"},
-        201: {"model": models.DeviceBundle, "description": "issued and recorded"},
+        200: {
+            "model": models.DeviceBundle,
+            "description": "already issued for this device and key",
+            "content": _PEM_CONTENT,
+        },
+        201: {"model": models.DeviceBundle, "description": "issued and recorded", "content": _PEM_CONTENT},
     },
     openapi_extra={
         "parameters": _DEVICE_ROUTE_PARAMETERS,
@@ -237,7 +245,8 @@ _DEVICE_ROUTE_PARAMETERS = [
 )
 async def sign_device_certificate(request: Request) -> Response:
     # The hot route reads its parameters itself: FastAPI's per-parameter solving costs more than the rest
-    # of the request's HTTP handling. The OpenAPI document describes them (openapi_extra above).
+    # of the request's HTTP handling. The OpenAPI document describes them (openapi_extra above), and
+    # ApiRoute refuses any other.
     caller = await any_caller(request)  # before the body is read
     device_id = request.path_params["deviceId"]
     renew, intermediate_id = _query_flag(request, "renew"), request.query_params.get("intermediateId")
@@ -289,17 +298,32 @@ async def _read_csr(request: Request) -> tuple[bytes, models.CsrRequest]:
 def _bundle_response(issued: IssuedCertificate, request: Request) -> Response:
     status = 201 if issued.created else 200
     headers = {"Location": f"/api/certificates/{issued.record.serial}"}
-    if PEM_CHAIN in request.headers.get("accept", ""):
-        return Response(issued.chain_pem, status_code=status, media_type=PEM_CHAIN, headers=headers)
+    media = answer_type(request)
+    if media in PEM_TYPES:
+        return Response(issued.chain_pem, status_code=status, media_type=media, headers=headers)
     return JSONResponse(issued.bundle(), status_code=status, headers=headers)
 
 
 # -- the CA root -------------------------------------------------------------------------------------
 
 
-@router.get("/api/ca/root", response_model=models.CaCertificate, tags=["ca"], summary="show the root (admin)")
-def get_root(caller: AdminCaller, service: Service) -> dict[str, Any]:
-    return ca_view(service.root())
+@router.get(
+    "/api/ca/root",
+    response_model=models.CaCertificate,
+    tags=["ca"],
+    summary="show the root (admin)",
+    description=(
+        "The root as JSON; with `Accept: application/x-pem-file` or `application/pem-certificate-chain`, its "
+        "certificate as PEM (what `show-ca-root` prints)."
+    ),
+    responses={200: {"content": _PEM_CONTENT}},
+)
+def get_root(caller: AdminCaller, service: Service, request: Request) -> Any:
+    record = service.root()
+    media = answer_type(request)
+    if media in PEM_TYPES:
+        return Response(record.certificate_pem, media_type=media)
+    return ca_view(record)
 
 
 @router.get(
@@ -310,14 +334,16 @@ def get_root(caller: AdminCaller, service: Service) -> dict[str, Any]:
     description=(
         "The public certificates a factory line verifies what it receives with: the root, and the "
         "intermediates the caller may sign with (an admin: every one), disabled ones included, oldest first. "
-        "With `Accept: application/x-pem-file`, the same as PEM: the root, then the intermediates."
+        "With `Accept: application/x-pem-file` or `application/pem-certificate-chain`, the same as PEM: the "
+        "root, then the intermediates."
     ),
-    responses={200: {"content": {PEM_CHAIN: {"schema": {"type": "string"}}}}},
+    responses={200: {"content": _PEM_CONTENT}},
 )
 def get_chain(caller: AnyCaller, service: Service, request: Request) -> Any:
     chain = service.ca_chain(caller.intermediates)
-    if PEM_CHAIN in request.headers.get("accept", ""):
-        return Response(chain.pem, media_type=PEM_CHAIN)
+    media = answer_type(request)
+    if media in PEM_TYPES:
+        return Response(chain.pem, media_type=media)
     return {"root": ca_public_view(chain.root), "intermediates": [ca_public_view(ca) for ca in chain.intermediates]}
 
 
@@ -444,8 +470,10 @@ def retry_dps(
 def list_certificates(
     caller: AnyCaller,
     service: Service,
-    device_id: Annotated[str | None, Query(alias="deviceId")] = None,
-    intermediate_id: Annotated[str | None, Query(alias="intermediateId")] = None,
+    device_id: Annotated[models.DeviceId | None, Query(alias="deviceId", description=parameters.DEVICE_ID_RULE)] = None,
+    intermediate_id: Annotated[
+        models.CaId | None, Query(alias="intermediateId", description=f"an intermediate's ID: {parameters.CA_ID_RULE}")
+    ] = None,
     status: Annotated[models.Status | None, Query()] = None,
     expiring_within_days: Annotated[models.Days | None, Query(alias="expiringWithinDays")] = None,
     limit: Annotated[models.PageLimit, Query()] = parameters.DEFAULT_PAGE,

@@ -17,8 +17,9 @@ from ..jsonlines import JsonLines, read_batch_object, read_json_lines
 from ..service.batches import MAX_BATCH_ITEMS
 from ..views import batch_result_view, batch_view
 from . import models
-from .auth import AnyCaller, AuthenticatedRoute, Service, any_caller, service_of
+from .auth import AnyCaller, Service, any_caller, service_of
 from .errors import UnsupportedMediaType
+from .routes import ApiRoute
 
 # 10,000 P-384 CSRs with 64-character device IDs take about 6.2 MB as compact JSON (620 bytes an item);
 # 10 MiB leaves room for pretty-printing, longer PEM lines and a CSR's extra attributes.
@@ -26,7 +27,7 @@ BATCH_BODY_LIMIT = 10 * 1024 * 1024
 JSON_LINES = ("application/jsonl", "application/x-ndjson", "application/jsonlines", "application/x-jsonlines")
 BATCHES_PATH = "/api/batches"
 
-batches = APIRouter(route_class=AuthenticatedRoute, redirect_slashes=False)
+batches = APIRouter(route_class=ApiRoute, redirect_slashes=False)
 
 
 @batches.post(

@@ -61,7 +61,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(400, "invalid-request", describe_validation(error.errors()))
+        errors = error.errors()
+        return error_response(400, validation_code(errors), describe_validation(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -77,6 +78,31 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         failure = unexpected(error, f"answering {request.method} {request.url.path}")
         return error_response(failure.status, failure.code, failure.message)
+
+
+# FastAPI's default answer to a validation error, which this API never gives (see document_errors).
+_FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API answers to a request that is not valid: the 400 in the
+    error shape (`_ERRORS` in app.py puts it on every route), never FastAPI's default 422
+    HTTPValidationError, which FastAPI lists on every route with parameters or a body although the
+    handler above answers 400 instead."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in _FASTAPI_VALIDATION:
+                schemas.pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def describe(error: dict[str, Any]) -> str:
@@ -113,6 +139,13 @@ def describe(error: dict[str, Any]) -> str:
         case "less_than_equal":
             return f"must be at most {context.get('le')}"
     return str(error.get("msg", "is not valid")).replace("Input should be", "must be", 1)
+
+
+def validation_code(errors: list[dict]) -> str:
+    """The code of a 400 for pydantic's errors: invalid-request, or the rule's own code when every error is
+    one rule's of shared/parameters.py that has one (invalid-device-id, invalid-ca-id, as the CLI's --json)."""
+    codes = {getattr((item.get("ctx") or {}).get("error"), "code", None) for item in errors}
+    return codes.pop() if len(codes) == 1 and None not in codes else "invalid-request"
 
 
 def describe_validation(errors: list[dict]) -> str:

@@ -6,7 +6,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .. import parameters
+from ..pki.names import MAX_REGISTRATION_ID
 from ..pki.revocation import REVOCATION_REASONS
+
+
+class RuleBroken(ValueError):
+    """A rule of shared/parameters.py broken, as pydantic carries it (in an error's ctx["error"]): its words,
+    and its code, which the 400 keeps when it is the only error (shared/api/errors.py)."""
+
+    def __init__(self, problem: str, code: str) -> None:
+        super().__init__(problem)
+        self.code = code
 
 
 def _rule(rule: Callable[[Any], Any]) -> BeforeValidator:
@@ -16,7 +26,7 @@ def _rule(rule: Callable[[Any], Any]) -> BeforeValidator:
         try:
             return rule(value)
         except parameters.InvalidParameter as error:
-            raise ValueError(error.problem) from None
+            raise RuleBroken(error.problem, error.code) from None
 
     return BeforeValidator(check)
 
@@ -28,6 +38,8 @@ PageLimit = Annotated[int, Field(ge=1, le=parameters.MAX_PAGE), _rule(parameters
 Cursor = Annotated[str, Field(pattern=parameters.CURSOR_PATTERN), _rule(parameters.cursor)]
 Status = Annotated[Literal["active", "superseded", "revoked", "expired"], _rule(parameters.status)]
 Curve = Literal["P-256", "P-384"]
+DeviceId = Annotated[str, Field(min_length=1, max_length=MAX_REGISTRATION_ID), _rule(parameters.device_id)]
+CaId = Annotated[str, Field(min_length=1, max_length=parameters.MAX_CA_ID), _rule(parameters.ca_id)]
 
 
 class Strict(BaseModel):
