@@ -284,8 +284,8 @@ async def _read_csr(request: Request) -> tuple[bytes, models.CsrRequest]:
         except ValidationError as error:
             if body.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"-----BEGIN"):  # PEM, sent as JSON
                 raise CaError(
-                    f"the body is PEM, not JSON: send a PEM CSR as application/pkcs10 (or {PEM_CHAIN}), or JSON "
-                    '{"csr": "<PEM>"} as application/json',
+                    "the body is PEM, not JSON: send a PEM CSR as application/pkcs10 (or application/x-pem-file), "
+                    'or JSON {"csr": "<PEM>"} as application/json',
                     "invalid-request",
                 ) from None
             raise CaError(describe_validation(error.errors()), "invalid-request") from None
