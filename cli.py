@@ -30,7 +30,7 @@ from shared.bootstrap import LOCAL_FACTORY
 from shared.composition import build_service
 from shared.dps import device_registration
 from shared.errors import CaError, NotFound, shown_to_callers, unexpected
-from shared.jsonlines import is_batch_object, read_batch_object, read_json_lines
+from shared.jsonlines import is_batch_object, read_batch_object, read_json_lines, wide_encoding
 from shared.ledger.models import CA_ACTIVE, CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, ca_name, check_ca_id, check_device_id, check_verification_code
 from shared.pki.revocation import REVOCATION_REASONS, revocation_reason
@@ -1042,6 +1042,13 @@ def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None, str | 
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
         return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None, None
     data = _read_input(source)
+    wide = wide_encoding(data)
+    if wide:
+        raise CaError(
+            f"{source} is {wide} text: save it as UTF-8 (PowerShell: Out-File -Encoding utf8, or Set-Content "
+            "-Encoding utf8)",
+            "cannot-read",
+        )
     if is_batch_object(data):
         try:
             items, intermediate = read_batch_object(data)

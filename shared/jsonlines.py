@@ -52,6 +52,31 @@ def read_json_lines(data: bytes) -> JsonLines:
     return JsonLines([_value(line) for _, line in numbered], [number for number, _ in numbered])
 
 
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),  # before UTF-16's: it starts with the same two bytes
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def wide_encoding(data: bytes) -> str | None:
+    """ "UTF-16" or "UTF-32" when `data` is JSON text in that encoding (a byte-order mark, or the NUL bytes
+    of RFC 4627 §3 in its first four bytes: UTF-8 JSON holds no NUL), else None. JSON exchanged between
+    systems is UTF-8 (RFC 8259 §8.1); Windows PowerShell 5 writes UTF-16 by default."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            return name
+    head = data[:4]
+    if len(head) < 4:
+        return None
+    if head[:3] == b"\0\0\0" or head[1:] == b"\0\0\0":
+        return "UTF-32"
+    if (head[0] == 0 and head[2] == 0) or (head[1] == 0 and head[3] == 0):
+        return "UTF-16"
+    return None
+
+
 def read_batch_object(body: bytes) -> tuple[list[Any], str | None]:
     """The items and `intermediateId` of a batch in its JSON form, `{"items": [...], "intermediateId"?}` (the
     items are checked one by one later, each failing alone). CaError "invalid-request", in words about "the

@@ -220,6 +220,19 @@ def test_a_device_id_with_a_lone_surrogate_fails_its_item_alone(api, media):
     }
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
+@pytest.mark.parametrize("media", ["application/json", "application/jsonl"])
+def test_a_body_in_utf16_or_utf32_is_refused_whole_saying_so(api, encoding, media):
+    """Windows PowerShell 5 writes UTF-16: read as UTF-8, each line would fail alone (and the NUL bytes
+    make a phantom item of the last line end), so the body is refused, naming its encoding."""
+    items = _items("wide", 2)
+    text = json.dumps({"items": items}) if media == "application/json" else "\r\n".join(map(json.dumps, items))
+    response = _submit(api, api.factory_a, text.encode(encoding), media)
+    wide = "UTF-16" if "16" in encoding else "UTF-32"
+    assert _error(response, 400, "invalid-request") == f"the body is {wide} text: send it as UTF-8 (RFC 8259 §8.1)"
+    assert api.service.batches().items == []
+
+
 @pytest.mark.parametrize("intermediate", ["\udc00", "", "Factory A"])
 def test_an_intermediate_id_that_is_no_ca_id_is_refused(api, intermediate):
     body = {"items": _items("no-such-ca", 1), "intermediateId": intermediate}

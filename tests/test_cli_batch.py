@@ -195,6 +195,18 @@ def test_a_line_that_is_not_utf8_fails_alone_as_the_api_fails_it(scene, capsys):
     assert sorted(c.device_id for c in _certificates(service)) == ["mixed-0", "mixed-1"]
 
 
+def test_a_file_in_utf16_is_refused_saying_how_to_save_it(scene, capsys):
+    service, folder = scene
+    source = folder / "powershell.jsonl"
+    source.write_text(_lines([_item("ps-0"), _item("ps-1")]), encoding="utf-16")
+    assert cli.main(["sign-batch", str(source)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {source} is UTF-16 text: save it as UTF-8 (PowerShell: Out-File -Encoding utf8, or Set-Content "
+        "-Encoding utf8)"
+    ]
+    assert service.batches().items == [] and not (folder / "powershell.results.jsonl").exists()
+
+
 def test_a_results_file_torn_or_damaged_by_a_killed_run_is_resumed_from(scene, capsys):
     """A run killed mid-line leaves a line without its end, or a disk leaves bytes that are not UTF-8: the
     next run starts its lines on a line of their own and still skips what was issued."""

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from .. import parameters
 from ..errors import CaError
-from ..jsonlines import JsonLines, read_batch_object, read_json_lines
+from ..jsonlines import JsonLines, read_batch_object, read_json_lines, wide_encoding
 from ..service.batches import MAX_BATCH_ITEMS
 from ..views import batch_result_view, batch_view
 from . import models
@@ -130,6 +130,9 @@ def _read_items(media: str, body: bytes) -> tuple[list[Any], str | None, list[in
     """The items of a JSON or JSON Lines body, the body's intermediateId, and for JSON Lines each item's line
     number. A body that is neither, or JSON that is not `{"items": [...]}`, is a 400; a JSON Lines line that
     is not JSON (or not UTF-8) is that item's failure, and every error about a JSON Lines body names its line."""
+    wide = wide_encoding(body)
+    if wide and (media in JSON_LINES or media == "application/json" or media.endswith("+json")):
+        raise CaError(f"the body is {wide} text: send it as UTF-8 (RFC 8259 §8.1)", "invalid-request")
     if media in JSON_LINES:
         read = _read_json_lines(body)
         return read.items, None, read.lines
