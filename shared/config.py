@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .errors import Misconfigured
 
@@ -81,7 +82,7 @@ class Settings:
             intermediate_days=_positive_int(values, "INTERMEDIATE_CERT_DAYS", cls.intermediate_days),
             device_days=_positive_int(values, "DEVICE_CERT_DAYS", cls.device_days),
             auth_mode=_choice(values, "PKI_AUTH", ("apikey", "easyauth"), cls.auth_mode),
-            key_vault_url=text("KEY_VAULT_URL"),
+            key_vault_url=_vault_url(values),
             key_vault_key_type=_choice(values, "KEY_VAULT_KEY_TYPE", ("ec-hsm", "ec"), "ec-hsm").upper(),
             key_vault_sign_rate=_sign_rate(values),
             key_vault_parallel_signs=_positive_int(values, "KEY_VAULT_PARALLEL_SIGNS", cls.key_vault_parallel_signs),
@@ -198,6 +199,37 @@ def _positive_int(values: Mapping[str, str], name: str, default: int) -> int:
     if number <= 0:
         raise Misconfigured(f"setting {name}={raw!r} must be a positive whole number", "invalid-setting")
     return number
+
+
+def _vault_url(values: Mapping[str, str]) -> str | None:
+    """KEY_VAULT_URL: a vault's URI as the portal shows it, https://<vault>.vault.azure.net/ (other clouds'
+    hosts too). Misconfigured, without repeating the value (a user:password in it would reach the log),
+    for anything else: another scheme, a user or password, a port, a path, a query or a fragment."""
+    raw = values.get("KEY_VAULT_URL")
+    if raw in (None, ""):
+        return None
+    try:
+        url = urlsplit(raw.strip())
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    if (
+        url is None
+        or url.scheme != "https"
+        or not url.hostname
+        or url.username is not None
+        or url.password is not None
+        or port is not None
+        or url.path not in ("", "/")
+        or url.query
+        or url.fragment
+    ):
+        raise Misconfigured(
+            "setting KEY_VAULT_URL must be a vault's URI, https://<vault>.vault.azure.net/ (no user or password, "
+            "port, path or query); the value is not repeated here",
+            "invalid-setting",
+        )
+    return raw.strip()
 
 
 def _ncrontab(values: Mapping[str, str], name: str) -> str | None:

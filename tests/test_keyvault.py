@@ -328,6 +328,32 @@ def test_settings_choose_key_vault_with_the_default_credential(tmp_path):
     assert json.loads(json.dumps(service.keys.describe()))["keyType"] == "EC-HSM"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ops:hunter2@device-ca.vault.azure.net/",  # would be printed by serve and shown by /api/health
+        "https://:hunter2@device-ca.vault.azure.net",
+        "http://device-ca.vault.azure.net/",
+        "https://device-ca.vault.azure.net:8443/",
+        "https://device-ca.vault.azure.net/keys/root?hunter2",
+        "https://device-ca.vault.azure.net/#hunter2",
+        "device-ca.vault.azure.net",
+        "https://[hunter2/",
+    ],
+)
+def test_a_key_vault_url_that_is_no_vault_uri_is_refused_without_repeating_it(url):
+    with pytest.raises(Misconfigured) as refused:
+        Settings.from_values({"KEY_VAULT_URL": url})
+    assert refused.value.code == "invalid-setting" and "hunter2" not in refused.value.message
+    assert refused.value.message.startswith("setting KEY_VAULT_URL must be a vault's URI, https://<vault>.vault")
+
+
+def test_a_vault_uri_as_the_portal_shows_it_is_taken_with_or_without_its_slash():
+    for url in (VAULT_URL, VAULT_URL + "/", f" {VAULT_URL}/ ", "https://ca.vault.azure.cn/"):
+        assert Settings.from_values({"KEY_VAULT_URL": url}).key_vault_url == url.strip()
+    assert Settings.from_values({"KEY_VAULT_URL": ""}).key_vault_url is None
+
+
 def test_the_pacer_slows_down_on_429_and_recovers():
     pacer = SignPacer(200)
     pacer.throttled()
