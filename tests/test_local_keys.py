@@ -1,6 +1,8 @@
 """CA keys as files: PKCS#8, mode 0600, encrypted with a passphrase, never overwritten."""
 
+import shlex
 import stat
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -37,6 +39,22 @@ def test_passphrase_encrypts_the_key(tmp_path):
         LocalKeyStore(tmp_path).signing_key("ca-1")
     with pytest.raises(Misconfigured, match="cannot be read"):
         LocalKeyStore(tmp_path, "wrong").signing_key("ca-1")
+
+
+def test_a_passphrase_set_for_keys_made_without_one_is_refused_until_they_are_encrypted(tmp_path, monkeypatch):
+    """PKI_KEY_PASSPHRASE set says the keys are encrypted: a key file that is not is refused (health degrades,
+    nothing is signed) with the openssl command that encrypts it, which then makes it usable."""
+    LocalKeyStore(tmp_path).create_ca_key("ca-1", "P-256", "CA 1")
+    with pytest.raises(Misconfigured) as refused:
+        LocalKeyStore(tmp_path, "correct horse").signing_key("ca-1")
+    assert refused.value.code == "key-not-encrypted" and "correct horse" not in refused.value.message
+    command = refused.value.message.split("`")[1]
+    monkeypatch.setenv("PKI_KEY_PASSPHRASE", "correct horse")
+    subprocess.run(shlex.split(command), check=True, capture_output=True)
+    path = tmp_path / "keys" / "ca-1.key.pem"
+    (tmp_path / "keys" / "ca-1.key.pem.new").replace(path)
+    assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert LocalKeyStore(tmp_path, "correct horse").signing_key("ca-1").curve.name == "secp256r1"
 
 
 def test_existing_key_is_never_overwritten(tmp_path):

@@ -98,6 +98,13 @@ class LocalKeyStore(KeyStore):
         encrypted = b"ENCRYPTED PRIVATE KEY" in data
         if encrypted and not self._passphrase:
             raise Misconfigured(f"CA key file {path} is encrypted; set PKI_KEY_PASSPHRASE", "key-passphrase-missing")
+        if self._passphrase and not encrypted:  # the operator believes the keys are encrypted: they are not
+            raise Misconfigured(
+                f"CA key file {path} is not encrypted although PKI_KEY_PASSPHRASE is set (it was made without "
+                f"one): encrypt it with `openssl pkcs8 -topk8 -v2 aes-256-cbc -in {path} -out {path}.new -passout "
+                f"env:PKI_KEY_PASSPHRASE` and move {path.name}.new over it, or unset PKI_KEY_PASSPHRASE",
+                "key-not-encrypted",
+            )
         try:
             key = serialization.load_pem_private_key(data, self._passphrase if encrypted else None)
         except (ValueError, TypeError):
