@@ -338,13 +338,34 @@ def test_a_factory_rebound_to_a_new_intermediate_keeps_its_key(api):
     assert api.state() == before
 
 
+def test_two_credential_headers_are_refused_whichever_they_are(api):
+    """Two Authorization headers, two x-api-key headers, or one of each: which one a proxy or another
+    server would take differs, so the request is refused (401) rather than taking the first."""
+    good, other = f"Bearer {api.admin}", f"Bearer {api.factory_a}"
+    for headers in (
+        [("authorization", good), ("authorization", other)],
+        [("authorization", good), ("authorization", good)],
+        [("x-api-key", api.admin), ("x-api-key", "dca_nothing")],
+        [("authorization", good), ("x-api-key", api.factory_a)],
+    ):
+        response = api.client.get("/api/certificates", headers=headers)
+        assert response.status_code == 401, (headers, response.text)
+        assert response.json()["error"] == {
+            "code": "ambiguous-credentials",
+            "message": "2 credential headers: send one API key, as 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+        }
+    assert api.client.get("/api/certificates", headers={"authorization": good}).status_code == 200
+
+
 def test_a_bearer_key_is_what_follows_the_first_space(api):
-    """The scheme ends at the first space: spaces before the key are not part of the scheme, and a header
-    that says Bearer decides even when x-api-key carries a good key."""
+    """The scheme ends at the first space: spaces before the key are not part of the scheme, and what
+    follows is the key whole (a key with words after it is no key)."""
     accepted = api.client.get("/api/ca/root", headers={"Authorization": f"Bearer  {api.admin}"})
     assert accepted.status_code == 200, accepted.text
+    trailing = {"Authorization": f"Bearer {api.admin} trailing"}
+    _error(api.client.get("/api/ca/root", headers=trailing), 401, "invalid-api-key")
     both = {"Authorization": f"Bearer {api.factory_a} trailing", "x-api-key": api.admin}
-    _error(api.client.get("/api/ca/root", headers=both), 401, "invalid-api-key")
+    _error(api.client.get("/api/ca/root", headers=both), 401, "ambiguous-credentials")  # never the good one
 
 
 def test_an_api_key_authenticates_its_principal_as_an_api_key_caller(api):

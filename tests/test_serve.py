@@ -244,7 +244,10 @@ def test_a_later_start_says_how_to_get_a_key_for_the_existing_factory(tmp_path):
         banner = _banner(again)
         _wait_until_serving(port, again)
         assert "Using the existing CA" in banner and "dca_" not in banner
-        python = shlex.quote(sys.executable)  # not under the project here: the whole path
+        python = Path(os.path.abspath(sys.executable))  # relative when under the project (.venv/bin/python)
+        with contextlib.suppress(ValueError):
+            python = python.relative_to(Path(__file__).resolve().parent.parent)
+        python = shlex.quote(str(python))
         advice = f"A new key for factory local-factory: {python} cli.py create-api-key local-factory"
         assert advice in banner.splitlines()
         assert (

@@ -52,6 +52,13 @@ async def authenticate(request: Request) -> Caller:
     service = service_of(request)
     if service.settings.auth_mode == "easyauth":
         return await asyncio.to_thread(_easyauth_caller, request.headers.get("x-ms-client-principal"), service)
+    given = request.headers.getlist("authorization") + request.headers.getlist("x-api-key")
+    if len(given) > 1:  # which one a proxy or a server would take differs: none is taken
+        raise Unauthorized(
+            f"{len(given)} credential headers: send one API key, as 'Authorization: Bearer <key>' or "
+            "'x-api-key: <key>'",
+            "ambiguous-credentials",
+        )
     authorization = request.headers.get("authorization")
     presented = _presented_key(authorization, request.headers.get("x-api-key"))
     if not presented and authorization:
