@@ -72,6 +72,27 @@ def test_same_csr_again_gives_the_same_certificate(service):
     assert len(_certs(service)) == 1
 
 
+def test_an_answer_from_the_ledger_says_when_the_intermediate_named_was_not_used(service):
+    """The same CSR again (or a renewal retried) gets the certificate it got before, whoever signed it:
+    when the request names another intermediate, the answer says that one was not used."""
+    csr = make_csr("dev-1")
+    first = service.sign_csr(csr, "dev-1", intermediate_id="factory-a")
+    assert service.sign_csr(csr, "dev-1", intermediate_id="factory-a").warnings == ()
+    assert service.sign_csr(csr, "dev-1").warnings == ()
+    again = service.sign_csr(csr, "dev-1", intermediate_id="factory-b")
+    assert again.record == first.record and not again.created
+    assert again.warnings == (
+        "this CSR's certificate was issued before, by intermediate 'factory-a': it is given back, and "
+        "intermediate 'factory-b' was not used (renew to have it sign)",
+    )
+    new_key = make_csr("dev-1")
+    renewed = service.sign_csr(new_key, "dev-1", intermediate_id="factory-a", renew=True)
+    retried = service.sign_csr(new_key, "dev-1", intermediate_id="factory-b", renew=True)
+    assert retried.record == renewed.record and not retried.created
+    assert retried.warnings == (again.warnings[0],)
+    assert service.sign_csr(new_key, "dev-1", renew=True).warnings == ()
+
+
 def test_new_csr_for_the_same_key_is_the_same_request(service):
     key = device_key()
     first = service.sign_csr(make_csr("dev-1", key=key), "dev-1")

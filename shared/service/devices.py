@@ -93,6 +93,17 @@ def _intermediate_not_allowed(ca_id: str) -> Forbidden:
     return Forbidden(f"this caller may not sign with intermediate {ca_id!r}", "intermediate-not-allowed")
 
 
+def _intermediate_not_used(active: CertificateRecord, options: _SignOptions) -> tuple[str, ...]:
+    """The warning for an answer from the ledger (the same CSR again, a renewal retried) to a request that
+    named another intermediate than the one that issued the certificate it gets back."""
+    if options.intermediate_id is None or options.intermediate_id == active.intermediate_id:
+        return ()
+    return (
+        f"this CSR's certificate was issued before, by intermediate {active.intermediate_id!r}: it is given "
+        f"back, and intermediate {options.intermediate_id!r} was not used (renew to have it sign)",
+    )
+
+
 def _single(results: list["IssuedCertificate | CaError"]) -> "IssuedCertificate":
     (result,) = results
     if isinstance(result, CaError):
@@ -372,14 +383,15 @@ class DeviceUseCases:
             raise key_revoked()
         supersede = options.renew
         if active is not None and options.renew and _renewal_retry(active, device, now):
-            return self._issued(active, created=False)  # what the first attempt got
+            return self._issued(active, created=False, warnings=_intermediate_not_used(active, options))
         if active is not None and not options.renew:
             if active.not_after <= now:
                 supersede = True  # an expired certificate never blocks its device
             elif active.public_key_sha256 != device.public_key_sha256:
                 raise device_has_certificate(active)
             else:  # the same CSR again: its notes too, so every answer says how it was read
-                return self._issued(active, created=False, warnings=tuple(device.notes))
+                notes = (*device.notes, *_intermediate_not_used(active, options))
+                return self._issued(active, created=False, warnings=notes)
         return _Plan(index, device, supersede, warnings=list(device.notes))
 
     def _sign_all(
