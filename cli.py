@@ -492,6 +492,7 @@ def list_certificates(service: DeviceCA, args: argparse.Namespace) -> tuple[Any,
             intermediate_id=args.intermediate,
             status=args.status,
             expiring_before=expiring,
+            requested_by=args.requested_by,
             limit=args.limit,
             cursor=args.cursor,
         )
@@ -1287,6 +1288,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_rule(parameters.status),
         metavar="STATUS",
         help=f"only this status: {', '.join(CERT_STATUSES)}",
+    )
+    sub.add_argument(
+        "--requested-by",
+        type=_rule(parameters.principal_name),
+        metavar="NAME",
+        help="only certificates this factory (or admin) asked for, over the API or with sign-csr --factory",
     )
     sub.add_argument(
         "--expiring-within-days",

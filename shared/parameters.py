@@ -84,6 +84,18 @@ def ca_id(value: Any, name: str = "intermediateId") -> str:
     return _named(check_ca_id, value, name)
 
 
+def principal_name(value: Any, name: str = "requestedBy") -> str:
+    """A principal's (factory's or admin's) name, by the rule the CLI's factory and admin names check
+    (shared/service/access.py check_principal_name: a CA ID's), with its code (invalid-principal-name)."""
+    from .service.access import check_principal_name  # the rule's owner; imported late (it imports this)
+
+    def check(text: str) -> str:
+        check_principal_name(text)
+        return text
+
+    return _named(check, value, name)
+
+
 def _named(check: Any, value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise InvalidParameter(name, f"must be a string, not {_shown(value)}")

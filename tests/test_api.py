@@ -338,6 +338,26 @@ def test_a_factory_rebound_to_a_new_intermediate_keeps_its_key(api):
     assert api.state() == before
 
 
+def test_an_admin_lists_what_one_factory_asked_for_and_a_factory_only_its_own(api):
+    assert api.post_csr("by-one", make_csr("by-one"), api.factory_a).status_code == 201
+    assert api.post_csr("by-two", make_csr("by-two"), api.factory_b).status_code == 201
+    assert api.post_csr("by-admin", make_csr("by-admin"), api.admin).status_code == 201
+
+    def devices(key: str, **query: str) -> list[str]:
+        response = api.client.get("/api/certificates", params=query, headers=bearer(key))
+        assert response.status_code == 200, response.text
+        return [item["deviceId"] for item in response.json()["items"]]
+
+    assert devices(api.admin, requestedBy="factory-two") == ["by-two"]
+    assert devices(api.admin, requestedBy="factory-one", deviceId="by-two") == []
+    assert sorted(devices(api.admin)) == ["by-admin", "by-one", "by-two"]
+    assert devices(api.factory_a, requestedBy="factory-one") == devices(api.factory_a) == ["by-one"]
+    other = api.client.get("/api/certificates", params={"requestedBy": "factory-two"}, headers=bearer(api.factory_a))
+    assert _error(other, 403, "forbidden")["message"] == "a factory lists only the certificates it asked for"
+    bad = api.client.get("/api/certificates", params={"requestedBy": "Factory Two"}, headers=bearer(api.admin))
+    assert _error(bad, 400, "invalid-principal-name")["message"].startswith("requestedBy: principal name 'Factory")
+
+
 def test_two_credential_headers_are_refused_whichever_they_are(api):
     """Two Authorization headers, two x-api-key headers, or one of each: which one a proxy or another
     server would take differs, so the request is refused (401) rather than taking the first."""

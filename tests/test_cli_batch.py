@@ -165,6 +165,11 @@ def test_the_cli_signs_on_a_factorys_behalf_by_its_rules(scene, capsys):
     ]
     assert cli.main(["sign-batch", str(source), "--factory", "line-1", "--json"]) == 0
     assert service.ledger.device_owners(["f-2"]) == {"f-2": "line-1"}
+    capsys.readouterr()
+    assert cli.main(["list-certificates", "--requested-by", "line-1", "--status", "active", "--json"]) == 0
+    assert sorted(c["deviceId"] for c in json.loads(capsys.readouterr().out)["items"]) == ["f-1", "f-2"]
+    assert cli.main(["list-certificates", "--requested-by", "Line 1"]) == 2
+    assert capsys.readouterr().err.startswith("error: argument --requested-by: principal name 'Line 1' is not")
 
     admins = folder / "a-1.csr"
     admins.write_bytes(make_csr("a-1"))

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from .. import parameters
 from ..composition import build_service
 from ..config import Settings
-from ..errors import CaError, NotFound, for_callers
+from ..errors import CaError, Forbidden, NotFound, for_callers
 from ..ledger.models import CertificateQuery
 from ..service import DeviceCA, IssuedCertificate
 from ..service.access import Caller
@@ -476,16 +476,22 @@ def list_certificates(
     ] = None,
     status: Annotated[models.Status | None, Query()] = None,
     expiring_within_days: Annotated[models.Days | None, Query(alias="expiringWithinDays")] = None,
+    requested_by: Annotated[
+        models.PrincipalName | None,
+        Query(alias="requestedBy", description="only those this factory (or admin) asked for; a factory: itself"),
+    ] = None,
     limit: Annotated[models.PageLimit, Query()] = parameters.DEFAULT_PAGE,
     cursor: Annotated[models.Cursor | None, Query()] = None,
 ) -> dict[str, Any]:
+    if not caller.is_admin and requested_by not in (None, caller.id):
+        raise Forbidden("a factory lists only the certificates it asked for", "forbidden")
     page = service.certificates(
         CertificateQuery(
             device_id=device_id,
             intermediate_id=intermediate_id,
             status=status,
             expiring_before=service.expiring_before(expiring_within_days) if expiring_within_days is not None else None,
-            requested_by=None if caller.is_admin else caller.id,
+            requested_by=requested_by if caller.is_admin else caller.id,
             limit=limit,
             cursor=cursor,
         )
