@@ -200,7 +200,7 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     )
     (tmp_path / "pyproject.toml").write_text(
         '[tool.mutmut]\nsource_paths = ["shared/"]\nonly_mutate = ["shared/limits.py"]\n'
-        'pytest_add_cli_args_test_selection = ["tests/"]\n'
+        'pytest_add_cli_args_test_selection = ["tests/"]\nmutate_only_covered_lines = true\n'
     )
     environment = {name: value for name, value in os.environ.items() if not name.startswith(("COV", "MUTANT"))}
     environment.setdefault("AZURITE_TABLE", str(repo / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-table"))
@@ -234,6 +234,23 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     meta["durations_by_key"][killed] = 22.5  # the whole allowance: a timeout, so killed
     meta_path.write_text(json.dumps(meta))
     assert "CUT SHORT" not in tool("report").stdout
+    # a function added far down the file, then a resumed run: the judged function's verdicts are kept, and
+    # the new one gets its mutants (mutmut measured coverage on the old mutated copy, which has no such line)
+    before = {name: code for name, code in meta["exit_code_by_key"].items() if "within" in name}
+    (tmp_path / "shared" / "limits.py").write_text(
+        "def within(size: int, limit: int) -> bool:\n    return 0 < size <= limit\n\n\n"
+        + "# a line of notes\n" * 400
+        + "\n\ndef above(size: int) -> bool:\n    return size > 2\n"
+    )
+    (tmp_path / "tests" / "test_above.py").write_text(
+        "from shared.limits import above\n\n\ndef test_above():\n    assert above(3) and not above(2)\n"
+    )
+    again = tool("run", "--children", "1")
+    assert "mutated again: shared/limits.py" in again.stderr, again.stderr[-2000:]
+    codes = json.loads(meta_path.read_text())["exit_code_by_key"]
+    assert {name: code for name, code in codes.items() if "within" in name} == before
+    above = [name for name in codes if "above" in name]
+    assert len(above) == 2 and all(codes[name] == 1 for name in above), codes  # > 2: >= 2 and > 3, both killed
     misspelt = tool("report", "--module", "shared.limit", "--module", "shared.nosuch")
     assert misspelt.returncode == 2 and "'shared.nosuch'" in misspelt.stdout and "limit'" not in misspelt.stdout
 
