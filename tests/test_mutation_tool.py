@@ -246,7 +246,7 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
         "from shared.limits import above\n\n\ndef test_above():\n    assert above(3) and not above(2)\n"
     )
     again = tool("run", "--children", "1")
-    assert "mutated again: shared/limits.py" in again.stderr, again.stderr[-2000:]
+    assert "copied afresh: shared/limits.py" in again.stderr, again.stderr[-2000:]
     codes = json.loads(meta_path.read_text())["exit_code_by_key"]
     assert {name: code for name, code in codes.items() if "within" in name} == before
     above = [name for name in codes if "above" in name]

@@ -417,7 +417,7 @@ def run(children: int, names: list[str]) -> int:
         print(said, file=sys.stderr)
     changed = refresh_changed_sources()
     if changed:
-        print(f"changed since they were mutated, mutated again: {', '.join(changed)}", file=sys.stderr)
+        print(f"changed since mutants/ was made, copied afresh: {', '.join(changed)}", file=sys.stderr)
     sys.path.insert(0, str(REPO))
     from tests.azurite import AZURITE_TABLE, Azurite
 
