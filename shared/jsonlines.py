@@ -129,6 +129,7 @@ def line_problem(line: int, value: Any, problem: str) -> str:
 def _value(line: bytes) -> Any:
     try:
         text = line.removesuffix(b"\r").decode("utf-8")  # a CRLF's CR is no column of the line
+        text = text.removeprefix("\ufeff")  # files joined with `cat`: each may start with a byte-order mark
     except UnicodeDecodeError:
         return NotUtf8()
     try:

@@ -220,6 +220,14 @@ def test_a_device_id_with_a_lone_surrogate_fails_its_item_alone(api, media):
     }
 
 
+def test_files_joined_with_their_byte_order_marks_are_read_whole(api):
+    """`cat a.jsonl b.jsonl`, each saved by an editor that writes a BOM: the marks start lines 1 and 2."""
+    first, second = (json.dumps(item) for item in _items("joined", 2))
+    body = ("\ufeff" + first + "\r\n\ufeff" + second + "\r\n").encode()
+    response = _submit(api, api.factory_a, body, "application/jsonl")
+    assert response.status_code == 202 and response.json()["counts"]["pending"] == 2, response.text
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
 @pytest.mark.parametrize("media", ["application/json", "application/jsonl"])
 def test_a_body_in_utf16_or_utf32_is_refused_whole_saying_so(api, encoding, media):
