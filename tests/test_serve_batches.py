@@ -64,7 +64,7 @@ def test_serve_signs_a_batch_in_its_own_process(tmp_path):
 # -- serve --workers: a batch outlives the worker that queued it -------------------------------------------
 
 BIG_BATCH = 5000  # 51 chunks: far more than a worker signs between its 202 and the SIGKILL that follows it
-DEADLINE = 600  # seconds: only a guard against waiting forever (a lost batch never finishes)
+DEADLINE = 600  # seconds: only a guard against waiting forever (a lost batch never finishes, a stuck server)
 
 
 def _serve_workers(home, cwd, port, *options: str) -> subprocess.Popen:
@@ -123,8 +123,7 @@ def test_a_batch_is_finished_when_the_worker_that_queued_it_is_killed(tmp_path):
             assert int(re.search(r"Batches: (\d+) unfinished", line).group(1)) > 0  # the worker died with work
             progress = _finished(port, key, batch_id)
         finally:
-            server.send_signal(signal.SIGINT)
-            assert server.wait() == 0
+            assert _stopped(server) == 0
     assert progress["status"] == "done" and progress["counts"]["issued"] == BIG_BATCH
     ledger = SqliteLedger(home / "ledger.sqlite3")
     assert check_ledger(ledger) == 2 + BIG_BATCH  # root, intermediate and each device once
@@ -152,9 +151,64 @@ def test_a_batch_is_finished_by_the_next_start_when_the_whole_server_is_killed(t
             _wait_until_serving(port, server)
             progress = _finished(port, key, batch_id)
         finally:
-            server.send_signal(signal.SIGINT)
-            assert server.wait() == 0
+            assert _stopped(server) == 0
     assert progress["status"] == "done" and progress["counts"]["issued"] == BIG_BATCH
     ledger = SqliteLedger(home / "ledger.sqlite3")
     assert check_ledger(ledger) == 2 + BIG_BATCH
     ledger.close()
+
+
+_RECOVERING_SERVER = """
+import sys
+from shared.api.workers import serve_workers
+from shared.errors import BackendUnavailable
+
+calls = []
+
+def replaced():
+    calls.append(None)
+    print(f"on_replaced call {len(calls)}", flush=True)
+    if len(calls) == 1:
+        raise BackendUnavailable("the ledger is away")
+
+serve_workers("127.0.0.1", int(sys.argv[1]), 1, "info", False, on_replaced=replaced)
+"""
+
+
+@pytest.mark.child_process
+def test_what_a_replaced_worker_left_is_recovered_even_when_the_first_try_fails(tmp_path):
+    # A ledger away at that moment must not leave the dead worker's chunks for the next restart, nor stop
+    # the server: the parent logs it and tries again.
+    port = _free_port()
+    with subprocess.Popen(
+        [sys.executable, "-c", _RECOVERING_SERVER, str(port)],
+        cwd=REPO,
+        env={**os.environ, "PKI_HOME": str(tmp_path / "pki")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as server:
+        try:
+            log, printed = _StderrLines(server), _StderrLines(SimpleNamespace(stderr=server.stdout))
+            log.wait_for("Uvicorn running on")
+            (worker,) = _workers(server.pid)
+            os.kill(worker, signal.SIGKILL)
+            printed.wait_for("on_replaced call 2")
+            assert any("BackendUnavailable: the ledger is away; trying again in" in line for line in log.lines)
+            _wait_until_serving(port, server)  # the replacement serves
+        finally:
+            assert _stopped(server) == 0
+    assert printed.lines.count("on_replaced call 2\n") == 1 and not any("call 3" in line for line in printed.lines)
+
+
+def _stopped(server: subprocess.Popen) -> int:
+    """Its exit code after SIGINT. One whose parent failed waits for its workers forever (multiprocessing
+    joins them at exit): after DEADLINE seconds, its process group is killed and the test fails."""
+    server.send_signal(signal.SIGINT)
+    try:
+        return server.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        pytest.fail("the server did not stop on SIGINT")
