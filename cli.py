@@ -1408,7 +1408,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_whole(1, MAX_WORKERS),
         default=1,
         help="worker processes, each with its own socket on the port so that connections spread evenly "
-        f"(1-{MAX_WORKERS}, default 1)",
+        f"(1-{MAX_WORKERS}, default 1); one that dies is replaced, and the batch chunks it held (embedded "
+        "queue) are queued again in this process",
     )
     sub.add_argument("--bootstrap", action="store_true", help="set up a CA with an empty ledger for local use first")
     sub.add_argument(
