@@ -1,6 +1,7 @@
 """`make run` takes batches: `serve` on the embedded default signs them in its own process (the in-process
 queue's worker runs the same chunk handler as the queue-triggered function)."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -131,7 +133,7 @@ def test_a_batch_is_finished_when_the_worker_that_queued_it_is_killed(tmp_path):
 
 
 @pytest.mark.child_process
-def test_a_batch_is_finished_by_the_next_start_when_the_whole_server_is_killed(tmp_path):
+def test_a_batch_is_finished_by_the_next_start_when_serve_itself_is_killed(tmp_path):
     home, port = tmp_path / "pki", _free_port()
     items = [{"deviceId": f"big-{n}", "csr": make_csr(f"big-{n}").decode()} for n in range(BIG_BATCH)]
     with _serve_workers(home, tmp_path, port, "--json") as server:
@@ -139,8 +141,11 @@ def test_a_batch_is_finished_by_the_next_start_when_the_whole_server_is_killed(t
         key = _json_banner(server)["created"]["factory"]["apiKey"]
         log.wait_for("Uvicorn running on", count=2)
         batch_id, _ = _submit_and_kill_its_worker(server, port, key, items)
-        os.killpg(server.pid, signal.SIGKILL)  # the parent and every worker, whatever they were signing
+        log.wait_for("Uvicorn running on", count=3)  # the killed worker's replacement
+        workers = _workers(server.pid)
+        os.kill(server.pid, signal.SIGKILL)  # the parent, whatever it was signing
         server.wait()
+        _wait_until_gone(workers)  # an orphan would hold the port: the workers stop with their parent
     with _serve_workers(home, tmp_path, port) as server:
         try:
             _StderrLines(server)  # drained
@@ -212,3 +217,20 @@ def _stopped(server: subprocess.Popen) -> int:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         pytest.fail("the server did not stop on SIGINT")
+
+
+def _wait_until_gone(pids: set[int]) -> None:
+    """Until none of `pids` runs (a zombie no longer does); failing after DEADLINE seconds."""
+
+    def running(pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.monotonic() + DEADLINE
+    while any(map(running, pids)):
+        if time.monotonic() > deadline:
+            for pid in filter(running, pids):
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"workers {sorted(pids)} outlived their parent")
+        time.sleep(0.1)

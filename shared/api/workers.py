@@ -5,7 +5,7 @@ connection waiting there: a burst of keep-alive clients lands on one worker and 
 others idle. With a socket each, the kernel spreads new connections over the workers evenly. A worker
 that dies after it started is replaced, and `on_replaced` is called in this (the parent) process: work the
 dead worker held only in its memory (the embedded batch queue's chunks) is queued again there. One that
-cannot start (exit code 3, as uvicorn's) stops the server.
+cannot start (exit code 3, as uvicorn's) stops the server. A worker whose parent is gone stops itself.
 """
 
 import errno
@@ -182,9 +182,21 @@ def _worker(
         ws="none",  # the API has no WebSocket routes: an upgrade request is an ordinary request
     )
     server = _Server(config)
+    threading.Thread(target=_stop_with_parent, args=(server,), name="parent-watch", daemon=True).start()
     server.run(sockets=[listener])
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _stop_with_parent(server: uvicorn.Server) -> None:
+    """Stop this worker, as SIGTERM would, once the `serve` process is gone (killed with SIGKILL, say): an
+    orphan would keep the port, so that the next `serve` could not start and queue again what was lost."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    multiprocessing.connection.wait([parent.sentinel])
+    log.warning("worker %d: the serve process is gone; stopping", os.getpid())
+    server.should_exit = True
 
 
 def _log_service_to_stderr() -> None:
