@@ -648,7 +648,10 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
         max_connections=args.max_connections,
     )
     if args.workers > 1:
-        serve_workers(args.host, args.port, args.workers, args.log_level, args.access_log, limits=limits)
+        resume = _resume_after_a_worker(service) if isinstance(service.batch_queue, InProcessQueue) else None
+        serve_workers(
+            args.host, args.port, args.workers, args.log_level, args.access_log, limits=limits, on_replaced=resume
+        )
     else:
         uvicorn.run(
             create_app(service),
@@ -660,6 +663,23 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
             ws="none",  # the API has no WebSocket routes: an upgrade request is an ordinary request
         )
     return None, None
+
+
+def _resume_after_a_worker(service: DeviceCA) -> Callable[[], int]:
+    """What `serve --workers` does when a worker died: the chunks queued in its memory died with it, so every
+    unfinished chunk is queued again on this (the parent) process's in-process queue, which signs them. A
+    chunk a living worker still holds is then delivered twice, harmlessly (`resume_batches`)."""
+
+    def resume() -> int:
+        resumed = service.resume_batches(last_first=True)
+        if resumed:
+            logging.getLogger("device_ca.serve").warning(
+                "Batches: %d unfinished chunk(s) queued again after a worker was replaced; this process signs them",
+                resumed,
+            )
+        return resumed
+
+    return resume
 
 
 def _where_state_lives(service: DeviceCA, home: Path) -> str:
@@ -1402,7 +1422,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_whole(1, MAX_WORKERS),
         default=1,
         help="worker processes, each with its own socket on the port so that connections spread evenly "
-        f"(1-{MAX_WORKERS}, default 1)",
+        f"(1-{MAX_WORKERS}, default 1); one that dies is replaced, and the batch chunks it held (embedded "
+        "queue) are queued again in this process",
     )
     sub.add_argument("--bootstrap", action="store_true", help="set up a CA with an empty ledger for local use first")
     sub.add_argument(

@@ -304,6 +304,21 @@ def test_a_restarted_embedded_server_queues_unfinished_chunks_again(quiet):
     assert service.resume_batches() == 0
 
 
+def test_a_server_whose_workers_still_sign_some_chunks_queues_them_again_from_the_last(quiet):
+    # serve --workers after one died: the living ones sign their batches from the first chunk, the parent
+    # from the last, so that they meet once in each batch rather than sign the same chunks side by side
+    service = quiet
+    first = service.submit_batch(_items("older", CHUNK_SIZE + 1), requested_by="cli:test").record.id
+    second = service.submit_batch(_items("newer", 1), requested_by="cli:test").record.id
+    _messages(service)
+    assert service.resume_batches() == 3
+    oldest_first = [(m.batchId, m.chunk) for m in map(ChunkMessage.read, _messages(service))]
+    assert sorted(oldest_first) == sorted([(first, 0), (first, 1), (second, 0)])
+    assert oldest_first.index((first, 0)) < oldest_first.index((first, 1))
+    assert service.resume_batches(last_first=True) == 3
+    assert [(m.batchId, m.chunk) for m in map(ChunkMessage.read, _messages(service))] == oldest_first[::-1]
+
+
 def _committed_then_stopped(service, items, submitted, **rights) -> list:
     """What a delivery that stopped between its two writes leaves: certificates committed for `items` under
     the batch's intermediate and submitter, and no result recorded."""

@@ -3,7 +3,9 @@
 uvicorn's own workers share one listening socket, and an event loop that wakes for it accepts every
 connection waiting there: a burst of keep-alive clients lands on one worker and stays there while the
 others idle. With a socket each, the kernel spreads new connections over the workers evenly. A worker
-that dies after it started is replaced; one that cannot start (exit code 3, as uvicorn's) stops the server.
+that dies after it started is replaced, and `on_replaced` is called in this (the parent) process: work the
+dead worker held only in its memory (the embedded batch queue's chunks) is queued again there. One that
+cannot start (exit code 3, as uvicorn's) stops the server. A worker whose parent is gone stops itself.
 """
 
 import errno
@@ -15,6 +17,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -25,6 +29,7 @@ from .connections import bounded_protocol
 
 APP = "shared.api:app_from_environment"
 STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start
+RETRY_REPLACED_SECONDS = 2.0  # between tries of an `on_replaced` that raised (the ledger away, say)
 log = logging.getLogger("device_ca.serve")
 uvicorn_log = logging.getLogger("uvicorn.error")
 
@@ -38,9 +43,14 @@ def serve_workers(
     app: str = APP,
     factory: bool = True,
     limits: ConnectionLimits | None = None,
+    on_replaced: Callable[[], object] | None = None,
 ) -> None:
     """Run `app` (an import string; with `factory`, of a function that makes the app) until SIGINT or
     SIGTERM, each worker's connections bounded by `limits` (None: uvicorn's own protocol, unbounded).
+    `on_replaced` is called here, in the parent, each time workers that died were replaced (once for all
+    those found dead at one wake); when it raises, it is logged and tried again every
+    RETRY_REPLACED_SECONDS until it returns, so that what it recovers is never dropped. Where the platform
+    has no SO_REUSEPORT (Windows), uvicorn's own workers run instead, and `on_replaced` is never called.
     CaError when the port is taken or a worker cannot start."""
     http = bounded_protocol(limits) if limits else "auto"
     if not hasattr(socket, "SO_REUSEPORT"):  # not on Windows: uvicorn's shared socket, then
@@ -60,6 +70,7 @@ def serve_workers(
     options = (host, listening_port(host, port), log_level, access_log, app, factory, limits)
     stop = _stop_on_signals()
     running = [_start(context, options) for _ in range(workers)]
+    owed, next_try = False, 0.0  # whether on_replaced is to be called, and not before when
     while not stop.is_set():
         multiprocessing.connection.wait([process.sentinel for process in running], timeout=0.5)
         for index, process in enumerate(running):
@@ -70,7 +81,26 @@ def serve_workers(
                 raise CaError("a worker could not start; its error is above", "worker-failed")
             log.warning("worker %s exited with code %s; starting another", process.pid, process.exitcode)
             running[index] = _start(context, options)
+            owed = on_replaced is not None
+        if owed and not stop.is_set() and time.monotonic() >= next_try:
+            owed, next_try = _recover(on_replaced)
     _stop_all(running)
+
+
+def _recover(on_replaced: Callable[[], object] | None) -> tuple[bool, float]:
+    """Call `on_replaced`: (whether it is still owed, when to try again)."""
+    try:
+        if on_replaced is not None:
+            on_replaced()
+    except Exception as error:  # the server keeps serving; what it would recover is tried again soon
+        log.warning(
+            "after a worker was replaced: %s: %s; trying again in %g s",
+            type(error).__name__,
+            error,
+            RETRY_REPLACED_SECONDS,
+        )
+        return True, time.monotonic() + RETRY_REPLACED_SECONDS
+    return False, 0.0
 
 
 def listening_port(host: str, port: int) -> int:
@@ -152,9 +182,21 @@ def _worker(
         ws="none",  # the API has no WebSocket routes: an upgrade request is an ordinary request
     )
     server = _Server(config)
+    threading.Thread(target=_stop_with_parent, args=(server,), name="parent-watch", daemon=True).start()
     server.run(sockets=[listener])
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _stop_with_parent(server: uvicorn.Server) -> None:
+    """Stop this worker, as SIGTERM would, once the `serve` process is gone (killed with SIGKILL, say): an
+    orphan would keep the port, so that the next `serve` could not start and queue again what was lost."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    multiprocessing.connection.wait([parent.sentinel])
+    log.warning("worker %d: the serve process is gone; stopping", os.getpid())
+    server.should_exit = True
 
 
 def _log_service_to_stderr() -> None:

@@ -195,11 +195,15 @@ class BatchUseCases:
             "batch-not-queued",
         )
 
-    def resume_batches(self) -> int:
+    def resume_batches(self, *, last_first: bool = False) -> int:
         """Queue again every chunk with a pending item (an embedded server's in-process queue is lost with
-        its process): returns how many. A chunk still queued elsewhere is then signed twice, harmlessly."""
+        its process): returns how many. A chunk still queued elsewhere is then delivered twice, harmlessly
+        (DESIGN "Batches"). `last_first` queues them from the newest batch's last chunk back, for when
+        living processes are still signing some of them from the first chunk on (`serve --workers` after
+        one died): the two meet in the middle of such a batch, and only a chunk they happen to reach at
+        the same moment is signed twice; the rest are found finished and left alone."""
         chunks = self.ledger.unfinished_chunks()
-        for batch_id, chunk in chunks:
+        for batch_id, chunk in reversed(chunks) if last_first else chunks:
             self.batch_queue.send(ChunkMessage(batchId=batch_id, chunk=chunk).text())
         return len(chunks)
 
