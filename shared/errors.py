@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import re
 import uuid
 
 log = logging.getLogger("device_ca")
@@ -104,16 +105,22 @@ def for_callers(error: CaError, context: str) -> CaError:
 
 
 MAX_SHOWN_MESSAGE = 1_000  # characters of an error message a caller is shown
+# a run of base64url characters with a lower-case letter, an upper-case letter and a digit, 16 or more long:
+# an API key's secret (43 random characters) whole or cut, and never an ID, a serial, a device ID or a
+# setting's name (lower case, upper-case hex, or upper case alone)
+_SECRET_LIKE = re.compile(r"(?=[A-Za-z0-9_-]*[a-z])(?=[A-Za-z0-9_-]*[A-Z])(?=[A-Za-z0-9_-]*[0-9])[A-Za-z0-9_-]{16,}")
 
 
 def shown_to_callers(message: str) -> str:
-    """`message` as an HTTP answer or a CLI error line may show it: the secret of any API key in it (a key
-    pasted where a serial, a device ID or a key ID belonged) replaced by "<secret>", since answers and
-    error lines end up in logs and terminals; and at most MAX_SHOWN_MESSAGE characters, so that a
-    30,000-character device ID sent back in its refusal cannot make the answer 30 KB."""
+    """`message` as an HTTP answer, a batch item's result or a CLI error line may show it, since those end
+    up in logs and terminals: an API key pasted where a serial, a device ID or a key ID belonged keeps its
+    key ID and loses its secret ("dca_<id>_<secret>"); anything else that looks like a secret (the secret
+    alone, a key of another shape, a key cut short) becomes "<hidden>"; and at most MAX_SHOWN_MESSAGE
+    characters are kept, so that a 30,000-character device ID sent back in its refusal cannot make the
+    answer 30 KB."""
     from .service.access import hide_api_key_secrets  # the key format's one owner (imported late: no cycle)
 
     message = hide_api_key_secrets(message)
-    if len(message) > MAX_SHOWN_MESSAGE:
+    if len(message) > MAX_SHOWN_MESSAGE:  # first: the search below takes time growing with a run's square
         message = message[: MAX_SHOWN_MESSAGE - 1] + "…"
-    return message
+    return _SECRET_LIKE.sub("<hidden>", message)

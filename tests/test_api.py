@@ -303,6 +303,11 @@ def test_an_api_key_pasted_where_an_id_belongs_is_never_repeated_with_its_secret
     assert f"dca_{key_id}_<secret>" in answer
     device = api.post_csr(api.factory_a, make_csr("pasted"), api.factory_a)
     assert device.status_code == 400 and api.factory_a.split("_", 2)[2] not in device.text
+    for path in (f"/api/certificates/{secret}", f"/api/batches/{api.admin.replace('_', '-')}"):  # its secret alone
+        response = api.client.get(path, headers=admin)
+        assert response.status_code in (400, 404) and secret[:16] not in response.text, response.text
+    cut = api.client.get("/api/certificates", params={"status": api.admin}, headers=admin)  # cut to 40 characters
+    assert cut.status_code == 400 and secret[:16] not in cut.text, cut.text
     long_id = "d" * 30_000
     refused = api.post_csr(long_id, make_csr("long"), api.factory_a).json()["error"]["message"]
     assert len(refused) == 1_000 and refused.endswith("…") and refused.startswith("device ID")

@@ -220,6 +220,22 @@ def test_a_device_id_with_a_lone_surrogate_fails_its_item_alone(api, media):
     }
 
 
+def test_an_api_key_pasted_into_a_batch_is_never_stored_or_answered_with_its_secret(api):
+    """A whole key, or its secret alone, sent as a device ID or as a field name: each item fails alone, and
+    neither the stored item nor the batch's results repeat the secret."""
+    secret = api.factory_b.split("_", 2)[2]
+    csr = json.loads(_GOOD)["csr"]
+    items = [{"deviceId": api.factory_b, "csr": csr}, {"deviceId": secret, "csr": csr}, {secret: 1, "csr": csr}]
+    response = _submit(api, api.factory_a, {"items": items})
+    assert response.status_code == 202, response.text
+    deliver_chunks(api.service)
+    results = api.client.get(f"/api/batches/{response.json()['id']}", headers=bearer(api.factory_a))
+    assert results.status_code == 200 and [r["status"] for r in results.json()["results"]] == ["failed"] * 3
+    assert secret[:16] not in results.text and secret[-16:] not in results.text, results.text
+    stored = api.service.ledger.batch_items(response.json()["id"], 0, 10)
+    assert not any(secret[:16] in repr(item) or secret[-16:] in repr(item) for item in stored)
+
+
 def test_files_joined_with_their_byte_order_marks_are_read_whole(api):
     """`cat a.jsonl b.jsonl`, each saved by an editor that writes a BOM: the marks start lines 1 and 2."""
     first, second = (json.dumps(item) for item in _items("joined", 2))

@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import parameters
-from ..errors import BackendUnavailable, CaError, NotFound, for_callers, unexpected
+from ..errors import BackendUnavailable, CaError, NotFound, for_callers, shown_to_callers, unexpected
 from ..jsonlines import line_problem
 from ..ledger import invalid_cursor
 from ..ledger.models import (
@@ -425,7 +425,7 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
         elif unknown:
             problem = f"unknown field(s): {', '.join(repr(name)[:40] for name in unknown[:3])}"
     shown = isinstance(device_id, str) and len(device_id) <= MAX_ITEM_DEVICE_ID and _unicode_text(device_id)
-    shown_id = device_id if shown else ""
+    shown_id = shown_to_callers(device_id) if shown else ""  # an API key pasted as a device ID: not kept
     if problem is None:
         return BatchItem(batch.id, index, shown_id, csr)
     return BatchItem(
@@ -435,7 +435,9 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
         "",
         ITEM_FAILED,
         error_code="invalid-item",
-        error_message=f"item {index}: {problem}" if line is None else line_problem(line, raw, problem),
+        error_message=shown_to_callers(
+            f"item {index}: {problem}" if line is None else line_problem(line, raw, problem)
+        ),
         finished_at=batch.created_at,
     )
 
@@ -487,6 +489,14 @@ def _finished_with(item: BatchItem, record: CertificateRecord) -> BatchItem:
 
 
 def _failed_item(item: BatchItem, code: str, message: str) -> BatchItem:
+    """`item` failed: its message kept as callers may be shown it (shared.errors.shown_to_callers: an API key
+    pasted as a device ID is stored and answered without its secret)."""
     return BatchItem(
-        item.batch_id, item.index, item.device_id, item.csr, ITEM_FAILED, error_code=code, error_message=message
+        item.batch_id,
+        item.index,
+        item.device_id,
+        item.csr,
+        ITEM_FAILED,
+        error_code=code,
+        error_message=shown_to_callers(message),
     )
