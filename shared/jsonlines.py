@@ -44,11 +44,10 @@ class JsonLines:
 def read_json_lines(data: bytes) -> JsonLines:
     """The items of `data` (JSON Lines, https://jsonlines.org): each line that is not blank parsed as JSON
     (NotJson when it is not, NotUtf8 when it is not UTF-8 text), with its line number. Never raises."""
-    numbered = [
-        (number, line)
-        for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1)
-        if line.strip(_JSON_WHITESPACE)
-    ]
+    # files joined with `cat`, each saved with a byte-order mark: any line may start with one (an empty
+    # file saved so makes a line of a mark alone, blank like any other)
+    lines = (line.removeprefix(codecs.BOM_UTF8) for line in data.split(b"\n"))
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip(_JSON_WHITESPACE)]
     return JsonLines([_value(line) for _, line in numbered], [number for number, _ in numbered])
 
 
@@ -129,7 +128,6 @@ def line_problem(line: int, value: Any, problem: str) -> str:
 def _value(line: bytes) -> Any:
     try:
         text = line.removesuffix(b"\r").decode("utf-8")  # a CRLF's CR is no column of the line
-        text = text.removeprefix("\ufeff")  # files joined with `cat`: each may start with a byte-order mark
     except UnicodeDecodeError:
         return NotUtf8()
     try:
