@@ -874,7 +874,7 @@ def _signer(service: DeviceCA, args: argparse.Namespace) -> dict[str, Any]:
 
 def _who() -> str:
     try:
-        return f"cli:{getpass.getuser()}"
+        return f"{parameters.CLI_REQUESTER}{getpass.getuser()}"
     except (KeyError, OSError):
         return "cli:unknown"  # a colon: no principal can be called this (principal names are [a-z0-9-])
 
@@ -1061,7 +1061,9 @@ def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None, str | 
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in CSR_SUFFIXES and p.is_file())
         if not files:
             raise CaError(f"{source} holds no CSR files (*.csr or *.pem, named by device ID)", "cannot-read")
-        return [{"deviceId": path.stem, "csr": _csr_text(path.read_bytes())} for path in files], None, None
+        # a file name that is not UTF-8 fails its item naming it as it can (U+FFFD for the bytes it cannot show)
+        named = [(os.fsencode(path.stem).decode("utf-8", "replace"), path) for path in files]
+        return [{"deviceId": stem, "csr": _csr_text(path.read_bytes())} for stem, path in named], None, None
     data = _read_input(source)
     wide = wide_encoding(data)
     if wide:
@@ -1311,9 +1313,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--requested-by",
-        type=_rule(parameters.principal_name),
+        type=_rule(parameters.requester),
         metavar="NAME",
-        help="only certificates this factory (or admin) asked for, over the API or with sign-csr --factory",
+        help="only certificates this factory or admin asked for (over the API, or with --factory here), or "
+        "cli:USER for what this CLI signed for no factory (the inventory's requestedBy)",
     )
     sub.add_argument(
         "--expiring-within-days",
@@ -1485,6 +1488,8 @@ def _rule(rule: Callable[[str], Any]) -> Callable[[str], Any]:
         try:
             return rule(text)
         except parameters.InvalidParameter as error:
+            if error.code != parameters.InvalidParameter.code:  # the rule's own code, as the API gives it
+                raise _RuleBroken(error.problem, error.code) from None
             raise argparse.ArgumentTypeError(error.problem) from None
 
     return check

@@ -96,6 +96,22 @@ def principal_name(value: Any, name: str = "requestedBy") -> str:
     return _named(check, value, name)
 
 
+CLI_REQUESTER = "cli:"  # what the CLI records as the requester when it signs on the CA host for no factory
+MAX_REQUESTER = 260
+
+
+def requester(value: Any, name: str = "requestedBy") -> str:
+    """Who asked for a certificate, as the inventory shows it: a principal's name (`principal_name`), or
+    "cli:<user>" for what `python cli.py` signed on the CA host without --factory (at most MAX_REQUESTER
+    printable characters, no spaces)."""
+    if isinstance(value, str) and value.startswith(CLI_REQUESTER):
+        user = value.removeprefix(CLI_REQUESTER)
+        if not user or len(value) > MAX_REQUESTER or not user.isprintable() or " " in user:
+            raise InvalidParameter(name, f"must be a principal's name or cli:<user>, not {_shown(value)}")
+        return value
+    return principal_name(value, name)
+
+
 def _named(check: Any, value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise InvalidParameter(name, f"must be a string, not {_shown(value)}")

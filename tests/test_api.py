@@ -359,6 +359,11 @@ def test_an_admin_lists_what_one_factory_asked_for_and_a_factory_only_its_own(ap
     assert devices(api.factory_a, requestedBy="factory-one") == devices(api.factory_a) == ["by-one"]
     other = api.client.get("/api/certificates", params={"requestedBy": "factory-two"}, headers=bearer(api.factory_a))
     assert _error(other, 403, "forbidden")["message"] == "a factory lists only the certificates it asked for"
+    by_cli = api.service.sign_csr(make_csr("by-cli"), "by-cli", requested_by="cli:ops")  # as the CLI records it
+    assert by_cli.record.requested_by == "cli:ops" and devices(api.admin, requestedBy="cli:ops") == ["by-cli"]
+    for odd in ("cli:", "cli:two words", "cli:" + "x" * 300):
+        refused = api.client.get("/api/certificates", params={"requestedBy": odd}, headers=bearer(api.admin))
+        assert refused.status_code == 400, (odd, refused.text)
     bad = api.client.get("/api/certificates", params={"requestedBy": "Factory Two"}, headers=bearer(api.admin))
     assert _error(bad, 400, "invalid-principal-name")["message"].startswith("requestedBy: principal name 'Factory")
 

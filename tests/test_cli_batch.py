@@ -36,6 +36,13 @@ def _results(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _json_listing(capsys) -> str:
+    """Every certificate, as `list-certificates --json` gives them (its items, as JSON text)."""
+    capsys.readouterr()
+    assert cli.main(["list-certificates", "--limit", "1000", "--json"]) == 0
+    return json.dumps(json.loads(capsys.readouterr().out)["items"])
+
+
 def _certificates(service) -> list:
     return service.ledger.list_certificates(CertificateQuery(limit=1000)).items
 
@@ -112,7 +119,7 @@ def test_a_folder_of_csr_files_named_by_device_id(scene, capsys):
     assert cli.main(["sign-batch", str(csrs), "--results", str(results_file)]) == 0
     assert "Signed 2 of 2 item(s)" in capsys.readouterr().out
     assert sorted(r["deviceId"] for r in _results(results_file) if r["status"] == "issued") == ["dir-der", "dir-pem"]
-    # a file name that is not UTF-8 (Python hands it over with a lone surrogate): that item fails alone
+    # a file name that is not UTF-8: that item fails alone, named as well as it can be (U+FFFD)
     (csrs / os.fsdecode(b"dir-\xff.csr")).write_bytes(make_csr("dir-odd"))
     (csrs / "dir-new.csr").write_bytes(make_csr("dir-new"))
     results_file.unlink()
@@ -122,7 +129,7 @@ def test_a_folder_of_csr_files_named_by_device_id(scene, capsys):
         in capsys.readouterr().out
     )
     by_status = {(r["deviceId"], r["status"]) for r in _results(results_file)}
-    assert {("", "failed"), ("dir-new", "issued")} <= by_status
+    assert {("dir-\ufffd", "failed"), ("dir-new", "issued")} <= by_status
 
 
 def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):
@@ -170,6 +177,16 @@ def test_the_cli_signs_on_a_factorys_behalf_by_its_rules(scene, capsys):
     assert sorted(c["deviceId"] for c in json.loads(capsys.readouterr().out)["items"]) == ["f-1", "f-2"]
     assert cli.main(["list-certificates", "--requested-by", "Line 1"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --requested-by: principal name 'Line 1' is not")
+    assert cli.main(["list-certificates", "--requested-by", "Line 1", "--json"]) == 2  # the rule's code, as the API's
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "invalid-principal-name"
+    own = folder / "cli-own.csr"
+    own.write_bytes(make_csr("cli-own"))
+    assert cli.main(["sign-csr", str(own), "--device-id", "cli-own"]) == 0  # for no factory: cli:<user>
+    admins_own = [c["requestedBy"] for c in json.loads(_json_listing(capsys)) if c["requestedBy"].startswith("cli:")]
+    assert admins_own
+    assert cli.main(["list-certificates", "--requested-by", admins_own[0], "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["items"]
+    assert listed and {c["requestedBy"] for c in listed} == {admins_own[0]}
 
     admins = folder / "a-1.csr"
     admins.write_bytes(make_csr("a-1"))

@@ -43,7 +43,9 @@ def test_passphrase_encrypts_the_key(tmp_path):
 
 def test_a_passphrase_set_for_keys_made_without_one_is_refused_until_they_are_encrypted(tmp_path, monkeypatch):
     """PKI_KEY_PASSPHRASE set says the keys are encrypted: a key file that is not is refused (health degrades,
-    nothing is signed) with the openssl command that encrypts it, which then makes it usable."""
+    nothing is signed) with the openssl command that encrypts it, which works as printed (a space in the
+    path too) and then makes it usable."""
+    tmp_path = tmp_path / "my ca"
     LocalKeyStore(tmp_path).create_ca_key("ca-1", "P-256", "CA 1")
     with pytest.raises(Misconfigured) as refused:
         LocalKeyStore(tmp_path, "correct horse").signing_key("ca-1")

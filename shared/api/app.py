@@ -477,8 +477,12 @@ def list_certificates(
     status: Annotated[models.Status | None, Query()] = None,
     expiring_within_days: Annotated[models.Days | None, Query(alias="expiringWithinDays")] = None,
     requested_by: Annotated[
-        models.PrincipalName | None,
-        Query(alias="requestedBy", description="only those this factory (or admin) asked for; a factory: itself"),
+        models.Requester | None,
+        Query(
+            alias="requestedBy",
+            description="only those this factory or admin asked for (a factory: itself), or cli:<user> for what "
+            "the CLI signed on the CA host",
+        ),
     ] = None,
     limit: Annotated[models.PageLimit, Query()] = parameters.DEFAULT_PAGE,
     cursor: Annotated[models.Cursor | None, Query()] = None,

@@ -40,7 +40,7 @@ Status = Annotated[Literal["active", "superseded", "revoked", "expired"], _rule(
 Curve = Literal["P-256", "P-384"]
 DeviceId = Annotated[str, Field(min_length=1, max_length=MAX_REGISTRATION_ID), _rule(parameters.device_id)]
 CaId = Annotated[str, Field(min_length=1, max_length=parameters.MAX_CA_ID), _rule(parameters.ca_id)]
-PrincipalName = Annotated[str, Field(min_length=1, max_length=parameters.MAX_CA_ID), _rule(parameters.principal_name)]
+Requester = Annotated[str, Field(min_length=1, max_length=parameters.MAX_REQUESTER), _rule(parameters.requester)]
 
 
 class Strict(BaseModel):

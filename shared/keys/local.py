@@ -1,6 +1,7 @@
 """CA keys as PKCS#8 files under PKI_HOME/keys: mode 0600, encrypted when a passphrase is set."""
 
 import os
+import shlex
 import threading
 from pathlib import Path
 
@@ -99,10 +100,12 @@ class LocalKeyStore(KeyStore):
         if encrypted and not self._passphrase:
             raise Misconfigured(f"CA key file {path} is encrypted; set PKI_KEY_PASSPHRASE", "key-passphrase-missing")
         if self._passphrase and not encrypted:  # the operator believes the keys are encrypted: they are not
+            source, target = shlex.quote(str(path)), shlex.quote(f"{path}.new")
             raise Misconfigured(
                 f"CA key file {path} is not encrypted although PKI_KEY_PASSPHRASE is set (it was made without "
-                f"one): encrypt it with `openssl pkcs8 -topk8 -v2 aes-256-cbc -in {path} -out {path}.new -passout "
-                f"env:PKI_KEY_PASSPHRASE` and move {path.name}.new over it, or unset PKI_KEY_PASSPHRASE",
+                f"one, as may be the other key files there): encrypt it with `openssl pkcs8 -topk8 -v2 aes-256-cbc "
+                f"-in {source} -out {target} -passout env:PKI_KEY_PASSPHRASE` and move {path.name}.new over it, "
+                "or unset PKI_KEY_PASSPHRASE",
                 "key-not-encrypted",
             )
         try:
