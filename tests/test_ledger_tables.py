@@ -1,7 +1,9 @@
 """What is Table Storage's own: a crash at every Storage call of an issuance, Storage that keeps failing
 (503 with Retry-After, nothing recorded), transactions counted, and a service that keeps nothing on disk."""
 
+import base64
 import itertools
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +24,7 @@ from shared.dps.offline import OfflineDps
 from shared.errors import BackendUnavailable, CaError
 from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
+from shared.ledger import tables as tables_module
 from shared.ledger.models import BatchPage, CertificateQuery, CertificateRecord, Issuance
 from shared.ledger.tables import INDEX, TableLedger, _index_entities
 from shared.ledger.tables_batches import ALL_BATCHES, BATCH_ROW, BATCHES, _partition
@@ -110,6 +113,33 @@ def tables(azurite, tmp_path, clock):
     yield open_service
     for service in made:
         service.close()
+
+
+def test_a_forged_cursor_with_the_listings_own_fingerprint_is_refused_before_storage(tables):
+    """The cursor's fingerprint is no secret (a hash of the query): a cursor forged with it, whose token is not
+    a continuation token as Storage gives one (a lone surrogate, another shape), is 400 invalid-cursor, not
+    a 500 from the SDK; a well-formed forged token only resumes the caller's own listing."""
+    ledger = tables(table_prefix()).ledger
+    query = CertificateQuery(requested_by="factory-a", limit=2)
+
+    def forged(token) -> str:
+        document = {"f": tables_module._fingerprint(query), "t": token, "s": 0}
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
+
+    for token in (
+        {"PartitionKey": "\ud800", "RowKey": "c-"},
+        {"PartitionKey": "req-factory-a", "RowKey": "\udc00"},
+        {"PartitionKey": "req-factory-a"},
+        {"PartitionKey": "req-factory-a", "RowKey": "c-", "Table": "cas"},
+        {"PartitionKey": 5, "RowKey": "c-"},
+        {"PartitionKey": "req-\u0007", "RowKey": "c-"},
+        ["req-factory-a", "c-"],
+    ):
+        with pytest.raises(CaError) as refused:
+            ledger.list_certificates(replace(query, cursor=forged(token)))
+        assert refused.value.code == "invalid-cursor", token
+    resumed = ledger.list_certificates(replace(query, cursor=forged({"PartitionKey": "req-factory-b", "RowKey": None})))
+    assert resumed.items == []  # the listing's own filter still holds: another requester's rows are not read
 
 
 SCENARIOS = ["new device", "renewal with a new key", "renewal with the same key"]

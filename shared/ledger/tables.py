@@ -1139,12 +1139,32 @@ def _read_cursor(cursor: str | None, fingerprint: str) -> tuple[Any, int]:
     try:
         document = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         token, skip = document["t"], int(document["s"])
-        valid = document["f"] == fingerprint and skip >= 0 and (token is None or isinstance(token, dict))
+        valid = document["f"] == fingerprint and skip >= 0 and (token is None or _continuation(token))
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         valid = False
     if not valid:
         raise invalid_cursor()
     return token, skip
+
+
+def _continuation(token: Any) -> bool:
+    """Whether `token` is a Storage continuation token as azure-data-tables gives one: {"PartitionKey",
+    "RowKey"}, each the text of a key (or None); a forged one (a lone surrogate, another shape) is no
+    cursor, and must not reach Storage."""
+    if not isinstance(token, dict) or set(token) != {"PartitionKey", "RowKey"}:
+        return False
+    for key in token.values():
+        if key is not None and not (isinstance(key, str) and key.isprintable() and _encodable(key)):
+            return False
+    return True
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _seq() -> str:
