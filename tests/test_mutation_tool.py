@@ -234,16 +234,18 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     meta["durations_by_key"][killed] = 22.5  # the whole allowance: a timeout, so killed
     meta_path.write_text(json.dumps(meta))
     assert "CUT SHORT" not in tool("report").stdout
-    # a function added far down the file, then a resumed run: the judged function's verdicts are kept, and
-    # the new one gets its mutants (mutmut measured coverage on the old mutated copy, which has no such line)
+    # a function added far down the file, which an old test calls, then a resumed run: the judged function's
+    # verdicts are kept, and the new one gets its mutants (mutmut measured coverage on the old mutated copy,
+    # which has no such line) and its tests (mutmut traced again only new tests: "no tests")
     before = {name: code for name, code in meta["exit_code_by_key"].items() if "within" in name}
     (tmp_path / "shared" / "limits.py").write_text(
         "def within(size: int, limit: int) -> bool:\n    return 0 < size <= limit\n\n\n"
         + "# a line of notes\n" * 400
         + "\n\ndef above(size: int) -> bool:\n    return size > 2\n"
     )
-    (tmp_path / "tests" / "test_above.py").write_text(
-        "from shared.limits import above\n\n\ndef test_above():\n    assert above(3) and not above(2)\n"
+    (tmp_path / "tests" / "test_limits.py").write_text(  # an old test reaches the new function
+        "from shared.limits import above, within\n\n\ndef test_within():\n"
+        "    assert within(3, 3) and not within(4, 3)\n    assert above(3) and not above(2)\n"
     )
     again = tool("run", "--children", "1")
     assert "copied afresh: shared/limits.py" in again.stderr, again.stderr[-2000:]

@@ -418,6 +418,10 @@ def run(children: int, names: list[str]) -> int:
     changed = refresh_changed_sources()
     if changed:
         print(f"changed since mutants/ was made, copied afresh: {', '.join(changed)}", file=sys.stderr)
+        # mutmut traces again only the tests that are new: an old test that now reaches a new or renamed
+        # function would leave that function's mutants with "no tests"; every test is traced again
+        # (every verdict is kept)
+        (REPO / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     sys.path.insert(0, str(REPO))
     from tests.azurite import AZURITE_TABLE, Azurite
 
