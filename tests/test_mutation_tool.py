@@ -252,6 +252,14 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     codes = json.loads(meta_path.read_text())["exit_code_by_key"]
     assert {name: code for name, code in codes.items() if "within" in name} == before
     above = [name for name in codes if "above" in name]
+    # a "no tests" verdict left by an earlier resumed run is judged again once the tests are traced again
+    meta = json.loads(meta_path.read_text())
+    meta["exit_code_by_key"][above[0]] = 33
+    meta_path.write_text(json.dumps(meta))
+    assert mutation.forget_no_tests(tmp_path / "mutants") == 1
+    assert json.loads(meta_path.read_text())["exit_code_by_key"][above[0]] is None
+    assert tool("run", "--children", "1").returncode == 1
+    codes = json.loads(meta_path.read_text())["exit_code_by_key"]
     assert len(above) == 2 and all(codes[name] == 1 for name in above), codes  # > 2: >= 2 and > 3, both killed
     misspelt = tool("report", "--module", "shared.limit", "--module", "shared.nosuch")
     assert misspelt.returncode == 2 and "'shared.nosuch'" in misspelt.stdout and "limit'" not in misspelt.stdout

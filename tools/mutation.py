@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import re
 import signal
@@ -410,6 +411,25 @@ def refresh_changed_sources(root: Path = REPO) -> list[str]:
     return removed
 
 
+NO_TESTS_CODE = 33  # mutmut: no test reaches the mutant's function (by its last tracing of the tests)
+
+
+def forget_no_tests(mutants: Path) -> int:
+    """Make every "no tests" verdict in `mutants` not run, so that the run judges it with the tests traced
+    again (mutmut runs only mutants without a verdict); how many."""
+    forgotten = 0
+    for meta_path in mutants.rglob("*.py.meta"):
+        meta = json.loads(meta_path.read_text())
+        codes = meta["exit_code_by_key"]
+        names = [name for name, code in codes.items() if code == NO_TESTS_CODE]
+        for name in names:
+            codes[name] = None
+        if names:
+            meta_path.write_text(json.dumps(meta))
+            forgotten += len(names)
+    return forgotten
+
+
 def run(children: int, names: list[str]) -> int:
     """`mutmut run` with one Azurite Table service shared by every test session; mutmut's exit status."""
     said = guard_pid_reuse()
@@ -422,6 +442,7 @@ def run(children: int, names: list[str]) -> int:
         # function would leave that function's mutants with "no tests"; every test is traced again
         # (every verdict is kept)
         (REPO / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        forget_no_tests(REPO / "mutants")
     sys.path.insert(0, str(REPO))
     from tests.azurite import AZURITE_TABLE, Azurite
 
