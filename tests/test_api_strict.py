@@ -322,3 +322,22 @@ def test_the_id_rules_as_parameters():
     with pytest.raises(parameters.InvalidParameter) as refused:
         parameters.device_id(5)
     assert (refused.value.code, refused.value.problem) == ("invalid-request", "must be a string, not '5'")
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "code"),
+    [
+        ("/api/devices/empty-1/certificate", "intermediateId=", "invalid-ca-id"),
+        ("/api/devices/empty-1/certificate", "renew=", "invalid-request"),
+        ("/api/devices/empty-1/certificate", "renew", "invalid-request"),
+        ("/api/batches", "intermediateId=", "invalid-ca-id"),
+    ],
+)
+def test_an_empty_query_value_is_refused_not_read_as_the_default(api, path, query, code):
+    """`?intermediateId=` names no CA and `?renew=` says neither true nor false: a 400, as the inventory's
+    filters answer, and nothing is signed or stored."""
+    media = "application/pkcs10" if "devices" in path else "application/jsonl"
+    body = make_csr("empty-1") if "devices" in path else json.dumps({"deviceId": "empty-1", "csr": "x"}).encode()
+    response = api.client.post(f"{path}?{query}", content=body, headers={"Content-Type": media, **bearer(api.admin)})
+    assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
+    assert api.service.ledger.device_owners(["empty-1"]) == {} and api.service.batches().items == []

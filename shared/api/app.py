@@ -250,6 +250,8 @@ async def sign_device_certificate(request: Request) -> Response:
     caller = await any_caller(request)  # before the body is read
     device_id = request.path_params["deviceId"]
     renew, intermediate_id = _query_flag(request, "renew"), request.query_params.get("intermediateId")
+    if intermediate_id is not None:
+        parameters.ca_id(intermediate_id)  # "?intermediateId=" (empty) names no CA: not the default
     csr, options = await _read_csr(request)
     if options.intermediateId and intermediate_id and options.intermediateId != intermediate_id:
         raise CaError("intermediateId differs between the query and the body", "conflicting-parameters")
@@ -266,7 +268,7 @@ async def sign_device_certificate(request: Request) -> Response:
 
 def _query_flag(request: Request, name: str) -> bool:
     value = request.query_params.get(name)
-    if value is None or value.lower() in ("false", "0", "no", ""):
+    if value is None or value.lower() in ("false", "0", "no"):
         return False
     if value.lower() in ("true", "1", "yes"):
         return True

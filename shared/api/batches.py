@@ -68,6 +68,8 @@ async def submit_batch(request: Request) -> Response:
     caller = await any_caller(request)  # before the body is read
     items, body_intermediate, lines = _read_items(_media_type(request), await request.body())
     query_intermediate = request.query_params.get("intermediateId")
+    if query_intermediate is not None:
+        parameters.ca_id(query_intermediate)  # "?intermediateId=" (empty) names no CA: not the default
     if body_intermediate and query_intermediate and body_intermediate != query_intermediate:
         raise CaError("intermediateId differs between the query and the body", "conflicting-parameters")
     summary = await asyncio.to_thread(
