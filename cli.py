@@ -33,6 +33,7 @@ from shared.errors import CaError, NotFound, shown_to_callers, unexpected
 from shared.jsonlines import is_batch_object, read_batch_object, read_json_lines, wide_encoding
 from shared.ledger.models import CA_ACTIVE, CERT_REVOKED, CERT_STATUSES, FACTORY, CaRecord, CertificateQuery
 from shared.pki import CA_CURVES, PkiError, ca_name, check_ca_id, check_device_id, check_verification_code
+from shared.pki.csr_encoding import unwrap_csr
 from shared.pki.revocation import REVOCATION_REASONS, revocation_reason
 from shared.queues import InProcessQueue
 from shared.serve_limits import (
@@ -271,6 +272,12 @@ def _prepare(args: argparse.Namespace) -> None:
         _check_results_apart(args.source, args.results)
         _check_output_file(args.results)
         if args.pem_dir is not None:
+            if args.source.is_dir() and args.pem_dir.resolve() == args.source.resolve():
+                raise CaError(
+                    f"--pem-dir {args.pem_dir} is the folder of CSR files: the chains written there as "
+                    "DEVICE_ID.pem would be read as CSRs by the next run; name another folder",
+                    "conflicting-parameters",
+                )
             _check_output_folder(args.pem_dir, (), parents=False)
             args.pem_dir.mkdir(exist_ok=True)
     if args.handler is proof_ca_root_possession and args.verification_code is not None:
@@ -1091,10 +1098,16 @@ def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None, str | 
 
 
 def _csr_text(data: bytes) -> str:
-    """A CSR file's content as text: PEM as it is, DER as PEM."""
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return data.decode("utf-8", errors="replace")
-    body = base64.encodebytes(data).decode()
+    """A CSR file's content as PEM text, read as POST /api/devices/{id}/certificate reads a body (shared/pki
+    unwrap_csr: DER, PEM with text around it, a UTF-8 or UTF-16 byte-order mark, bare base64); a file that
+    is none of these is passed on as it is, for its item to fail with the reason."""
+    try:
+        der, _ = unwrap_csr(data)
+    except PkiError:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return data.decode("utf-8", errors="replace")
+        der = data
+    body = base64.encodebytes(der).decode()
     return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
 
 

@@ -217,6 +217,7 @@ def _vault_url(values: Mapping[str, str]) -> str | None:
         url is None
         or url.scheme != "https"
         or not url.hostname
+        or not url.hostname.replace("-", "").replace(".", "").isalnum()
         or url.username is not None
         or url.password is not None
         or port is not None
@@ -237,12 +238,45 @@ def _ncrontab(values: Mapping[str, str], name: str) -> str | None:
     raw = values.get(name)
     if raw in (None, ""):
         return None
-    if len(raw.split()) != 6:
+    fields = raw.split()
+    problem = f"it has {len(fields)}" if len(fields) != 6 else _ncrontab_problem(fields)
+    if problem:
         raise Misconfigured(
-            f"setting {name}={raw!r} must be an NCRONTAB expression of six fields, like '0 0 6 * * *'",
+            f"setting {name}={raw!r} must be an NCRONTAB expression of six fields, like '0 0 6 * * *' "
+            f"(second minute hour day month day-of-week): {problem}",
             "invalid-setting",
         )
     return raw
+
+
+_NCRONTAB_FIELDS = (  # name, lowest, highest (Azure Functions' timer: NCronTab with seconds)
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 6),
+)
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+
+
+def _ncrontab_problem(fields: list[str]) -> str | None:
+    """What is wrong with six NCRONTAB fields, or None: each a comma-separated list of *, a number or a
+    range a-b (month and day-of-week names too), each optionally /step, within the field's bounds."""
+    for (name, low, high), text in zip(_NCRONTAB_FIELDS, fields, strict=True):
+        names = _MONTHS if name == "month" else _DAYS if name == "day-of-week" else ()
+        for part in text.split(","):
+            span, _, step = part.partition("/")
+            if step and not (step.isdigit() and 0 < int(step) <= high):
+                return f"the {name} field's step {step!r} is not a number from 1 to {high}"
+            if span == "*":
+                continue
+            for end in span.split("-", 1):
+                value = names.index(end.upper()) + (name == "month") if end.upper() in names else end
+                if not (str(value).isdigit() and low <= int(value) <= high):
+                    return f"the {name} field {text!r} is not within {low}-{high}"
+    return None
 
 
 def _sign_rate(values: Mapping[str, str]) -> float | None:

@@ -46,7 +46,7 @@ def read_json_lines(data: bytes) -> JsonLines:
     (NotJson when it is not, NotUtf8 when it is not UTF-8 text), with its line number. Never raises."""
     # files joined with `cat`, each saved with a byte-order mark: any line may start with one (an empty
     # file saved so makes a line of a mark alone, blank like any other)
-    lines = (line.removeprefix(codecs.BOM_UTF8) for line in data.split(b"\n"))
+    lines = (_without_marks(line) for line in data.split(b"\n"))
     numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip(_JSON_WHITESPACE)]
     return JsonLines([_value(line) for _, line in numbered], [number for number, _ in numbered])
 
@@ -87,7 +87,8 @@ def read_batch_object(body: bytes) -> tuple[list[Any], str | None]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
-        raise CaError(f"the body is not valid JSON: {error}", "invalid-request") from None
+        hint = "; JSON Lines (one item a line) is sent as application/jsonl" if error.msg == "Extra data" else ""
+        raise CaError(f"the body is not valid JSON: {error}{hint}", "invalid-request") from None
     except (ValueError, RecursionError):  # a number too long to read, arrays or objects nested too deeply
         raise CaError(TOO_DEEP_OR_LONG, "invalid-request") from None
     if not isinstance(document, dict) or not isinstance(document.get("items"), list):
@@ -123,6 +124,14 @@ def line_problem(line: int, value: Any, problem: str) -> str:
     if not isinstance(value, Mapping):
         return f'line {line} is JSON but not an object ({_kind(value)}); a line holds one {{"deviceId", "csr"}}'
     return f"line {line}: {problem}"
+
+
+def _without_marks(line: bytes) -> bytes:
+    """`line` without the byte-order marks it starts with (an empty file saved with one, joined with `cat`
+    before another such file, leaves two)."""
+    while line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8) :]
+    return line
 
 
 def _value(line: bytes) -> Any:

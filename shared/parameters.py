@@ -102,11 +102,11 @@ MAX_REQUESTER = 260
 
 def requester(value: Any, name: str = "requestedBy") -> str:
     """Who asked for a certificate, as the inventory shows it: a principal's name (`principal_name`), or
-    "cli:<user>" for what `python cli.py` signed on the CA host without --factory (at most MAX_REQUESTER
-    printable characters, no spaces)."""
+    "cli:<user>" for what `python cli.py` signed on the CA host without --factory (the user's login name as
+    the system gives it, spaces too: at most MAX_REQUESTER printable characters)."""
     if isinstance(value, str) and value.startswith(CLI_REQUESTER):
         user = value.removeprefix(CLI_REQUESTER)
-        if not user or len(value) > MAX_REQUESTER or not user.isprintable() or " " in user:
+        if not user.strip() or len(value) > MAX_REQUESTER or not user.isprintable():
             raise InvalidParameter(name, f"must be a principal's name or cli:<user>, not {_shown(value)}")
         return value
     return principal_name(value, name)

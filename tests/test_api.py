@@ -361,7 +361,9 @@ def test_an_admin_lists_what_one_factory_asked_for_and_a_factory_only_its_own(ap
     assert _error(other, 403, "forbidden")["message"] == "a factory lists only the certificates it asked for"
     by_cli = api.service.sign_csr(make_csr("by-cli"), "by-cli", requested_by="cli:ops")  # as the CLI records it
     assert by_cli.record.requested_by == "cli:ops" and devices(api.admin, requestedBy="cli:ops") == ["by-cli"]
-    for odd in ("cli:", "cli:two words", "cli:" + "x" * 300):
+    api.service.sign_csr(make_csr("by-john"), "by-john", requested_by="cli:John Smith")  # a login name with a space
+    assert devices(api.admin, requestedBy="cli:John Smith") == ["by-john"]
+    for odd in ("cli:", "cli: ", "cli:bell\u0007", "cli:" + "x" * 300):
         refused = api.client.get("/api/certificates", params={"requestedBy": odd}, headers=bearer(api.admin))
         assert refused.status_code == 400, (odd, refused.text)
     bad = api.client.get("/api/certificates", params={"requestedBy": "Factory Two"}, headers=bearer(api.admin))

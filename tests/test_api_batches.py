@@ -236,10 +236,16 @@ def test_an_api_key_pasted_into_a_batch_is_never_stored_or_answered_with_its_sec
     assert not any(secret[:16] in repr(item) or secret[-16:] in repr(item) for item in stored)
 
 
+def test_json_lines_sent_as_json_is_refused_saying_how_to_send_it(api):
+    body = "\n".join(json.dumps(item) for item in _items("as-json", 2)).encode()
+    message = _error(_submit(api, api.factory_a, body, "application/json"), 400, "invalid-request")
+    assert message.endswith("; JSON Lines (one item a line) is sent as application/jsonl"), message
+
+
 def test_files_joined_with_their_byte_order_marks_are_read_whole(api):
     """`cat a.jsonl b.jsonl`, each saved by an editor that writes a BOM: the marks start lines 1 and 2."""
     first, second = (json.dumps(item) for item in _items("joined", 2))
-    body = ("\ufeff" + first + "\r\n\ufeff\n\ufeff \t\r\n\ufeff" + second + "\r\n").encode()  # and empty files
+    body = ("\ufeff" + first + "\r\n\ufeff\n\ufeff \t\r\n\ufeff\ufeff" + second + "\r\n").encode()  # and empty files
     response = _submit(api, api.factory_a, body, "application/jsonl")
     assert response.status_code == 202 and response.json()["counts"]["pending"] == 2, response.text
 

@@ -132,6 +132,22 @@ def test_a_folder_of_csr_files_named_by_device_id(scene, capsys):
     assert {("dir-\ufffd", "failed"), ("dir-new", "issued")} <= by_status
 
 
+def test_a_folder_takes_every_form_of_csr_file_the_api_takes_and_keeps_chains_apart(scene, capsys):
+    """CSR files as editors and tools save them (a UTF-8 or UTF-16 byte-order mark, `openssl req -text`'s
+    text around the PEM block) are read as POST /api/devices/{id}/certificate reads a body; chains written
+    into the folder itself would be read as CSRs by the next run, so --pem-dir must name another."""
+    _, folder = scene
+    csrs = folder / "forms"
+    csrs.mkdir()
+    (csrs / "win-bom8.csr").write_bytes(b"\xef\xbb\xbf" + make_csr("win-bom8"))
+    (csrs / "win-utf16.csr").write_bytes(make_csr("win-utf16").decode().encode("utf-16"))
+    (csrs / "win-text.csr").write_bytes(b"Certificate Request:\n    Data: ...\n" + make_csr("win-text"))
+    assert cli.main(["sign-batch", str(csrs), "--json"]) == 0, capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["issued"] == 3
+    assert cli.main(["sign-batch", str(csrs), "--pem-dir", str(csrs)]) == 1
+    assert "is the folder of CSR files" in capsys.readouterr().err
+
+
 def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):
     service, folder = scene
     source = folder / "stop.jsonl"

@@ -100,6 +100,21 @@ def test_a_schedule_that_is_not_ncrontab_is_refused():
     assert Settings.from_values({"EXPIRY_SCAN_SCHEDULE": "0 0 6 * * *"}).expiry_scan_schedule == "0 0 6 * * *"
     with pytest.raises(Misconfigured, match="EXPIRY_SCAN_SCHEDULE='@daily' must be an NCRONTAB expression"):
         Settings.from_values({"EXPIRY_SCAN_SCHEDULE": "@daily"})
+    for wrong, problem in (
+        ("0 0 25 * * *", "the hour field '25' is not within 0-23"),
+        ("0 0 6 32 * *", "the day field '32' is not within 1-31"),
+        ("0 0 6 * 13 *", "the month field '13' is not within 1-12"),
+        ("0 0 6 * * 7", "the day-of-week field '7' is not within 0-6"),
+        ("0 60 6 * * *", "the minute field '60' is not within 0-59"),
+        ("0 */0 6 * * *", "the minute field's step '0' is not a number from 1 to 59"),
+        ("0 0 6 * * MON-XYZ", "the day-of-week field 'MON-XYZ' is not within 0-6"),
+        ("0 0 6 * *", "it has 5"),
+    ):
+        with pytest.raises(Misconfigured) as refused:
+            Settings.from_values({"EXPIRY_SCAN_SCHEDULE": wrong})
+        assert refused.value.message.endswith(f"(second minute hour day month day-of-week): {problem}"), wrong
+    for right in ("0 30 2 * * 1-5", "0 */5 * * * *", "0 0 6 * * MON-FRI", "0 0 6 1 JAN,jul *", "0 0,30 6-18/2 * * *"):
+        assert Settings.from_values({"EXPIRY_SCAN_SCHEDULE": right}).expiry_scan_schedule == right
     with pytest.raises(Misconfigured, match="EXPIRY_DEVICE_DAYS"):
         Settings.from_values({"EXPIRY_DEVICE_DAYS": "0"})
     thresholds = Settings.from_values({"EXPIRY_DEVICE_DAYS": "14", "EXPIRY_ROOT_DAYS": "730"})

@@ -339,6 +339,7 @@ def test_settings_choose_key_vault_with_the_default_credential(tmp_path):
         "https://device-ca.vault.azure.net/#hunter2",
         "device-ca.vault.azure.net",
         "https://[hunter2/",
+        "https://my vault.vault.azure.net/",
     ],
 )
 def test_a_key_vault_url_that_is_no_vault_uri_is_refused_without_repeating_it(url):

@@ -473,7 +473,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         epilog="Exit status: 0 passed, 1 failed (or the run did not finish), 2 no run to report on, no mutant "
         "made yet, no module matching --module, or a usage error. "
-        "`run` needs AZURITE_TABLE (make mutation sets it).",
+        "`run` starts Azurite from AZURITE_TABLE, or from the project's tools/azurite (make azurite installs it).",
     )
     parser.add_argument("command", choices=["run", "report"], help="run mutmut then report, or report the last run")
     parser.add_argument("mutants", nargs="*", help="run: mutmut name patterns to run (all configured when none)")
