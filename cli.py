@@ -1086,8 +1086,12 @@ def _read_batch_input(source: Path) -> tuple[list[Any], list[int] | None, str | 
             words = error.message
             words = words.replace("the body", str(source)) if "the body" in words else f"{source}: {words}"
             raise CaError(words, error.code) from None
+        if not items:
+            raise CaError(f"{source} holds no items: a batch needs at least one", "empty-batch")
         return items, None, intermediate
     read = read_json_lines(data)
+    if not read.items:  # the words and code POST /api/batches gives such a body
+        raise CaError(f"a batch needs at least one item: every line of {source} is blank", "empty-batch")
     if not any(isinstance(item, dict) for item in read.items):
         raise CaError(
             f"{source} is not a JSON Lines file of items (one JSON object a line: deviceId, csr), nor a JSON "

@@ -148,6 +148,16 @@ def test_a_folder_takes_every_form_of_csr_file_the_api_takes_and_keeps_chains_ap
     assert "is the folder of CSR files" in capsys.readouterr().err
 
 
+def test_a_file_with_no_items_is_refused_as_the_api_refuses_an_empty_body(scene, capsys):
+    _, folder = scene
+    for name, content in (("blank.jsonl", b"\xef\xbb\xbf\n \t\r\n"), ("empty.json", b'{"items": []}')):
+        source = folder / name
+        source.write_bytes(content)
+        assert cli.main(["sign-batch", str(source), "--json"]) == 1
+        assert json.loads(capsys.readouterr().out)["error"]["code"] == "empty-batch", name
+        assert not source.with_name(name.split(".")[0] + ".results.jsonl").exists()
+
+
 def test_a_refused_batch_is_one_line_and_signs_nothing(scene, capsys):
     service, folder = scene
     source = folder / "stop.jsonl"
