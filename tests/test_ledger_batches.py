@@ -200,8 +200,10 @@ def test_items_finished_before_they_are_stored_count_as_what_they_are(ledger):
     state, (first, second) = ledger.chunk_items("b1", 0)
     assert (state.issued, state.failed, state.finished_at) == (1, 0, None)
     assert (first.status, first.certificate.serial, first.finished_at) == (ITEM_ISSUED, "0A", NOW)
+    assert state.last_error is None  # no delivery yet, so no error either
     state, _ = ledger.chunk_items("b1", 1)  # its only item is finished: so is the chunk, when it was stored
     assert (state.issued, state.failed, state.finished_at) == (0, 1, NOW)
+    assert ledger.unfinished_chunks() == [("b1", 0)]  # a server's restart queues again only the chunk with work
     ledger.finish_chunk_items("b1", 0, [_failed(second)], NOW + timedelta(seconds=3))
     summary = ledger.get_batch("b1")
     assert (summary.issued, summary.failed, summary.status) == (1, 2, BATCH_DONE_WITH_FAILURES)

@@ -350,6 +350,7 @@ def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_fail
         ("release an expiry stage", lambda: ledger.release_expiry_stage(claimed, None), None),
         ("retire an expiry index row", lambda: ledger.retire_expiry_watch(claimed), None),
         ("mark a certificate expired", lambda: ledger.mark_expired(claimed, later), "$batch"),
+        ("store a batch", lambda: ledger.add_batch(_batch("b2", total=1), _items(_batch("b2", total=1))), "$batch"),
         ("read a batch", lambda: ledger.get_batch("b1"), "filter"),  # its chunks, after its row
         ("read a batch chunk", lambda: ledger.chunk_items("b1", 0), "filter"),  # its items, after its row
         ("read a batch's items", lambda: ledger.batch_items("b1", 0, 10), None),

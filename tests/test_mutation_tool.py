@@ -261,6 +261,15 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     assert tool("run", "--children", "1").returncode == 1
     codes = json.loads(meta_path.read_text())["exit_code_by_key"]
     assert len(above) == 2 and all(codes[name] == 1 for name in above), codes  # > 2: >= 2 and > 3, both killed
+    # the open survivors (0 < size -> 1 < size, and -> 0 <= size) are judged again when asked: the one a
+    # new test kills is killed, the other stays open
+    (tmp_path / "tests" / "test_one.py").write_text(
+        "from shared.limits import within\n\n\ndef test_one():\n    assert within(1, 3)\n"
+    )
+    assert "2 open, 0 not run" in tool("report").stdout
+    again = tool("run", "--children", "1", "--again-open")
+    assert "2 open survivor(s) to judge again" in again.stderr, again.stderr[-2000:]
+    assert "1 open, 0 not run" in again.stdout and "1 < size" not in again.stdout, again.stdout
     misspelt = tool("report", "--module", "shared.limit", "--module", "shared.nosuch")
     assert misspelt.returncode == 2 and "'shared.nosuch'" in misspelt.stdout and "limit'" not in misspelt.stdout
 

@@ -411,6 +411,26 @@ def refresh_changed_sources(root: Path = REPO) -> list[str]:
     return removed
 
 
+def forget_open_survivors(justified: dict[tuple, str]) -> int:
+    """Make every survivor of the run in `mutants/` (run in the project) that no rule or entry justifies not
+    run, so that the run judges it again with today's tests (those written to kill it); how many."""
+    open_names = {
+        mutant.name
+        for mutant in load_mutants()[0]
+        if mutant.status == "survived" and mutant.change not in justified and not rule_for(mutant)
+    }
+    forgotten = 0
+    for meta_path in Path("mutants").rglob("*.py.meta"):
+        meta = json.loads(meta_path.read_text())
+        names = [name for name in meta["exit_code_by_key"] if name in open_names]
+        for name in names:
+            meta["exit_code_by_key"][name] = None
+        if names:
+            meta_path.write_text(json.dumps(meta))
+            forgotten += len(names)
+    return forgotten
+
+
 NO_TESTS_CODE = 33  # mutmut: no test reaches the mutant's function (by its last tracing of the tests)
 
 
@@ -478,6 +498,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("command", choices=["run", "report"], help="run mutmut then report, or report the last run")
     parser.add_argument("mutants", nargs="*", help="run: mutmut name patterns to run (all configured when none)")
     parser.add_argument("--floor", type=float, default=90.0, help="least percentage of mutants killed (90)")
+    parser.add_argument(
+        "--again-open",
+        action="store_true",
+        help="run: judge again every open survivor of the run so far (after writing the tests that kill them)",
+    )
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="run: mutants run at once (CPUs)")
     parser.add_argument("--draft", action="store_true", help="report: a survivors-file entry for each open survivor")
     parser.add_argument("--module", action="append", help="report: only modules whose name starts so (repeatable)")
@@ -507,6 +532,10 @@ def main() -> int:
     if args.command == "run":
         args.folder = REPO
         os.chdir(REPO)
+        if args.again_open and (REPO / "mutants").is_dir():
+            print(
+                f"{forget_open_survivors(load_justified(survivors))} open survivor(s) to judge again", file=sys.stderr
+            )
         if run(args.children, args.mutants) != 0:
             print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
     if not (args.folder / "mutants").is_dir():
