@@ -96,6 +96,16 @@ def principal_name(value: Any, name: str = "requestedBy") -> str:
     return _named(check, value, name)
 
 
+def unicode_text(text: str) -> bool:
+    """Whether `text` is Unicode text that UTF-8 can hold: JSON's escapes can spell a lone surrogate
+    ("\\ud800", RFC 8259 §8.2), which no store, certificate or JSON answer can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 CLI_REQUESTER = "cli:"  # what the CLI records as the requester when it signs on the CA host for no factory
 MAX_REQUESTER = 260
 

@@ -59,11 +59,7 @@ class Strict(BaseModel):
 
 def _encodable(value: Any) -> bool:
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
+        return parameters.unicode_text(value)
     if isinstance(value, list | tuple):
         return all(map(_encodable, value))
     if isinstance(value, dict):

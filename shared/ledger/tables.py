@@ -109,6 +109,7 @@ from azure.core.exceptions import (
 from azure.data.tables import TableTransactionError, UpdateMode
 
 from ..errors import BackendUnavailable, CaError, Conflict, NotFound
+from ..parameters import unicode_text
 from ..tablestore import MAX_ENTITIES_PER_REQUEST, TableStore, storage_errors, storage_failure
 from . import Ledger, device_has_certificate, device_owned_elsewhere, invalid_cursor, key_in_use, key_revoked
 from .models import (
@@ -1154,16 +1155,8 @@ def _continuation(token: Any) -> bool:
     if not isinstance(token, dict) or set(token) != {"PartitionKey", "RowKey"}:
         return False
     for key in token.values():
-        if key is not None and not (isinstance(key, str) and key.isprintable() and _encodable(key)):
+        if key is not None and not (isinstance(key, str) and key.isprintable() and unicode_text(key)):
             return False
-    return True
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
     return True
 
 

@@ -412,7 +412,7 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
             problem = "deviceId is missing or not a string"
         elif len(device_id) > MAX_ITEM_DEVICE_ID:
             problem = f"deviceId is longer than {MAX_ITEM_DEVICE_ID} characters"
-        elif not _unicode_text(device_id):
+        elif not parameters.unicode_text(device_id):
             problem = (
                 "deviceId is not Unicode text: it holds a lone surrogate (such as \\ud800), which UTF-8 cannot encode"
             )
@@ -424,7 +424,7 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
             problem = "csr is not PEM text: it holds characters other than printable ASCII and line breaks"
         elif unknown:
             problem = f"unknown field(s): {', '.join(repr(name)[:40] for name in unknown[:3])}"
-    shown = isinstance(device_id, str) and len(device_id) <= MAX_ITEM_DEVICE_ID and _unicode_text(device_id)
+    shown = isinstance(device_id, str) and len(device_id) <= MAX_ITEM_DEVICE_ID and parameters.unicode_text(device_id)
     shown_id = shown_to_callers(device_id) if shown else ""  # an API key pasted as a device ID: not kept
     if problem is None:
         return BatchItem(batch.id, index, shown_id, csr)
@@ -440,16 +440,6 @@ def _batch_item(batch: BatchRecord, index: int, raw: Any, line: int | None = Non
         ),
         finished_at=batch.created_at,
     )
-
-
-def _unicode_text(text: str) -> bool:
-    """Whether `text` is Unicode text (RFC 8259 §8.2): JSON's \\uD800-style escapes can give a lone surrogate,
-    which no store nor JSON answer can hold as UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _finished(item: BatchItem, result: IssuedCertificate | CaError) -> BatchItem:
