@@ -42,15 +42,28 @@ MAX_ENTITIES_PER_REQUEST = 1000
 
 class TransactionCounter(SansIOHTTPPolicy):
     """Counts the requests sent to Storage, each retry included: what Azure bills as transactions (an
-    entity group transaction is one). Installed after the SDK's retry policy, so every attempt counts."""
+    entity group transaction is one). Installed after the SDK's retry policy, so every attempt counts;
+    `retries` counts the attempts after a request's first (its context is the same on every attempt), so
+    that `count - retries` is what the ledger asked for, however slow Storage was."""
+
+    _SENT = "device_ca.sent"  # set in a request's context at its first attempt
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.count = 0
+        self.retries = 0
 
     def on_request(self, request: PipelineRequest) -> None:
+        again = self._SENT in request.context
+        request.context[self._SENT] = True
         with self._lock:
             self.count += 1
+            self.retries += again
+
+    @property
+    def requests(self) -> int:
+        """The requests the ledger made, each counted once however many attempts it took."""
+        return self.count - self.retries
 
 
 class TableStore:

@@ -620,33 +620,62 @@ def test_an_index_transaction_retried_after_it_was_written_finds_its_own_serial_
         ledger.close()
 
 
+class BusyOnce(RequestsTransport):
+    """The real transport; once `busy` is set, the next request is answered 503 (Storage busy), as a slow
+    moment would."""
+
+    busy = False
+
+    def send(self, request, **kwargs):
+        if self.busy:
+            self.busy = False
+            return _busy(request)
+        return super().send(request, **kwargs)
+
+
+def test_the_transaction_counter_counts_every_attempt_and_each_request_once(azurite):
+    transport = BusyOnce()
+    ledger = TableLedger(
+        connect(azurite.connection_string, table_prefix(), retry_seconds=10, transport=transport, backoff_seconds=0.01)
+    )
+    try:
+        counter = ledger.store.counter
+        start = (counter.count, counter.retries, counter.requests)
+        transport.busy = True
+        assert ledger.get_ca("none") is None  # answered 503, then sent again
+        assert (counter.count, counter.retries, counter.requests) == (start[0] + 2, start[1] + 1, start[2] + 1)
+    finally:
+        ledger.close()
+
+
 def test_an_issuance_costs_three_transactions_and_a_retry_one(tables):
     """Counted by the pipeline policy, at the ledger: a new certificate is its head read, its key binding
-    and its device transaction, plus three index rows shared by a commit; the same CSR again, one read."""
+    and its device transaction, plus three index rows shared by a commit; the same CSR again, one read. The
+    requests the ledger made, each once: a retry of a slow answer (a busy machine) is no request more."""
     service = tables(table_prefix())
     service.create_root()
     service.create_intermediate("factory-a")
     ledger, counter = service.ledger, service.ledger.store.counter
     requests_ = [(f"dev-{n}", make_csr(f"dev-{n}")) for n in range(250)]
-    start = counter.count
+    start = counter.requests
     results = service.sign_csrs([_request(csr, device) for device, csr in requests_])
     assert all(result.created for result in results)
-    new = counter.count - start
-    start = counter.count
+    new = counter.requests - start
+    start = counter.requests
     retried = service.sign_csrs([_request(csr, device) for device, csr in requests_])
     assert [r.record for r in retried] == [r.record for r in results] and not any(r.created for r in retried)
-    again = counter.count - start
+    again = counter.requests - start
     # per certificate: 1 head read + 1 key binding + 1 device transaction, index rows in shared transactions
     # (3 partitions of 100 at most: 16 serial partitions, one requester, one expiry day), 1 CA lookup a run;
     # a run that only answers from the ledger reads no CA (the intermediate's certificate is cached)
     assert 3 * 250 < new <= 3 * 250 + 3 * 16 + 1
     assert again == 250
-    start = counter.count
+    start = counter.requests
     assert not service.sign_csr(requests_[7][1], requests_[7][0]).created
-    assert counter.count - start == 1
-    single = counter.count
+    assert counter.requests - start == 1
+    single = counter.requests
     ledger.record_issued([Issuance(replace(results[0].record, serial="AB01", device_id="dev-x"))])
-    assert counter.count - single >= 5  # alone, its three index rows cost three transactions
+    assert counter.requests - single >= 5  # alone, its three index rows cost three transactions
 
 
 def _request(csr: bytes, device: str):
