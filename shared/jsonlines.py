@@ -5,8 +5,8 @@ Lines end at LF (CRLF too): not str.splitlines, which also breaks at U+2028 and 
 string may hold as they are. A line of nothing but JSON whitespace is blank and holds no item; the others
 are items, in order. Each item keeps its line number as the client's file has it (1-based, blank lines
 counted), so that whatever is said about an item can name its line. Each line is decoded as UTF-8 on its
-own (RFC 8259 section 8.1; a byte-order mark before the first line is dropped): bytes that are not UTF-8
-spoil their own line, as a line that is not JSON does, and no other.
+own (RFC 8259 section 8.1; the byte-order marks a line starts with are dropped, as files joined with `cat`
+leave them): bytes that are not UTF-8 spoil their own line, as a line that is not JSON does, and no other.
 """
 
 import codecs
@@ -35,7 +35,7 @@ class NotUtf8:
 
 @dataclass(frozen=True)
 class JsonLines:
-    """The items of a JSON Lines text (each a JSON value, or NotJson) and the line number of each."""
+    """The items of a JSON Lines text (each a JSON value, NotJson or NotUtf8) and the line number of each."""
 
     items: list[Any]
     lines: list[int]
