@@ -257,6 +257,7 @@ def test_supersede_and_revoke(ledger):
     revocation = ledger.revoke_certificate("02", "keyCompromise", NOW)
     revoked = revocation.record
     assert revoked.status == "revoked" and revoked.status_reason == "keyCompromise"
+    assert revoked.status_changed_at == NOW and revoked == ledger.get_certificate("02")  # what it now holds
     assert revocation.also_revoked == ()
     assert ledger.key_bindings(["k2"]) == {"k2": ("dev-1", True)}
     assert ledger.active_certificates(["dev-1"]) == {}

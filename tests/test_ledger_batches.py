@@ -233,6 +233,22 @@ def test_batches_are_listed_by_requester_oldest_first_in_pages(ledger):
     assert ledger.list_batches("line-9", 10, None).items == []
 
 
+def test_batches_list_in_the_order_stored_whatever_each_hosts_time_zone(ledger, monkeypatch):
+    """Instances whose local zones differ (Azure Functions honours WEBSITE_TIME_ZONE), or one whose zone
+    changes, still list batches in the order they were stored: the listing order is kept in UTC."""
+    try:
+        for batch_id, zone in (("b1", "EAST-14"), ("b2", "WEST+12")):  # UTC+14, then UTC-12 (POSIX forms)
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            batch = _batch(batch_id, total=1)
+            ledger.add_batch(batch, _items(batch))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert [b.record.id for b in ledger.list_batches(None, 10, None).items] == ["b1", "b2"]
+    assert [b.record.id for b in ledger.list_batches("line-1", 10, None).items] == ["b1", "b2"]
+
+
 @pytest.mark.parametrize("limit", [1, 2, 3, 4, 5, 6])
 def test_following_the_cursor_lists_every_batch_once_and_the_last_page_says_so(ledger, limit):
     for number in range(5):

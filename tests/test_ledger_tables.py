@@ -25,7 +25,7 @@ from shared.errors import BackendUnavailable, CaError
 from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
 from shared.ledger import tables as tables_module
-from shared.ledger.models import BatchPage, CertificateQuery, CertificateRecord, Issuance
+from shared.ledger.models import ApiKey, BatchPage, CertificateQuery, CertificateRecord, Issuance, Principal
 from shared.ledger.tables import INDEX, TableLedger, _index_entities
 from shared.ledger.tables_batches import ALL_BATCHES, BATCH_ROW, BATCHES, _partition
 from shared.parameters import MAX_PAGE
@@ -321,14 +321,15 @@ def test_storage_that_keeps_failing_is_a_503_with_retry_after_and_nothing_record
     assert response.status_code == 201
 
 
-def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_failed(tables, clock):
+def test_storage_failing_in_a_step_names_the_step_that_failed(tables, clock):
     """What the operator reads when Storage keeps failing (503 ledger-unavailable): which step could not
-    be done, for the listings and the expiry scan's writes (an expired certificate's transaction alone)."""
+    be done, for the listings, the expiry scan's writes (an expired certificate's transaction alone), the
+    batches, revocations, CAs, principals and API keys."""
     transport = FaultyTransport()
     service = tables(table_prefix(), transport, retry_seconds=1)
     service.create_root()
     service.create_intermediate("factory-a")
-    service.sign_csr(make_csr(DEVICE), DEVICE)
+    serial = service.sign_csr(make_csr(DEVICE), DEVICE).record.serial
     ledger = service.ledger
     later = clock.now + timedelta(days=3 * 365)  # past the device certificate's notAfter
     (watch,) = ledger.expiry_watch(later)
@@ -337,6 +338,8 @@ def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_fail
     batch = _batch("b1", total=2)
     ledger.add_batch(batch, _items(batch))
     results = [_issued(item, f"0{item.index}") for item in _items(batch)]
+    ledger.add_api_key(ApiKey("k-1", "factory-a", "0" * 64, clock.now))
+    ca_id = ledger.list_cas()[-1].id
     steps = [
         ("read the ledger", ledger.ping, None),
         ("list CAs", ledger.ca_expiry_watch, None),
@@ -356,15 +359,45 @@ def test_storage_failing_in_a_listing_or_an_expiry_step_names_the_step_that_fail
         ("read a batch's items", lambda: ledger.batch_items("b1", 0, 10), None),
         ("update a batch chunk", lambda: ledger.start_chunk("b1", 0, clock.now), "PATCH"),  # after reading it
         ("record a chunk's results", lambda: ledger.finish_chunk_items("b1", 0, results, clock.now), "$batch"),
+        ("revoke a certificate", lambda: ledger.revoke_certificate(serial, "keyCompromise", later), "$batch"),
+        ("record a CA", lambda: ledger.add_ca(_ca("int-9")), None),
+        ("update a CA", lambda: ledger.set_ca_status(ca_id, "disabled"), None),
+        ("record a principal", lambda: ledger.add_principal(Principal("factory-z", "factory", (), clock.now)), None),
+        ("record an API key", lambda: ledger.add_api_key(ApiKey("k-2", "factory-a", "0" * 64, clock.now)), None),
+        ("revoke an API key", lambda: ledger.revoke_api_key("k-1", later), "PUT"),  # after reading it
     ]
     for step, call, only in steps:
         transport.fail_from, transport.mode = transport.count + 1, "503"
-        transport.only, transport.method = (None, only) if only == "PATCH" else (only, None)
+        transport.only, transport.method = (None, only) if only in ("PATCH", "PUT") else (only, None)
         with pytest.raises(BackendUnavailable) as failed:
             call()
         transport.fail_from, transport.only, transport.method = None, None, None
         assert failed.value.code == "ledger-unavailable"
         assert f"could not {step} (503 ServerBusy)" in failed.value.message, step
+
+
+def test_storage_failing_while_writing_index_rows_fails_only_that_issuance_and_names_the_step(tables):
+    """An issuance's index rows go in one transaction per index partition, and one row at a time after a
+    transaction found a row taken (the same certificate sent again, or a serial collision): Storage failing
+    in either is that issuance's 503, naming the step, and the others in the call are recorded."""
+    transport = FaultyTransport()
+    ledger = tables(table_prefix(), transport, retry_seconds=1).ledger
+    first = _cert("01", "dev-1", "k1")
+    assert ledger.record_issued([Issuance(first)]) == [first]
+
+    transport.fail_from, transport.mode, transport.only = transport.count + 1, "503", "$batch"
+    (failed,) = ledger.record_issued([Issuance(_cert("02", "dev-2", "k2"))])
+    transport.fail_from, transport.only = None, None
+    assert isinstance(failed, BackendUnavailable) and failed.code == "ledger-unavailable"
+    assert "could not write index rows (503 ServerBusy)" in failed.message
+
+    # "01" again for another device: its serial row is taken, so the rows are written one at a time
+    transport.fail_from, transport.only, transport.method = transport.count + 1, "index", "POST"
+    failed, other = ledger.record_issued([Issuance(_cert("01", "dev-3", "k3")), Issuance(_cert("03", "dev-4", "k4"))])
+    transport.fail_from, transport.only, transport.method = None, None, None
+    assert isinstance(failed, BackendUnavailable) and failed.code == "ledger-unavailable"
+    assert "could not write an index row (503 ServerBusy)" in failed.message
+    assert other == ledger.get_certificate("03") and ledger.get_certificate("01") == first
 
 
 class HeadReadHook(RequestsTransport):
