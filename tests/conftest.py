@@ -110,8 +110,9 @@ def pytest_collection_modifyitems(config, items):
     killed mutant is found by its quickest failing test; they are the test files MUTATION_TESTS names for
     its module (DPS's tests judge the use cases only where they keep DPS in step: DPS_WORDS); and the
     Table Storage runs of ledger-parametrised tests are left to the mutants of the ledger package (the Table
-    ledger, and the base class and codecs it uses): for any other module they repeat what the SQLite runs
-    already decide, at twice the cost. Leaving tests out can only let more mutants survive, never kill one
+    ledger, and the base class and codecs it uses) and of the `..._async` functions, which hand the work to a
+    thread only on a remote ledger: for any other function they repeat what the SQLite runs already decide,
+    at twice the cost. Leaving tests out can only let more mutants survive, never kill one
     that the whole suite would not."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if not mutant.startswith("shared."):  # not a mutant run (mutmut's statistics run says "stats")
@@ -133,11 +134,11 @@ DPS_WORDS = ("dps", "root", "intermediate", "revoke", "enrollment", "finish", "p
 
 
 def _judges(item, mutant: str) -> bool:
-    if _ledger_backend(item) == "tables" and not mutant.startswith("shared.ledger."):
+    function = mutant.partition("__mutmut_")[0].rpartition(".")[2]
+    if _ledger_backend(item) == "tables" and not (mutant.startswith("shared.ledger.") or function.endswith("_async")):
         return False
     if mutant.startswith("shared.service.") and item.path.stem == "test_dps":
-        function = mutant.partition("__mutmut_")[0].rpartition(".")[2].lower()
-        return any(word in function for word in DPS_WORDS)
+        return any(word in function.lower() for word in DPS_WORDS)
     files = next((names for prefix, names in MUTATION_TESTS.items() if mutant.startswith(prefix)), None)
     return files is None or item.path.stem in files
 

@@ -344,16 +344,19 @@ def test_a_cursor_from_elsewhere_is_refused(ledger):
 
 
 def test_principals_and_api_keys(ledger):
-    ledger.add_principal(Principal("admin", "admin", (), NOW))
-    ledger.add_principal(Principal("factory-a", "factory", ("int-1",), NOW, app_id="0000-a"))
+    admin = Principal("admin", "admin", (), NOW)
+    factory = Principal("factory-a", "factory", ("int-1",), NOW + timedelta(seconds=1), app_id="0000-a")
+    ledger.add_principal(admin)
+    ledger.add_principal(factory)
+    assert ledger.get_principal("admin") == admin and ledger.get_principal("factory-a") == factory
     with pytest.raises(Conflict) as taken:
         ledger.add_principal(Principal("factory-a", "factory", ("int-1",), NOW))
     assert taken.value.code == "principal-exists"
     with pytest.raises(Conflict) as app_taken:
         ledger.add_principal(Principal("factory-b", "factory", ("int-1",), NOW, app_id="0000-a"))
     assert app_taken.value.code == "app-id-taken"
-    assert [p.id for p in ledger.list_principals()] == ["admin", "factory-a"]
-    assert ledger.principal_for_app("0000-a").id == "factory-a"
+    assert ledger.list_principals() == [admin, factory]
+    assert ledger.principal_for_app("0000-a") == factory
     assert ledger.principal_for_app("0000-b") is None  # no factory bound to this application: no caller
     assert ledger.set_principal_intermediates("factory-a", ["int-1", "int-2"]).intermediates == ("int-1", "int-2")
     with pytest.raises(NotFound) as unknown:

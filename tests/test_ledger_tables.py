@@ -426,6 +426,39 @@ class TransactionHook(RequestsTransport):
         return super().send(request, **kwargs)
 
 
+class WriteHook(RequestsTransport):
+    """The real transport; `before_write`, when set, runs once just before an entity is written in place
+    (PUT or PATCH: a replace, merge or upsert)."""
+
+    before_write: Callable[[], None] | None = None
+
+    def send(self, request, **kwargs):
+        hook = self.before_write
+        if hook is not None and request.method in ("PUT", "PATCH"):
+            self.before_write = None
+            hook()
+        return super().send(request, **kwargs)
+
+
+def test_two_admins_revoking_one_api_key_at_once_keep_the_first_revocation(azurite):
+    """The key is read, then written on condition that it is unchanged: a revocation that lands between is
+    the one kept (its time), and the slower admin is answered with it."""
+    prefix, transport = table_prefix(), WriteHook()
+    slower = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    faster = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        slower.add_principal(Principal("factory-a", "factory", ("int-1",), NOW))
+        slower.add_api_key(ApiKey("0123456789abcdef", "factory-a", "ab" * 32, NOW))
+        first = NOW + timedelta(minutes=1)
+        transport.before_write = lambda: faster.revoke_api_key("0123456789abcdef", first)
+        assert slower.revoke_api_key("0123456789abcdef", NOW + timedelta(minutes=2)).revoked_at == first
+        assert transport.before_write is None  # the other revocation did land in between
+        assert [k.revoked_at for k in faster.list_api_keys()] == [first]
+    finally:
+        slower.close()
+        faster.close()
+
+
 @pytest.mark.parametrize("change", ["old revocation", "renewal", "revocation", "expiry"])
 def test_a_device_changed_between_the_expiry_marks_head_read_and_its_transaction(azurite, change):
     """The scan read the certificate and the head naming it; before its transaction, another instance
