@@ -400,6 +400,24 @@ def test_storage_failing_while_writing_index_rows_fails_only_that_issuance_and_n
     assert other == ledger.get_certificate("03") and ledger.get_certificate("01") == first
 
 
+def test_index_rows_of_a_certificate_never_committed_find_nothing(tables):
+    """Index rows are written before the device's commit: when the commit fails they stay, pointing at
+    nothing, and every read through them (by serial, by requester) finds no certificate there."""
+    transport = FaultyTransport()
+    ledger = tables(table_prefix(), transport, retry_seconds=1).ledger
+    first, refused = _cert("01", "dev-1", "k1"), _cert("02", "dev-2", "k2")
+    before = transport.count
+    assert ledger.record_issued([Issuance(first)]) == [first]
+    calls = transport.count - before  # a new device's last Storage call is its commit
+    transport.fail_from = transport.count + calls
+    (failed,) = ledger.record_issued([Issuance(refused)])
+    transport.fail_from = None
+    assert isinstance(failed, BackendUnavailable)
+    assert any(row["RowKey"] == "02" for row in table_rows(ledger, INDEX))
+    assert ledger.get_certificate("02") is None and ledger.get_certificate("01") == first
+    assert ledger.list_certificates(CertificateQuery(requested_by="test")).items == [first]
+
+
 class HeadReadHook(RequestsTransport):
     """The real transport; `before_head_read`, when set, runs once just before a device head is read."""
 
