@@ -220,6 +220,29 @@ def test_an_instance_renewing_after_another_one_did_supersedes_that_renewal(ledg
         other.close()
 
 
+def test_an_instance_that_last_saw_a_certificate_another_revoked_decides_on_the_device_as_it_is(ledger, ledger_spec):
+    """A decision made without a write rests on a read made for it, not on what this instance last saw (a
+    Table ledger keeps the head it wrote): once another instance revoked the device's certificate, a new
+    certificate for it needs no renewal; once another renewed it, a retried renewal is not answered with the
+    certificate that renewal superseded."""
+    other = open_ledger(ledger_spec)
+    try:
+        first = _cert("01", "dev-1", "k1")
+        assert ledger.record_issued([Issuance(first)]) == [first]
+        other.revoke_certificate("01", "keyCompromise", NOW + timedelta(days=1))
+        second = _cert("02", "dev-1", "k2", at=NOW + timedelta(days=2))
+        assert ledger.record_issued([Issuance(second)]) == [second]
+        assert other.active_certificates(["dev-1"]) == {"dev-1": second}
+        # a renewal's retry is answered with its first attempt's certificate only while that one is active
+        third = _cert("03", "dev-1", "k3", at=NOW + timedelta(days=3))
+        assert other.record_issued([Issuance(third, supersede=True)]) == [third]
+        retry = _cert("04", "dev-1", "k2", at=NOW + timedelta(days=4))
+        assert ledger.record_issued([Issuance(retry, supersede=True, retry_since=second.created_at)]) == [retry]
+        assert other.active_certificates(["dev-1"]) == {"dev-1": retry}
+    finally:
+        other.close()
+
+
 def test_device_ownership(ledger):
     ledger.record_issued([Issuance(_cert("01", "dev-1", "k1", by="factory-a"), owner="factory-a")])
     (refused,) = ledger.record_issued(

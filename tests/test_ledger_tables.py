@@ -376,7 +376,7 @@ def test_storage_failing_in_a_step_names_the_step_that_failed(tables, clock):
         assert f"could not {step} (503 ServerBusy)" in failed.value.message, step
 
 
-def test_storage_failing_while_writing_index_rows_fails_only_that_issuance_and_names_the_step(tables):
+def test_storage_failing_while_recording_an_issuance_fails_only_it_and_names_the_step(tables):
     """An issuance's index rows go in one transaction per index partition, and one row at a time after a
     transaction found a row taken (the same certificate sent again, or a serial collision): Storage failing
     in either is that issuance's 503, naming the step, and the others in the call are recorded."""
@@ -398,6 +398,13 @@ def test_storage_failing_while_writing_index_rows_fails_only_that_issuance_and_n
     assert isinstance(failed, BackendUnavailable) and failed.code == "ledger-unavailable"
     assert "could not write an index row (503 ServerBusy)" in failed.message
     assert other == ledger.get_certificate("03") and ledger.get_certificate("01") == first
+
+    # then each issuance's commit: its key binding first
+    transport.fail_from, transport.only, transport.method = transport.count + 1, "keys", "POST"
+    (failed,) = ledger.record_issued([Issuance(_cert("05", "dev-5", "k5"))])
+    transport.fail_from, transport.only, transport.method = None, None, None
+    assert isinstance(failed, BackendUnavailable) and failed.code == "ledger-unavailable"
+    assert "could not commit a certificate (503 ServerBusy)" in failed.message
 
 
 def test_index_rows_of_a_certificate_never_committed_find_nothing(tables):
