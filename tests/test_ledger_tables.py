@@ -5,7 +5,8 @@ import base64
 import itertools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +69,16 @@ class FaultyTransport(HttpTransport):
             self.inner.send(request, **kwargs)
             raise ServiceResponseError("the connection was lost before the answer (injected)")
         raise ServiceRequestError("the connection was refused (injected)")
+
+    @contextmanager
+    def failing(self, only: str | None = None, method: str | None = None) -> Iterator[None]:
+        """Storage's 503 for every request from the next one on (those whose URL holds `only`, or of HTTP
+        `method`, when given) while the block runs; the real transport again after it."""
+        self.fail_from, self.mode, self.only, self.method = self.count + 1, "503", only, method
+        try:
+            yield
+        finally:
+            self.fail_from, self.only, self.method = None, None, None
 
     def open(self) -> None:
         self.inner.open()
@@ -367,11 +378,9 @@ def test_storage_failing_in_a_step_names_the_step_that_failed(tables, clock):
         ("revoke an API key", lambda: ledger.revoke_api_key("k-1", later), "PUT"),  # after reading it
     ]
     for step, call, only in steps:
-        transport.fail_from, transport.mode = transport.count + 1, "503"
-        transport.only, transport.method = (None, only) if only in ("PATCH", "PUT") else (only, None)
-        with pytest.raises(BackendUnavailable) as failed:
+        failing = transport.failing(method=only) if only in ("PATCH", "PUT") else transport.failing(only=only)
+        with failing, pytest.raises(BackendUnavailable) as failed:
             call()
-        transport.fail_from, transport.only, transport.method = None, None, None
         assert failed.value.code == "ledger-unavailable"
         assert f"could not {step} (503 ServerBusy)" in failed.value.message, step
 
@@ -385,24 +394,22 @@ def test_storage_failing_while_recording_an_issuance_fails_only_it_and_names_the
     first = _cert("01", "dev-1", "k1")
     assert ledger.record_issued([Issuance(first)]) == [first]
 
-    transport.fail_from, transport.mode, transport.only = transport.count + 1, "503", "$batch"
-    (failed,) = ledger.record_issued([Issuance(_cert("02", "dev-2", "k2"))])
-    transport.fail_from, transport.only = None, None
+    with transport.failing(only="$batch"):
+        (failed,) = ledger.record_issued([Issuance(_cert("02", "dev-2", "k2"))])
     assert isinstance(failed, BackendUnavailable) and failed.code == "ledger-unavailable"
     assert "could not write index rows (503 ServerBusy)" in failed.message
 
     # "01" again for another device: its serial row is taken, so the rows are written one at a time
-    transport.fail_from, transport.only, transport.method = transport.count + 1, "index", "POST"
-    failed, other = ledger.record_issued([Issuance(_cert("01", "dev-3", "k3")), Issuance(_cert("03", "dev-4", "k4"))])
-    transport.fail_from, transport.only, transport.method = None, None, None
+    with transport.failing(only="index", method="POST"):
+        taken, free = Issuance(_cert("01", "dev-3", "k3")), Issuance(_cert("03", "dev-4", "k4"))
+        failed, other = ledger.record_issued([taken, free])
     assert isinstance(failed, BackendUnavailable) and failed.code == "ledger-unavailable"
     assert "could not write an index row (503 ServerBusy)" in failed.message
     assert other == ledger.get_certificate("03") and ledger.get_certificate("01") == first
 
     # then each issuance's commit: its key binding first
-    transport.fail_from, transport.only, transport.method = transport.count + 1, "keys", "POST"
-    (failed,) = ledger.record_issued([Issuance(_cert("05", "dev-5", "k5"))])
-    transport.fail_from, transport.only, transport.method = None, None, None
+    with transport.failing(only="keys", method="POST"):
+        (failed,) = ledger.record_issued([Issuance(_cert("05", "dev-5", "k5"))])
     assert isinstance(failed, BackendUnavailable) and failed.code == "ledger-unavailable"
     assert "could not commit a certificate (503 ServerBusy)" in failed.message
 
