@@ -432,59 +432,51 @@ def test_index_rows_of_a_certificate_never_committed_find_nothing(tables):
     assert ledger.list_certificates(CertificateQuery(requested_by="test")).items == [first]
 
 
-class HeadReadHook(RequestsTransport):
-    """The real transport; `before_head_read`, when set, runs once just before a device head is read."""
+class RequestHook(RequestsTransport):
+    """The real transport; `before`, when set, runs once just before the first request that `matches`
+    accepts is sent (then it is cleared, so a test can check that it ran)."""
 
-    before_head_read: Callable[[], None] | None = None
+    def __init__(self, matches: Callable[[object], bool], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.matches = matches
+        self.before: Callable[[], None] | None = None
 
     def send(self, request, **kwargs):
-        hook = self.before_head_read
-        if hook is not None and request.method == "GET" and "head" in unquote(request.url):
-            self.before_head_read = None
+        hook = self.before
+        if hook is not None and self.matches(request):
+            self.before = None
             hook()
         return super().send(request, **kwargs)
 
 
-class TransactionHook(RequestsTransport):
-    """The real transport; `before_transaction`, when set, runs once just before a transaction is sent."""
-
-    before_transaction: Callable[[], None] | None = None
-
-    def send(self, request, **kwargs):
-        hook = self.before_transaction
-        if hook is not None and request.method == "POST" and "$batch" in request.url:
-            self.before_transaction = None
-            hook()
-        return super().send(request, **kwargs)
+def head_read(request) -> bool:
+    """A device head is read."""
+    return request.method == "GET" and "head" in unquote(request.url)
 
 
-class WriteHook(RequestsTransport):
-    """The real transport; `before_write`, when set, runs once just before an entity is written in place
-    (PUT or PATCH: a replace, merge or upsert)."""
+def transaction(request) -> bool:
+    """A transaction (entity group batch) is sent."""
+    return request.method == "POST" and "$batch" in request.url
 
-    before_write: Callable[[], None] | None = None
 
-    def send(self, request, **kwargs):
-        hook = self.before_write
-        if hook is not None and request.method in ("PUT", "PATCH"):
-            self.before_write = None
-            hook()
-        return super().send(request, **kwargs)
+def write_in_place(request) -> bool:
+    """An entity is written in place: PUT or PATCH, a replace, merge or upsert."""
+    return request.method in ("PUT", "PATCH")
 
 
 def test_two_admins_revoking_one_api_key_at_once_keep_the_first_revocation(azurite):
     """The key is read, then written on condition that it is unchanged: a revocation that lands between is
     the one kept (its time), and the slower admin is answered with it."""
-    prefix, transport = table_prefix(), WriteHook()
+    prefix, transport = table_prefix(), RequestHook(write_in_place)
     slower = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
     faster = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
     try:
         slower.add_principal(Principal("factory-a", "factory", ("int-1",), NOW))
         slower.add_api_key(ApiKey("0123456789abcdef", "factory-a", "ab" * 32, NOW))
         first = NOW + timedelta(minutes=1)
-        transport.before_write = lambda: faster.revoke_api_key("0123456789abcdef", first)
+        transport.before = lambda: faster.revoke_api_key("0123456789abcdef", first)
         assert slower.revoke_api_key("0123456789abcdef", NOW + timedelta(minutes=2)).revoked_at == first
-        assert transport.before_write is None  # the other revocation did land in between
+        assert transport.before is None  # the other revocation did land in between
         assert [k.revoked_at for k in faster.list_api_keys()] == [first]
     finally:
         slower.close()
@@ -498,7 +490,7 @@ def test_a_device_changed_between_the_expiry_marks_head_read_and_its_transaction
     of an older certificate (another key) leaves the certificate active, so it is marked expired with
     the revoked key kept in the head; a renewal or a revocation of it keeps that change; another scan's
     mark is the one mark."""
-    prefix, transport = table_prefix(), TransactionHook()
+    prefix, transport = table_prefix(), RequestHook(transaction)
     scan = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
     other = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
     try:
@@ -520,9 +512,9 @@ def test_a_device_changed_between_the_expiry_marks_head_read_and_its_transaction
             else:
                 assert other.mark_expired(watch, later) is not None
 
-        transport.before_transaction = change_it
+        transport.before = change_it
         marked = scan.mark_expired(watch, later)
-        assert transport.before_transaction is None, "the change ran before the scan's transaction"
+        assert transport.before is None, "the change ran before the scan's transaction"
         first = other.get_certificate("A1")
         expected = {
             "old revocation": ("expired", "expired"),
@@ -551,7 +543,7 @@ def test_a_certificate_changed_while_it_is_marked_expired_keeps_that_change(azur
     """The expiry scan read the certificate active; before it reads the device's head, another instance
     renews the device or revokes the certificate. The scan then leaves both alone: the certificate stays
     superseded or revoked (when and why), and a renewal stays the device's active certificate."""
-    prefix, transport = table_prefix(), HeadReadHook()
+    prefix, transport = table_prefix(), RequestHook(head_read)
     scan = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
     other = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
     try:
@@ -567,9 +559,9 @@ def test_a_certificate_changed_while_it_is_marked_expired_keeps_that_change(azur
             else:
                 other.revoke_certificate("A1", "keyCompromise", later)
 
-        transport.before_head_read = change_it
+        transport.before = change_it
         assert scan.mark_expired(watch, later) is None
-        assert transport.before_head_read is None, "the change ran between the two reads"
+        assert transport.before is None, "the change ran between the two reads"
         first = other.get_certificate("A1")
         if change == "renewal":
             assert (first.status, first.status_reason) == ("superseded", "renewed as A2")
