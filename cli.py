@@ -244,7 +244,8 @@ def _os_error(error: OSError) -> str:
 def _prepare(args: argparse.Namespace) -> None:
     """Check what can be checked before the service is built: the input file is read, and every output
     path can be written (CaError "cannot-write" otherwise), so that a command that would fail at its end
-    does nothing at all. Folders are not made, except the device bundle's own (and ./devices for it)."""
+    does nothing at all. Folders are not made, except the device bundle's own (and ./devices for it) and
+    sign-batch's --pem-dir (whose parent must exist)."""
     if args.handler is serve:
         from shared.api.workers import listening_port
 
@@ -640,10 +641,7 @@ def serve(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str | None]
     from shared.bootstrap import bootstrap_local
 
     setup = bootstrap_local(service) if args.bootstrap else None
-    root_file = (service.settings.pki_home / "root.pem").resolve()
-    if service.ledger.get_root() is not None:
-        _write_if_asked(root_file, service.root().certificate_pem)
-    banner = _serve_banner(service, args, setup, root_file)
+    banner = _serve_banner(service, args, setup, _write_root_file(service))
     _emit(json.dumps(banner[0], indent=2) if args.json else banner[1])
     if isinstance(service.batch_queue, InProcessQueue):  # the embedded queue was lost with the last process
         resumed = service.resume_batches()
@@ -730,8 +728,23 @@ def cli_command() -> str:
     return f"{shlex.quote(str(python))} cli.py"
 
 
+def _write_root_file(service: DeviceCA) -> Path | None:
+    """PKI_HOME/root.pem written anew from the ledger's root, for tools that want the file (`curl --cacert`
+    against an IoT Hub, `openssl verify`); None when there is no root yet, or when PKI_HOME is not a folder
+    this process can write: with the keys in Key Vault and the ledger in Table Storage nothing else is kept
+    on local disk, so PKI_HOME may not exist, and GET /api/ca/root serves the root instead."""
+    if service.ledger.get_root() is None:
+        return None
+    path = (service.settings.pki_home / "root.pem").resolve()
+    try:
+        _write_file(path, service.root().certificate_pem.encode(), 0o644)
+    except OSError:
+        return None
+    return path
+
+
 def _serve_banner(
-    service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path
+    service: DeviceCA, args: argparse.Namespace, setup: Any, root_file: Path | None
 ) -> tuple[dict[str, Any], str]:
     base = f"http://{args.host}:{args.port}"
     home = service.settings.pki_home
@@ -742,7 +755,7 @@ def _serve_banner(
         "docs": f"{base}/api/docs",
         "pkiHome": str(home),
         "backends": {part: backend["backend"] for part, backend in service.backends().items()},
-        "rootCertificateFile": str(root_file),
+        "rootCertificateFile": str(root_file) if root_file else None,
         "example": example,
     }
     lines = [
@@ -770,7 +783,11 @@ def _serve_banner(
     elif args.bootstrap:
         lines += ["", *_key_advice(service)]
     if service.ledger.get_root() is not None:
-        lines += [f"Root certificate: {root_file}"]
+        lines += [
+            f"Root certificate: {root_file}"
+            if root_file
+            else f"Root certificate: {base}/api/ca/root (PKI_HOME {home} is not a folder this server can write)"
+        ]
         lines += [
             "",
             "Try it: a device key and CSR, the CA's chain and the device's over HTTP, then verify (re-runnable):",
@@ -1220,7 +1237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--verified-on-upload",
         action="store_true",
-        help="upload the root marked verified instead (Microsoft's newer path; needs DPS configured)",
+        help="upload the root marked verified instead (Microsoft's newer path); refused when DPS is not configured",
     )
     sub.add_argument("--out", type=Path, help="where to write it (default: ./verification-CODE.pem)")
 
@@ -1319,7 +1336,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _signer_options(sub)
 
-    sub = command("list-certificates", list_certificates, "list issued certificates, oldest first")
+    sub = command(
+        "list-certificates",
+        list_certificates,
+        "list issued certificates: oldest first on SQLite, in its index's key order (a whole fleet by device "
+        "ID) on Table Storage",
+    )
     sub.add_argument("--device-id", type=DEVICE_ID, help="only this device")
     sub.add_argument("--intermediate", type=CA_ID, help="only certificates signed by this intermediate")
     sub.add_argument(
@@ -1419,7 +1441,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Write a consistent copy of the CA into DESTINATION, a new or empty folder (mode 0700) whose parent "
         "exists: the ledger as of one moment, as one file (SQLite's online backup: safe while the server "
         "runs), the local CA key files (as they are: encrypted only if PKI_KEY_PASSPHRASE is set) and the "
-        "offline DPS records. CA keys in Key Vault stay there. To restore, point PKI_HOME at the folder.",
+        "offline DPS records. CA keys in Key Vault stay there. To restore, point PKI_HOME at the folder. Refused "
+        "with the ledger in Table Storage (LEDGER_TABLES): back its tables up with AzCopy or Azure Backup.",
     )
     sub.add_argument(
         "destination", type=Path, metavar="DESTINATION", help="a folder that does not exist yet, or is empty"

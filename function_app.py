@@ -59,7 +59,7 @@ def expiry_schedule(environ: Mapping[str, str] | None = None) -> str:
 
     Only that one setting is read, from the environment (`environ` stands in for it), and never checked:
     a wrong setting must not stop this module from being imported, or the host would index none of the
-    app's functions. The service checks every setting when it is built (the API's 500 `misconfigured`,
+    app's functions. The service checks every setting when it is built (the API's 500 `invalid-setting`,
     /api/health's 503, the log naming the setting), and the host refuses a schedule it cannot read for
     the timer alone."""
     return (

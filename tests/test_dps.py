@@ -18,7 +18,7 @@ from shared.api import create_app
 from shared.config import Settings
 from shared.dps import DpsRefused
 from shared.dps.azure import parse_connection_string, sas_token
-from shared.errors import Conflict, Misconfigured
+from shared.errors import CaError, Conflict, Misconfigured
 from shared.queues import DPS_REGISTRATIONS, poison_queue, storage_queue
 
 from .conftest import reload_function_app, run_cli
@@ -115,9 +115,14 @@ def test_the_seeds_whole_flow_through_the_cli(fake_dps, tmp_path):
 def test_offline_proof_needs_the_code_and_verified_on_upload_needs_dps(make_service, tmp_path):
     offline = make_service()
     offline.create_root()
-    for verified_on_upload in (False, True):
-        with pytest.raises(Exception, match="give the verification code"):
-            offline.prove_root_possession(verified_on_upload=verified_on_upload)
+    with pytest.raises(CaError, match="give the verification code") as refused:
+        offline.prove_root_possession()
+    assert refused.value.code == "verification-code-required"
+    for code in (None, "ABC123"):  # with or without a code: there is no DPS to upload to, nothing is recorded
+        with pytest.raises(CaError, match="needs DPS configured") as refused:
+            offline.prove_root_possession(code, verified_on_upload=True)
+        assert refused.value.code == "dps-not-configured"
+    assert "proofOfPossession" not in offline.root().dps
     home = tmp_path / "cli-home"
     assert run_cli("create-ca-root", home=home).returncode == 0
     result = run_cli("proof-ca-root-possession", home=home)

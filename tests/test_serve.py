@@ -337,3 +337,28 @@ def _opened(ledger: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(ledger)
     connection.execute("SELECT count(*) FROM cas").fetchone()
     return connection
+
+
+def test_serve_writes_the_root_file_only_into_a_pki_home_it_can_write(make_service, tmp_path):
+    """The root is written to PKI_HOME/root.pem for tools that want a file; with the keys in Key Vault and the
+    ledger in Table Storage PKI_HOME need not exist, and the banner names GET /api/ca/root instead of
+    failing the start."""
+    import argparse
+    from dataclasses import replace
+
+    service = make_service()
+    assert cli._write_root_file(service) is None  # no root yet: nothing to write
+    service.create_root()
+    written = cli._write_root_file(service)
+    assert written == (service.settings.pki_home / "root.pem").resolve()
+    assert written.read_text() == service.root().certificate_pem
+    args = argparse.Namespace(host="127.0.0.1", port=8080, bootstrap=False)
+    assert f"Root certificate: {written}" in cli._serve_banner(service, args, None, written)[1]
+
+    for home in (tmp_path / "missing", written):  # no such folder; a file, not a folder
+        service.settings = replace(service.settings, pki_home=home)
+        assert cli._write_root_file(service) is None
+        document, text = cli._serve_banner(service, args, None, None)
+        assert document["rootCertificateFile"] is None
+        assert f"Root certificate: http://127.0.0.1:8080/api/ca/root (PKI_HOME {home} is not" in text
+    assert not (tmp_path / "missing").exists()

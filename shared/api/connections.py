@@ -24,8 +24,9 @@ still sending a body it will never read, which the kernel turns into a reset tha
   after the answer), then reads and drops what still comes, up to `drain_bytes` and `drain_seconds`,
   and only then closes. The client, done sending, reads the whole answer.
 
-So a connection costs at most `max_header_bytes` of buffered headers (bodies are capped by the app:
-8 KiB and 64 KiB) for at most `request_timeout` seconds, and there are at most `max_connections` of them.
+So a connection costs at most `max_header_bytes` of buffered headers (bodies are capped by the app: 8 KiB,
+10 MiB for a batch, 64 KiB otherwise) for at most `request_timeout` seconds, and there are at most
+`max_connections` of them.
 Everything else is uvicorn's. The class relies on uvicorn's protocol callbacks (pinned in requirements.txt).
 A client that pipelines requests and breaks a bound with a later one may see the answer in progress cut
 short: the connection is closed at once rather than after it.

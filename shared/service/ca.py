@@ -103,7 +103,14 @@ class CaUseCases:
         it lives, sent back to DPS. `verified_on_upload` instead uploads the root marked verified
         (Microsoft's newer path). A root DPS already holds verified is left as it is and the answer says so
         (`already_verified`). Offline, the code must be given and the certificate is only recorded.
-        CaError "verification-code-required" offline without a code; DpsRefused when DPS refuses the proof."""
+        CaError "verification-code-required" offline without a code, "dps-not-configured" offline with
+        `verified_on_upload` (there is no DPS to upload to); DpsRefused when DPS refuses the proof."""
+        if verified_on_upload and not self.dps.configured:
+            raise CaError(
+                "verified on upload needs DPS configured (AZURE_SUBSCRIPTION_ID, RESOURCE_GROUP_NAME, DPS_NAME); "
+                "offline, give the verification code DPS shows for the root and upload the certificate in the portal",
+                "dps-not-configured",
+            )
         root = self.root()
         if self.dps.configured and root.dps.get("isVerified"):
             return ProofOfPossession(None, None, root.dps, already_verified=True)
