@@ -193,6 +193,22 @@ def test_a_certificate_recorded_again_is_answered_with_itself_and_its_serial_sta
     assert ledger.get_certificate("01") == first and ledger.active_certificates(["dev-2"]) == {}
 
 
+@pytest.mark.parametrize("supersede", [False, True])
+def test_a_superseded_certificate_recorded_again_is_refused_and_changes_nothing(ledger, supersede):
+    """A very late retry of a commit: the device has been renewed since, so its first certificate is no
+    longer the answer to give. It is refused as a serial the ledger already holds, at once (not after
+    retrying as if the device were busy), and the device keeps its renewal."""
+    first = _cert("01", "dev-1", "k1")
+    renewal = _cert("02", "dev-1", "k2", at=NOW + timedelta(days=100))
+    ledger.record_issued([Issuance(first)])
+    ledger.record_issued([Issuance(renewal, supersede=True)])
+    (refused,) = ledger.record_issued([Issuance(first, supersede=supersede)])
+    assert isinstance(refused, Conflict), refused
+    assert refused.code == ("ledger-conflict" if supersede else "device-has-certificate")
+    assert ledger.active_certificates(["dev-1"]) == {"dev-1": renewal}
+    assert ledger.get_certificate("01").status == "superseded" and _serials(ledger) == ["01", "02"]
+
+
 def test_an_instance_renewing_after_another_one_did_supersedes_that_renewal(ledger, ledger_spec):
     """Two instances on one store take turns with one device. The first last saw the device before the
     other renewed it (a Table ledger keeps the head it wrote): its renewal still supersedes the other's

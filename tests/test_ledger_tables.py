@@ -434,14 +434,17 @@ def test_index_rows_of_a_certificate_never_committed_find_nothing(tables):
 
 class RequestHook(RequestsTransport):
     """The real transport; `before`, when set, runs once just before the first request that `matches`
-    accepts is sent (then it is cleared, so a test can check that it ran)."""
+    accepts is sent (then it is cleared, so a test can check that it ran). `sent` lists every request's
+    method and URL (unquoted), in order."""
 
     def __init__(self, matches: Callable[[object], bool], **kwargs) -> None:
         super().__init__(**kwargs)
         self.matches = matches
         self.before: Callable[[], None] | None = None
+        self.sent: list[tuple[str, str]] = []
 
     def send(self, request, **kwargs):
+        self.sent.append((request.method, unquote(request.url)))
         hook = self.before
         if hook is not None and self.matches(request):
             self.before = None
@@ -478,6 +481,62 @@ def test_two_admins_revoking_one_api_key_at_once_keep_the_first_revocation(azuri
         assert slower.revoke_api_key("0123456789abcdef", NOW + timedelta(minutes=2)).revoked_at == first
         assert transport.before is None  # the other revocation did land in between
         assert [k.revoked_at for k in faster.list_api_keys()] == [first]
+    finally:
+        slower.close()
+        faster.close()
+
+
+def test_a_refused_late_retry_keeps_the_index_rows_of_its_certificate_even_when_it_cannot_check(azurite):
+    """The same certificate recorded again after its device was renewed is refused; the index rows found or
+    rewritten for it belong to the certificate already committed, so they stay. When Storage fails the read
+    that tells, they stay too: an index row pointing at nothing is harmless, a certificate that cannot be
+    found by its serial (to revoke it) is not."""
+    transport = FaultyTransport()
+    store = connect(
+        azurite.connection_string, table_prefix(), retry_seconds=0.2, transport=transport, backoff_seconds=0.01
+    )
+    ledger = TableLedger(store)
+    try:
+        ledger.add_ca(_ca())
+        first = _cert("01", DEVICE, "k1")
+        ledger.record_issued([Issuance(first)])
+        ledger.record_issued([Issuance(_cert("02", DEVICE, "k2", at=NOW + timedelta(days=100)), supersede=True)])
+        with transport.failing(only=f"{DEVICE}',RowKey='c-20260101000000-01", method="GET"):
+            (refused,) = ledger.record_issued([Issuance(first, supersede=True)])
+        assert isinstance(refused, CaError) and refused.code == "ledger-conflict", refused
+        assert ledger.get_certificate("01") == replace(
+            first, status="superseded", status_changed_at=NOW + timedelta(days=100), status_reason="renewed as 02"
+        )
+        assert [c.serial for c in ledger.list_certificates(CertificateQuery(requested_by="test")).items] == ["01", "02"]
+        check_table_rules(ledger)
+    finally:
+        ledger.close()
+
+
+def test_an_issuance_that_loses_the_race_for_a_new_device_reads_its_head_once_and_is_refused(azurite):
+    """Two instances certify one new device with two keys at once; the other's transaction lands first, so
+    this one's fails on the device's head. One read of the head then decides (a read made after the
+    failed write is fresh: reading again would only cost a Storage call): the device has a certificate."""
+
+    def claim(request) -> bool:  # the key's binding is inserted: after the device's head was read
+        return request.method == "POST" and request.url.endswith("keys")
+
+    prefix, transport = table_prefix(), RequestHook(claim)
+    slower = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    faster = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        slower.add_ca(_ca())
+        first = _cert("A1", DEVICE, "ka")
+        transport.before = lambda: faster.record_issued([Issuance(first)])
+        (refused,) = slower.record_issued([Issuance(_cert("B1", DEVICE, "kb"))])
+        sent = list(transport.sent)
+        assert transport.before is None, "the other issuance ran before this one's transaction"
+        assert isinstance(refused, CaError) and refused.code == "device-has-certificate", refused
+        device_transaction = max(i for i, (method, url) in enumerate(sent) if "$batch" in url)
+        after = sent[device_transaction + 1 :]
+        assert [method for method, url in after if "head" in url] == ["GET"]
+        assert slower.active_certificates([DEVICE]) == {DEVICE: first}
+        check_table_rules(slower)
     finally:
         slower.close()
         faster.close()

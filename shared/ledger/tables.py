@@ -341,15 +341,26 @@ class TableLedger(TableBatches, Ledger):
         ):
             for position, outcome in zip(cluster, outcomes, strict=True):
                 results[pending[position]] = outcome
-        leftovers = [
-            row
+        refused = [
+            (issuance.record, rows)
             for issuance, result, rows in zip(issuances, results, written, strict=True)
-            if not (isinstance(result, CertificateRecord) and result.serial == issuance.record.serial)
-            for row in rows
+            if rows and not (isinstance(result, CertificateRecord) and result.serial == issuance.record.serial)
         ]
+        held = self._parallel(self._holds, [record for record, _ in refused])
+        leftovers = [row for (_, rows), kept in zip(refused, held, strict=True) if not kept for row in rows]
         if leftovers:
             self._delete_quietly(INDEX, leftovers)
         return results  # type: ignore[return-value]
+
+    def _holds(self, record: CertificateRecord) -> bool:
+        """Whether the device's partition holds `record`, committed by an earlier attempt (this same
+        certificate recorded again, and refused now because the device was renewed since): the index rows
+        found or rewritten for it are then its own, and deleting them would leave it unfindable by serial.
+        True when it cannot be read, for the same reason: an index row pointing at nothing is harmless."""
+        try:
+            return self._get(DEVICES, _key(record.device_id), _cert_row(record)) is not None
+        except CaError:
+            return True
 
     def _write_index_rows(
         self, issuances: list[Issuance], results: list[CertificateRecord | CaError | None]
