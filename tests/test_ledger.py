@@ -209,6 +209,39 @@ def test_a_superseded_certificate_recorded_again_is_refused_and_changes_nothing(
     assert ledger.get_certificate("01").status == "superseded" and _serials(ledger) == ["01", "02"]
 
 
+def test_a_certificate_marked_expired_recorded_again_is_refused(ledger):
+    """A late retry of a commit whose certificate has since expired (the device has no active certificate):
+    its serial is the ledger's already, so it is refused, and the certificate stays expired."""
+    first = _cert("01", "dev-1", "k1", days=20)
+    ledger.record_issued([Issuance(first)])
+    (watch,) = ledger.expiry_watch(NOW + timedelta(days=30))
+    assert ledger.mark_expired(watch, NOW + timedelta(days=21)) is not None
+    (refused,) = ledger.record_issued([Issuance(first)])
+    assert isinstance(refused, Conflict) and refused.code == "ledger-conflict", refused
+    assert ledger.get_certificate("01").status == "expired" and ledger.active_certificates(["dev-1"]) == {}
+
+
+@pytest.mark.parametrize("supersede", [True, False])
+def test_a_renewal_recorded_again_by_an_instance_that_missed_its_commit_gets_it(ledger, ledger_spec, supersede):
+    """A renewal's commit landed but its answer was lost; it is sent again (by this instance, which last saw
+    the device before the renewal, or by another): it gets the renewal, and nothing changes: the renewal
+    does not supersede itself, and the certificate it renewed stays superseded by it."""
+    other = open_ledger(ledger_spec)
+    try:
+        first = _cert("01", "dev-1", "k1")
+        ledger.record_issued([Issuance(first)])
+        renewal = _cert("02", "dev-1", "k2", at=NOW + timedelta(days=100))
+        assert other.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+        assert ledger.record_issued([Issuance(renewal, supersede=supersede)]) == [renewal]
+        assert other.record_issued([Issuance(renewal, supersede=supersede)]) == [renewal]
+        assert ledger.active_certificates(["dev-1"]) == {"dev-1": renewal}
+        assert ledger.get_certificate("02") == renewal and _serials(ledger) == ["01", "02"]
+        superseded = ledger.get_certificate("01")
+        assert (superseded.status, superseded.status_reason) == ("superseded", "renewed as 02")
+    finally:
+        other.close()
+
+
 def test_an_instance_renewing_after_another_one_did_supersedes_that_renewal(ledger, ledger_spec):
     """Two instances on one store take turns with one device. The first last saw the device before the
     other renewed it (a Table ledger keeps the head it wrote): its renewal still supersedes the other's

@@ -521,8 +521,8 @@ class SqliteLedger(SqliteBatches, Ledger):
         if issuance.supersede:
             db.execute(
                 "UPDATE certificates SET status = ?, status_changed_at = ?, status_reason = ? "
-                "WHERE device_id = ? AND status = 'active'",
-                (CERT_SUPERSEDED, _ts(new.created_at), f"renewed as {new.serial}", new.device_id),
+                "WHERE device_id = ? AND status = 'active' AND serial != ?",  # never itself, recorded again
+                (CERT_SUPERSEDED, _ts(new.created_at), f"renewed as {new.serial}", new.device_id, new.serial),
             )
         try:
             db.execute(
@@ -531,6 +531,13 @@ class SqliteLedger(SqliteBatches, Ledger):
             )
         except sqlite3.IntegrityError as error:
             if "certificates.device_id" not in str(error):
+                row = db.execute(
+                    f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ? AND device_id = ? "
+                    "AND status = 'active'",
+                    (new.serial, new.device_id),
+                ).fetchone()
+                if row:  # this very certificate, committed by an earlier attempt whose answer was lost
+                    return _certificate(row)
                 raise Conflict(f"the ledger refused certificate {new.serial}: {error}", "ledger-conflict") from None
             row = db.execute(
                 f"SELECT {_CERT_COLUMNS} FROM certificates WHERE device_id = ? AND status = 'active'", (new.device_id,)

@@ -442,6 +442,11 @@ class TableLedger(TableBatches, Ledger):
                 if claim is None:
                     claim = self._claim_key(issuance)
                 active = head.active
+                if active is not None and active.serial == new.serial:
+                    if not fresh:
+                        head, fresh = self._read_head(new.device_id), True
+                        continue
+                    return active  # this very certificate, committed by an earlier attempt whose answer was lost
                 if active is not None and issuance.retry_since is not None and _retried(issuance, active):
                     if not fresh:
                         head, fresh = self._read_head(new.device_id), True
