@@ -827,6 +827,29 @@ def test_an_issuance_costs_three_transactions_and_a_retry_one(tables):
     assert counter.requests - single >= 5  # alone, its three index rows cost three transactions
 
 
+def test_a_renewal_on_the_instance_that_wrote_the_devices_head_needs_no_read_of_it(azurite):
+    """The head a commit wrote is remembered with the etag Storage answered for it: the device's next
+    renewal on this instance is its three index rows, its key binding and one device transaction, with no
+    read of the head and no transaction refused for a stale etag."""
+    prefix, transport = table_prefix(), RequestHook(lambda request: False)
+    ledger = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    try:
+        ledger.add_ca(_ca())
+        ledger.record_issued([Issuance(_cert("A1", DEVICE, "ka"))])
+        start = len(transport.sent)
+        renewal = _cert("A2", DEVICE, "kb", at=NOW + timedelta(days=100))
+        assert ledger.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+        sent = transport.sent[start:]
+        assert [method for method, url in sent if "head" in url] == []
+        assert [url.rsplit("/", 1)[1] for method, url in sent if method == "POST"] == ["$batch"] * 3 + [
+            f"{prefix}keys",
+            "$batch",
+        ]
+        check_table_rules(ledger)
+    finally:
+        ledger.close()
+
+
 def _request(csr: bytes, device: str):
     from shared.service import SignRequest
 
