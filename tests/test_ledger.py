@@ -437,6 +437,9 @@ def test_principals_and_api_keys(ledger):
     assert ledger.get_principal("nobody") is None
     key = ApiKey("0123456789abcdef", "factory-a", "ab" * 32, NOW)
     ledger.add_api_key(key)
+    with pytest.raises(Conflict) as key_taken:  # an ID recorded again (a retry whose answer was lost)
+        ledger.add_api_key(replace(key, secret_sha256="cd" * 32))
+    assert key_taken.value.code == "key-exists"
     assert ledger.api_key_with_principal(key.id) == (key, ledger.get_principal("factory-a"))
     assert ledger.api_key_with_principal("fedcba9876543210") is None  # no such key: no caller, not an error
     assert ledger.revoke_api_key(key.id, NOW).revoked_at == NOW

@@ -157,6 +157,60 @@ SCENARIOS = ["new device", "renewal with a new key", "renewal with the same key"
 DEVICE = "dev-1"
 
 
+class CasWriteGoesWrong(RequestsTransport):
+    """The real transport, until the first write (POST) once `armed`: in mode "lost" Storage carries it out
+    and its answer is lost (the SDK does not send a POST again); in mode "down" it, and every request after
+    it, gets Storage's 503."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode, self.armed, self.down = mode, False, False
+
+    def send(self, request, **kwargs):
+        if self.armed and request.method == "POST":
+            self.armed, self.down = False, self.mode == "down"
+            if self.mode == "lost":
+                super().send(request, **kwargs)
+                raise ServiceResponseError("the connection was lost before the answer (injected)")
+        if self.down:
+            return _busy(request)
+        return super().send(request, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["root", "intermediate"])
+def test_a_ca_whose_ledger_write_lost_its_answer_stands_with_its_key(tables, kind):
+    """The CA's record reaches Storage but the answer is lost: the creation stands (the ledger holds it with
+    the key just made), its key is kept, and it signs. Removing the key as for a failed creation would leave
+    a CA that can never sign again, and that no new root can replace."""
+    transport = CasWriteGoesWrong("lost")
+    service = tables(table_prefix(), transport)
+    if kind == "intermediate":
+        service.create_root()
+    transport.armed = True
+    created = service.create_root() if kind == "root" else service.create_intermediate("factory-a")
+    assert not transport.armed, "the CA's record was written through the failing transport"
+    assert created.record == service.ledger.get_ca(created.record.id)
+    assert service.keys.signing_key(created.record.key_name) is not None
+    if kind == "root":
+        service.create_intermediate("factory-a")
+    issued = service.sign_csr(make_csr("dev-1"), "dev-1")
+    check_device(load(issued.record.certificate_pem), load(service.intermediate("factory-a").certificate_pem), "dev-1")
+    check_table_rules(service.ledger)
+
+
+def test_a_ca_whose_ledger_write_failed_keeps_its_key_when_the_ledger_cannot_tell(tables, tmp_path):
+    """Storage fails the CA's record and the read that would tell whether it landed: the key is kept (it
+    may be the key of a CA the ledger holds), and the error says so."""
+    transport = CasWriteGoesWrong("down")
+    prefix = table_prefix()
+    service = tables(prefix, transport, retry_seconds=0.2)
+    transport.armed = True
+    with pytest.raises(BackendUnavailable) as failed:
+        service.create_root()
+    assert "was kept: the ledger could not be read to tell whether CA 'root' was recorded" in failed.value.message
+    assert [path.name for path in (tmp_path / prefix / "keys").glob("device-ca-root-*.key.pem")] != []
+
+
 def _ca_tables(open_service) -> tuple[str, DeviceCA, DeviceCA]:
     """Fresh tables with a root and an intermediate: one CA for every crash of a test, each crash on a device
     of its own, so what one crash left stays in the tables the later ones run on. Returns the prefix, the

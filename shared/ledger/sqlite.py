@@ -710,11 +710,16 @@ class SqliteLedger(SqliteBatches, Ledger):
         return principal
 
     def add_api_key(self, key: ApiKey) -> None:
-        with self._write() as db:
-            db.execute(
-                f"INSERT INTO api_keys ({API_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-                (key.id, key.principal_id, key.secret_sha256, _ts(key.created_at), None),
-            )
+        try:
+            with self._write() as db:
+                db.execute(
+                    f"INSERT INTO api_keys ({API_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                    (key.id, key.principal_id, key.secret_sha256, _ts(key.created_at), None),
+                )
+        except sqlite3.IntegrityError as error:
+            if "api_keys.id" not in str(error):  # the principal's foreign key: the service adds it first
+                raise
+            raise Conflict(f"an API key with ID {key.id} already exists", "key-exists") from None
 
     def api_key_with_principal(self, key_id: str) -> tuple[ApiKey, Principal] | None:
         rows = self._read(

@@ -67,7 +67,7 @@ class CaUseCases:
             validity = check_ca_validity(plan_validity(self._now(), _days(days, self.settings.root_days)))
             key_name = _key_name(ROOT_ID)
             signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
-            with self._removing_key_on_failure(key_name):
+            with self._removing_key_on_failure(ROOT_ID, key_name):
                 certificate = build_root(subject, signing_key.public_key(), signing_key, validity)
                 self.keys.install_ca_certificate(key_name, certificate, [])
                 record = self._ca_record(ROOT_ID, ROOT, certificate, curve, key_name, issuer_id=None)
@@ -158,7 +158,7 @@ class CaUseCases:
             )
             key_name = _key_name(ca_id)
             signing_key = self.keys.create_ca_key(key_name, curve, _common_name(subject))
-            with self._removing_key_on_failure(key_name):
+            with self._removing_key_on_failure(ca_id, key_name):
                 certificate = root_issuer.issue_intermediate(subject, signing_key.public_key(), validity)
                 self.keys.install_ca_certificate(key_name, certificate, [root_issuer.certificate])
                 record = self._ca_record(ca_id, INTERMEDIATE, certificate, curve, key_name, issuer_id=ROOT_ID)
@@ -253,13 +253,24 @@ class CaUseCases:
     # -- internals -----------------------------------------------------------------------------------
 
     @contextmanager
-    def _removing_key_on_failure(self, key_name: str) -> Iterator[None]:
+    def _removing_key_on_failure(self, ca_id: str, key_name: str) -> Iterator[None]:
         """A CA key made for a creation that then fails (a lost race, say) is removed, or what is left of
-        it is named in the error, so no unrecorded CA key stays behind unnoticed."""
+        it is named in the error, so no unrecorded CA key stays behind unnoticed. Unless the ledger holds
+        CA `ca_id` with this very key: its write landed and only the answer was lost (Storage's 503 "it may
+        have been done"), so the creation stands and the error is dropped (the block's last step must be
+        that write). When the ledger cannot be read to tell, the key is kept and the error says so."""
         try:
             yield
         except CaError as error:
-            left = self.keys.delete_ca_key(key_name)
+            recorded = self._recorded_with(ca_id, key_name)
+            if recorded:
+                return
+            left = (
+                f"CA key {key_name!r} was kept: the ledger could not be read to tell whether CA {ca_id!r} was "
+                "recorded with it"
+                if recorded is None
+                else self.keys.delete_ca_key(key_name)
+            )
             if left:
                 error.message = f"{error.message}; {left}"
                 error.args = (error.message,)
@@ -267,6 +278,14 @@ class CaUseCases:
         except BaseException:
             self.keys.delete_ca_key(key_name)
             raise
+
+    def _recorded_with(self, ca_id: str, key_name: str) -> bool | None:
+        """Whether the ledger holds CA `ca_id` with key `key_name`; None when it cannot be read."""
+        try:
+            held = self.ledger.get_ca(ca_id)
+        except CaError:
+            return None
+        return held is not None and held.key_name == key_name
 
     def _issuer(self, record: CaRecord) -> Issuer:
         cache_key = (record.id, record.serial)
