@@ -540,6 +540,30 @@ def test_two_admins_revoking_one_api_key_at_once_keep_the_first_revocation(azuri
         faster.close()
 
 
+def test_a_key_found_bound_elsewhere_refuses_by_the_devices_owner_first_as_the_service_does(azurite):
+    """Factory B certifies a device new to it, with a key bound to another device; between its read of the
+    device (none yet) and its claim of the key, factory A takes the device. The claim, finding the key
+    bound elsewhere, reads the device again and refuses by its owner first (403, as the
+    service's own checks order them), not by the key."""
+    prefix, transport = (
+        table_prefix(),
+        RequestHook(lambda request: request.method == "POST" and request.url.endswith("keys")),
+    )
+    factory_b = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    factory_a = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        factory_b.add_ca(_ca())
+        factory_b.record_issued([Issuance(_cert("B0", "dev-b", "kb"), owner="factory-b")])
+        transport.before = lambda: factory_a.record_issued([Issuance(_cert("A1", DEVICE, "ka"), owner="factory-a")])
+        (refused,) = factory_b.record_issued([Issuance(_cert("B1", DEVICE, "kb"), owner="factory-b")])
+        assert transport.before is None, "factory A took the device before factory B's claim of the key"
+        assert isinstance(refused, CaError) and refused.code == "device-owned-by-another-factory", refused
+        check_table_rules(factory_b)
+    finally:
+        factory_b.close()
+        factory_a.close()
+
+
 def test_a_refused_late_retry_keeps_the_index_rows_of_its_certificate_even_when_it_cannot_check(azurite):
     """The same certificate recorded again after its device was renewed is refused; the index rows found or
     rewritten for it belong to the certificate already committed, so they stay. When Storage fails the read

@@ -472,8 +472,7 @@ class TableLedger(TableBatches, Ledger):
                         raise Conflict(taken, "ledger-conflict") from None
                     continue
                 self._remember(_committed_head(issuance, head, answers[0]["etag"]))
-                claim = None  # the binding now holds a certificate: it stays
-                return new
+                return new  # the binding now holds a certificate: nothing after the commit may release it
             raise BackendUnavailable(
                 f"device {new.device_id!r} is being changed by many requests at once; try again",
                 "ledger-busy",
