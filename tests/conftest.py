@@ -46,6 +46,7 @@ _USE_CASE_TESTS = (
     "test_api",
     "test_api_hardening",
     "test_dps",
+    "test_lost_answers",
 )
 MUTATION_TESTS = {
     "shared.pki.": (
@@ -66,6 +67,7 @@ MUTATION_TESTS = {
         "test_api",
         "test_device_ownership",
         "test_service",
+        "test_lost_answers",
     ),
     "shared.service.devices": _USE_CASE_TESTS,
     "shared.service.ca": _USE_CASE_TESTS,
@@ -82,6 +84,7 @@ MUTATION_TESTS = {
         "test_device_ownership",
         "test_revocation",
         "test_batches",
+        "test_lost_answers",
     ),
 }
 

@@ -478,8 +478,11 @@ class TableLedger(TableBatches, Ledger):
                 "ledger-busy",
                 retry_after=1,
             )
-        except CaError:
-            if claim is not None and claim.created:
+        except CaError as error:
+            # Released only on a refusal: after a Storage failure the transaction may have landed (a 500
+            # sent again meets its own write, then the head read fails), and a binding whose certificate is
+            # committed must stay. A binding left pointing at nothing is stricter, never looser.
+            if claim is not None and claim.created and not isinstance(error, BackendUnavailable):
                 self._release(new.public_key_sha256, claim)
             raise
 

@@ -11,10 +11,10 @@ import hmac
 import re
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from ..errors import CaError, Forbidden, NotFound, Unauthorized
+from ..errors import CaError, Conflict, Forbidden, NotFound, Unauthorized
 from ..ledger import Ledger
 from ..ledger.models import ADMIN, FACTORY, INTERMEDIATE, ApiKey, Principal
 from ..pki import PkiError, check_ca_id
@@ -101,8 +101,24 @@ class Principals:
             created_at=self._now(),
             app_id=application_id(app_id) if app_id is not None else None,
         )
-        self.ledger.add_principal(principal)
+        try:
+            self.ledger.add_principal(principal)
+        except Conflict as taken:
+            if taken.code != "principal-exists" or not self._left_keyless(principal):
+                raise
+            principal = self.principal(name)
         return self._issue_key(principal)
+
+    def _left_keyless(self, principal: Principal) -> bool:
+        """Whether `principal`'s name holds the same factory with no API key: the half of an earlier attempt of
+        this very creation that failed between its two writes (or lost the first one's answer). Its retry
+        then gives the factory its key; any other factory of that name stays a conflict."""
+        held = self.ledger.get_principal(principal.id)
+        return (
+            held is not None
+            and replace(held, created_at=principal.created_at) == principal
+            and not any(key.principal_id == principal.id for key in self.ledger.list_api_keys())
+        )
 
     def bind_factory(self, name: str, intermediates: Sequence[str]) -> Principal:
         """Replace the intermediates a factory may sign with (say, when one is rotated out); its API keys,

@@ -258,7 +258,9 @@ class CaUseCases:
         it is named in the error, so no unrecorded CA key stays behind unnoticed. Unless the ledger holds
         CA `ca_id` with this very key: its write landed and only the answer was lost (Storage's 503 "it may
         have been done"), so the creation stands and the error is dropped (the block's last step must be
-        that write). When the ledger cannot be read to tell, the key is kept and the error says so."""
+        that write). When the ledger cannot be read to tell, the key is kept and the error says so. Any
+        other exception (an interrupt) is raised as it is, the key removed only when the ledger says that
+        it holds no such CA."""
         try:
             yield
         except CaError as error:
@@ -275,8 +277,9 @@ class CaUseCases:
                 error.message = f"{error.message}; {left}"
                 error.args = (error.message,)
             raise
-        except BaseException:
-            self.keys.delete_ca_key(key_name)
+        except BaseException:  # an interrupt (Ctrl-C) may come after the record landed, as a lost answer may
+            if self._recorded_with(ca_id, key_name) is False:
+                self.keys.delete_ca_key(key_name)
             raise
 
     def _recorded_with(self, ca_id: str, key_name: str) -> bool | None:

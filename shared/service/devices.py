@@ -243,12 +243,14 @@ class DeviceUseCases:
         return self._with_dps_in_step(run.results)  # type: ignore[arg-type]
 
     def _with_dps_in_step(self, results: list[IssuedCertificate | CaError]) -> list[IssuedCertificate | CaError]:
-        """After a commit: DPS kept in step for new certificates of devices with a revocation; a device whose
-        enrollment could not be written gets that said in its answer's warnings."""
-        new = [r.record.device_id for r in results if isinstance(r, IssuedCertificate) and r.created]
-        if not new:
+        """After a commit: DPS kept in step for the certificates answered to devices with a revocation; a
+        device whose enrollment could not be written gets that said in its answer's warnings. Certificates
+        answered from the ledger (created False) too: the first attempt may have committed and then lost its
+        answer or died before DPS was written, and its retry is then the only one left to admit the device."""
+        answered = [r.record.device_id for r in results if isinstance(r, IssuedCertificate)]
+        if not answered:
             return list(results)
-        states = self._keep_dps_in_step(self.ledger.devices_with_revocations(new))
+        states = self._keep_dps_in_step(self.ledger.devices_with_revocations(answered))
         failed = {device_id: state["message"] for device_id, state in states.items() if state.get("mode") == "failed"}
         return [
             replace(r, warnings=(*r.warnings, failed[r.record.device_id]))

@@ -1,0 +1,226 @@
+"""Writes that may have been done though their caller was not told (an answer lost, Storage's 500 "the
+operation may or may not have succeeded", an interrupt), and the retries and redeliveries that follow: what
+landed is never undone, and the retry finishes the job. Faults are injected at the HTTP level of the Table
+Storage ledger (the real SDK against Azurite)."""
+
+import json
+from urllib.parse import unquote, urlparse
+
+import pytest
+import requests
+from azure.core.exceptions import ServiceResponseError
+from azure.core.pipeline.transport import RequestsTransport, RequestsTransportResponse
+
+from shared.errors import BackendUnavailable, Conflict
+from shared.service.batches import ChunkMessage
+
+from .azurite import table_prefix
+from .csrs import device_key, make_csr
+from .test_ledger_tables import tables  # noqa: F401  (the fixture)
+
+
+class Storage(RequestsTransport):
+    """The real transport; `decide(request)` (set by a test) may name a fault for a request:
+    "lost": sent, and its answer lost (ServiceResponseError: the SDK does not send a POST or PATCH again);
+    "500": sent, and answered 500 OperationTimedOut ("may or may not have succeeded"), which the SDK retries;
+    "503": not sent, answered 503 ServerBusy; "interrupt": sent, then Ctrl-C (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decide = None
+
+    def send(self, request, **kwargs):
+        fault = self.decide(request) if self.decide else None
+        if fault is None:
+            return super().send(request, **kwargs)
+        if fault == "503":
+            return _answer(request, 503, "ServerBusy")
+        answer = super().send(request, **kwargs)
+        answer.internal_response.close()
+        if fault == "lost":
+            raise ServiceResponseError("the connection was lost before the answer (injected)")
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        assert fault == "500"
+        return _answer(request, 500, "OperationTimedOut")
+
+
+def _answer(request, status: int, code: str) -> RequestsTransportResponse:
+    response = requests.Response()
+    response.status_code = status
+    response.reason = code
+    response.headers["Content-Type"] = "application/json"
+    response.headers["x-ms-error-code"] = code
+    response._content = json.dumps({"odata.error": {"code": code, "message": {"value": code}}}).encode()
+    return RequestsTransportResponse(request, response)
+
+
+def _path(request) -> str:
+    return unquote(urlparse(request.url).path)
+
+
+def _insert_into(prefix: str, table: str):
+    """An entity inserted on its own (create_entity: POST to the table)."""
+    return lambda request: request.method == "POST" and _path(request).endswith(f"/{prefix}{table}")
+
+
+def _transaction(request) -> bool:
+    return request.method == "POST" and "$batch" in request.url
+
+
+def _once(matches, fault: str):
+    """`fault` for the first request that `matches`, then nothing."""
+    state = {"done": False}
+
+    def decide(request):
+        if not state["done"] and matches(request):
+            state["done"] = True
+            return fault
+        return None
+
+    return decide
+
+
+def _then(first, second, fault: str, times: int = 1):
+    """`fault` for the first `times` requests that match `second` after one that matched `first`."""
+    state = {"seen": False, "left": times}
+
+    def decide(request):
+        if state["seen"] and state["left"] and second(request):
+            state["left"] -= 1
+            return fault
+        if first(request):
+            state["seen"] = True
+        return None
+
+    return decide
+
+
+def test_a_root_whose_creation_is_interrupted_after_its_ledger_write_keeps_its_key(tables):  # noqa: F811
+    """Ctrl-C while the root's record is on its way (the CLI; Storage's retries may take 30 s) and after it
+    landed: the key stays, since removing it would leave a root that can never sign and that no new root
+    can replace."""
+    transport = Storage()
+    service = tables(table_prefix(), transport)
+    transport.decide = _once(_transaction, "interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        service.create_root()
+    transport.decide = None
+    root = service.ledger.get_root()
+    assert root is not None, "the root's record reached Storage"
+    service.keys.signing_key(root.key_name)  # the key of the root the ledger holds must still be there
+
+
+@pytest.mark.parametrize("fault", ["principal-answer-lost", "api-key-refused"])
+def test_a_factory_whose_creation_failed_part_way_is_created_by_the_retry(tables, fault):  # noqa: F811
+    """create_factory writes the principal, then its API key. When the principal landed but the call failed
+    (its answer lost, or the key's write refused by a busy Storage), the same request again gives the
+    factory its key. Once it has one, or for another factory of that name, it is 409 principal-exists."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport, retry_seconds=0.5)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    service.create_intermediate("factory-b")
+    if fault == "principal-answer-lost":
+        transport.decide = _once(_transaction, "lost")
+    else:
+        transport.decide = lambda request: "503" if _insert_into(prefix, "principals")(request) else None
+    with pytest.raises(BackendUnavailable):
+        service.principals.create_factory("line-1", ["factory-a"])
+    transport.decide = None
+    assert service.ledger.get_principal("line-1") is not None
+    with pytest.raises(Conflict) as other:  # not the same factory: bound to other intermediates
+        service.principals.create_factory("line-1", ["factory-a", "factory-b"])
+    assert other.value.code == "principal-exists"
+    created = service.principals.create_factory("line-1", ["factory-a"])  # the same request again
+    assert service.principals.authenticate(created.secret).id == "line-1"
+    with pytest.raises(Conflict) as again:  # it has its key now
+        service.principals.create_factory("line-1", ["factory-a"])
+    assert again.value.code == "principal-exists"
+    assert [key.principal_id for key in service.ledger.list_api_keys()] == ["line-1"]
+
+
+def test_a_recertified_device_whose_commit_lost_its_answer_is_put_in_step_with_dps_by_the_retry(tables):  # noqa: F811
+    """A device whose certificate was revoked is blocked in DPS (a disabled individual enrollment). It gets a
+    new certificate for a new key; the commit lands but its answer is lost (503 to the caller). The retry with
+    the same CSR is answered from the ledger (created False), and it is the one left to admit the device in
+    DPS with that certificate."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    first = service.sign_csr(make_csr("dev-1"), "dev-1")
+    service.revoke(first.record.serial)
+    assert service.dps.documents.get("individual-enrollments", "dev-1")["provisioningStatus"] == "disabled"
+    csr = make_csr("dev-1", key=device_key())
+    # the key binding's insert, then the device's transaction: that one's answer is lost
+    transport.decide = _then(_insert_into(prefix, "keys"), _transaction, "lost")
+    with pytest.raises(BackendUnavailable):
+        service.sign_csr(csr, "dev-1")
+    transport.decide = None
+    again = service.sign_csr(csr, "dev-1")  # the same request again
+    assert not again.created  # answered from the ledger: the first attempt's commit landed
+    assert service.ledger.active_certificates(["dev-1"])["dev-1"].serial == again.record.serial
+    enrollment = service.dps.documents.get("individual-enrollments", "dev-1")
+    certificate = enrollment["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"]
+    assert (enrollment["provisioningStatus"], certificate) == ("enabled", again.record.certificate_pem)
+    assert again.warnings == ()
+
+
+def test_a_device_commit_storage_timed_out_on_keeps_its_key_binding_when_the_head_cannot_be_read(tables):  # noqa: F811
+    """The device transaction is carried out but answered 500; the SDK sends it again and gets 409, and the
+    head read that follows fails (Storage busy). The key binding made for it stays (the certificate holding
+    the key is committed), so the key is never certified for a second device."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport, retry_seconds=0.3)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    key = device_key()
+    state = {"stage": 0}
+
+    def decide(request):
+        if state["stage"] == 0 and _insert_into(prefix, "keys")(request):
+            state["stage"] = 1  # the binding is inserted; the device transaction comes next
+        elif state["stage"] == 1 and _transaction(request):
+            state["stage"] = 2
+            return "500"
+        elif state["stage"] == 2 and request.method == "GET" and "head" in unquote(request.url):
+            return "503"
+        return None
+
+    transport.decide = decide
+    with pytest.raises(BackendUnavailable):
+        service.sign_csr(make_csr("dev-1", key=key), "dev-1")
+    transport.decide = None
+    committed = service.ledger.active_certificates(["dev-1"])["dev-1"]  # dev-1's certificate is committed
+    assert service.ledger.key_bindings([committed.public_key_sha256]) == {committed.public_key_sha256: ("dev-1", False)}
+    with pytest.raises(Conflict) as refused:
+        service.sign_csr(make_csr("dev-2", key=key), "dev-2")
+    assert refused.value.code == "key-in-use"
+
+
+def test_a_batch_chunk_redelivered_after_its_commit_lost_its_answer_puts_a_recertified_device_in_step_with_dps(
+    tables,  # noqa: F811
+):
+    """The queue handler's form: a chunk recertifies a revoked device; its commit lands but the answer is
+    lost, so the delivery raises (transient). The redelivery finds the certificate in the ledger (created
+    False), records the item issued and admits the device in DPS."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    first = service.sign_csr(make_csr("dev-1"), "dev-1")
+    service.revoke(first.record.serial)
+    items = [{"deviceId": "dev-1", "csr": make_csr("dev-1", key=device_key()).decode()}]
+    batch = service.submit_batch(items, requested_by="cli", enqueue=False)
+    message = ChunkMessage(batchId=batch.record.id, chunk=0).text()
+    transport.decide = _then(_insert_into(prefix, "keys"), _transaction, "lost")
+    with pytest.raises(BackendUnavailable):
+        service.sign_batch_chunk(message)
+    transport.decide = None
+    assert service.sign_batch_chunk(message).recorded == 1  # delivered again
+    (result,) = service.batch_results(batch.record.id).results
+    assert result.status == "issued"
+    enrollment = service.dps.documents.get("individual-enrollments", "dev-1")
+    certificate = enrollment["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"]
+    assert (enrollment["provisioningStatus"], certificate) == ("enabled", result.issued.record.certificate_pem)
