@@ -14,9 +14,11 @@ from azure.core.pipeline.transport import RequestsTransport, RequestsTransportRe
 from shared.errors import BackendUnavailable, Conflict
 from shared.service.batches import ChunkMessage
 
+from . import test_ledger_tables
 from .azurite import table_prefix
 from .csrs import device_key, make_csr
-from .test_ledger_tables import tables  # noqa: F401  (the fixture)
+
+tables = test_ledger_tables.tables  # the fixture: a CA on fresh tables, its ledger on a given transport
 
 
 class Storage(RequestsTransport):
@@ -96,7 +98,7 @@ def _then(first, second, fault: str, times: int = 1):
     return decide
 
 
-def test_a_root_whose_creation_is_interrupted_after_its_ledger_write_keeps_its_key(tables):  # noqa: F811
+def test_a_root_whose_creation_is_interrupted_after_its_ledger_write_keeps_its_key(tables):
     """Ctrl-C while the root's record is on its way (the CLI; Storage's retries may take 30 s) and after it
     landed: the key stays, since removing it would leave a root that can never sign and that no new root
     can replace."""
@@ -112,7 +114,7 @@ def test_a_root_whose_creation_is_interrupted_after_its_ledger_write_keeps_its_k
 
 
 @pytest.mark.parametrize("fault", ["principal-answer-lost", "api-key-refused"])
-def test_a_factory_whose_creation_failed_part_way_is_created_by_the_retry(tables, fault):  # noqa: F811
+def test_a_factory_whose_creation_failed_part_way_is_created_by_the_retry(tables, fault):
     """create_factory writes the principal, then its API key. When the principal landed but the call failed
     (its answer lost, or the key's write refused by a busy Storage), the same request again gives the
     factory its key. Once it has one, or for another factory of that name, it is 409 principal-exists."""
@@ -140,7 +142,7 @@ def test_a_factory_whose_creation_failed_part_way_is_created_by_the_retry(tables
     assert [key.principal_id for key in service.ledger.list_api_keys()] == ["line-1"]
 
 
-def test_a_recertified_device_whose_commit_lost_its_answer_is_put_in_step_with_dps_by_the_retry(tables):  # noqa: F811
+def test_a_recertified_device_whose_commit_lost_its_answer_is_put_in_step_with_dps_by_the_retry(tables):
     """A device whose certificate was revoked is blocked in DPS (a disabled individual enrollment). It gets a
     new certificate for a new key; the commit lands but its answer is lost (503 to the caller). The retry with
     the same CSR is answered from the ledger (created False), and it is the one left to admit the device in
@@ -167,7 +169,7 @@ def test_a_recertified_device_whose_commit_lost_its_answer_is_put_in_step_with_d
     assert again.warnings == ()
 
 
-def test_a_device_commit_storage_timed_out_on_keeps_its_key_binding_when_the_head_cannot_be_read(tables):  # noqa: F811
+def test_a_device_commit_storage_timed_out_on_keeps_its_key_binding_when_the_head_cannot_be_read(tables):
     """The device transaction is carried out but answered 500; the SDK sends it again and gets 409, and the
     head read that follows fails (Storage busy). The key binding made for it stays (the certificate holding
     the key is committed), so the key is never certified for a second device."""
@@ -200,7 +202,7 @@ def test_a_device_commit_storage_timed_out_on_keeps_its_key_binding_when_the_hea
 
 
 def test_a_batch_chunk_redelivered_after_its_commit_lost_its_answer_puts_a_recertified_device_in_step_with_dps(
-    tables,  # noqa: F811
+    tables,
 ):
     """The queue handler's form: a chunk recertifies a revoked device; its commit lands but the answer is
     lost, so the delivery raises (transient). The redelivery finds the certificate in the ledger (created
@@ -224,3 +226,29 @@ def test_a_batch_chunk_redelivered_after_its_commit_lost_its_answer_puts_a_recer
     enrollment = service.dps.documents.get("individual-enrollments", "dev-1")
     certificate = enrollment["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"]
     assert (enrollment["provisioningStatus"], certificate) == ("enabled", result.issued.record.certificate_pem)
+
+
+@pytest.mark.parametrize("write", ["principal", "api key"])
+def test_a_principal_or_key_whose_insert_storage_timed_out_after_doing_it_is_created(tables, write):
+    """Storage answers 500 OperationTimedOut ("may or may not have succeeded") to an insert it carried out;
+    the SDK sends it again and meets its own write (409). That is this very record, not another one with
+    its name or its fresh random ID: the factory is created and gets its key."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    inserted = _transaction if write == "principal" else _insert_into(prefix, "principals")
+    timed_out: list[str] = []
+
+    def decide(request):
+        if not timed_out and inserted(request):
+            timed_out.append(request.url)
+            return "500"
+        return None
+
+    transport.decide = decide
+    made = service.principals.create_factory("line-1", ["factory-a"])
+    transport.decide = None
+    assert timed_out, "the insert was answered 500"
+    assert service.principals.authenticate(made.secret).id == "line-1"
+    assert [key.id for key in service.ledger.list_api_keys()] == [made.key.id]

@@ -808,7 +808,8 @@ class TableLedger(TableBatches, Ledger):
     # -- principals and API keys -----------------------------------------------------------------------
 
     def add_principal(self, principal: Principal) -> None:
-        operations: list[Any] = [("create", _principal_entity(principal))]
+        entity = _principal_entity(principal)
+        operations: list[Any] = [("create", entity)]
         if principal.app_id:
             marker = {"PartitionKey": PRINCIPAL_PARTITION, "RowKey": _key(APP_MARKER + principal.app_id)}
             operations.append(("create", {**marker, "principal_id": principal.id}))
@@ -818,6 +819,8 @@ class TableLedger(TableBatches, Ledger):
             except TableTransactionError as error:
                 if error.status_code != 409:
                     raise
+                if self._holds_entity(PRINCIPALS, entity):
+                    return  # its own write: Storage's 500 ("may or may not have succeeded") sent again by the SDK
                 if error.index == 1:
                     raise Conflict(
                         f"application ID {principal.app_id} is already bound to a factory", "app-id-taken"
@@ -866,6 +869,8 @@ class TableLedger(TableBatches, Ledger):
             try:
                 self._table(PRINCIPALS).create_entity(entity)
             except ResourceExistsError:
+                if self._holds_entity(PRINCIPALS, entity):
+                    return  # its own write: Storage's 500 ("may or may not have succeeded") sent again by the SDK
                 raise Conflict(f"an API key with ID {key.id} already exists", "key-exists") from None
 
     def get_api_key(self, key_id: str) -> ApiKey | None:
@@ -898,6 +903,12 @@ class TableLedger(TableBatches, Ledger):
         raise BackendUnavailable("the API key is being changed by many requests at once; try again", "ledger-busy")
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _holds_entity(self, table: str, entity: dict[str, Any]) -> bool:
+        """Whether `table` holds `entity` as it is, every property: an insert found taken was this very write
+        (its unique values, a nanosecond sequence or a secret's hash, make another one differ)."""
+        existing = self._get(table, entity["PartitionKey"], entity["RowKey"])
+        return existing is not None and all(existing.get(name) == value for name, value in entity.items())
 
     def _get(self, table: str, partition: str, row: str) -> Any:
         """One entity, or None when there is none."""
