@@ -4,6 +4,7 @@ landed is never undone, and the retry finishes the job. Faults are injected at t
 Storage ledger (the real SDK against Azurite)."""
 
 import json
+from dataclasses import replace
 from urllib.parse import unquote, urlparse
 
 import pytest
@@ -252,3 +253,21 @@ def test_a_principal_or_key_whose_insert_storage_timed_out_after_doing_it_is_cre
     assert timed_out, "the insert was answered 500"
     assert service.principals.authenticate(made.secret).id == "line-1"
     assert [key.id for key in service.ledger.list_api_keys()] == [made.key.id]
+
+
+def test_an_intermediate_whose_dps_step_failed_after_its_record_is_created_and_says_retry_dps(tables):
+    """The intermediate's record lands, then Storage fails every call of the DPS registration step (offline
+    DPS keeps its documents beside the ledger): the creation stands, with a warning naming retry-dps, rather
+    than a 503 whose retry would meet ca-exists and leave the intermediate with no DPS state at all. Running
+    retry-dps then registers it (offline: records its enrollment group's document)."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport, retry_seconds=0.3)
+    service.create_root()
+    transport.decide = _then(_transaction, lambda request: True, "503", times=10_000)
+    created = service.create_intermediate("factory-b")
+    transport.decide = None
+    assert created.record == replace(service.ledger.get_ca("factory-b"), dps={})
+    assert any("run retry-dps factory-b" in warning for warning in created.warnings), created.warnings
+    record, _ = service.retry_dps("factory-b")
+    assert record.dps["mode"] == "offline" and service.ledger.get_ca("factory-b") == record
+    assert service.dps.documents.get("enrollment-groups", "factory-b") is not None

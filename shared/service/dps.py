@@ -45,10 +45,18 @@ class DpsUseCases:
 
     def _register_new_intermediate(self, record: CaRecord) -> tuple[CaRecord, tuple[str, ...]]:
         """After an intermediate is in the ledger: register its enrollment group through the queue when
-        there is one (state `pending`), else at once. Returns the record and what to tell the caller."""
-        if self.dps.configured and self.dps_registrations is not None:
-            return self._queue_registration(record.id)
-        record = self.register_intermediate(record.id, inline=True)
+        there is one (state `pending`), else at once. Returns the record and what to tell the caller. The
+        creation stands whatever happens here: a step that fails (the ledger unavailable as the state is
+        recorded) is a warning naming retry-dps, not an error whose retry would meet ca-exists."""
+        try:
+            if self.dps.configured and self.dps_registrations is not None:
+                return self._queue_registration(record.id)
+            record = self.register_intermediate(record.id, inline=True)
+        except CaError as error:
+            return record, (
+                f"intermediate {record.id} is created, but its DPS registration was not recorded ({error.code}); "
+                f"run retry-dps {record.id}",
+            )
         return record, _registration_warnings(record.dps)
 
     def _queue_registration(self, ca_id: str) -> tuple[CaRecord, tuple[str, ...]]:
