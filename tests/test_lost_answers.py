@@ -271,3 +271,24 @@ def test_an_intermediate_whose_dps_step_failed_after_its_record_is_created_and_s
     record, _ = service.retry_dps("factory-b")
     assert record.dps["mode"] == "offline" and service.ledger.get_ca("factory-b") == record
     assert service.dps.documents.get("enrollment-groups", "factory-b") is not None
+
+
+@pytest.mark.parametrize(("write", "fault"), [("own row", "lost"), ("own row", "500"), ("chunk", "500")])
+def test_a_batch_whose_own_row_landed_unanswered_is_stored_and_queued(tables, write, fault):
+    """The batch's own row (written last: the batch exists from then on) lands, and its answer is lost, or
+    is Storage's 500, which the SDK sends again into its own write. The batch is stored and its chunk queued,
+    and the caller gets it, not a 503 or a 409 batch-exists for a random ID it never chose (whose retry would
+    store a second batch while the first waited unqueued). A chunk's transaction answered 500 the same way
+    is that chunk."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    items = [{"deviceId": f"dev-{n}", "csr": make_csr(f"dev-{n}").decode()} for n in range(3)]
+    transport.decide = _once(_insert_into(prefix, "batches") if write == "own row" else _transaction, fault)
+    submitted = service.submit_batch(items, requested_by="cli")
+    transport.decide = None
+    assert service.ledger.get_batch(submitted.record.id).record == submitted.record
+    message = service.batch_queue.take()
+    assert message == ChunkMessage(batchId=submitted.record.id, chunk=0).text() and service.batch_queue.take() is None
+    assert service.sign_batch_chunk(message).recorded == 3

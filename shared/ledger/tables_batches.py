@@ -46,6 +46,7 @@ class TableBatches:
     _table: Any
     _get: Any
     _parallel: Any
+    _holds_entity: Any
 
     def add_batch(self, batch: BatchRecord, items: Sequence[BatchItem]) -> None:
         if batch.chunk_size > MAX_CHUNK_ITEMS:
@@ -78,9 +79,10 @@ class TableBatches:
             try:
                 self._table(BATCHES).submit_transaction(operations)
             except TableTransactionError as error:
-                if error.status_code == 409:
+                if error.status_code != 409:
+                    raise
+                if not self._holds_entity(BATCHES, row):  # else its own write, sent again after Storage's 500
                     raise Conflict(f"a batch with ID {batch.id!r} already exists", "batch-exists") from None
-                raise
 
         with storage_errors("store a batch"):
             self._parallel(write_chunk, sorted(chunks))
@@ -89,10 +91,12 @@ class TableBatches:
             table = self._table(BATCHES)
             table.upsert_entity({"PartitionKey": _requester_partition(batch.requested_by), "RowKey": order, **index})
             table.upsert_entity({"PartitionKey": ALL_BATCHES, "RowKey": order, **index})
+            header = _batch_entity(partition, batch)
             try:
-                table.create_entity(_batch_entity(partition, batch))  # last: the batch exists from here on
+                table.create_entity(header)  # last: the batch exists from here on
             except ResourceExistsError:
-                raise Conflict(f"a batch with ID {batch.id!r} already exists", "batch-exists") from None
+                if not self._holds_entity(BATCHES, header):  # else its own write, sent again after Storage's 500
+                    raise Conflict(f"a batch with ID {batch.id!r} already exists", "batch-exists") from None
 
     def get_batch(self, batch_id: str) -> BatchSummary | None:
         partition = _partition(batch_id)

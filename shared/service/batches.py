@@ -160,12 +160,25 @@ class BatchUseCases:
         stored = [
             _batch_item(batch, index, raw, line) for index, (raw, line) in enumerate(zip(items, numbers, strict=True))
         ]
-        self.ledger.add_batch(batch, stored)
+        try:
+            self.ledger.add_batch(batch, stored)
+        except BackendUnavailable:
+            if not self._stored(batch.id):
+                raise
         failed = sum(item.status == ITEM_FAILED for item in stored)
         waiting = sorted({item.index // CHUNK_SIZE for item in stored if item.status != ITEM_FAILED})
         if enqueue:
             self._queue_chunks(batch, waiting)
         return BatchSummary(batch, 0, failed, None, now if not waiting else None)
+
+    def _stored(self, batch_id: str) -> bool:
+        """Whether the ledger holds batch `batch_id` after its write failed: its last step (the batch's own
+        row) may have landed and only the answer been lost, and a stored batch must then be queued. False
+        when the ledger cannot tell: the caller's 503 stands (the embedded server resumes such a batch)."""
+        try:
+            return self.ledger.get_batch(batch_id) is not None
+        except CaError:
+            return False
 
     def _queue_chunks(self, batch: BatchRecord, chunks: list[int]) -> None:
         """Send the chunks' messages, several at once (each is a Storage request); the items of a chunk whose
