@@ -5,6 +5,7 @@ Storage ledger (the real SDK against Azurite)."""
 
 import json
 from dataclasses import replace
+from datetime import timedelta
 from urllib.parse import unquote, urlparse
 
 import pytest
@@ -292,3 +293,31 @@ def test_a_batch_whose_own_row_landed_unanswered_is_stored_and_queued(tables, wr
     message = service.batch_queue.take()
     assert message == ChunkMessage(batchId=submitted.record.id, chunk=0).text() and service.batch_queue.take() is None
     assert service.sign_batch_chunk(message).recorded == 3
+
+
+@pytest.mark.parametrize("fault", ["lost", "500"])
+def test_an_expiry_stage_whose_claim_went_unanswered_is_announced_once(tables, clock, fault):
+    """The scan claims a certificate's stage (a merge on the row's etag, with a token of its own); the merge
+    lands and its answer is lost, or is Storage's 500 that the SDK sends again into a 412 on its own write.
+    The row holds this scan's token, so the claim is this scan's: the stage is announced now, and once,
+    rather than never (a later scan takes the recorded stage for announced)."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    record = service.sign_csr(make_csr("dev-1"), "dev-1").record
+    clock.now = record.not_after - timedelta(days=20)
+
+    def merged_onto_expiry_row(request) -> bool:
+        return request.method in ("PATCH", "MERGE") and "PartitionKey='exp-" in unquote(request.url)
+
+    transport.decide = _once(merged_onto_expiry_row, fault)
+    first = service.scan_expiring()
+    transport.decide = None
+    assert [(f.subject, f.stage, f.announced) for f in first.findings] == [("dev-1", "30d", True)]
+    assert first.failures == ()
+    notices = [json.loads(text) for text in iter(service.expiry_queue.take, None)]
+    assert [(n["deviceId"], n["stage"]) for n in notices] == [("dev-1", "30d")]
+    again = service.scan_expiring()
+    assert [(f.subject, f.announced) for f in again.findings] == [("dev-1", False)]
+    assert service.expiry_queue.take() is None

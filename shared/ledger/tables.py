@@ -88,6 +88,7 @@ import base64
 import binascii
 import hashlib
 import json
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -746,15 +747,33 @@ class TableLedger(TableBatches, Ledger):
                 return None
         table = EXPIRY_TABLES[watch.kind == DEVICE]
         partition, row, etag = watch.version
-        changes = {"PartitionKey": partition, "RowKey": row, _stage_property(watch.topic): stage}
+        claim = secrets.token_hex(8)  # tells this claim from another scan's when the answer goes astray
+        stage_property = _stage_property(watch.topic)
+        changes = {"PartitionKey": partition, "RowKey": row, stage_property: stage, f"{stage_property}_claim": claim}
         with storage_errors("record an expiry stage"):
             try:
                 answer = self._table(table).update_entity(
                     changes, mode=UpdateMode.MERGE, etag=etag, match_condition=IF_NOT_MODIFIED
                 )
             except (ResourceModifiedError, ResourceNotFoundError):
-                return None
+                return self._own_claim(table, changes, watch)  # Storage's 500 sent again meets its own write
+            except AzureError:
+                try:
+                    claimed = self._own_claim(table, changes, watch)  # the merge landed, its answer was lost
+                except CaError:
+                    claimed = None  # Storage is down: the merge's own failure is the one to name
+                if claimed is None:
+                    raise
+                return claimed
         return replace(watch, stage=stage, version=(partition, row, answer["etag"]))
+
+    def _own_claim(self, table: str, changes: dict[str, Any], watch: ExpiryWatch) -> ExpiryWatch | None:
+        """The watch as claimed when the row holds this very claim (stage and token), else None."""
+        entity = self._get(table, changes["PartitionKey"], changes["RowKey"])
+        if entity is None or any(entity.get(name) != value for name, value in changes.items()):
+            return None
+        version = (changes["PartitionKey"], changes["RowKey"], entity.metadata["etag"])
+        return replace(watch, stage=changes[_stage_property(watch.topic)], version=version)
 
     def release_expiry_stage(self, claimed: ExpiryWatch, previous: str | None) -> None:
         table = EXPIRY_TABLES[claimed.kind == DEVICE]
