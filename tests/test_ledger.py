@@ -159,6 +159,19 @@ def test_a_second_key_for_a_device_needs_supersede_and_the_same_key_gets_its_cer
     assert ledger.get_certificate("03") is None and _serials(ledger) == ["01"]
 
 
+def test_a_refused_request_with_a_key_the_device_renewed_away_from_keeps_that_keys_binding(ledger):
+    """The device renewed from k1 to k2; k1 stays bound to it (its superseded certificate is still valid).
+    A request for the device with k1 again, not a renewal, is refused (the device has a certificate), and
+    leaves k1's binding as it was: releasing it would let k1 be certified for another device."""
+    ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
+    ledger.record_issued([Issuance(_cert("02", "dev-1", "k2", at=NOW + timedelta(days=1)), supersede=True)])
+    (refused,) = ledger.record_issued([Issuance(_cert("03", "dev-1", "k1", at=NOW + timedelta(days=2)))])
+    assert isinstance(refused, Conflict) and refused.code == "device-has-certificate"
+    assert ledger.key_bindings(["k1"]) == {"k1": ("dev-1", False)}
+    (taken,) = ledger.record_issued([Issuance(_cert("04", "dev-2", "k1", at=NOW + timedelta(days=2)))])
+    assert isinstance(taken, Conflict) and taken.code == "key-in-use"
+
+
 def test_a_retried_renewal_gets_the_certificate_its_first_attempt_made(ledger):
     ledger.record_issued([Issuance(_cert("01", "dev-1", "k1"))])
     renewed_at = NOW + timedelta(days=100)

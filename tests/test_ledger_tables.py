@@ -5,6 +5,7 @@ import base64
 import itertools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -538,6 +539,54 @@ def test_two_admins_revoking_one_api_key_at_once_keep_the_first_revocation(azuri
     finally:
         slower.close()
         faster.close()
+
+
+def test_a_key_revoked_while_its_binding_is_confirmed_stays_revoked(azurite):
+    """A renewal with the same key confirms the key's binding by rewriting it on the etag it read; another
+    instance revokes the key in between. The rewrite fails on the etag and the renewal is refused: the
+    binding keeps the revocation (an unconditional rewrite would have cleared it)."""
+    prefix, transport = table_prefix(), RequestHook(write_in_place)
+    renewing = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    revoking = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        renewing.add_ca(_ca())
+        renewing.record_issued([Issuance(_cert("A1", DEVICE, "ka"))])
+        transport.before = lambda: revoking.revoke_certificate("A1", "keyCompromise", NOW + timedelta(days=1))
+        renewal = _cert("A2", DEVICE, "ka", at=NOW + timedelta(days=1))
+        (refused,) = renewing.record_issued([Issuance(renewal, supersede=True)])
+        assert transport.before is None, "the revocation ran before the binding's rewrite"
+        assert isinstance(refused, CaError) and refused.code == "key-revoked", refused
+        assert revoking.key_bindings(["ka"]) == {"ka": (DEVICE, True)}
+        check_table_rules(revoking)
+    finally:
+        renewing.close()
+        revoking.close()
+
+
+def test_row_keys_follow_the_documented_layout_whatever_the_hosts_time_zone(azurite, monkeypatch):
+    """The index and certificate rows are keyed as the module's table says, in UTC whatever the host's
+    zone (Azure Functions honours WEBSITE_TIME_ZONE): `ser-<last hex digit, upper case>` / serial,
+    `req-<requester>` / `<created>-<serial>`, `exp-<day>` / `<notAfter>-<serial>`, `c-<created>-<serial>`."""
+    ledger = TableLedger(connect(azurite.connection_string, table_prefix(), retry_seconds=10))
+    try:
+        ledger.add_ca(_ca())
+        monkeypatch.setenv("TZ", "EAST-14")  # UTC+14, in POSIX form
+        time.tzset()
+        ledger.record_issued([Issuance(_cert("0ab1c", DEVICE, "ka", at=NOW + timedelta(hours=12)))])  # +14: next day
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    try:
+        index = sorted((row["PartitionKey"], row["RowKey"]) for row in table_rows(ledger, INDEX))
+        assert index == [
+            ("exp-2027-01-01", "20270101120000-0ab1c"),
+            ("req-test", "20260101120000-0ab1c"),
+            ("ser-C", "0ab1c"),
+        ]
+        rows = [row["RowKey"] for row in table_rows(ledger, tables_module.DEVICES)]
+        assert sorted(rows) == ["c-20260101120000-0ab1c", "head"]
+    finally:
+        ledger.close()
 
 
 def test_a_key_found_bound_elsewhere_refuses_by_the_devices_owner_first_as_the_service_does(azurite):
