@@ -19,6 +19,7 @@ from shared.service.batches import ChunkMessage
 from . import test_ledger_tables
 from .azurite import table_prefix
 from .csrs import device_key, make_csr
+from .test_ledger_tables import RequestHook
 
 tables = test_ledger_tables.tables  # the fixture: a CA on fresh tables, its ledger on a given transport
 
@@ -115,24 +116,41 @@ def test_a_root_whose_creation_is_interrupted_after_its_ledger_write_keeps_its_k
     service.keys.signing_key(root.key_name)  # the key of the root the ledger holds must still be there
 
 
-@pytest.mark.parametrize("fault", ["principal-answer-lost", "api-key-refused"])
-def test_a_factory_whose_creation_failed_part_way_is_created_by_the_retry(tables, fault):
-    """create_factory writes the principal, then its API key. When the principal landed but the call failed
-    (its answer lost, or the key's write refused by a busy Storage), the same request again gives the
-    factory its key. Once it has one, or for another factory of that name, it is 409 principal-exists."""
+@pytest.mark.parametrize("write", ["principal", "api key"])
+def test_a_factory_whose_write_lost_its_answer_is_created_by_that_request(tables, write):
+    """The principal's transaction, or its API key's insert, lands and its answer is lost: the ledger reads
+    whether it landed, and the request goes on; the admin gets the key (its secret is still in hand), and
+    the factory has that one key, not a stored key whose secret was thrown away with a 503."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    transport.decide = _once(_transaction if write == "principal" else _insert_into(prefix, "principals"), "lost")
+    made = service.principals.create_factory("line-1", ["factory-a"])
+    transport.decide = None
+    assert service.principals.authenticate(made.secret).id == "line-1"
+    assert [key.id for key in service.ledger.list_api_keys()] == [made.key.id]
+
+
+def test_a_factory_left_without_its_key_is_given_one_by_the_same_request_once_its_creation_is_over(tables, clock):
+    """The principal lands, then Storage refuses the key's insert (503): the factory is left without a key.
+    The same request again gives it its key, but only once a creation could no longer be writing one (twice
+    the ledger's retry time): before, it is 503 principal-being-created, so that two creations at once never
+    both get a key. Once it has one, or for another factory of that name, it is 409 principal-exists."""
     prefix, transport = table_prefix(), Storage()
     service = tables(prefix, transport, retry_seconds=0.5)
     service.create_root()
     service.create_intermediate("factory-a")
     service.create_intermediate("factory-b")
-    if fault == "principal-answer-lost":
-        transport.decide = _once(_transaction, "lost")
-    else:
-        transport.decide = lambda request: "503" if _insert_into(prefix, "principals")(request) else None
+    transport.decide = lambda request: "503" if _insert_into(prefix, "principals")(request) else None
     with pytest.raises(BackendUnavailable):
         service.principals.create_factory("line-1", ["factory-a"])
     transport.decide = None
-    assert service.ledger.get_principal("line-1") is not None
+    assert service.ledger.get_principal("line-1") is not None and service.ledger.list_api_keys() == []
+    with pytest.raises(BackendUnavailable) as busy:
+        service.principals.create_factory("line-1", ["factory-a"])
+    assert busy.value.code == "principal-being-created" and busy.value.retry_after >= 1
+    clock.advance(seconds=2 * service.settings.ledger_retry_seconds + 1)
     with pytest.raises(Conflict) as other:  # not the same factory: bound to other intermediates
         service.principals.create_factory("line-1", ["factory-a", "factory-b"])
     assert other.value.code == "principal-exists"
@@ -142,6 +160,31 @@ def test_a_factory_whose_creation_failed_part_way_is_created_by_the_retry(tables
         service.principals.create_factory("line-1", ["factory-a"])
     assert again.value.code == "principal-exists"
     assert [key.principal_id for key in service.ledger.list_api_keys()] == ["line-1"]
+
+
+def test_two_admins_creating_one_factory_at_once_do_not_both_get_a_key(tables):
+    """Admin A's create_factory writes the principal; before A's API key is written, admin B creates the same
+    factory. B's request finds it keyless but young, so it is told to try again (503): only A gets a key."""
+    prefix = table_prefix()
+    hook = RequestHook(_insert_into(prefix, "principals"))  # the API key's insert (the principal's is a $batch)
+    admin_a = tables(prefix, hook)
+    admin_b = tables(prefix)
+    admin_a.create_root()
+    admin_a.create_intermediate("factory-a")
+    outcomes: dict[str, object] = {}
+
+    def admin_b_creates():
+        with pytest.raises(BackendUnavailable) as busy:
+            admin_b.principals.create_factory("line-1", ["factory-a"])
+        outcomes["b"] = busy.value.code
+
+    hook.before = admin_b_creates
+    made = admin_a.principals.create_factory("line-1", ["factory-a"])
+    assert hook.before is None and outcomes["b"] == "principal-being-created"
+    assert [key.id for key in admin_a.ledger.list_api_keys()] == [made.key.id]
+    with pytest.raises(Conflict) as taken:
+        admin_b.principals.create_factory("line-1", ["factory-a"])
+    assert taken.value.code == "principal-exists"
 
 
 def test_a_recertified_device_whose_commit_lost_its_answer_is_put_in_step_with_dps_by_the_retry(tables):

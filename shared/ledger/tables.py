@@ -845,6 +845,9 @@ class TableLedger(TableBatches, Ledger):
                         f"application ID {principal.app_id} is already bound to a factory", "app-id-taken"
                     ) from None
                 raise Conflict(f"a principal called {principal.id!r} already exists", "principal-exists") from None
+            except AzureError:
+                if not self._landed(PRINCIPALS, entity):
+                    raise
 
     def get_principal(self, principal_id: str) -> Principal | None:
         entity = self._get(PRINCIPALS, PRINCIPAL_PARTITION, _key(principal_id))
@@ -891,6 +894,9 @@ class TableLedger(TableBatches, Ledger):
                 if self._holds_entity(PRINCIPALS, entity):
                     return  # its own write: Storage's 500 ("may or may not have succeeded") sent again by the SDK
                 raise Conflict(f"an API key with ID {key.id} already exists", "key-exists") from None
+            except AzureError:
+                if not self._landed(PRINCIPALS, entity):
+                    raise
 
     def get_api_key(self, key_id: str) -> ApiKey | None:
         entity = self._get(PRINCIPALS, API_KEY_PARTITION, _key(key_id))
@@ -928,6 +934,14 @@ class TableLedger(TableBatches, Ledger):
         (its unique values, a nanosecond sequence or a secret's hash, make another one differ)."""
         existing = self._get(table, entity["PartitionKey"], entity["RowKey"])
         return existing is not None and all(existing.get(name) == value for name, value in entity.items())
+
+    def _landed(self, table: str, entity: dict[str, Any]) -> bool:
+        """After a write failed without an answer (the connection lost: it may have been done), whether it
+        landed; False when Storage cannot tell either, so that the write's own failure is the one named."""
+        try:
+            return self._holds_entity(table, entity)
+        except CaError:
+            return False
 
     def _get(self, table: str, partition: str, row: str) -> Any:
         """One entity, or None when there is none."""

@@ -61,7 +61,8 @@ class DeviceCA(CaUseCases, DeviceUseCases, DpsUseCases, ExpiryUseCases, BatchUse
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._issuers_lock = threading.Lock()
         self._ca_pems: dict[str, str] = {}  # CA ID -> its certificate: IDs are never reused (unique CA IDs)
-        self.principals = Principals(ledger, clock)
+        # a factory's two writes (principal, then key) end within the ledger's retry time, twice over
+        self.principals = Principals(ledger, clock, creation_seconds=2 * settings.ledger_retry_seconds)
         self.dps_registrations = None  # a MessageQueue for DPS registrations (composition sets it)
         self._ca_creation = threading.Lock()  # concurrent creations here never make a key they then lose
         # where the expiry scan's notices go (composition.py: Storage with QUEUE_STORAGE, else in-process)

@@ -12,9 +12,9 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from ..errors import CaError, Conflict, Forbidden, NotFound, Unauthorized
+from ..errors import BackendUnavailable, CaError, Conflict, Forbidden, NotFound, Unauthorized
 from ..ledger import Ledger
 from ..ledger.models import ADMIN, FACTORY, INTERMEDIATE, ApiKey, Principal
 from ..pki import PkiError, check_ca_id
@@ -88,9 +88,12 @@ def _sha256(secret: str) -> str:
 class Principals:
     """The use cases around principals and keys; part of the service layer."""
 
-    def __init__(self, ledger: Ledger, clock: Callable[[], datetime]) -> None:
+    def __init__(self, ledger: Ledger, clock: Callable[[], datetime], creation_seconds: float = 60.0) -> None:
+        """`creation_seconds`: how long after a factory's principal is written its creation may still be
+        writing its key (after that, a keyless factory is the half of a creation that failed)."""
         self.ledger = ledger
         self._now = clock
+        self._creation = timedelta(seconds=creation_seconds)
 
     def create_factory(self, name: str, intermediates: Sequence[str], app_id: str | None = None) -> NewApiKey:
         check_principal_name(name)
@@ -104,21 +107,31 @@ class Principals:
         try:
             self.ledger.add_principal(principal)
         except Conflict as taken:
-            if taken.code != "principal-exists" or not self._left_keyless(principal):
+            if taken.code != "principal-exists":
                 raise
-            principal = self.principal(name)
+            principal = self._left_keyless(principal, taken)
         return self._issue_key(principal)
 
-    def _left_keyless(self, principal: Principal) -> bool:
-        """Whether `principal`'s name holds the same factory with no API key: the half of an earlier attempt of
-        this very creation that failed between its two writes (or lost the first one's answer). Its retry
-        then gives the factory its key; any other factory of that name stays a conflict."""
+    def _left_keyless(self, principal: Principal, taken: Conflict) -> Principal:
+        """The factory of `principal`'s name when it is this same factory with no API key, left by an earlier
+        attempt of this very creation that failed between its two writes: its retry gives it its key. While
+        the factory is younger than a creation may take, another request may still be writing its key:
+        BackendUnavailable (503, try again), so that two creations at once never both get a key. Any other
+        factory of that name: `taken` (409 principal-exists)."""
         held = self.ledger.get_principal(principal.id)
-        return (
-            held is not None
-            and replace(held, created_at=principal.created_at) == principal
-            and not any(key.principal_id == principal.id for key in self.ledger.list_api_keys())
-        )
+        if (
+            held is None
+            or replace(held, created_at=principal.created_at) != principal
+            or any(key.principal_id == principal.id for key in self.ledger.list_api_keys())
+        ):
+            raise taken
+        if held.created_at > self._now() - self._creation:
+            raise BackendUnavailable(
+                f"factory {principal.id!r} is being created by another request; try again",
+                "principal-being-created",
+                retry_after=max(1, int(self._creation.total_seconds())),
+            )
+        return held
 
     def bind_factory(self, name: str, intermediates: Sequence[str]) -> Principal:
         """Replace the intermediates a factory may sign with (say, when one is rotated out); its API keys,
