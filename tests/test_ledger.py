@@ -362,8 +362,13 @@ def test_revoking_an_old_certificate_revokes_the_active_one_of_its_key_and_keeps
         ("02", "revoked", "keyCompromise")
     ]
     assert ledger.get_certificate("02") == revocation.also_revoked[0]
+    # again (a retry whose answer was lost): the first revocation, and what it revoked with it
+    assert ledger.revoke_certificate("01", "unspecified", NOW + timedelta(minutes=2)) == revocation
     again = ledger.revoke_certificate("02", "superseded", NOW + timedelta(minutes=2))
-    assert again.record.status_reason == "keyCompromise" and again.also_revoked == ()
+    assert again.record == revocation.also_revoked[0] and again.also_revoked == (revocation.record,)
+    ledger.record_issued([Issuance(_cert("03", "dev-1", "k3", at=NOW + timedelta(minutes=3)))])
+    later = ledger.revoke_certificate("03", "keyCompromise", NOW + timedelta(minutes=4))
+    assert later.also_revoked == () and ledger.revoke_certificate("03", "unspecified", NOW).also_revoked == ()
 
 
 def test_listing_filters_and_pages(ledger):

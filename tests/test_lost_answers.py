@@ -364,3 +364,28 @@ def test_an_expiry_stage_whose_claim_went_unanswered_is_announced_once(tables, c
     again = service.scan_expiring()
     assert [(f.subject, f.announced) for f in again.findings] == [("dev-1", False)]
     assert service.expiry_queue.take() is None
+
+
+@pytest.mark.parametrize("fault", ["lost", "500"])
+def test_a_revocation_whose_transaction_went_unanswered_names_what_it_also_revoked(tables, clock, fault):
+    """Revoking a superseded certificate also revokes the active one holding its key. The device transaction
+    lands, and its answer is lost (the caller retries) or is Storage's 500 (the SDK sends it again into a 412
+    on itself): the answer still names the certificate revoked with it, as the first would have."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    key = device_key()
+    first = service.sign_csr(make_csr("dev-1", key=key), "dev-1").record
+    clock.advance(minutes=30)  # a renewal, not a retry of the first request
+    second = service.sign_csr(make_csr("dev-1", key=key), "dev-1", renew=True).record
+    transport.decide = _once(_transaction, fault)
+    if fault == "lost":
+        with pytest.raises(BackendUnavailable):
+            service.revoke(first.serial, "keyCompromise")
+        transport.decide = None
+    revocation, _ = service.revoke(first.serial, "keyCompromise")
+    transport.decide = None
+    assert revocation.record == service.certificate(first.serial) and revocation.record.status == "revoked"
+    assert revocation.also_revoked == (service.certificate(second.serial),)
+    assert revocation.also_revoked[0].status == "revoked"

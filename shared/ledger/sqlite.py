@@ -761,11 +761,15 @@ class SqliteLedger(SqliteBatches, Ledger):
                 raise NotFound(f"no certificate with serial {serial}", "certificate-not-found")
             key = _certificate(row).public_key_sha256
             db.execute("UPDATE key_bindings SET revoked = 1 WHERE public_key_sha256 = ?", (key,))
+            if row["status"] == CERT_REVOKED:  # revoked before: those revoked with it, as that first answer said
+                together = "status = 'revoked' AND status_changed_at = ?", (row["status_changed_at"],)
+            else:
+                together = "status = 'active'", ()
             also = [
                 r["serial"]
                 for r in db.execute(
-                    "SELECT serial FROM certificates WHERE public_key_sha256 = ? AND status = 'active' AND serial != ?",
-                    (key, serial),
+                    f"SELECT serial FROM certificates WHERE public_key_sha256 = ? AND {together[0]} AND serial != ?",
+                    (key, *together[1], serial),
                 )
             ]
             db.execute(

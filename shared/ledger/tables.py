@@ -557,10 +557,12 @@ class TableLedger(TableBatches, Ledger):
                 head = self._read_head(record.device_id)
                 revoked = {"status": CERT_REVOKED, "status_changed_at": stamp, "status_reason": reason}
                 operations: list[Any] = []
+                also: list[CertificateRecord] = []
                 if record.status != CERT_REVOKED:
                     operations.append(("update", {**_keys_of(entity), **revoked}, {"mode": UpdateMode.MERGE}))
                     record = replace(record, status=CERT_REVOKED, status_changed_at=_dt(stamp), status_reason=reason)
-                also: list[CertificateRecord] = []
+                else:  # revoked before (a repeat, or this call's own write sent again): as that first answer said
+                    also = self._revoked_with(record)
                 active = head.active
                 if active is not None and active.public_key_sha256 == record.public_key_sha256:
                     if active.serial != record.serial:
@@ -594,6 +596,24 @@ class TableLedger(TableBatches, Ledger):
                 mode=UpdateMode.MERGE,
             )
         return Revocation(record, tuple(also))
+
+    def _revoked_with(self, record: CertificateRecord) -> list[CertificateRecord]:
+        """The device's other certificates of `record`'s key revoked at the same moment: those its revocation
+        revoked too (one key is bound to one device, so its partition holds them all)."""
+        where = (
+            "PartitionKey eq @d and RowKey ge @lo and RowKey lt @hi and public_key_sha256 eq @k "
+            "and status eq @s and status_changed_at eq @t"
+        )
+        params = {
+            "d": _key(record.device_id),
+            "lo": "c-",
+            "hi": "c.",
+            "k": record.public_key_sha256,
+            "s": CERT_REVOKED,
+            "t": _ts(record.status_changed_at),
+        }
+        rows = self._query(DEVICES, where, params, "read a revocation")
+        return [other for other in map(_certificate, rows) if other.serial != record.serial]
 
     # -- listing ---------------------------------------------------------------------------------------
 
