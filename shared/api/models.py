@@ -190,7 +190,8 @@ class RevokeRequest(Strict):
 
 class RevokeResponse(IssuedCertificateView):
     alsoRevoked: list[IssuedCertificateView] = Field(
-        description="the other certificates that held the same key, revoked in the same commit"
+        description="the other certificates that held the same key, revoked in the same commit (for a "
+        "certificate revoked before: those its first revocation revoked with it)"
     )
     dps: dict[str, Any]
     warnings: list[str] | None = Field(None, description="while DPS is offline: that nothing was sent")
