@@ -187,6 +187,13 @@ def test_two_admins_creating_one_factory_at_once_do_not_both_get_a_key(tables):
     assert taken.value.code == "principal-exists"
 
 
+def _block_in_dps(service, device_id: str) -> None:
+    """The device certified, then its certificate revoked: DPS blocks it (a disabled individual enrollment)."""
+    first = service.sign_csr(make_csr(device_id), device_id)
+    service.revoke(first.record.serial)
+    assert service.dps.documents.get("individual-enrollments", device_id)["provisioningStatus"] == "disabled"
+
+
 def test_a_recertified_device_whose_commit_lost_its_answer_is_put_in_step_with_dps_by_the_retry(tables):
     """A device whose certificate was revoked is blocked in DPS (a disabled individual enrollment). It gets a
     new certificate for a new key; the commit lands but its answer is lost (503 to the caller). The retry with
@@ -196,9 +203,7 @@ def test_a_recertified_device_whose_commit_lost_its_answer_is_put_in_step_with_d
     service = tables(prefix, transport)
     service.create_root()
     service.create_intermediate("factory-a")
-    first = service.sign_csr(make_csr("dev-1"), "dev-1")
-    service.revoke(first.record.serial)
-    assert service.dps.documents.get("individual-enrollments", "dev-1")["provisioningStatus"] == "disabled"
+    _block_in_dps(service, "dev-1")
     csr = make_csr("dev-1", key=device_key())
     # the key binding's insert, then the device's transaction: that one's answer is lost
     transport.decide = _then(_insert_into(prefix, "keys"), _transaction, "lost")
@@ -256,8 +261,7 @@ def test_a_batch_chunk_redelivered_after_its_commit_lost_its_answer_puts_a_recer
     service = tables(prefix, transport)
     service.create_root()
     service.create_intermediate("factory-a")
-    first = service.sign_csr(make_csr("dev-1"), "dev-1")
-    service.revoke(first.record.serial)
+    _block_in_dps(service, "dev-1")
     items = [{"deviceId": "dev-1", "csr": make_csr("dev-1", key=device_key()).decode()}]
     batch = service.submit_batch(items, requested_by="cli", enqueue=False)
     message = ChunkMessage(batchId=batch.record.id, chunk=0).text()
