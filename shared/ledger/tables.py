@@ -775,25 +775,14 @@ class TableLedger(TableBatches, Ledger):
                 answer = self._table(table).update_entity(
                     changes, mode=UpdateMode.MERGE, etag=etag, match_condition=IF_NOT_MODIFIED
                 )
+                return replace(watch, stage=stage, version=(partition, row, answer["etag"]))
             except (ResourceModifiedError, ResourceNotFoundError):
-                return self._own_claim(table, changes, watch)  # Storage's 500 sent again meets its own write
+                held = self._held(table, changes)  # Storage's 500 sent again meets its own write, or another's
             except AzureError:
-                try:
-                    claimed = self._own_claim(table, changes, watch)  # the merge landed, its answer was lost
-                except CaError:
-                    claimed = None  # Storage is down: the merge's own failure is the one to name
-                if claimed is None:
+                held = self._landed(table, changes)  # the merge may have landed, its answer lost
+                if held is None:
                     raise
-                return claimed
-        return replace(watch, stage=stage, version=(partition, row, answer["etag"]))
-
-    def _own_claim(self, table: str, changes: dict[str, Any], watch: ExpiryWatch) -> ExpiryWatch | None:
-        """The watch as claimed when the row holds this very claim (stage and token), else None."""
-        entity = self._get(table, changes["PartitionKey"], changes["RowKey"])
-        if entity is None or any(entity.get(name) != value for name, value in changes.items()):
-            return None
-        version = (changes["PartitionKey"], changes["RowKey"], entity.metadata["etag"])
-        return replace(watch, stage=changes[_stage_property(watch.topic)], version=version)
+        return None if held is None else replace(watch, stage=stage, version=(partition, row, held.metadata["etag"]))
 
     def release_expiry_stage(self, claimed: ExpiryWatch, previous: str | None) -> None:
         table = EXPIRY_TABLES[claimed.kind == DEVICE]
@@ -858,7 +847,7 @@ class TableLedger(TableBatches, Ledger):
             except TableTransactionError as error:
                 if error.status_code != 409:
                     raise
-                if self._holds_entity(PRINCIPALS, entity):
+                if self._held(PRINCIPALS, entity) is not None:
                     return  # its own write: Storage's 500 ("may or may not have succeeded") sent again by the SDK
                 if error.index == 1:
                     raise Conflict(
@@ -866,7 +855,7 @@ class TableLedger(TableBatches, Ledger):
                     ) from None
                 raise Conflict(f"a principal called {principal.id!r} already exists", "principal-exists") from None
             except AzureError:
-                if not self._landed(PRINCIPALS, entity):
+                if self._landed(PRINCIPALS, entity) is None:
                     raise
 
     def get_principal(self, principal_id: str) -> Principal | None:
@@ -911,11 +900,11 @@ class TableLedger(TableBatches, Ledger):
             try:
                 self._table(PRINCIPALS).create_entity(entity)
             except ResourceExistsError:
-                if self._holds_entity(PRINCIPALS, entity):
+                if self._held(PRINCIPALS, entity) is not None:
                     return  # its own write: Storage's 500 ("may or may not have succeeded") sent again by the SDK
                 raise Conflict(f"an API key with ID {key.id} already exists", "key-exists") from None
             except AzureError:
-                if not self._landed(PRINCIPALS, entity):
+                if self._landed(PRINCIPALS, entity) is None:
                     raise
 
     def get_api_key(self, key_id: str) -> ApiKey | None:
@@ -949,19 +938,23 @@ class TableLedger(TableBatches, Ledger):
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def _holds_entity(self, table: str, entity: dict[str, Any]) -> bool:
-        """Whether `table` holds `entity` as it is, every property: an insert found taken was this very write
-        (its unique values, a nanosecond sequence or a secret's hash, make another one differ)."""
+    def _held(self, table: str, entity: dict[str, Any]) -> Any | None:
+        """The stored entity when `table` holds `entity` as it is, every property, else None: a write found
+        taken was this very write (its unique values, a nanosecond sequence, a secret's hash, a claim's
+        token, make another one differ)."""
         existing = self._get(table, entity["PartitionKey"], entity["RowKey"])
-        return existing is not None and all(existing.get(name) == value for name, value in entity.items())
+        if existing is None or any(existing.get(name) != value for name, value in entity.items()):
+            return None
+        return existing
 
-    def _landed(self, table: str, entity: dict[str, Any]) -> bool:
-        """After a write failed without an answer (the connection lost: it may have been done), whether it
-        landed; False when Storage cannot tell either, so that the write's own failure is the one named."""
+    def _landed(self, table: str, entity: dict[str, Any]) -> Any | None:
+        """After a write failed without an answer (the connection lost: it may have been done), the stored
+        entity when it landed; None when it did not, or Storage cannot tell either (the write's own failure
+        is then the one to name)."""
         try:
-            return self._holds_entity(table, entity)
+            return self._held(table, entity)
         except CaError:
-            return False
+            return None
 
     def _get(self, table: str, partition: str, row: str) -> Any:
         """One entity, or None when there is none."""

@@ -46,7 +46,7 @@ class TableBatches:
     _table: Any
     _get: Any
     _parallel: Any
-    _holds_entity: Any
+    _held: Any
 
     def add_batch(self, batch: BatchRecord, items: Sequence[BatchItem]) -> None:
         if batch.chunk_size > MAX_CHUNK_ITEMS:
@@ -81,7 +81,7 @@ class TableBatches:
             except TableTransactionError as error:
                 if error.status_code != 409:
                     raise
-                if not self._holds_entity(BATCHES, row):  # else its own write, sent again after Storage's 500
+                if self._held(BATCHES, row) is None:  # else its own write, sent again after Storage's 500
                     raise Conflict(f"a batch with ID {batch.id!r} already exists", "batch-exists") from None
 
         with storage_errors("store a batch"):
@@ -95,7 +95,7 @@ class TableBatches:
             try:
                 table.create_entity(header)  # last: the batch exists from here on
             except ResourceExistsError:
-                if not self._holds_entity(BATCHES, header):  # else its own write, sent again after Storage's 500
+                if self._held(BATCHES, header) is None:  # else its own write, sent again after Storage's 500
                     raise Conflict(f"a batch with ID {batch.id!r} already exists", "batch-exists") from None
 
     def get_batch(self, batch_id: str) -> BatchSummary | None:
