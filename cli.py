@@ -552,9 +552,10 @@ def revoke(service: DeviceCA, args: argparse.Namespace) -> tuple[Any, str]:
             f"Certificate {record.serial} of device {record.device_id} was already revoked "
             f"({record.status_reason}); the ledger is unchanged."
         ]
+        lines += [f"{other.serial} was revoked with it: it holds the same key." for other in revocation.also_revoked]
     else:
         lines = [f"Revoked certificate {record.serial} of device {record.device_id} ({record.status_reason})."]
-    lines += [f"Also revoked {other.serial}: it holds the same key." for other in revocation.also_revoked]
+        lines += [f"Also revoked {other.serial}: it holds the same key." for other in revocation.also_revoked]
     lines += _dps_note(dps_state)
     return revocation_view(revocation, dps_state), "\n".join(lines)
 

@@ -101,13 +101,14 @@ def test_revoke_on_the_cli_lists_what_went_with_the_key(service, clock):
     done = run_cli("revoke", first, "--reason", "keyCompromise", home=home, env=env)
     assert done.returncode == 0, done.stderr
     assert f"Also revoked {second}".encode() in done.stdout
-    as_json = json.loads(run_cli("revoke", second, "--json", home=home, env=env).stdout)
-    assert as_json["status"] == "revoked" and as_json["alsoRevoked"] == []
+    as_json = json.loads(run_cli("revoke", second, "--json", home=home, env=env).stdout)  # again: as the first said
+    assert as_json["status"] == "revoked" and [c["serialNumber"] for c in as_json["alsoRevoked"]] == [first]
     bad = run_cli("revoke", first, "--reason", "stolen", home=home, env=env)
     assert bad.returncode == 2 and bad.stderr.count(b"\n") == 1 and b"RFC 5280" in bad.stderr  # a usage error
     again = run_cli("revoke", first, home=home, env=env)
     assert again.returncode == 0
     assert b"was already revoked (keyCompromise); the ledger is unchanged" in again.stdout
+    assert f"{second} was revoked with it: it holds the same key".encode() in again.stdout
     assert service.certificate(first).status_reason == "keyCompromise"
 
 
