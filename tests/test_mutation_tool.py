@@ -180,10 +180,9 @@ def test_the_command_line_takes_patterns_and_a_folder(tmp_path):
     assert (args.folder, args.module, args.mutants) == (tmp_path, ["shared.pki"], [])
 
 
-def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
-    """`make mutation` removes mutants/ and runs `tools/mutation.py run`: the run must make the folder, judge
-    every mutant with the project's tests and report them (here, a two-line project: its mutants are either
-    killed or survive, and the one survivor left unjustified fails the report)."""
+def _two_line_project(tmp_path: Path):
+    """A project of one two-line function and its test, with this tools/mutation.py (and no survivors files);
+    a function that runs the tool there with the given arguments."""
     repo = Path(__file__).resolve().parent.parent
     (tmp_path / "tools").mkdir()
     (tmp_path / "tools" / "mutation.py").write_text((repo / "tools" / "mutation.py").read_text())
@@ -209,6 +208,14 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
         command = [sys.executable, "tools/mutation.py", *arguments]
         return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, check=False)
 
+    return tool
+
+
+def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
+    """`make mutation` removes mutants/ and runs `tools/mutation.py run`: the run must make the folder, judge
+    every mutant with the project's tests and report them (here, a two-line project: its mutants are either
+    killed or survive, and the one survivor left unjustified fails the report)."""
+    tool = _two_line_project(tmp_path)
     (tmp_path / "mutants").mkdir()  # a run still setting up: its folder holds no mutants yet
     early = tool("report")
     assert early.returncode == 2 and "has made no mutants yet" in early.stdout, early.stdout
@@ -272,6 +279,42 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     assert "1 open, 0 not run" in again.stdout and "1 < size" not in again.stdout, again.stdout
     misspelt = tool("report", "--module", "shared.limit", "--module", "shared.nosuch")
     assert misspelt.returncode == 2 and "'shared.nosuch'" in misspelt.stdout and "limit'" not in misspelt.stdout
+
+
+def test_a_justified_mutant_is_not_run_and_counts_as_a_survivor_not_a_kill(tmp_path):
+    """A mutant that a survivors-file entry justifies is given mutmut's "skipped" before any mutant runs: it
+    counts as a justified survivor (never killed, so the score can only be lower), `--judge-justified` runs it,
+    and one whose entry is gone is reported not run, which fails the report."""
+    tool = _two_line_project(tmp_path)
+    survivors = tmp_path / "tools" / "mutation-survivors"
+    survivors.mkdir()
+    entry = survivors / "shared.limits.toml"
+    entry.write_text(
+        '[[survivor]]\nfunction = "shared.limits.within"\nremoved = ["return 0 < size <= limit"]\n'
+        'added = ["return 1 < size <= limit"]\nreason = "no caller sizes 1"\n'
+    )
+    run = tool("run", "--children", "1")
+    assert "1 mutant(s) justified by an entry or a rule: not run" in run.stderr, run.stderr[-2000:]
+    meta_path = tmp_path / "mutants" / "shared" / "limits.py.meta"
+    codes = json.loads(meta_path.read_text())["exit_code_by_key"]
+    skipped = [name for name, code in codes.items() if code == mutation.SKIPPED_CODE]
+    assert len(skipped) == 1 and None not in codes.values(), codes
+    assert re.search(rf"justified  {re.escape(skipped[0])} \(not run\): return 0 < size", run.stdout), run.stdout
+    assert "because no caller sizes 1" in run.stdout
+    killed = sum(code == 1 for code in codes.values())
+    assert f"killed ({killed} of {len(codes)};" in run.stdout  # the skipped one is not counted killed
+    assert "1 survivors justified, 1 open, 0 not run" in run.stdout  # 0 <= size is still open
+    judged = tool("run", "--children", "1", "--judge-justified")
+    assert "1 mutant(s) skipped as justified to judge" in judged.stderr, judged.stderr[-2000:]
+    assert json.loads(meta_path.read_text())["exit_code_by_key"][skipped[0]] == 0  # run, and it survives
+    assert re.search(rf"justified  {re.escape(skipped[0])}: ", judged.stdout), judged.stdout
+    meta = json.loads(meta_path.read_text())
+    meta["exit_code_by_key"][skipped[0]] = mutation.SKIPPED_CODE
+    meta_path.write_text(json.dumps(meta))
+    entry.unlink()  # the entry is gone since the mutant was skipped: it must be run
+    stale = tool("report")
+    assert stale.returncode == 1 and f"NOT RUN    {skipped[0]}: skipped as justified" in stale.stdout, stale.stdout
+    assert "0 survivors justified, 1 open, 1 not run" in stale.stdout
 
 
 def test_every_test_file_mutmut_runs_judges_a_module_and_every_judge_is_run():

@@ -1,8 +1,9 @@
 """Mutation testing of the security-critical modules: run mutmut, print the score and every survivor.
 
 `make mutation` runs `python tools/mutation.py run`: one Azurite Table service for the whole run (the
-ledger tests' thousands of short pytest sessions share it; see tests/azurite.py), `mutmut run`, then the
-report. `python tools/mutation.py report` prints the report of the last run again (from `mutants/`).
+ledger tests' thousands of short pytest sessions share it; see tests/azurite.py), `mutmut run` with the
+mutants that a survivors-file entry or a general rule justifies not run (they count as survivors; see
+skip_justified), then the report. `python tools/mutation.py report` prints the report of the last run again (from `mutants/`).
 
 The report gives, per module, mutants killed (a test failed; a timeout counts, since the mutant made the
 suite hang, unless it came before the mutant's time was up: then it was cut short by a stray signal and is
@@ -43,16 +44,22 @@ KILLED_CODES = {1, 3, 37}
 TIMEOUT_CODES = {-24, 24, 152, -9}
 NOT_RUN_CODES = {None, 2, 255}
 SURVIVED_CODE = 0
+# mutmut's "skipped", which mutmut itself never gives: this tool gives it, before mutmut runs any mutant, to
+# each mutant that a survivors-file entry or a general rule already justifies (skip_justified)
+SKIPPED_CODE = 34
+SKIPPED = "justified, not run"
 
 
 def status_of(exit_code: int | None) -> str:
-    """killed, timeout, not run, survived, or "untested (exit N)"."""
+    """killed, timeout, not run, survived, "justified, not run" (SKIPPED_CODE) or "untested (exit N)"."""
     if exit_code in KILLED_CODES:
         return "killed"
     if exit_code in TIMEOUT_CODES:
         return "timeout"
     if exit_code in NOT_RUN_CODES:
         return "not run"
+    if exit_code == SKIPPED_CODE:
+        return SKIPPED
     return "survived" if exit_code == SURVIVED_CODE else f"untested (exit {exit_code})"
 
 
@@ -296,6 +303,7 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
     by_module: dict[str, Counter] = defaultdict(Counter)
     open_survivors, justified_survivors, used = [], [], set()
     cut_short_ones: list[str] = []
+    unjudged: list[str] = []  # skipped as justified, no longer justified
     for mutant in mutants:
         counts = by_module[mutant.module]
         counts["mutants"] += 1
@@ -305,10 +313,13 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         elif mutant.status in ("not run", "cut short"):
             counts["not run"] += 1
             cut_short_ones += [mutant.name] if mutant.status == "cut short" else []
-        elif mutant.status == "survived" and (mutant.change in justified or rule_for(mutant)):
+        elif mutant.status in ("survived", SKIPPED) and (mutant.change in justified or rule_for(mutant)):
             counts["justified"] += 1
             justified_survivors.append(mutant)
             used.add(mutant.change)
+        elif mutant.status == SKIPPED:  # its entry is gone since: it must be run
+            counts["not run"] += 1
+            unjudged.append(mutant.name)
         else:
             counts["open"] += 1
             open_survivors.append(mutant)
@@ -319,7 +330,8 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         print(row(module, counts))
     print(row("all", total))
     for mutant in justified_survivors:
-        print(f"justified  {mutant.name}: {' / '.join(mutant.removed)} -> {' / '.join(mutant.added)}")
+        not_run = " (not run)" if mutant.status == SKIPPED else ""
+        print(f"justified  {mutant.name}{not_run}: {' / '.join(mutant.removed)} -> {' / '.join(mutant.added)}")
         print(f"           because {justified.get(mutant.change) or rule_for(mutant)}")
     for mutant in open_survivors:
         print(f"OPEN       {mutant.name} ({mutant.status}): {' / '.join(mutant.removed)} -> {' / '.join(mutant.added)}")
@@ -331,6 +343,8 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
         print(f"CUT SHORT  {name}: its timeout came before its time was up (a stray signal), so it is not judged")
     if cut_short_ones:
         print(f"judge them again: python tools/mutation.py run {' '.join(cut_short_ones)}")
+    for name in unjudged:
+        print(f"NOT RUN    {name}: skipped as justified, but no entry justifies it now: tools/mutation.py run {name}")
     if total["timeout"]:
         print(f"{total['timeout']} of the killed mutants made their tests run out of time (counted as killed)")
     stale = [key for key in justified if key not in used and _module_of(key[0]) & set(by_module)]
@@ -431,6 +445,70 @@ def forget_open_survivors(justified: dict[tuple, str]) -> int:
     return forgotten
 
 
+def skip_justified(justified: dict[tuple, str]) -> int:
+    """Give each mutant of `mutants/` (run in the project) that has no verdict yet, and whose change an entry
+    of `justified` or a general rule justifies, the verdict SKIPPED_CODE, so that mutmut does not run it; how
+    many.
+
+    Such a mutant would only be run to learn whether a test kills it after all. Left unrun, it counts as a
+    survivor (justified, not killed), so skipping can only lower the score, never raise it, and it saves the
+    dearest part of a run: a survivor runs every test that reaches its function. `--judge-justified` runs
+    them too (to find entries a test has made unnecessary)."""
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.utils.file_utils import walk_mutatable_files
+
+    skipped = 0
+    for path in walk_mutatable_files():
+        data = SourceFileMutationData(path=path)
+        if not data.meta_path.exists():
+            continue
+        data.load()
+        module = ".".join(Path(path).with_suffix("").parts)
+        unjudged = [name for name, code in data.exit_code_by_key.items() if code is None]
+        for name in unjudged:
+            mutant = Mutant(name, module, function_of(name), SKIPPED, *changed_lines(*function_sources(name, path)))
+            if mutant.change in justified or rule_for(mutant):
+                data.exit_code_by_key[name] = SKIPPED_CODE
+                skipped += 1
+        if unjudged:
+            data.save()
+    return skipped
+
+
+def forget_skipped(mutants: Path) -> int:
+    """Make every mutant skipped as justified in `mutants` not run, so that the run judges it; how many."""
+    forgotten = 0
+    for meta_path in mutants.rglob("*.py.meta"):
+        meta = json.loads(meta_path.read_text())
+        codes = meta["exit_code_by_key"]
+        names = [name for name, code in codes.items() if code == SKIPPED_CODE]
+        for name in names:
+            codes[name] = None
+        if names:
+            meta_path.write_text(json.dumps(meta))
+            forgotten += len(names)
+    return forgotten
+
+
+def mutmut_skipping_justified(arguments: list[str], justified: dict[tuple, str]) -> None:
+    """`mutmut ARGUMENTS`, in this process, with every justified mutant skipped (skip_justified) once mutmut
+    has made the mutants and traced the tests, just before it runs them.
+
+    mutmut 3.8.1 has no hook there: its `run` makes the mutants, traces the tests, then reads the verdicts
+    with `collect_source_file_mutation_data` and runs only mutants without one; so that function is wrapped.
+    requirements-dev.txt pins mutmut, and test_mutation_tool.py runs this path."""
+    import mutmut.__main__ as mutmut_main
+
+    collect = mutmut_main.collect_source_file_mutation_data
+
+    def collect_skipping_justified(**kwargs: Any) -> Any:
+        print(f"{skip_justified(justified)} mutant(s) justified by an entry or a rule: not run", file=sys.stderr)
+        return collect(**kwargs)
+
+    mutmut_main.collect_source_file_mutation_data = collect_skipping_justified
+    mutmut_main.cli.main(args=arguments, prog_name="mutmut")
+
+
 NO_TESTS_CODE = 33  # mutmut: no test reaches the mutant's function (by its last tracing of the tests)
 
 
@@ -450,8 +528,16 @@ def forget_no_tests(mutants: Path) -> int:
     return forgotten
 
 
-def run(children: int, names: list[str]) -> int:
-    """`mutmut run` with one Azurite Table service shared by every test session; mutmut's exit status."""
+# the child that runs mutmut skipping the justified mutants: argv[1] the survivors folder, then mutmut's arguments
+_SKIPPING_CHILD = (
+    "import sys; from pathlib import Path; sys.path.insert(0, {tools!r}); import mutation; "
+    "mutation.mutmut_skipping_justified(sys.argv[2:], mutation.load_justified(Path(sys.argv[1])))"
+)
+
+
+def run(children: int, names: list[str], survivors: Path | None) -> int:
+    """`mutmut run` with one Azurite Table service shared by every test session, skipping the mutants that the
+    entries in `survivors` (or a general rule) justify, or none when it is None; mutmut's exit status."""
     said = guard_pid_reuse()
     if said:
         print(said, file=sys.stderr)
@@ -477,7 +563,11 @@ def run(children: int, names: list[str]) -> int:
             **os.environ,
             "AZURITE_TABLE_PORT": str(azurite.port),
         }
-        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
+        arguments = ["run", "--max-children", str(children), *names]
+        command = [sys.executable, "-m", "mutmut", *arguments]
+        if survivors is not None:
+            child = _SKIPPING_CHILD.format(tools=str(Path(__file__).resolve().parent))
+            command = [sys.executable, "-c", child, str(survivors), *arguments]
         status = subprocess.run(command, cwd=REPO, env=environment, check=False).returncode
         if not azurite.answers():
             print("Azurite stopped answering during the run: rerun the Table ledger's mutants", file=sys.stderr)
@@ -502,6 +592,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--again-open",
         action="store_true",
         help="run: judge again every open survivor of the run so far (after writing the tests that kill them)",
+    )
+    parser.add_argument(
+        "--judge-justified",
+        action="store_true",
+        help="run: run the mutants that a survivors-file entry or a general rule justifies too (by default they "
+        "are not run and count as survivors, which can only lower the score), to find entries a test now makes "
+        "unnecessary",
     )
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="run: mutants run at once (CPUs)")
     parser.add_argument("--draft", action="store_true", help="report: a survivors-file entry for each open survivor")
@@ -536,7 +633,9 @@ def main() -> int:
             print(
                 f"{forget_open_survivors(load_justified(survivors))} open survivor(s) to judge again", file=sys.stderr
             )
-        if run(args.children, args.mutants) != 0:
+        if args.judge_justified and (REPO / "mutants").is_dir():
+            print(f"{forget_skipped(REPO / 'mutants')} mutant(s) skipped as justified to judge", file=sys.stderr)
+        if run(args.children, args.mutants, None if args.judge_justified else survivors) != 0:
             print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
     if not (args.folder / "mutants").is_dir():
         print(f"no mutation run to report on in {args.folder}: make mutation, or --from a folder holding mutants/")
