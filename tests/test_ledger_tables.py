@@ -396,6 +396,8 @@ def test_storage_failing_in_a_step_names_the_step_that_failed(tables, clock):
     service.create_root()
     service.create_intermediate("factory-a")
     serial = service.sign_csr(make_csr(DEVICE), DEVICE).record.serial
+    revoked_before = service.sign_csr(make_csr("dev-r"), "dev-r").record.serial
+    service.revoke(revoked_before)
     ledger = service.ledger
     later = clock.now + timedelta(days=3 * 365)  # past the device certificate's notAfter
     (watch,) = ledger.expiry_watch(later)
@@ -426,6 +428,8 @@ def test_storage_failing_in_a_step_names_the_step_that_failed(tables, clock):
         ("update a batch chunk", lambda: ledger.start_chunk("b1", 0, clock.now), "PATCH"),  # after reading it
         ("record a chunk's results", lambda: ledger.finish_chunk_items("b1", 0, results, clock.now), "$batch"),
         ("revoke a certificate", lambda: ledger.revoke_certificate(serial, "keyCompromise", later), "$batch"),
+        # revoked before: its answer names the certificates revoked with it, which a query finds
+        ("read a revocation", lambda: ledger.revoke_certificate(revoked_before, "keyCompromise", later), "filter"),
         ("record a CA", lambda: ledger.add_ca(_ca("int-9")), None),
         ("update a CA", lambda: ledger.set_ca_status(ca_id, "disabled"), None),
         ("record a principal", lambda: ledger.add_principal(Principal("factory-z", "factory", (), clock.now)), None),
@@ -721,6 +725,44 @@ def test_a_device_changed_between_the_expiry_marks_head_read_and_its_transaction
         check_table_rules(scan)
     finally:
         scan.close()
+        other.close()
+
+
+@pytest.mark.parametrize("change", ["renewal", "old revocation"])
+def test_a_device_changed_between_a_revocations_head_read_and_its_transaction(azurite, change):
+    """The revocation read the certificate and the device's head; before its transaction, another instance
+    renews the device (another key) or revokes its older certificate. The transaction fails on the head's
+    etag (412), and the revocation reads again and commits: the certificate is revoked in the ledger, as
+    its answer says, and the other change stays."""
+    prefix, transport = table_prefix(), RequestHook(transaction)
+    revoking = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10, transport=transport))
+    other = TableLedger(connect(azurite.connection_string, prefix, retry_seconds=10))
+    try:
+        revoking.add_ca(_ca())
+        revoking.record_issued([Issuance(_cert("A0", DEVICE, "ka0", at=NOW - timedelta(days=30)))])
+        revoking.record_issued([Issuance(_cert("A1", DEVICE, "ka"), supersede=True)])
+        later = NOW + timedelta(days=1)
+
+        def change_it() -> None:
+            if change == "renewal":
+                renewal = _cert("A2", DEVICE, "ka2", at=later)
+                assert other.record_issued([Issuance(renewal, supersede=True)]) == [renewal]
+            else:
+                other.revoke_certificate("A0", "keyCompromise", later)
+
+        transport.before = change_it
+        revocation = revoking.revoke_certificate("A1", "keyCompromise", later)
+        assert transport.before is None, "the change ran before the revocation's transaction"
+        assert revocation.record == other.get_certificate("A1")
+        assert (revocation.record.status, revocation.record.status_reason) == ("revoked", "keyCompromise")
+        assert other.get_certificate("A0").status == ("superseded" if change == "renewal" else "revoked")
+        assert other.active_certificates([DEVICE]) == (
+            {DEVICE: other.get_certificate("A2")} if change == "renewal" else {}
+        )
+        assert other.precheck([DEVICE], ["ka"]).bindings == {"ka": (DEVICE, True)}
+        check_table_rules(other)
+    finally:
+        revoking.close()
         other.close()
 
 

@@ -14,6 +14,9 @@ from azure.core.exceptions import ServiceResponseError
 from azure.core.pipeline.transport import RequestsTransport, RequestsTransportResponse
 
 from shared.errors import BackendUnavailable, Conflict
+from shared.ledger.models import FACTORY, Principal
+from shared.queues import InProcessQueue
+from shared.service.access import Principals
 from shared.service.batches import ChunkMessage
 
 from . import test_ledger_tables
@@ -149,8 +152,9 @@ def test_a_factory_left_without_its_key_is_given_one_by_the_same_request_once_it
     assert service.ledger.get_principal("line-1") is not None and service.ledger.list_api_keys() == []
     with pytest.raises(BackendUnavailable) as busy:
         service.principals.create_factory("line-1", ["factory-a"])
-    assert busy.value.code == "principal-being-created" and busy.value.retry_after >= 1
-    clock.advance(seconds=2 * service.settings.ledger_retry_seconds + 1)
+    creation = 2 * service.settings.ledger_retry_seconds  # LEDGER_RETRY_SECONDS: 30 s, so 60 s
+    assert busy.value.code == "principal-being-created" and busy.value.retry_after == creation
+    clock.advance(seconds=creation)  # the very instant a creation could no longer be writing its key
     with pytest.raises(Conflict) as other:  # not the same factory: bound to other intermediates
         service.principals.create_factory("line-1", ["factory-a", "factory-b"])
     assert other.value.code == "principal-exists"
@@ -160,6 +164,23 @@ def test_a_factory_left_without_its_key_is_given_one_by_the_same_request_once_it
         service.principals.create_factory("line-1", ["factory-a"])
     assert again.value.code == "principal-exists"
     assert [key.principal_id for key in service.ledger.list_api_keys()] == ["line-1"]
+
+
+def test_a_creation_time_under_a_second_asks_for_a_retry_after_one_second(embedded_service, clock):
+    """Principals takes its creation time from whoever builds it (the service: twice LEDGER_RETRY_SECONDS, a
+    whole number); under a second, Retry-After is still 1 s, as it is in whole seconds (RFC 9110 section
+    10.2.3) and 0 would ask for a retry at once. A factory written without its key (its creation cut short
+    between the two writes, here by writing only the principal) is given its key once the time is over."""
+    clock.now = clock.now.replace(microsecond=0)  # the SQLite ledger keeps whole seconds
+    principals = Principals(embedded_service.ledger, clock, creation_seconds=0.4)
+    left = Principal(id="line-1", role=FACTORY, intermediates=("factory-a",), created_at=clock())
+    embedded_service.ledger.add_principal(left)
+    with pytest.raises(BackendUnavailable) as busy:
+        principals.create_factory("line-1", ["factory-a"])
+    assert busy.value.code == "principal-being-created" and busy.value.retry_after == 1
+    clock.advance(seconds=0.4)
+    made = principals.create_factory("line-1", ["factory-a"])
+    assert principals.authenticate(made.secret).id == "line-1"
 
 
 def test_two_admins_creating_one_factory_at_once_do_not_both_get_a_key(tables):
@@ -342,6 +363,11 @@ def test_a_batch_whose_own_row_landed_unanswered_is_stored_and_queued(tables, wr
     assert service.sign_batch_chunk(message).recorded == 3
 
 
+def _merged_onto_expiry_row(request) -> bool:
+    """An expiry index row is merged onto: a stage claimed or released."""
+    return request.method in ("PATCH", "MERGE") and "PartitionKey='exp-" in unquote(request.url)
+
+
 @pytest.mark.parametrize("fault", ["lost", "500"])
 def test_an_expiry_stage_whose_claim_went_unanswered_is_announced_once(tables, clock, fault):
     """The scan claims a certificate's stage (a merge on the row's etag, with a token of its own); the merge
@@ -355,10 +381,7 @@ def test_an_expiry_stage_whose_claim_went_unanswered_is_announced_once(tables, c
     record = service.sign_csr(make_csr("dev-1"), "dev-1").record
     clock.now = record.not_after - timedelta(days=20)
 
-    def merged_onto_expiry_row(request) -> bool:
-        return request.method in ("PATCH", "MERGE") and "PartitionKey='exp-" in unquote(request.url)
-
-    transport.decide = _once(merged_onto_expiry_row, fault)
+    transport.decide = _once(_merged_onto_expiry_row, fault)
     first = service.scan_expiring()
     transport.decide = None
     assert [(f.subject, f.stage, f.announced) for f in first.findings] == [("dev-1", "30d", True)]
@@ -368,6 +391,54 @@ def test_an_expiry_stage_whose_claim_went_unanswered_is_announced_once(tables, c
     again = service.scan_expiring()
     assert [(f.subject, f.announced) for f in again.findings] == [("dev-1", False)]
     assert service.expiry_queue.take() is None
+
+
+class QueueDown(InProcessQueue):
+    def send(self, text, delay_seconds=0):
+        raise BackendUnavailable("Queue Storage is unreachable: ServiceRequestError")
+
+
+@pytest.mark.parametrize("fault", ["lost", "500"])
+def test_an_expiry_stage_claimed_unanswered_then_not_announced_is_released_for_the_next_scan(tables, clock, fault):
+    """As above, the claim's answer goes astray and the row shows the claim is this scan's; then its notice
+    cannot be sent. The claim is released on the etag the row was read back with (not the one the scan
+    first read, which the claim itself changed), so the next scan announces the stage, once."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    record = service.sign_csr(make_csr("dev-1"), "dev-1").record
+    clock.now = record.not_after - timedelta(days=20)
+
+    transport.decide = _once(_merged_onto_expiry_row, fault)
+    working, service.expiry_queue = service.expiry_queue, QueueDown("expiring-certificates")
+    first = service.scan_expiring()
+    transport.decide, service.expiry_queue = None, working
+    assert first.announced == () and len(first.failures) == 1, first.failures
+    assert [(f.subject, f.stage) for f in service.scan_expiring().announced] == [("dev-1", "30d")]
+    assert [json.loads(text)["stage"] for text in iter(service.expiry_queue.take, None)] == ["30d"]
+    assert service.scan_expiring().announced == ()
+
+
+@pytest.mark.parametrize("fault", ["lost", "500"])
+def test_a_claim_read_back_after_its_answer_went_astray_is_the_watch_as_claimed(tables, clock, fault):
+    """The ledger's own answer when it read its claim back: the watch with the stage claimed, on the version
+    the row now has (the claim changed its etag), which the release then matches."""
+    prefix, transport = table_prefix(), Storage()
+    service = tables(prefix, transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    record = service.sign_csr(make_csr("dev-1"), "dev-1").record
+    clock.now, later = record.not_after - timedelta(days=20), record.not_after + timedelta(days=1)
+    (watch,) = service.ledger.expiry_watch(later)
+    transport.decide = _once(_merged_onto_expiry_row, fault)
+    claimed = service.ledger.claim_expiry_stage(watch, "30d", clock.now)
+    transport.decide = None
+    assert claimed == replace(watch, stage="30d", version=claimed.version)
+    assert claimed.version[:2] == watch.version[:2] and claimed.version[2] != watch.version[2]
+    assert service.ledger.expiry_watch(later) == [claimed]  # as the row now is
+    service.ledger.release_expiry_stage(claimed, watch.stage)
+    assert [w.stage for w in service.ledger.expiry_watch(later)] == [watch.stage]
 
 
 @pytest.mark.parametrize("fault", ["lost", "500"])
