@@ -286,6 +286,9 @@ def test_a_justified_mutant_is_not_run_and_counts_as_a_survivor_not_a_kill(tmp_p
     counts as a justified survivor (never killed, so the score can only be lower), `--judge-justified` runs it,
     and one whose entry is gone is reported not run, which fails the report."""
     tool = _two_line_project(tmp_path)
+    # greeting's mutants (wording, which a rule justifies) are skipped; see below for when no test reaches it
+    with open(tmp_path / "shared" / "limits.py", "a") as source:
+        source.write('\n\ndef greeting() -> str:\n    return "hello there"\n\n\nGREETING = greeting()\n')
     survivors = tmp_path / "tools" / "mutation-survivors"
     survivors.mkdir()
     entry = survivors / "shared.limits.toml"
@@ -294,18 +297,19 @@ def test_a_justified_mutant_is_not_run_and_counts_as_a_survivor_not_a_kill(tmp_p
         'added = ["return 1 < size <= limit"]\nreason = "no caller sizes 1"\n'
     )
     run = tool("run", "--children", "1")
-    assert "1 mutant(s) justified by an entry or a rule: not run" in run.stderr, run.stderr[-2000:]
     meta_path = tmp_path / "mutants" / "shared" / "limits.py.meta"
     codes = json.loads(meta_path.read_text())["exit_code_by_key"]
-    skipped = [name for name, code in codes.items() if code == mutation.SKIPPED_CODE]
+    untested = [name for name in codes if "greeting" in name]
+    assert f"{1 + len(untested)} mutant(s) justified by an entry or a rule: not run" in run.stderr, run.stderr
+    skipped = [name for name, code in codes.items() if code == mutation.SKIPPED_CODE and name not in untested]
     assert len(skipped) == 1 and None not in codes.values(), codes
     assert re.search(rf"justified  {re.escape(skipped[0])} \(not run\): return 0 < size", run.stdout), run.stdout
     assert "because no caller sizes 1" in run.stdout
     killed = sum(code == 1 for code in codes.values())
     assert f"killed ({killed} of {len(codes)};" in run.stdout  # the skipped one is not counted killed
-    assert "1 survivors justified, 1 open, 0 not run" in run.stdout  # 0 <= size is still open
+    assert f"{1 + len(untested)} survivors justified, 1 open, 0 not run" in run.stdout  # 0 <= size is open
     judged = tool("run", "--children", "1", "--judge-justified")
-    assert "1 mutant(s) skipped as justified to judge" in judged.stderr, judged.stderr[-2000:]
+    assert f"{1 + len(untested)} mutant(s) skipped as justified to judge" in judged.stderr, judged.stderr[-2000:]
     assert json.loads(meta_path.read_text())["exit_code_by_key"][skipped[0]] == 0  # run, and it survives
     assert re.search(rf"justified  {re.escape(skipped[0])}: ", judged.stdout), judged.stdout
     meta = json.loads(meta_path.read_text())
@@ -314,7 +318,24 @@ def test_a_justified_mutant_is_not_run_and_counts_as_a_survivor_not_a_kill(tmp_p
     entry.unlink()  # the entry is gone since the mutant was skipped: it must be run
     stale = tool("report")
     assert stale.returncode == 1 and f"NOT RUN    {skipped[0]}: skipped as justified" in stale.stdout, stale.stdout
-    assert "0 survivors justified, 1 open, 1 not run" in stale.stdout
+    assert f"{len(untested)} survivors justified, 1 open, 1 not run" in stale.stdout
+    # then mutmut's statistics no longer have greeting reached by a test (as when a test that reached it is
+    # gone): its mutants are "no tests", which is open, however a rule would justify them; and a plain resume
+    # judges the mutant whose entry is gone
+    stats_path = tmp_path / "mutants" / "mutmut-stats.json"
+    stats = json.loads(stats_path.read_text())
+    reached = stats["tests_by_mangled_function_name"]
+    stats["tests_by_mangled_function_name"] = {name: tests for name, tests in reached.items() if "greeting" not in name}
+    stats_path.write_text(json.dumps(stats))
+    meta = json.loads(meta_path.read_text())
+    meta["exit_code_by_key"].update(dict.fromkeys(untested, mutation.SKIPPED_CODE))
+    meta_path.write_text(json.dumps(meta))
+    resumed = tool("run", "--children", "1")
+    codes = json.loads(meta_path.read_text())["exit_code_by_key"]
+    assert codes[skipped[0]] == 0, resumed.stdout[-2000:]
+    assert all(codes[name] == mutation.NO_TESTS_CODE for name in untested), codes
+    assert all(f"OPEN       {name} (untested (exit 33))" in resumed.stdout for name in untested), resumed.stdout
+    assert f"0 survivors justified, {2 + len(untested)} open, 0 not run" in resumed.stdout
 
 
 def test_every_test_file_mutmut_runs_judges_a_module_and_every_judge_is_run():

@@ -3,7 +3,8 @@
 `make mutation` runs `python tools/mutation.py run`: one Azurite Table service for the whole run (the
 ledger tests' thousands of short pytest sessions share it; see tests/azurite.py), `mutmut run` with the
 mutants that a survivors-file entry or a general rule justifies not run (they count as survivors; see
-skip_justified), then the report. `python tools/mutation.py report` prints the report of the last run again (from `mutants/`).
+skip_justified), then the report. `python tools/mutation.py report` prints the report of the last run
+again (from `mutants/`).
 
 The report gives, per module, mutants killed (a test failed; a timeout counts, since the mutant made the
 suite hang, unless it came before the mutant's time was up: then it was cut short by a stray signal and is
@@ -39,13 +40,14 @@ JUSTIFIED = REPO / "tools" / "mutation-survivors"  # one TOML file per module: s
 # call a crashed runner (255) a timeout: 1 a test failed, 3 pytest's internal error (mutated code that
 # breaks collection), 37 the type checker; SIGXCPU (or the SIGKILL after it) a timeout; None, 2 (stopped)
 # and 255 (the runner crashed) not run. Only 0, "every test passed", is a survivor a reason can justify;
-# anything else (no tests, skipped, suspicious, segfault) stays open.
+# anything else (no tests, suspicious, segfault) stays open, but for the "skipped" this tool gives below.
 KILLED_CODES = {1, 3, 37}
 TIMEOUT_CODES = {-24, 24, 152, -9}
 NOT_RUN_CODES = {None, 2, 255}
 SURVIVED_CODE = 0
 # mutmut's "skipped", which mutmut itself never gives: this tool gives it, before mutmut runs any mutant, to
-# each mutant that a survivors-file entry or a general rule already justifies (skip_justified)
+# each mutant that a survivors-file entry or a general rule already justifies and some test reaches
+# (skip_justified)
 SKIPPED_CODE = 34
 SKIPPED = "justified, not run"
 
@@ -445,15 +447,17 @@ def forget_open_survivors(justified: dict[tuple, str]) -> int:
     return forgotten
 
 
-def skip_justified(justified: dict[tuple, str]) -> int:
-    """Give each mutant of `mutants/` (run in the project) that has no verdict yet, and whose change an entry
-    of `justified` or a general rule justifies, the verdict SKIPPED_CODE, so that mutmut does not run it; how
-    many.
+def skip_justified(justified: dict[tuple, str], has_tests: Callable[[str], bool]) -> int:
+    """Give each mutant of `mutants/` (run in the project) that has no verdict yet, that some test reaches
+    (`has_tests(name)`), and whose change an entry of `justified` or a general rule justifies, the verdict
+    SKIPPED_CODE, so that mutmut does not run it; and take that verdict back from each mutant it no longer
+    fits (its entry gone, or no test reaching it now), so that mutmut runs it. How many are skipped.
 
     Such a mutant would only be run to learn whether a test kills it after all. Left unrun, it counts as a
     survivor (justified, not killed), so skipping can only lower the score, never raise it, and it saves the
-    dearest part of a run: a survivor runs every test that reaches its function. `--judge-justified` runs
-    them too (to find entries a test has made unnecessary)."""
+    dearest part of a run: a survivor runs every test that reaches its function. A mutant no test reaches is
+    never skipped: mutmut calls it "no tests", which stays open. `--judge-justified` runs them all (to find
+    entries a test has made unnecessary)."""
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.utils.file_utils import walk_mutatable_files
 
@@ -464,13 +468,13 @@ def skip_justified(justified: dict[tuple, str]) -> int:
             continue
         data.load()
         module = ".".join(Path(path).with_suffix("").parts)
-        unjudged = [name for name, code in data.exit_code_by_key.items() if code is None]
-        for name in unjudged:
+        undecided = [name for name, code in data.exit_code_by_key.items() if code in (None, SKIPPED_CODE)]
+        for name in undecided:
             mutant = Mutant(name, module, function_of(name), SKIPPED, *changed_lines(*function_sources(name, path)))
-            if mutant.change in justified or rule_for(mutant):
-                data.exit_code_by_key[name] = SKIPPED_CODE
-                skipped += 1
-        if unjudged:
+            fits = has_tests(name) and (mutant.change in justified or rule_for(mutant) is not None)
+            data.exit_code_by_key[name] = SKIPPED_CODE if fits else None
+            skipped += fits
+        if undecided:
             data.save()
     return skipped
 
@@ -495,14 +499,22 @@ def mutmut_skipping_justified(arguments: list[str], justified: dict[tuple, str])
     has made the mutants and traced the tests, just before it runs them.
 
     mutmut 3.8.1 has no hook there: its `run` makes the mutants, traces the tests, then reads the verdicts
-    with `collect_source_file_mutation_data` and runs only mutants without one; so that function is wrapped.
+    with `collect_source_file_mutation_data` and runs only mutants without one; so that function is wrapped
+    (by then mutmut's state holds the tests it traced for each function).
     requirements-dev.txt pins mutmut, and test_mutation_tool.py runs this path."""
     import mutmut.__main__ as mutmut_main
+    from mutmut.state import state
+    from mutmut.utils.format_utils import mangled_name_from_mutant_name
 
     collect = mutmut_main.collect_source_file_mutation_data
 
+    def has_tests(name: str) -> bool:  # as mutmut's _run finds a mutant's tests (its "no tests" otherwise)
+        function = mangled_name_from_mutant_name(name.replace("__init__.", ""))
+        return bool(state().tests_by_mangled_function_name.get(function))
+
     def collect_skipping_justified(**kwargs: Any) -> Any:
-        print(f"{skip_justified(justified)} mutant(s) justified by an entry or a rule: not run", file=sys.stderr)
+        skipped = skip_justified(justified, has_tests)
+        print(f"{skipped} mutant(s) justified by an entry or a rule: not run", file=sys.stderr)
         return collect(**kwargs)
 
     mutmut_main.collect_source_file_mutation_data = collect_skipping_justified
