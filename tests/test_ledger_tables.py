@@ -23,7 +23,7 @@ from shared.api import create_app
 from shared.composition import ledger_and_dps
 from shared.config import Settings
 from shared.dps.offline import OfflineDps
-from shared.errors import BackendUnavailable, CaError
+from shared.errors import BackendUnavailable, CaError, Conflict
 from shared.keys.keyvault import KeyVaultKeyStore
 from shared.keys.local import LocalKeyStore
 from shared.ledger import tables as tables_module
@@ -442,6 +442,24 @@ def test_storage_failing_in_a_step_names_the_step_that_failed(tables, clock):
             call()
         assert failed.value.code == "ledger-unavailable"
         assert f"could not {step} (503 ServerBusy)" in failed.value.message, step
+
+
+def test_a_refused_issuances_index_rows_that_storage_will_not_delete_are_left_and_it_is_refused(tables):
+    """A refused issuance's index rows are deleted on a best-effort basis: Storage failing every delete leaves
+    them (each read skips an index row that points at nothing), and the answer is still the refusal, not an
+    error; the certificate the device holds stays the one found by its serial and by its requester."""
+    transport = FaultyTransport()
+    ledger = tables(table_prefix(), transport, retry_seconds=1).ledger
+    first = _cert("01", "dev-1", "k1")
+    assert ledger.record_issued([Issuance(first)]) == [first]
+    with transport.failing(method="DELETE"):
+        (refused,) = ledger.record_issued([Issuance(_cert("02", "dev-1", "k2"))])  # not a renewal
+    assert isinstance(refused, Conflict) and refused.code == "device-has-certificate", refused
+    rows = {(row["PartitionKey"], row["RowKey"]) for row in table_rows(ledger, INDEX)}
+    left = {(row["PartitionKey"], row["RowKey"]) for _, row in _index_entities(_cert("02", "dev-1", "k2"))}
+    assert left <= rows, "the deletes were refused, so the rows are left"
+    assert ledger.get_certificate("02") is None and ledger.get_certificate("01") == first
+    assert [c.serial for c in ledger.list_certificates(CertificateQuery(requested_by="test")).items] == ["01"]
 
 
 def test_storage_failing_while_recording_an_issuance_fails_only_it_and_names_the_step(tables):
