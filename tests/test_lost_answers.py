@@ -363,6 +363,18 @@ def test_a_batch_whose_own_row_landed_unanswered_is_stored_and_queued(tables, wr
     assert service.sign_batch_chunk(message).recorded == 3
 
 
+def _a_device_20_days_before_its_expiry(tables, clock):
+    """A CA on fresh tables whose ledger talks through a `Storage` transport, and dev-1's certificate, with
+    the clock 20 days before its notAfter (its 30-day stage is due): (service, transport, record)."""
+    transport = Storage()
+    service = tables(table_prefix(), transport)
+    service.create_root()
+    service.create_intermediate("factory-a")
+    record = service.sign_csr(make_csr("dev-1"), "dev-1").record
+    clock.now = record.not_after - timedelta(days=20)
+    return service, transport, record
+
+
 def _merged_onto_expiry_row(request) -> bool:
     """An expiry index row is merged onto: a stage claimed or released."""
     return request.method in ("PATCH", "MERGE") and "PartitionKey='exp-" in unquote(request.url)
@@ -374,12 +386,7 @@ def test_an_expiry_stage_whose_claim_went_unanswered_is_announced_once(tables, c
     lands and its answer is lost, or is Storage's 500 that the SDK sends again into a 412 on its own write.
     The row holds this scan's token, so the claim is this scan's: the stage is announced now, and once,
     rather than never (a later scan takes the recorded stage for announced)."""
-    prefix, transport = table_prefix(), Storage()
-    service = tables(prefix, transport)
-    service.create_root()
-    service.create_intermediate("factory-a")
-    record = service.sign_csr(make_csr("dev-1"), "dev-1").record
-    clock.now = record.not_after - timedelta(days=20)
+    service, transport, _ = _a_device_20_days_before_its_expiry(tables, clock)
 
     transport.decide = _once(_merged_onto_expiry_row, fault)
     first = service.scan_expiring()
@@ -403,12 +410,7 @@ def test_an_expiry_stage_claimed_unanswered_then_not_announced_is_released_for_t
     """As above, the claim's answer goes astray and the row shows the claim is this scan's; then its notice
     cannot be sent. The claim is released on the etag the row was read back with (not the one the scan
     first read, which the claim itself changed), so the next scan announces the stage, once."""
-    prefix, transport = table_prefix(), Storage()
-    service = tables(prefix, transport)
-    service.create_root()
-    service.create_intermediate("factory-a")
-    record = service.sign_csr(make_csr("dev-1"), "dev-1").record
-    clock.now = record.not_after - timedelta(days=20)
+    service, transport, _ = _a_device_20_days_before_its_expiry(tables, clock)
 
     transport.decide = _once(_merged_onto_expiry_row, fault)
     working, service.expiry_queue = service.expiry_queue, QueueDown("expiring-certificates")
@@ -424,12 +426,8 @@ def test_an_expiry_stage_claimed_unanswered_then_not_announced_is_released_for_t
 def test_a_claim_read_back_after_its_answer_went_astray_is_the_watch_as_claimed(tables, clock, fault):
     """The ledger's own answer when it read its claim back: the watch with the stage claimed, on the version
     the row now has (the claim changed its etag), which the release then matches."""
-    prefix, transport = table_prefix(), Storage()
-    service = tables(prefix, transport)
-    service.create_root()
-    service.create_intermediate("factory-a")
-    record = service.sign_csr(make_csr("dev-1"), "dev-1").record
-    clock.now, later = record.not_after - timedelta(days=20), record.not_after + timedelta(days=1)
+    service, transport, record = _a_device_20_days_before_its_expiry(tables, clock)
+    later = record.not_after + timedelta(days=1)
     (watch,) = service.ledger.expiry_watch(later)
     transport.decide = _once(_merged_onto_expiry_row, fault)
     claimed = service.ledger.claim_expiry_stage(watch, "30d", clock.now)

@@ -263,7 +263,7 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["exit_code_by_key"][above[0]] = 33
     meta_path.write_text(json.dumps(meta))
-    assert mutation.forget_no_tests(tmp_path / "mutants") == 1
+    assert mutation.forget_verdicts(tmp_path / "mutants", mutation.NO_TESTS_CODE) == 1
     assert json.loads(meta_path.read_text())["exit_code_by_key"][above[0]] is None
     assert tool("run", "--children", "1").returncode == 1
     codes = json.loads(meta_path.read_text())["exit_code_by_key"]

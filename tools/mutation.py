@@ -479,21 +479,6 @@ def skip_justified(justified: dict[tuple, str], has_tests: Callable[[str], bool]
     return skipped
 
 
-def forget_skipped(mutants: Path) -> int:
-    """Make every mutant skipped as justified in `mutants` not run, so that the run judges it; how many."""
-    forgotten = 0
-    for meta_path in mutants.rglob("*.py.meta"):
-        meta = json.loads(meta_path.read_text())
-        codes = meta["exit_code_by_key"]
-        names = [name for name, code in codes.items() if code == SKIPPED_CODE]
-        for name in names:
-            codes[name] = None
-        if names:
-            meta_path.write_text(json.dumps(meta))
-            forgotten += len(names)
-    return forgotten
-
-
 def mutmut_skipping_justified(arguments: list[str], justified: dict[tuple, str]) -> None:
     """`mutmut ARGUMENTS`, in this process, with every justified mutant skipped (skip_justified) once mutmut
     has made the mutants and traced the tests, just before it runs them.
@@ -524,14 +509,15 @@ def mutmut_skipping_justified(arguments: list[str], justified: dict[tuple, str])
 NO_TESTS_CODE = 33  # mutmut: no test reaches the mutant's function (by its last tracing of the tests)
 
 
-def forget_no_tests(mutants: Path) -> int:
-    """Make every "no tests" verdict in `mutants` not run, so that the run judges it with the tests traced
-    again (mutmut runs only mutants without a verdict); how many."""
+def forget_verdicts(mutants: Path, code: int) -> int:
+    """Make every mutant in `mutants` whose verdict is `code` not run, so that the run judges it (mutmut runs
+    only mutants without a verdict): NO_TESTS_CODE once the tests are traced again, SKIPPED_CODE to judge
+    the justified ones too; how many."""
     forgotten = 0
     for meta_path in mutants.rglob("*.py.meta"):
         meta = json.loads(meta_path.read_text())
         codes = meta["exit_code_by_key"]
-        names = [name for name, code in codes.items() if code == NO_TESTS_CODE]
+        names = [name for name, verdict in codes.items() if verdict == code]
         for name in names:
             codes[name] = None
         if names:
@@ -560,7 +546,7 @@ def run(children: int, names: list[str], survivors: Path | None) -> int:
         # function would leave that function's mutants with "no tests"; every test is traced again
         # (every verdict is kept)
         (REPO / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-        forget_no_tests(REPO / "mutants")
+        forget_verdicts(REPO / "mutants", NO_TESTS_CODE)
     sys.path.insert(0, str(REPO))
     from tests.azurite import AZURITE_TABLE, Azurite
 
@@ -646,7 +632,10 @@ def main() -> int:
                 f"{forget_open_survivors(load_justified(survivors))} open survivor(s) to judge again", file=sys.stderr
             )
         if args.judge_justified and (REPO / "mutants").is_dir():
-            print(f"{forget_skipped(REPO / 'mutants')} mutant(s) skipped as justified to judge", file=sys.stderr)
+            print(
+                f"{forget_verdicts(REPO / 'mutants', SKIPPED_CODE)} mutant(s) skipped as justified to judge",
+                file=sys.stderr,
+            )
         if run(args.children, args.mutants, None if args.judge_justified else survivors) != 0:
             print("mutmut run did not finish; the report below covers what it did", file=sys.stderr)
     if not (args.folder / "mutants").is_dir():
