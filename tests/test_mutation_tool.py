@@ -219,7 +219,8 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     (tmp_path / "mutants").mkdir()  # a run still setting up: its folder holds no mutants yet
     early = tool("report")
     assert early.returncode == 2 and "has made no mutants yet" in early.stdout, early.stdout
-    assert "resume it with tools/mutation.py run" in early.stdout  # not "run make mutation", which starts over
+    # not "run make mutation", which starts over
+    assert "resume it with .venv/bin/python tools/mutation.py run" in early.stdout
     (tmp_path / "mutants").rmdir()
     run = tool("run", "--children", "1")
     assert (tmp_path / "mutants").is_dir(), run.stdout[-2000:] + run.stderr[-2000:]
@@ -236,7 +237,7 @@ def test_a_run_starts_from_no_mutants_folder_and_reports_what_it_made(tmp_path):
     meta_path.write_text(json.dumps(meta))
     stray = tool("report")
     assert stray.returncode == 1 and f"CUT SHORT  {killed}: its timeout came before its time" in stray.stdout
-    assert f"judge them again: python tools/mutation.py run {killed}" in stray.stdout
+    assert f"judge them again: .venv/bin/python tools/mutation.py run {killed}" in stray.stdout
     assert re.search(r"shared\.limits +\d+ +\d+ +0 +[1-9]\d* +1 ", stray.stdout), stray.stdout
     meta["durations_by_key"][killed] = 22.5  # the whole allowance: a timeout, so killed
     meta_path.write_text(json.dumps(meta))
@@ -308,6 +309,7 @@ def test_a_justified_mutant_is_not_run_and_counts_as_a_survivor_not_a_kill(tmp_p
     killed = sum(code == 1 for code in codes.values())
     assert f"killed ({killed} of {len(codes)};" in run.stdout  # the skipped one is not counted killed
     assert f"{1 + len(untested)} survivors justified, 1 open, 0 not run" in run.stdout  # 0 <= size is open
+    assert f"{1 + len(untested)} of the justified survivors were not run" in run.stdout
     judged = tool("run", "--children", "1", "--judge-justified")
     assert f"{1 + len(untested)} mutant(s) skipped as justified to judge" in judged.stderr, judged.stderr[-2000:]
     assert json.loads(meta_path.read_text())["exit_code_by_key"][skipped[0]] == 0  # run, and it survives
@@ -317,7 +319,8 @@ def test_a_justified_mutant_is_not_run_and_counts_as_a_survivor_not_a_kill(tmp_p
     meta_path.write_text(json.dumps(meta))
     entry.unlink()  # the entry is gone since the mutant was skipped: it must be run
     stale = tool("report")
-    assert stale.returncode == 1 and f"NOT RUN    {skipped[0]}: skipped as justified" in stale.stdout, stale.stdout
+    assert stale.returncode == 1, stale.stdout
+    assert f"UNJUSTIFIED SKIP {skipped[0]}: skipped as justified" in stale.stdout, stale.stdout
     assert f"{len(untested)} survivors justified, 1 open, 1 not run" in stale.stdout
     # then mutmut's statistics no longer have greeting reached by a test (as when a test that reached it is
     # gone): its mutants are "no tests", which is open, however a rule would justify them; and a plain resume

@@ -344,11 +344,14 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
     for name in cut_short_ones:
         print(f"CUT SHORT  {name}: its timeout came before its time was up (a stray signal), so it is not judged")
     if cut_short_ones:
-        print(f"judge them again: python tools/mutation.py run {' '.join(cut_short_ones)}")
+        print(f"judge them again: {TOOL} run {' '.join(cut_short_ones)}")
     for name in unjudged:
-        print(f"NOT RUN    {name}: skipped as justified, but no entry justifies it now: tools/mutation.py run {name}")
+        print(f"UNJUSTIFIED SKIP {name}: skipped as justified, no entry justifies it now: resume ({TOOL} run)")
     if total["timeout"]:
         print(f"{total['timeout']} of the killed mutants made their tests run out of time (counted as killed)")
+    skipped = sum(mutant.status == SKIPPED for mutant in justified_survivors)
+    if skipped:
+        print(f"{skipped} of the justified survivors were not run (justified before the run: never counted as killed)")
     stale = [key for key in justified if key not in used and _module_of(key[0]) & set(by_module)]
     if stale and not total["not run"]:
         print(f"{len(stale)} survivors-file entries of these modules match no survivor (killed now, or code changed):")
@@ -364,7 +367,8 @@ def report(mutants: list[Mutant], missing: list[str], justified: dict[tuple, str
     return 0 if passed else 1
 
 
-RESUME = "resume it with tools/mutation.py run; make mutation would start over"
+TOOL = ".venv/bin/python tools/mutation.py"  # as the README runs it, in the project's virtual environment
+RESUME = f"resume it with {TOOL} run; make mutation would start over"
 
 
 def _module_of(function: str) -> set[str]:
@@ -622,6 +626,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `report | head` ends quietly
     args = parse()
     survivors = args.survivors.resolve()
     if args.command == "run":
