@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -124,11 +125,49 @@ def pytest_collection_modifyitems(config, items):
         kept = [item for item in items if _judges(item, mutant)] or items
         durations = _mutmut_durations()
         kept.sort(key=lambda item: float(durations.get(item.nodeid) or 0.0))
+        _DURATIONS.update({item.nodeid: durations[item.nodeid] for item in kept if item.nodeid in durations})
     except Exception:  # an error here would end pytest with status 3, which mutmut calls a kill
         return
     if len(kept) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
+
+
+# mutmut's rule for a mutant that made its tests hang ([tool.mutmut] in pyproject.toml: timeout_multiplier 6,
+# and mutmut's timeout_constant, 1 s), which the hook below applies to each test
+HANG_MULTIPLIER, HANG_CONSTANT_SECONDS = 6.0, 1.0
+_DURATIONS: dict[str, float] = {}  # this mutant's session: each test's time in mutmut's statistics run
+
+
+class MutantHung(BaseException):
+    """A test that ran over its allowance under a mutant. Not an Exception, so that no `except Exception` in
+    the code under test takes it for an error of its own and goes on."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Under `make mutation`, a test that runs over (its time in mutmut's statistics run + 1 s) x 6 fails at
+    once as hung (MutantHung), and then so does the mutant's session. mutmut applies that rule to the sum of
+    a mutant's tests: a mutant that makes its first test hang otherwise waits out the time all of them take
+    (a group-commit mutant, 285 tests: 222 s), sleeping; mutmut would count it killed (a timeout) all the same.
+    A test with no time of its own in the statistics has only mutmut's rule."""
+    duration = _DURATIONS.get(item.nodeid)
+    if not os.environ.get("MUTANT_UNDER_TEST", "").startswith("shared.") or duration is None:
+        yield
+        return
+    allowance = (float(duration) + HANG_CONSTANT_SECONDS) * HANG_MULTIPLIER
+
+    def hung(signum, frame):
+        rule = f"(its {float(duration):.2f} s + {HANG_CONSTANT_SECONDS:g} s) x {HANG_MULTIPLIER:g}"
+        raise MutantHung(f"{item.nodeid} ran over {allowance:.1f} s: {rule}")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, allowance, allowance)  # again, should something swallow it
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # DPS's tests (the slowest) judge the use cases' mutants only in the functions that keep DPS in step or hand

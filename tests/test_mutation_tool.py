@@ -355,6 +355,44 @@ def test_every_test_file_mutmut_runs_judges_a_module_and_every_judge_is_run():
     assert selected == judges, (sorted(selected - judges), sorted(judges - selected))
 
 
+def test_a_test_that_hangs_under_a_mutant_fails_once_over_its_allowance(monkeypatch):
+    """tests/conftest.py's per-test rule: under a mutant, a test that runs over (its statistics time + 1 s)
+    x the multiplier fails with MutantHung (not an Exception, so `except Exception` cannot swallow it), and
+    the timer is gone after the test; a test without a time of its own, or a session not judging a mutant,
+    gets no timer. The multiplier and constant are mutmut's ([tool.mutmut] in pyproject.toml)."""
+    import contextlib
+    import signal
+    import threading
+    import tomllib
+    from types import SimpleNamespace
+
+    from . import conftest
+
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["mutmut"]
+    assert config["timeout_multiplier"] == conftest.HANG_MULTIPLIER
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "shared.pki.csr.x_f__mutmut_1")
+    monkeypatch.setattr(conftest, "HANG_MULTIPLIER", 0.1)
+    monkeypatch.setitem(conftest._DURATIONS, "tests/x.py::test_hangs", 1.0)
+    wrapper = conftest.pytest_runtest_call(SimpleNamespace(nodeid="tests/x.py::test_hangs"))
+    next(wrapper)
+    hung = pytest.raises(conftest.MutantHung, match=r"ran over 0\.2 s: \(its 1\.00 s \+ 1 s\) x 0\.1")
+    with hung, contextlib.suppress(Exception):  # as the code under test might catch what it meets
+        threading.Event().wait()  # hangs, but for the allowance
+    with pytest.raises(StopIteration):
+        next(wrapper)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    for nodeid, mutant in (
+        ("tests/x.py::no_time_of_its_own", "shared.pki.csr.x_f__mutmut_1"),
+        ("tests/x.py::test_hangs", "stats"),
+    ):
+        monkeypatch.setenv("MUTANT_UNDER_TEST", mutant)
+        wrapper = conftest.pytest_runtest_call(SimpleNamespace(nodeid=nodeid))
+        next(wrapper)
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        with pytest.raises(StopIteration):
+            next(wrapper)
+
+
 def test_a_small_pid_max_is_raised_before_a_run_or_named_when_it_cannot_be(tmp_path):
     pid_max = tmp_path / "pid_max"
     pid_max.write_text("32768\n")
