@@ -7,13 +7,13 @@ from datetime import timedelta
 
 import pytest
 
-from shared.errors import BackendUnavailable
 from shared.ledger.models import CERT_ACTIVE, CERT_EXPIRED, CERT_REVOKED, CERT_SUPERSEDED, CertificateQuery
 from shared.parameters import InvalidParameter
 from shared.queues import InProcessQueue
 from shared.service.expiry import ExpiryThresholds, stage_of, stages
 
 from .csrs import device_key, make_csr
+from .fakes.queues import QueueDown
 
 
 def _messages(service) -> list[dict]:
@@ -237,11 +237,7 @@ def test_a_notice_that_cannot_be_sent_is_sent_by_the_next_scan(service, clock):
     record = _device(service, "dev-1")
     clock.now = record.not_after - timedelta(days=5)
 
-    class Down(InProcessQueue):
-        def send(self, text, delay_seconds=0):
-            raise BackendUnavailable("Queue Storage is unreachable: ServiceRequestError")
-
-    working, service.expiry_queue = service.expiry_queue, Down("expiring-certificates")
+    working, service.expiry_queue = service.expiry_queue, QueueDown("expiring-certificates")
     report = service.scan_expiring()
     assert report.announced == ()
     assert report.failures == (

@@ -15,13 +15,13 @@ from azure.core.pipeline.transport import RequestsTransport, RequestsTransportRe
 
 from shared.errors import BackendUnavailable, Conflict
 from shared.ledger.models import FACTORY, Principal
-from shared.queues import InProcessQueue
 from shared.service.access import Principals
 from shared.service.batches import ChunkMessage
 
 from . import test_ledger_tables
 from .azurite import table_prefix
 from .csrs import device_key, make_csr
+from .fakes.queues import QueueDown
 from .test_ledger_tables import RequestHook
 
 tables = test_ledger_tables.tables  # the fixture: a CA on fresh tables, its ledger on a given transport
@@ -398,11 +398,6 @@ def test_an_expiry_stage_whose_claim_went_unanswered_is_announced_once(tables, c
     again = service.scan_expiring()
     assert [(f.subject, f.announced) for f in again.findings] == [("dev-1", False)]
     assert service.expiry_queue.take() is None
-
-
-class QueueDown(InProcessQueue):
-    def send(self, text, delay_seconds=0):
-        raise BackendUnavailable("Queue Storage is unreachable: ServiceRequestError")
 
 
 @pytest.mark.parametrize("fault", ["lost", "500"])
